@@ -1,0 +1,18 @@
+//! The `pacer` command line: one clap struct, every flag also readable from the environment.
+use clap::{Parser, Subcommand};
+
+/// Pacer keeps a fleet of image generators under a provider's project-wide rate limits.
+#[derive(Parser, Debug)]
+#[command(name = "pacer", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {}
+}

@@ -1,0 +1,1 @@
+//! A faithful Gemini API simulator (filled in by the simulator work).
