@@ -4,7 +4,7 @@
 //! it the next few midnights as Unix microseconds and the script picks the day by its own
 //! time. Daylight-saving days are 23 h or 25 h long; computing the midnights here, from the
 //! tz database, gets them right.
-use jiff::{Timestamp, ToSpan, Zoned, civil::Date, tz::TimeZone};
+use jiff::{Timestamp, ToSpan, ZonedDateTime, civil::Date, tz::TimeZone};
 
 /// The zone whose midnight resets per-day quotas.
 pub const QUOTA_ZONE: &str = "America/Los_Angeles";
@@ -16,12 +16,12 @@ fn zone() -> TimeZone {
 
 /// The start (midnight, Pacific) of the quota day that contains `at`.
 pub fn day_start(at: Timestamp) -> Timestamp {
-    midnight(at.to_zoned(zone()).date())
+    midnight(at.to_zoned_datetime(zone()).date())
 }
 
 /// The midnights (Pacific) that follow `at`, `count` of them, as timestamps.
 pub fn next_midnights(at: Timestamp, count: usize) -> Vec<Timestamp> {
-    let mut date = at.to_zoned(zone()).date();
+    let mut date = at.to_zoned_datetime(zone()).date();
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
         date = date.checked_add(1.day()).unwrap_or(date);
@@ -40,8 +40,8 @@ pub fn day_length_hours(date: Date) -> i64 {
 fn midnight(date: Date) -> Timestamp {
     // Midnight exists on every day in Los Angeles (DST changes at 02:00), so compatible
     // disambiguation never has to choose.
-    date.to_zoned(zone())
-        .map(|z: Zoned| z.timestamp())
+    date.to_zoned_datetime(zone())
+        .map(|z: ZonedDateTime| z.timestamp())
         .unwrap_or_else(|_| Timestamp::UNIX_EPOCH)
 }
 
