@@ -71,7 +71,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { attempts: 3, base_delay_ms: 500, max_delay_ms: 20_000 }
+        Self {
+            attempts: 3,
+            base_delay_ms: 500,
+            max_delay_ms: 20_000,
+        }
     }
 }
 

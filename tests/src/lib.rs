@@ -13,9 +13,9 @@ pub struct Rig {
 impl Rig {
     /// The file `tests/rig/up` writes: `$PACER_RIG_ENV`, else `.rig/env` in the repo.
     pub fn env_file() -> PathBuf {
-        std::env::var_os("PACER_RIG_ENV").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.rig/env")
-        })
+        std::env::var_os("PACER_RIG_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.rig/env"))
     }
 
     /// Loads the rig's addresses, or panics with how to start the rig.
@@ -44,5 +44,89 @@ impl Rig {
                 Self::env_file().display()
             )
         })
+    }
+}
+
+impl Rig {
+    /// A multiplexed connection to the rig's Redis.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let url = self.get("REDIS_URL");
+        let client = redis::Client::open(url.as_str())
+            .unwrap_or_else(|e| panic!("REDIS_URL {url} is not a Redis URL: {e}"));
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot reach Redis at {url} ({e}); is the rig up? run `tests/rig/up`")
+            })
+    }
+
+    /// AWS SDK configuration pointing at the rig's moto server, with its dummy credentials.
+    pub async fn aws_config(&self) -> aws_config::SdkConfig {
+        let creds = aws_sdk_sqs::config::Credentials::new(
+            self.get("AWS_ACCESS_KEY_ID"),
+            self.get("AWS_SECRET_ACCESS_KEY"),
+            None,
+            None,
+            "pacer-rig",
+        );
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(self.get("AWS_ENDPOINT_URL"))
+            .region(aws_config::Region::new(self.get("AWS_REGION")))
+            .credentials_provider(creds)
+            .load()
+            .await
+    }
+
+    /// An SQS client for moto.
+    pub async fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.aws_config().await)
+    }
+
+    /// An S3 client for moto (path-style addressing: moto serves no bucket subdomains).
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::config::Builder::from(&self.aws_config().await)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// A Kubernetes client for the rig's apiserver, as its admin.
+    pub async fn kube(&self) -> kube::Client {
+        let path = self.get("KUBECONFIG");
+        let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+            .unwrap_or_else(|e| panic!("cannot read the rig's kubeconfig {path}: {e}"));
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("the rig's kubeconfig {path} is unusable: {e}"));
+        kube::Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
+    }
+
+    /// A command for one of the rig's tools (`HELM`, `KUBECTL`, `PYTHON`, `CARGO_LAMBDA`),
+    /// with `KUBECONFIG` set to the rig's.
+    pub fn tool(&self, name: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.get(name));
+        cmd.env("KUBECONFIG", self.get("KUBECONFIG"));
+        cmd
+    }
+
+    /// A name no other test run uses, for queues, buckets and namespaces.
+    pub fn unique(prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!(
+            "{prefix}-{}-{nanos:x}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// The repository's root folder.
+    pub fn repo_root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
     }
 }

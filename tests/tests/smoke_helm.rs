@@ -1,0 +1,81 @@
+//! The rig's helm is real: the chart lints clean and renders the objects it promises.
+use pacer_tests::Rig;
+
+fn chart() -> String {
+    Rig::repo_root().join("charts/pacer").display().to_string()
+}
+
+#[test]
+fn chart_lints_clean() {
+    let out = Rig::load()
+        .tool("HELM")
+        .args(["lint", "--strict", &chart()])
+        .output()
+        .expect("run helm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helm lint failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("0 chart(s) failed"),
+        "unexpected helm lint output:\n{text}"
+    );
+}
+
+#[test]
+fn chart_templates_operator_with_least_privilege() {
+    let out = Rig::load()
+        .tool("HELM")
+        .args([
+            "template",
+            "pacer",
+            &chart(),
+            "--namespace",
+            "pacer-system",
+            "--include-crds",
+        ])
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_slice(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "helm template rendered no {kind}: {kinds:?}"
+        );
+    }
+    let crds: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .filter_map(|d| d["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(crds, ["quotapools.pacer.dev", "modelchains.pacer.dev"]);
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("ClusterRole");
+    let rules = role["rules"].as_array().expect("rules");
+    for rule in rules {
+        for verb in rule["verbs"].as_array().expect("verbs") {
+            assert_ne!(
+                verb, "*",
+                "the operator's role grants a wildcard verb: {rule}"
+            );
+        }
+    }
+}
