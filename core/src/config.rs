@@ -1,0 +1,338 @@
+//! The compiled configuration every replica reads: pools (a provider project's limits per
+//! model) and chains (the fallback order a workload uses), as the operator or `pacer apply`
+//! wrote them into Redis.
+//!
+//! Layout in Redis (one logical database, no hash tags needed: config is read rarely):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `pacer:config:pools` | hash | pool name (`namespace/name`) → JSON [`CompiledPool`] |
+//! | `pacer:config:chains` | hash | chain name (`namespace/name`) → JSON [`CompiledChain`] |
+//! | `pacer:config:version` | integer | bumped in the same transaction as every change |
+//!
+//! Replicas poll the version (one `GET`, twice a second by default) and reload both hashes
+//! when it moves, so a `kubectl apply` reaches every replica within about a second, and
+//! limits are never compiled into a replica.
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Redis key of the pools hash.
+pub const POOLS_KEY: &str = "pacer:config:pools";
+/// Redis key of the chains hash.
+pub const CHAINS_KEY: &str = "pacer:config:chains";
+/// Redis key of the configuration version.
+pub const VERSION_KEY: &str = "pacer:config:version";
+
+/// The provider API a pool's project lives on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ProviderKind {
+    /// Google's Gemini API.
+    #[default]
+    Gemini,
+    /// Gemini on Vertex AI.
+    Vertex,
+    /// An OpenAI-compatible images endpoint.
+    OpenaiCompatible,
+}
+
+/// What replicas do when Redis cannot be reached.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum FailureMode {
+    /// Defer work until Redis is back: never risks the quota.
+    #[default]
+    Closed,
+    /// Send without a global limit: never delays work.
+    Open,
+    /// Each replica limits itself to limit / expected replicas.
+    Local,
+}
+
+/// One model's limits as declared (headroom not yet applied: the limiter applies it once).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelLimits {
+    /// Requests per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Input tokens per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Images per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipm: Option<u64>,
+    /// Requests per Pacific calendar day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpd: Option<u64>,
+    /// The per-minute windows' length in milliseconds (60 000 in production).
+    pub window_ms: u64,
+}
+
+/// A provider project's quota, compiled from a `QuotaPool`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledPool {
+    /// `namespace/name` of the pool.
+    pub name: String,
+    /// The resource generation this was compiled from (0 when written by `pacer apply`).
+    #[serde(default)]
+    pub generation: i64,
+    /// The provider API.
+    pub provider: ProviderKind,
+    /// The provider's project id: the scope of every limit.
+    pub project: String,
+    /// Limits per model id.
+    pub models: BTreeMap<String, ModelLimits>,
+    /// Spend per rolling 10 minutes in micro-dollars, shared by all the pool's models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_micros_per_10_minutes: Option<u64>,
+    /// Stay this many percent under every limit.
+    pub headroom_percent: u8,
+    /// Usage at or above this percent of a limit is "near the limit".
+    pub alert_threshold_percent: u8,
+    /// What replicas do when Redis cannot be reached.
+    pub failure_mode: FailureMode,
+    /// Replicas expected to share the pool (divides limits in failure mode `local`).
+    pub expected_replicas: u32,
+    /// Where the replicas find the API key (`namespace/secret#key` or an env var name):
+    /// a reference only, never the key itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_ref: Option<String>,
+}
+
+/// One step of a chain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledStep {
+    /// The model id (one of the pool's models).
+    pub model: String,
+    /// The longest a request waits for capacity on this model before falling through.
+    pub max_wait_ms: u64,
+}
+
+/// Full-jitter exponential backoff for overloaded and server errors.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per step, the first included.
+    pub attempts: u32,
+    /// The first backoff's ceiling.
+    pub base_delay_ms: u64,
+    /// The largest backoff.
+    pub max_delay_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { attempts: 3, base_delay_ms: 500, max_delay_ms: 20_000 }
+    }
+}
+
+/// A workload's fallback chain, compiled from a `ModelChain`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompiledChain {
+    /// `namespace/name` of the chain.
+    pub name: String,
+    /// The resource generation this was compiled from.
+    #[serde(default)]
+    pub generation: i64,
+    /// `namespace/name` of its pool.
+    pub pool: String,
+    /// The models, in order.
+    pub steps: Vec<CompiledStep>,
+    /// Retries within a step.
+    pub retry: RetryConfig,
+    /// Timeout of one provider call.
+    pub request_timeout_ms: u64,
+    /// Higher runs first when requests compete (informational for now).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// Everything a replica needs, at one version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompiledConfig {
+    /// The version it was read at (0: nothing written yet).
+    pub version: u64,
+    /// Pools by `namespace/name`.
+    pub pools: BTreeMap<String, CompiledPool>,
+    /// Chains by `namespace/name`.
+    pub chains: BTreeMap<String, CompiledChain>,
+}
+
+impl CompiledConfig {
+    /// A chain and its pool, or why they cannot be used.
+    pub fn chain(&self, name: &str) -> Result<(&CompiledChain, &CompiledPool), ConfigError> {
+        let chain = self.chains.get(name).ok_or_else(|| ConfigError::UnknownChain {
+            name: name.to_owned(),
+            known: self.chains.keys().cloned().collect(),
+        })?;
+        let pool = self.pools.get(&chain.pool).ok_or_else(|| ConfigError::UnknownPool {
+            chain: name.to_owned(),
+            pool: chain.pool.clone(),
+        })?;
+        Ok((chain, pool))
+    }
+}
+
+/// What can go wrong reading or writing configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Redis could not be reached or refused the command (retryable).
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored entry is not valid JSON of its type (someone wrote it by hand?).
+    #[error("stored config {key} field {field} is invalid: {source}; rewrite it with `pacer apply`")]
+    Corrupt { key: &'static str, field: String, source: serde_json::Error },
+    /// A request names a chain that is not configured.
+    #[error("unknown chain {name:?}; configured chains: {known:?}")]
+    UnknownChain { name: String, known: Vec<String> },
+    /// A chain names a pool that is not configured.
+    #[error("chain {chain:?} uses pool {pool:?}, which is not configured")]
+    UnknownPool { chain: String, pool: String },
+}
+
+impl ConfigError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConfigError::Redis(_))
+    }
+}
+
+/// Reads and writes the compiled configuration in Redis.
+#[derive(Clone)]
+pub struct ConfigStore {
+    redis: redis::aio::ConnectionManager,
+}
+
+impl ConfigStore {
+    /// A store over an existing connection manager.
+    pub fn new(redis: redis::aio::ConnectionManager) -> Self {
+        Self { redis }
+    }
+
+    /// Connects to `url` (`redis://`, `rediss://`, with a password or ACL user).
+    pub async fn connect(url: &str) -> Result<Self, ConfigError> {
+        let client = redis::Client::open(url)?;
+        Ok(Self::new(redis::aio::ConnectionManager::new(client).await?))
+    }
+
+    /// Writes (or replaces) a pool and bumps the version, atomically.
+    pub async fn put_pool(&self, pool: &CompiledPool) -> Result<u64, ConfigError> {
+        self.write(POOLS_KEY, &pool.name, Some(to_json(pool))).await
+    }
+
+    /// Writes (or replaces) a chain and bumps the version, atomically.
+    pub async fn put_chain(&self, chain: &CompiledChain) -> Result<u64, ConfigError> {
+        self.write(CHAINS_KEY, &chain.name, Some(to_json(chain))).await
+    }
+
+    /// Removes a pool (its limiter state is left to expire) and bumps the version.
+    pub async fn remove_pool(&self, name: &str) -> Result<u64, ConfigError> {
+        self.write(POOLS_KEY, name, None).await
+    }
+
+    /// Removes a chain and bumps the version.
+    pub async fn remove_chain(&self, name: &str) -> Result<u64, ConfigError> {
+        self.write(CHAINS_KEY, name, None).await
+    }
+
+    async fn write(
+        &self,
+        key: &'static str,
+        field: &str,
+        value: Option<String>,
+    ) -> Result<u64, ConfigError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match value {
+            Some(json) => pipe.hset(key, field, json).ignore(),
+            None => pipe.hdel(key, field).ignore(),
+        };
+        pipe.incr(VERSION_KEY, 1u64);
+        let (version,): (u64,) = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(version)
+    }
+
+    /// The current version (0 when nothing was ever written, or Redis lost it).
+    pub async fn version(&self) -> Result<u64, ConfigError> {
+        let v: Option<u64> = self.redis.clone().get(VERSION_KEY).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    /// The whole configuration at one version (read in one transaction).
+    pub async fn load(&self) -> Result<CompiledConfig, ConfigError> {
+        let (version, pools, chains): (
+            Option<u64>,
+            BTreeMap<String, String>,
+            BTreeMap<String, String>,
+        ) = redis::pipe()
+            .atomic()
+            .get(VERSION_KEY)
+            .hgetall(POOLS_KEY)
+            .hgetall(CHAINS_KEY)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(CompiledConfig {
+            version: version.unwrap_or(0),
+            pools: parse_all(POOLS_KEY, pools)?,
+            chains: parse_all(CHAINS_KEY, chains)?,
+        })
+    }
+
+    /// Keeps a replica's copy current: polls the version every `every` and reloads on a
+    /// change. The first load happens before this returns, so callers start with config.
+    /// Redis errors keep the last good copy (and are logged); the task ends with the receivers.
+    pub async fn watch(
+        self,
+        every: Duration,
+    ) -> Result<watch::Receiver<Arc<CompiledConfig>>, ConfigError> {
+        let first = self.load().await?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                if tx.is_closed() {
+                    break;
+                }
+                let current = tx.borrow().version;
+                match self.version().await {
+                    Ok(v) if v == current => {}
+                    Ok(_) => match self.load().await {
+                        Ok(cfg) => {
+                            tracing::info!(version = cfg.version, "configuration changed");
+                            let _ = tx.send(Arc::new(cfg));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reloading configuration failed"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "reading configuration version failed"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // These types hold only strings, numbers and maps with string keys: always serialisable.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn parse_all<T: for<'de> Deserialize<'de>>(
+    key: &'static str,
+    raw: BTreeMap<String, String>,
+) -> Result<BTreeMap<String, T>, ConfigError> {
+    raw.into_iter()
+        .map(|(field, json)| match serde_json::from_str(&json) {
+            Ok(v) => Ok((field, v)),
+            Err(source) => Err(ConfigError::Corrupt { key, field, source }),
+        })
+        .collect()
+}
