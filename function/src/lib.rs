@@ -2,4 +2,10 @@
 //! the `pacer` command line.
 //!
 //! - [`cli`]: the command line's arguments (one clap struct, every flag also an env var).
+//! - [`message`]: the generation request (an SQS message body), parsed strictly.
+//! - [`sink`]: where images are stored: S3 or a local folder.
+//! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
 pub mod cli;
+pub mod message;
+pub mod record;
+pub mod sink;

@@ -1,0 +1,277 @@
+//! The generation request: the JSON body of one SQS message (DESIGN.md section 5).
+//!
+//! Parsing is strict (unknown fields are rejected) and every problem names the field and
+//! the fix, because a malformed message can never succeed: it gets a failed result with
+//! that reason instead of a retry.
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The longest prompt accepted, in characters.
+pub const MAX_PROMPT_CHARS: usize = 30_000;
+/// The most images one request may ask for (each costs one provider request).
+pub const MAX_IMAGES: u32 = 4;
+/// The longest request id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Aspect ratios Gemini image models accept.
+pub const ASPECT_RATIOS: &[&str] = &[
+    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
+];
+/// Image sizes Gemini image models accept (0.5K on gemini-3.1-flash-image only).
+pub const IMAGE_SIZES: &[&str] = &["0.5K", "1K", "2K", "4K"];
+
+/// One request to generate images.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GenerationRequest {
+    /// The idempotency key: one output and one result per id, however often it is delivered.
+    pub id: String,
+    /// The chain to use, `namespace/name` (a name alone means namespace `default`).
+    pub chain: String,
+    /// What to draw.
+    pub prompt: String,
+    /// For example `16:9`; the model's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aspect_ratio: Option<String>,
+    /// `0.5K`, `1K`, `2K` or `4K`; the model's default (1K) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<String>,
+    /// How many images (each is one provider request).
+    #[serde(default = "one")]
+    pub images: u32,
+    /// Higher is more urgent (informational for now).
+    #[serde(default)]
+    pub priority: i32,
+    /// After this instant the request is failed instead of generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Where to store the image (a key in the sink); `<id>.png` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_key: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A message that can never be processed, with the field at fault and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid request: field `{field}`: {problem}")]
+pub struct MessageError {
+    /// The JSON field at fault (`body` when the whole body is unreadable).
+    pub field: String,
+    /// What is wrong and what to send instead.
+    pub problem: String,
+}
+
+impl MessageError {
+    fn new(field: &str, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl GenerationRequest {
+    /// Parses and validates one message body.
+    pub fn parse(body: &str) -> Result<Self, MessageError> {
+        let req: Self = serde_json::from_str(body).map_err(|e| {
+            // serde_json names the unknown or mistyped field in its message.
+            let text = e.to_string();
+            let field = text
+                .split('`')
+                .nth(1)
+                .filter(|_| text.starts_with("unknown field") || text.starts_with("missing field"))
+                .unwrap_or("body");
+            MessageError::new(
+                field,
+                format!("{text}; see the request schema in the README"),
+            )
+        })?;
+        req.validate()?;
+        Ok(req)
+    }
+
+    /// Checks every field's bounds.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN {
+            return Err(MessageError::new(
+                "id",
+                format!("must be 1 to {MAX_ID_LEN} bytes"),
+            ));
+        }
+        if !self
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err(MessageError::new(
+                "id",
+                "may hold only letters, digits and - _ . :",
+            ));
+        }
+        if self.chain.is_empty() || self.chain.len() > 253 {
+            return Err(MessageError::new(
+                "chain",
+                "must name a ModelChain as namespace/name",
+            ));
+        }
+        if self.prompt.trim().is_empty() {
+            return Err(MessageError::new("prompt", "is empty"));
+        }
+        let chars = self.prompt.chars().count();
+        if chars > MAX_PROMPT_CHARS {
+            return Err(MessageError::new(
+                "prompt",
+                format!("is {chars} characters; the limit is {MAX_PROMPT_CHARS}"),
+            ));
+        }
+        if let Some(r) = &self.aspect_ratio {
+            if !ASPECT_RATIOS.contains(&r.as_str()) {
+                return Err(MessageError::new(
+                    "aspectRatio",
+                    format!("{r:?} is not one of {ASPECT_RATIOS:?}"),
+                ));
+            }
+        }
+        if let Some(s) = &self.image_size {
+            if !IMAGE_SIZES.contains(&s.as_str()) {
+                return Err(MessageError::new(
+                    "imageSize",
+                    format!("{s:?} is not one of {IMAGE_SIZES:?}"),
+                ));
+            }
+        }
+        if self.images == 0 || self.images > MAX_IMAGES {
+            return Err(MessageError::new(
+                "images",
+                format!("must be 1 to {MAX_IMAGES}"),
+            ));
+        }
+        if let Some(key) = &self.output_key {
+            if key.is_empty() || key.len() > 512 || key.starts_with('/') || key.contains("..") {
+                return Err(MessageError::new(
+                    "outputKey",
+                    "must be a relative key of 1 to 512 bytes without `..`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The chain's full name: `namespace/name`.
+    pub fn chain_name(&self) -> String {
+        if self.chain.contains('/') {
+            self.chain.clone()
+        } else {
+            format!("default/{}", self.chain)
+        }
+    }
+
+    /// The sink key of image `index` (0-based): the output key, or `<id>.png`; further images
+    /// get `-1`, `-2`, … before the extension.
+    pub fn output_key(&self, index: u32) -> String {
+        let base = self
+            .output_key
+            .clone()
+            .unwrap_or_else(|| format!("{}.png", self.id));
+        if index == 0 {
+            return base;
+        }
+        match base.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() && !ext.contains('/') => {
+                format!("{stem}-{index}.{ext}")
+            }
+            _ => format!("{base}-{index}"),
+        }
+    }
+
+    /// Some id from a body that failed to parse, so its failed result can be recorded.
+    pub fn salvage_id(body: &str) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        let id = v.get("id")?.as_str()?;
+        let ok = !id.is_empty()
+            && id.len() <= MAX_ID_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        ok.then(|| id.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> MessageError {
+        GenerationRequest::parse(body).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let r = GenerationRequest::parse(
+            r#"{"id":"r-1","chain":"team/images","prompt":"a red fox","aspectRatio":"16:9",
+                "imageSize":"2K","images":2,"priority":3,"deadline":"2030-01-01T00:00:00Z",
+                "outputKey":"foxes/r-1.png"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.images, 2);
+        assert_eq!(r.chain_name(), "team/images");
+        assert_eq!(r.output_key(0), "foxes/r-1.png");
+        assert_eq!(r.output_key(1), "foxes/r-1-1.png");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let r = GenerationRequest::parse(r#"{"id":"a","chain":"c","prompt":"p"}"#).unwrap();
+        assert_eq!(
+            (r.images, r.chain_name(), r.output_key(0)),
+            (1, "default/c".into(), "a.png".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"p","colour":1}"#).field,
+            "colour"
+        );
+        assert_eq!(err(r#"{"id":"a","prompt":"p"}"#).field, "chain");
+        assert_eq!(err(r#"{"id":"a b","chain":"c","prompt":"p"}"#).field, "id");
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"  "}"#).field,
+            "prompt"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"p","aspectRatio":"7:3"}"#).field,
+            "aspectRatio"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"p","imageSize":"8K"}"#).field,
+            "imageSize"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"p","images":9}"#).field,
+            "images"
+        );
+        assert_eq!(
+            err(r#"{"id":"a","chain":"c","prompt":"p","outputKey":"../x"}"#).field,
+            "outputKey"
+        );
+        assert_eq!(err("not json").field, "body");
+        let long = "x".repeat(MAX_PROMPT_CHARS + 1);
+        let e = err(&format!(r#"{{"id":"a","chain":"c","prompt":"{long}"}}"#));
+        assert_eq!(e.field, "prompt");
+        assert!(e.problem.contains("30000"), "{e}");
+    }
+
+    #[test]
+    fn salvages_the_id_of_a_bad_message() {
+        assert_eq!(
+            GenerationRequest::salvage_id(r#"{"id":"r-9","x":1}"#),
+            Some("r-9".into())
+        );
+        assert_eq!(GenerationRequest::salvage_id("garbage"), None);
+    }
+}

@@ -1,0 +1,213 @@
+//! The result record: what became of a request, stored in Redis under its id (and
+//! optionally sent to a result queue). It is the other half of idempotency: a request
+//! whose record is final is acknowledged on redelivery without any work.
+//!
+//! Keys: `pacer:result:<id>` (JSON, kept [`RESULT_TTL`]) and `pacer:claim:<id>` (which
+//! replica is generating it right now, with a lease so a crashed replica's claim expires).
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+/// How long result records are kept.
+pub const RESULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How a request ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Status {
+    /// Every image is stored.
+    Succeeded,
+    /// It can never succeed; `error` says why.
+    Failed,
+}
+
+/// The record of one request. Holds no secret: never the API key, never the prompt.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultRecord {
+    /// The request id.
+    pub id: String,
+    /// Succeeded or failed.
+    pub status: Status,
+    /// The model that produced the images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Provider calls made (all steps, all retries) by the delivery that finished it.
+    pub attempts: u32,
+    /// Input tokens charged.
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Output tokens charged.
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Estimated cost in micro-dollars.
+    #[serde(default)]
+    pub cost_micros: u64,
+    /// Where the images are.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Why it failed (the failure's kind and message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it finished (RFC 3339).
+    pub finished_at: String,
+}
+
+impl ResultRecord {
+    /// A failed record with a reason.
+    pub fn failed(id: &str, attempts: u32, reason: impl Into<String>) -> Self {
+        Self {
+            id: id.to_owned(),
+            status: Status::Failed,
+            model: None,
+            attempts,
+            input_tokens: 0,
+            output_tokens: 0,
+            cost_micros: 0,
+            images: Vec::new(),
+            error: Some(reason.into()),
+            finished_at: jiff::Timestamp::now().to_string(),
+        }
+    }
+}
+
+fn result_key(id: &str) -> String {
+    format!("pacer:result:{id}")
+}
+
+fn claim_key(id: &str) -> String {
+    format!("pacer:claim:{id}")
+}
+
+/// Result records and generation claims: in Redis for a fleet, in memory for one process.
+#[derive(Clone)]
+pub enum Records {
+    /// Shared by every replica.
+    Redis(redis::aio::ConnectionManager),
+    /// One process only (`pacer demo`, `pacer generate` without Redis).
+    Memory(Arc<Mutex<MemoryRecords>>),
+}
+
+/// The in-memory store's contents.
+#[derive(Default)]
+pub struct MemoryRecords {
+    results: HashMap<String, ResultRecord>,
+    claims: HashMap<String, (String, Instant)>,
+}
+
+impl Records {
+    /// An empty in-memory store.
+    pub fn memory() -> Self {
+        Records::Memory(Arc::default())
+    }
+
+    /// The final record of `id`, if there is one.
+    pub async fn get(&self, id: &str) -> Result<Option<ResultRecord>, redis::RedisError> {
+        match self {
+            Records::Redis(redis) => {
+                let raw: Option<String> = redis.clone().get(result_key(id)).await?;
+                // A record that does not parse is treated as absent: the request runs again
+                // and overwrites it (the sink check still prevents a second generation).
+                Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+            }
+            Records::Memory(m) => Ok(lock(m).results.get(id).cloned()),
+        }
+    }
+
+    /// Stores the final record and drops the claim, in one transaction.
+    pub async fn put(&self, record: &ResultRecord) -> Result<(), redis::RedisError> {
+        match self {
+            Records::Redis(redis) => {
+                let json = serde_json::to_string(record).unwrap_or_default();
+                redis::pipe()
+                    .atomic()
+                    .set_ex(result_key(&record.id), json, RESULT_TTL.as_secs())
+                    .ignore()
+                    .del(claim_key(&record.id))
+                    .ignore()
+                    .query_async::<()>(&mut redis.clone())
+                    .await
+            }
+            Records::Memory(m) => {
+                let mut m = lock(m);
+                m.claims.remove(&record.id);
+                m.results.insert(record.id.clone(), record.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Claims `id` for `owner` for `lease`; false when another owner holds it. Claiming
+    /// again as the same owner extends the lease.
+    pub async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, redis::RedisError> {
+        match self {
+            Records::Redis(redis) => {
+                let script = redis::Script::new(
+                    r"local cur = redis.call('GET', KEYS[1])
+                      if cur == false or cur == ARGV[1] then
+                        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
+                      end
+                      return 0",
+                );
+                let got: i32 = script
+                    .key(claim_key(id))
+                    .arg(owner)
+                    .arg(lease.as_millis().max(1) as u64)
+                    .invoke_async(&mut redis.clone())
+                    .await?;
+                Ok(got == 1)
+            }
+            Records::Memory(m) => {
+                let mut m = lock(m);
+                let now = Instant::now();
+                match m.claims.get(id) {
+                    Some((o, until)) if o != owner && *until > now => Ok(false),
+                    _ => {
+                        m.claims
+                            .insert(id.to_owned(), (owner.to_owned(), now + lease));
+                        Ok(true)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up a claim (the request was deferred), if `owner` still holds it.
+    pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), redis::RedisError> {
+        match self {
+            Records::Redis(redis) => {
+                let script = redis::Script::new(
+                    r"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
+                );
+                script
+                    .key(claim_key(id))
+                    .arg(owner)
+                    .invoke_async::<i32>(&mut redis.clone())
+                    .await?;
+                Ok(())
+            }
+            Records::Memory(m) => {
+                let mut m = lock(m);
+                if m.claims.get(id).is_some_and(|(o, _)| o == owner) {
+                    m.claims.remove(id);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn lock(m: &Mutex<MemoryRecords>) -> std::sync::MutexGuard<'_, MemoryRecords> {
+    // A panic while holding this lock leaves plain maps behind: still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
