@@ -4,8 +4,14 @@
 //! - [`cli`]: the command line's arguments (one clap struct, every flag also an env var).
 //! - [`message`]: the generation request (an SQS message body), parsed strictly.
 //! - [`sink`]: where images are stored: S3 or a local folder.
+//! - [`outcome`]: what became of a delivery, and so what the queue does with it.
+//! - [`worker`]: the SQS worker: long polling, bounded concurrency, visibility, drain.
+//! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
 pub mod cli;
 pub mod message;
+pub mod metrics;
+pub mod outcome;
 pub mod record;
 pub mod sink;
+pub mod worker;
