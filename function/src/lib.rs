@@ -6,9 +6,11 @@
 //! - [`sink`]: where images are stored: S3 or a local folder.
 //! - [`outcome`]: what became of a delivery, and so what the queue does with it.
 //! - [`worker`]: the SQS worker: long polling, bounded concurrency, visibility, drain.
+//! - [`lambda`]: the Lambda handler: an SQS batch in, `batchItemFailures` out.
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
 pub mod cli;
+pub mod lambda;
 pub mod message;
 pub mod metrics;
 pub mod outcome;
