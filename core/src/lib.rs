@@ -5,5 +5,13 @@
 //!   written by the operator or `pacer apply` and watched by every replica.
 //! - [`pacific`]: the provider's calendar day (requests per day reset at midnight in
 //!   America/Los_Angeles), with 23 h and 25 h days computed from the tz database.
+//! - [`provider`]: the [`provider::ImageProvider`] trait every backend implements, its
+//!   request and response, and [`provider::ProviderError`], whose variants say whether to
+//!   retry, fall through to the next model, fail the request or alert an operator.
+//! - [`gemini`]: the Gemini `generateContent` client, its wire types and total decoders.
+//! - [`openai`]: an OpenAI-compatible images endpoint behind the same trait.
 pub mod config;
+pub mod gemini;
+pub mod openai;
 pub mod pacific;
+pub mod provider;

@@ -1,0 +1,182 @@
+//! [`GeminiClient`]: `POST {base}/{version}/models/{model}:generateContent`, key in
+//! `x-goog-api-key` (never in the URL, so it cannot reach a log line through an error).
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    decode::{decode_error, decode_response},
+    wire::{Content, GenerateContentRequest, GenerationConfig, ImageConfig, Part},
+};
+use crate::provider::{
+    ApiKey, ImageProvider, ImageRequest, ImageResponse, Modalities, ProviderError, Result,
+};
+
+/// Google's public endpoint.
+pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+
+/// The API version in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiVersion {
+    V1,
+    #[default]
+    V1Beta,
+}
+
+impl ApiVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V1 => "v1",
+            ApiVersion::V1Beta => "v1beta",
+        }
+    }
+}
+
+/// How to reach Gemini (or the simulator, or a proxy speaking Gemini).
+#[derive(Debug, Clone)]
+pub struct GeminiConfig {
+    /// Scheme, host and optional path prefix, without the version: the simulator's
+    /// `http://127.0.0.1:PORT`, or a gateway's Gemini route.
+    pub base_url: String,
+    pub api_key: ApiKey,
+    pub api_version: ApiVersion,
+    /// Whole-request timeout; the answer of an image model takes 5 to 40 s.
+    pub timeout: Duration,
+}
+
+impl GeminiConfig {
+    pub fn new(api_key: ApiKey) -> GeminiConfig {
+        GeminiConfig {
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            api_key,
+            api_version: ApiVersion::default(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn base_url(mut self, url: impl Into<String>) -> GeminiConfig {
+        self.base_url = url.into();
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> GeminiConfig {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn api_version(mut self, version: ApiVersion) -> GeminiConfig {
+        self.api_version = version;
+        self
+    }
+}
+
+/// A Gemini client; cheap to clone (one connection pool inside).
+#[derive(Debug, Clone)]
+pub struct GeminiClient {
+    http: reqwest::Client,
+    config: GeminiConfig,
+}
+
+impl GeminiClient {
+    pub fn new(config: GeminiConfig) -> Result<GeminiClient> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| ProviderError::Transport {
+                message: format!("building the HTTP client: {e}"),
+            })?;
+        Ok(GeminiClient { http, config })
+    }
+
+    /// The request body for one image.
+    pub fn request_body(req: &ImageRequest) -> GenerateContentRequest {
+        let modalities = match req.modalities {
+            Modalities::Image => vec!["IMAGE".to_owned()],
+            Modalities::TextAndImage => vec!["TEXT".to_owned(), "IMAGE".to_owned()],
+        };
+        let image_config =
+            (req.aspect_ratio.is_some() || req.image_size.is_some()).then(|| ImageConfig {
+                aspect_ratio: req.aspect_ratio.clone(),
+                image_size: req.image_size.clone(),
+            });
+        GenerateContentRequest {
+            contents: vec![Content {
+                role: Some("user".to_owned()),
+                parts: vec![Part {
+                    text: Some(req.prompt.clone()),
+                    ..Part::default()
+                }],
+            }],
+            generation_config: Some(GenerationConfig {
+                response_modalities: Some(modalities),
+                candidate_count: None,
+                image_config,
+            }),
+        }
+    }
+
+    fn url(&self, model: &str) -> Result<String> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        let valid = !model.is_empty()
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(ProviderError::Invalid {
+                message: format!("not a model name: {model:?}"),
+                violations: Vec::new(),
+            });
+        }
+        Ok(format!(
+            "{}/{}/models/{model}:generateContent",
+            self.config.base_url.trim_end_matches('/'),
+            self.config.api_version.as_str()
+        ))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ProviderError {
+        if e.is_timeout() {
+            ProviderError::Timeout {
+                after: self.config.timeout,
+            }
+        } else {
+            // The chain of sources says what broke (reset, refused, truncated body).
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            ProviderError::Transport { message }
+        }
+    }
+}
+
+#[async_trait]
+impl ImageProvider for GeminiClient {
+    async fn generate(&self, model: &str, req: &ImageRequest) -> Result<ImageResponse> {
+        let url = self.url(model)?;
+        let resp = self
+            .http
+            .post(url)
+            .header("x-goog-api-key", self.config.api_key.expose())
+            .json(&Self::request_body(req))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = resp.bytes().await.map_err(|e| self.transport(e))?;
+        if status == 200 {
+            decode_response(&body)
+        } else {
+            Err(decode_error(status, &body, model, retry_after))
+        }
+    }
+}
