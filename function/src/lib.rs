@@ -5,6 +5,7 @@
 //! - [`message`]: the generation request (an SQS message body), parsed strictly.
 //! - [`sink`]: where images are stored: S3 or a local folder.
 //! - [`outcome`]: what became of a delivery, and so what the queue does with it.
+//! - [`queue`]: the queue a worker polls: SQS, or an in-memory one with SQS's semantics.
 //! - [`worker`]: the SQS worker: long polling, bounded concurrency, visibility, drain.
 //! - [`lambda`]: the Lambda handler: an SQS batch in, `batchItemFailures` out.
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
@@ -14,6 +15,7 @@ pub mod lambda;
 pub mod message;
 pub mod metrics;
 pub mod outcome;
+pub mod queue;
 pub mod record;
 pub mod sink;
 pub mod worker;

@@ -1,9 +1,10 @@
-//! The SQS worker (`pacer worker`): long-polls a queue and processes many messages at once.
+//! The worker loop (`pacer worker` on SQS; `pacer demo` and `pacer loadtest` on either
+//! queue): polls a queue and processes many messages at once.
 //!
 //! Each message is held only as long as it is being worked on: its visibility is extended
 //! while it runs, it is deleted only after its result is stored, and a deferred message
 //! gets a visibility timeout equal to its booked wait, so it comes back exactly when it
-//! can run, with no busy retry. On SIGTERM the worker stops receiving, lets what is in
+//! can run, with no busy retry. On shutdown the worker stops receiving, lets what is in
 //! flight finish for a grace period, and makes whatever is left visible again at once.
 use std::{
     collections::HashMap,
@@ -11,34 +12,31 @@ use std::{
     time::Duration,
 };
 
-use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::{Metrics, OutcomeLabels, ReasonLabels},
-    outcome::{Outcome, Process, visibility_secs},
+    outcome::{Outcome, Process},
+    queue::{Delivery, Queue},
 };
 
 /// How the worker polls and holds messages.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// The queue to poll.
-    pub queue_url: String,
     /// Messages processed at once (image calls take seconds: hundreds is normal).
     pub concurrency: usize,
     /// The visibility timeout given on receive and renewed while a message runs.
     pub visibility: Duration,
     /// Long-poll wait per receive call (0 to 20 s).
     pub wait_time: Duration,
-    /// How long in-flight messages may finish after SIGTERM before they are released.
+    /// How long in-flight messages may finish after shutdown before they are released.
     pub shutdown_grace: Duration,
 }
 
 impl Default for WorkerOptions {
     fn default() -> Self {
         Self {
-            queue_url: String::new(),
             concurrency: 256,
             visibility: Duration::from_secs(60),
             wait_time: Duration::from_secs(20),
@@ -47,17 +45,17 @@ impl Default for WorkerOptions {
     }
 }
 
-/// Polls `options.queue_url` and processes messages with `processor` until `shutdown` is
-/// cancelled; then drains as described in the module docs.
+/// Polls `queue` and processes messages with `processor` until `shutdown` is cancelled;
+/// then drains as described in the module docs.
 pub async fn run(
-    sqs: aws_sdk_sqs::Client,
+    queue: Arc<dyn Queue>,
     options: WorkerOptions,
     processor: Arc<dyn Process>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
-    // Receipt handles of messages in flight, so shutdown can release them.
+    // Receipts of messages in flight, so shutdown can release them.
     let in_flight: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let mut failures = 0u32;
@@ -65,52 +63,40 @@ pub async fn run(
     while !shutdown.is_cancelled() {
         // Never hold more messages than can be worked on: take permits before receiving.
         let want = permits.available_permits().clamp(1, 10);
-        let held = tokio::select! {
+        let mut held = tokio::select! {
             p = permits.clone().acquire_many_owned(want as u32) => p?,
             _ = shutdown.cancelled() => break,
         };
         let received = tokio::select! {
-            r = sqs
-                .receive_message()
-                .queue_url(&options.queue_url)
-                .max_number_of_messages(want as i32)
-                .wait_time_seconds(options.wait_time.as_secs().min(20) as i32)
-                .visibility_timeout(visibility_secs(options.visibility))
-                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-                .send() => r,
+            r = queue.receive(want, options.visibility, options.wait_time) => r,
             _ = shutdown.cancelled() => break,
         };
-        let messages = match received {
-            Ok(out) => {
+        let deliveries = match received {
+            Ok(d) => {
                 failures = 0;
-                out.messages.unwrap_or_default()
+                d
             }
             Err(e) => {
                 failures += 1;
-                let backoff = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
-                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), ?backoff, "receive failed");
+                let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                tracing::warn!(error = %e, ?backoff, "receive failed");
                 tokio::time::sleep(backoff).await;
                 continue;
             }
         };
-        let mut held = held;
-        for message in messages {
+        for delivery in deliveries {
             let Some(permit) = held.split(1) else { break };
-            let (Some(receipt), Some(id)) =
-                (message.receipt_handle.clone(), message.message_id.clone())
-            else {
-                continue;
-            };
-            lock(&in_flight).insert(id.clone(), receipt.clone());
-            let ctx = Delivery {
-                sqs: sqs.clone(),
+            lock(&in_flight).insert(delivery.message_id.clone(), delivery.receipt.clone());
+            let ctx = Context {
+                queue: queue.clone(),
                 options: options.clone(),
                 processor: processor.clone(),
                 metrics: metrics.clone(),
             };
             let in_flight = in_flight.clone();
             tasks.spawn(async move {
-                ctx.handle(message, receipt).await;
+                let id = delivery.message_id.clone();
+                ctx.handle(delivery).await;
                 lock(&in_flight).remove(&id);
                 drop(permit);
             });
@@ -120,8 +106,7 @@ pub async fn run(
     }
 
     metrics.healthy.store(false, Ordering::Relaxed);
-    let left = tasks.len();
-    tracing::info!(in_flight = left, grace = ?options.shutdown_grace, "shutting down: draining");
+    tracing::info!(in_flight = tasks.len(), grace = ?options.shutdown_grace, "draining");
     let drained = tokio::time::timeout(options.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -134,58 +119,40 @@ pub async fn run(
             "grace period over: releasing unfinished messages"
         );
         for receipt in receipts {
-            let _ = sqs
-                .change_message_visibility()
-                .queue_url(&options.queue_url)
-                .receipt_handle(receipt)
-                .visibility_timeout(0)
-                .send()
-                .await;
+            let _ = queue.change_visibility(&receipt, Duration::ZERO).await;
         }
     }
     Ok(())
 }
 
-struct Delivery {
-    sqs: aws_sdk_sqs::Client,
+struct Context {
+    queue: Arc<dyn Queue>,
     options: WorkerOptions,
     processor: Arc<dyn Process>,
     metrics: Arc<Metrics>,
 }
 
-impl Delivery {
-    async fn handle(&self, message: Message, receipt: String) {
-        let body = message.body.clone().unwrap_or_default();
-        let receive_count = message
-            .attributes
-            .as_ref()
-            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(1);
+impl Context {
+    async fn handle(&self, delivery: Delivery) {
         self.metrics.in_flight.inc();
         // Keep the message hidden while it runs: renew at half the visibility timeout.
         let keepalive = {
-            let sqs = self.sqs.clone();
-            let queue = self.options.queue_url.clone();
-            let receipt = receipt.clone();
+            let queue = self.queue.clone();
+            let receipt = delivery.receipt.clone();
             let vis = self.options.visibility;
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(vis / 2).await;
-                    let r = sqs
-                        .change_message_visibility()
-                        .queue_url(&queue)
-                        .receipt_handle(&receipt)
-                        .visibility_timeout(visibility_secs(vis))
-                        .send()
-                        .await;
-                    if let Err(e) = r {
-                        tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "extending visibility failed");
+                    if let Err(e) = queue.change_visibility(&receipt, vis).await {
+                        tracing::warn!(error = %e, "extending visibility failed");
                     }
                 }
             })
         };
-        let outcome = self.processor.process(&body, receive_count).await;
+        let outcome = self
+            .processor
+            .process(&delivery.body, delivery.receive_count)
+            .await;
         keepalive.abort();
         self.metrics.in_flight.dec();
         self.metrics
@@ -194,7 +161,6 @@ impl Delivery {
                 outcome: outcome.label(),
             })
             .inc();
-        let queue = &self.options.queue_url;
         let result = match &outcome {
             Outcome::Defer { after, reason } => {
                 self.metrics
@@ -203,25 +169,11 @@ impl Delivery {
                         reason: reason.label(),
                     })
                     .inc();
-                self.sqs
-                    .change_message_visibility()
-                    .queue_url(queue)
-                    .receipt_handle(&receipt)
-                    .visibility_timeout(visibility_secs(*after))
-                    .send()
+                self.queue
+                    .change_visibility(&delivery.receipt, *after)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
             }
-            _ => self
-                .sqs
-                .delete_message()
-                .queue_url(queue)
-                .receipt_handle(&receipt)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string()),
+            _ => self.queue.delete(&delivery.receipt).await,
         };
         if let Err(e) = result {
             // The message comes back after its visibility timeout; its record makes the
@@ -233,4 +185,72 @@ impl Delivery {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{outcome::DeferReason, queue::MemoryQueue, record::ResultRecord};
+    use async_trait::async_trait;
+    use std::sync::atomic::AtomicU32;
+
+    /// Defers each message once by 3 s, then fails it (so it is deleted).
+    struct DeferOnce(AtomicU32);
+
+    #[async_trait]
+    impl Process for DeferOnce {
+        async fn process(&self, body: &str, receive_count: u32) -> Outcome {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            if receive_count == 1 {
+                Outcome::Defer {
+                    after: Duration::from_secs(3),
+                    reason: DeferReason::Capacity,
+                }
+            } else {
+                Outcome::Failed(ResultRecord::failed(body, receive_count, "test"))
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deferred_messages_return_after_their_wait_and_finish() {
+        let queue = Arc::new(MemoryQueue::new());
+        for i in 0..25 {
+            queue.send(&format!("m{i}")).await.unwrap();
+        }
+        let processor = Arc::new(DeferOnce(AtomicU32::new(0)));
+        let shutdown = CancellationToken::new();
+        let opts = WorkerOptions {
+            concurrency: 4,
+            wait_time: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let start = tokio::time::Instant::now();
+        let worker = tokio::spawn(run(
+            queue.clone(),
+            opts,
+            processor.clone(),
+            Arc::default(),
+            shutdown.clone(),
+        ));
+        while !queue.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = start.elapsed();
+        shutdown.cancel();
+        worker.await.unwrap().unwrap();
+        assert_eq!(
+            processor.0.load(Ordering::Relaxed),
+            50,
+            "each message processed exactly twice"
+        );
+        assert!(
+            took >= Duration::from_secs(3),
+            "a deferred message came back early: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "deferred messages came back late: {took:?}"
+        );
+    }
 }

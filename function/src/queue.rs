@@ -1,0 +1,349 @@
+//! The queue a worker polls: SQS, or an in-memory queue with SQS's semantics (visibility
+//! timeouts, receive counts, receipt handles) for `pacer demo` and `pacer loadtest` runs
+//! with nothing installed.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use tokio::time::Instant;
+
+use crate::outcome::visibility_secs;
+
+/// One received message.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The queue's message id.
+    pub message_id: String,
+    /// The handle for this delivery (changes on every receive).
+    pub receipt: String,
+    /// The message body.
+    pub body: String,
+    /// How many times it has been received, this one included.
+    pub receive_count: u32,
+}
+
+/// A queue error (always retryable: the worker backs off and polls again).
+#[derive(Debug, thiserror::Error)]
+#[error("queue: {0}")]
+pub struct QueueError(pub String);
+
+/// What the worker needs of a queue.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Up to `max` messages (1 to 10), hidden for `visibility`; waits up to `wait` for one.
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError>;
+    /// Deletes a delivered message.
+    async fn delete(&self, receipt: &str) -> Result<(), QueueError>;
+    /// Hides a delivered message for `visibility` from now (0: visible at once).
+    async fn change_visibility(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError>;
+    /// Sends a message.
+    async fn send(&self, body: &str) -> Result<(), QueueError>;
+}
+
+/// An SQS queue (or moto's).
+pub struct SqsQueue {
+    client: aws_sdk_sqs::Client,
+    url: String,
+}
+
+impl SqsQueue {
+    /// The queue at `url`.
+    pub fn new(client: aws_sdk_sqs::Client, url: impl Into<String>) -> Self {
+        Self {
+            client,
+            url: url.into(),
+        }
+    }
+}
+
+fn sqs_err<E: std::error::Error + 'static>(e: aws_sdk_sqs::error::SdkError<E>) -> QueueError
+where
+    E: Send + Sync,
+{
+    QueueError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .visibility_timeout(visibility_secs(visibility))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(sqs_err)?;
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| {
+                let receive_count = m
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
+                Some(Delivery {
+                    message_id: m.message_id?,
+                    receipt: m.receipt_handle?,
+                    body: m.body.unwrap_or_default(),
+                    receive_count,
+                })
+            })
+            .collect())
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(sqs_err)?;
+        Ok(())
+    }
+
+    async fn change_visibility(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(visibility_secs(visibility))
+            .send()
+            .await
+            .map_err(sqs_err)?;
+        Ok(())
+    }
+
+    async fn send(&self, body: &str) -> Result<(), QueueError> {
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(sqs_err)?;
+        Ok(())
+    }
+}
+
+/// An in-memory queue with SQS's delivery semantics, on tokio's clock (so tests can pause
+/// time). Visibility is exact to the millisecond rather than rounded up to seconds.
+#[derive(Default)]
+pub struct MemoryQueue {
+    state: Mutex<MemoryState>,
+    arrived: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    next_id: u64,
+    /// Message id → message.
+    messages: BTreeMap<u64, Stored>,
+    /// Current receipt → message id.
+    receipts: HashMap<String, u64>,
+}
+
+struct Stored {
+    body: String,
+    visible_at: Instant,
+    receive_count: u32,
+    receipt: Option<String>,
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages not yet deleted (visible or in flight).
+    pub fn len(&self) -> usize {
+        self.lock().messages.len()
+    }
+
+    /// Whether every message has been deleted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// When the next hidden message becomes visible, if any is hidden.
+    pub fn next_visible_at(&self) -> Option<Instant> {
+        self.lock().messages.values().map(|m| m.visible_at).min()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_visible(&self, max: usize, visibility: Duration) -> Vec<Delivery> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let ids: Vec<u64> = st
+            .messages
+            .iter()
+            .filter(|(_, m)| m.visible_at <= now)
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            st.next_id += 1;
+            let receipt = format!("{id}-{}", st.next_id);
+            let old = st.messages.get_mut(&id).and_then(|m| {
+                m.visible_at = now + visibility;
+                m.receive_count += 1;
+                m.receipt.replace(receipt.clone())
+            });
+            if let Some(old) = old {
+                st.receipts.remove(&old);
+            }
+            st.receipts.insert(receipt.clone(), id);
+            if let Some(m) = st.messages.get(&id) {
+                out.push(Delivery {
+                    message_id: id.to_string(),
+                    receipt,
+                    body: m.body.clone(),
+                    receive_count: m.receive_count,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let got = self.take_visible(max.max(1), visibility);
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            // Wake on a send, when a hidden message turns visible, or at the deadline.
+            let until = self.next_visible_at().map_or(deadline, |t| t.min(deadline));
+            let _ =
+                tokio::time::timeout_at(until.max(Instant::now()), self.arrived.notified()).await;
+        }
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), QueueError> {
+        let mut st = self.lock();
+        // SQS accepts a stale receipt as long as the message exists; an unknown one is a no-op.
+        if let Some(id) = st.receipts.remove(receipt) {
+            st.messages.remove(&id);
+        }
+        Ok(())
+    }
+
+    async fn change_visibility(
+        &self,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        {
+            let mut st = self.lock();
+            let Some(id) = st.receipts.get(receipt).copied() else {
+                return Err(QueueError(format!("receipt {receipt} is not current")));
+            };
+            if let Some(m) = st.messages.get_mut(&id) {
+                m.visible_at = Instant::now() + visibility;
+            }
+        }
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    async fn send(&self, body: &str) -> Result<(), QueueError> {
+        {
+            let mut st = self.lock();
+            st.next_id += 1;
+            let id = st.next_id;
+            st.messages.insert(
+                id,
+                Stored {
+                    body: body.to_owned(),
+                    visible_at: Instant::now(),
+                    receive_count: 0,
+                    receipt: None,
+                },
+            );
+        }
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_queue_has_sqs_semantics() {
+        let q = MemoryQueue::new();
+        q.send("a").await.unwrap();
+        let d = q
+            .receive(10, Duration::from_secs(5), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!((d.len(), d[0].receive_count), (1, 1));
+        // Hidden during its visibility timeout.
+        assert!(
+            q.receive(10, Duration::from_secs(5), Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Deferred by 2 s: it comes back then, with a higher receive count.
+        q.change_visibility(&d[0].receipt, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let again = q
+            .receive(10, Duration::from_secs(5), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(again[0].receive_count, 2);
+        // The old receipt no longer changes visibility; the new one deletes it.
+        assert!(
+            q.change_visibility(&d[0].receipt, Duration::ZERO)
+                .await
+                .is_err()
+        );
+        q.delete(&again[0].receipt).await.unwrap();
+        assert!(q.is_empty());
+    }
+}
