@@ -128,7 +128,11 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self { attempts: 3, base_delay_ms: 500, max_delay_ms: 20_000 }
+        Self {
+            attempts: 3,
+            base_delay_ms: 500,
+            max_delay_ms: 20_000,
+        }
     }
 }
 
@@ -168,14 +172,20 @@ pub struct CompiledConfig {
 impl CompiledConfig {
     /// A chain and its pool, or why they cannot be used.
     pub fn chain(&self, name: &str) -> Result<(&CompiledChain, &CompiledPool), ConfigError> {
-        let chain = self.chains.get(name).ok_or_else(|| ConfigError::UnknownChain {
-            name: name.to_owned(),
-            known: self.chains.keys().cloned().collect(),
-        })?;
-        let pool = self.pools.get(&chain.pool).ok_or_else(|| ConfigError::UnknownPool {
-            chain: name.to_owned(),
-            pool: chain.pool.clone(),
-        })?;
+        let chain = self
+            .chains
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownChain {
+                name: name.to_owned(),
+                known: self.chains.keys().cloned().collect(),
+            })?;
+        let pool = self
+            .pools
+            .get(&chain.pool)
+            .ok_or_else(|| ConfigError::UnknownPool {
+                chain: name.to_owned(),
+                pool: chain.pool.clone(),
+            })?;
         Ok((chain, pool))
     }
 }
@@ -187,8 +197,14 @@ pub enum ConfigError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// A stored entry is not valid JSON of its type (someone wrote it by hand?).
-    #[error("stored config {key} field {field} is invalid: {source}; rewrite it with `pacer apply`")]
-    Corrupt { key: &'static str, field: String, source: serde_json::Error },
+    #[error(
+        "stored config {key} field {field} is invalid: {source}; rewrite it with `pacer apply`"
+    )]
+    Corrupt {
+        key: &'static str,
+        field: String,
+        source: serde_json::Error,
+    },
     /// A request names a chain that is not configured.
     #[error("unknown chain {name:?}; configured chains: {known:?}")]
     UnknownChain { name: String, known: Vec<String> },
@@ -229,7 +245,8 @@ impl ConfigStore {
 
     /// Writes (or replaces) a chain and bumps the version, atomically.
     pub async fn put_chain(&self, chain: &CompiledChain) -> Result<u64, ConfigError> {
-        self.write(CHAINS_KEY, &chain.name, Some(to_json(chain))).await
+        self.write(CHAINS_KEY, &chain.name, Some(to_json(chain)))
+            .await
     }
 
     /// Removes a pool (its limiter state is left to expire) and bumps the version.
