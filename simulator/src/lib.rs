@@ -1,1 +1,110 @@
-//! A faithful Gemini API simulator (filled in by the simulator work).
+//! A faithful Gemini API simulator: Google's routes, answers and error bodies, quotas
+//! enforced per project and model the way Google counts them, and faults on demand, so
+//! tests, benchmarks and users can rehearse a fleet offline. `pacer simulate` serves it;
+//! tests start it in-process with [`Simulator::spawn`].
+//!
+//! - [`config`]: [`SimConfig`] and the flag syntax of limits, keys, blocks and schedules.
+//! - [`quota`]: counting at arrival (sliding or calendar windows, Pacific days) and the
+//!   `max_in_any_window` measurement.
+//! - [`models`]: the built-in model table (image tokens, prices, shutdown dates).
+//! - [`validate`]: Google's 400s for unknown fields and bad enum values.
+//! - [`image`]: small, valid PNGs of the requested aspect ratio, derived from the prompt.
+//! - `server`: the axum routes.
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+
+pub mod config;
+pub mod image;
+pub mod models;
+pub mod quota;
+mod server;
+pub mod validate;
+
+pub use config::{ConfigError, Faults, LimitSpec, SimConfig};
+
+/// Pending connections the listener queues (benchmarks open thousands at once).
+const BACKLOG: u32 = 8192;
+
+/// A simulator: cheap to clone, all clones share state.
+#[derive(Clone)]
+pub struct Simulator {
+    sim: Arc<server::Sim>,
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig) -> Simulator {
+        Simulator {
+            sim: Arc::new(server::Sim::new(config)),
+        }
+    }
+
+    /// The axum router, to embed or serve.
+    pub fn router(&self) -> axum::Router {
+        server::router(self.sim.clone())
+    }
+
+    /// What `GET /_sim/stats` returns.
+    pub fn stats(&self) -> serde_json::Value {
+        self.sim.stats()
+    }
+
+    /// Serves on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+
+    /// Binds `addr` with a deep backlog.
+    pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    }
+
+    /// Serves on `addr` (port 0 for any) in a background task.
+    pub async fn spawn_on(self, addr: SocketAddr) -> std::io::Result<RunningSimulator> {
+        let listener = Self::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let sim = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = self.serve(listener).await {
+                tracing::error!(error = %e, "simulator stopped");
+            }
+        });
+        Ok(RunningSimulator { addr, sim, task })
+    }
+
+    /// Serves on `127.0.0.1:0` in a background task.
+    pub async fn spawn(self) -> std::io::Result<RunningSimulator> {
+        self.spawn_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+}
+
+/// A simulator serving in the background; stops when dropped.
+pub struct RunningSimulator {
+    pub addr: SocketAddr,
+    pub sim: Simulator,
+    task: JoinHandle<()>,
+}
+
+impl RunningSimulator {
+    /// The base URL to give a client (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.sim.stats()
+    }
+}
+
+impl Drop for RunningSimulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

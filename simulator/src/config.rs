@@ -1,0 +1,386 @@
+//! The simulator's configuration: projects and their keys, quotas per model, faults.
+//! Strings in the `pacer simulate` flag syntax parse with `FromStr`.
+use std::{str::FromStr, time::Duration};
+
+/// Configuration errors (bad flag values).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("bad limit {0:?}: {1}")]
+    Limit(String, String),
+    #[error("bad key {0:?}: expected KEY or PROJECT=KEY")]
+    Key(String),
+    #[error("bad block rule {0:?}: expected PATTERN or PATTERN=REASON")]
+    Block(String),
+    #[error("bad credit {0:?}: expected PROJECT=MICRODOLLARS")]
+    Credit(String),
+    #[error("bad schedule {0:?}: expected EVERY_SECONDS:FOR_SECONDS")]
+    Schedule(String),
+    #[error("bad details order {0:?}: expected `random` or a permutation of help,quota,retry")]
+    DetailsOrder(String),
+}
+
+/// One project's quota for one model. `None` is unlimited; `Some(0)` is Google's
+/// "limit: 0" (a free-tier project on an image model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSpec {
+    /// `None`: applies to every project (each project counts on its own).
+    pub project: Option<String>,
+    pub model: String,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub ipm: Option<u64>,
+    pub rpd: Option<u64>,
+    /// Spend per `spend_window`, in micro-dollars.
+    pub spend: Option<u64>,
+    /// The window of the per-minute dimensions (60 s; shorten it to rehearse quickly).
+    pub window: Duration,
+    pub spend_window: Duration,
+}
+
+impl LimitSpec {
+    pub fn new(model: impl Into<String>) -> LimitSpec {
+        LimitSpec {
+            project: None,
+            model: model.into(),
+            rpm: None,
+            tpm: None,
+            ipm: None,
+            rpd: None,
+            spend: None,
+            window: Duration::from_secs(60),
+            spend_window: Duration::from_secs(600),
+        }
+    }
+}
+
+fn parse_secs(s: &str) -> Option<Duration> {
+    let v: f64 = s.trim().trim_end_matches('s').parse().ok()?;
+    if v > 0.0 {
+        Duration::try_from_secs_f64(v).ok()
+    } else {
+        None
+    }
+}
+
+/// `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICROS[,window=S][,spend_window=S]`
+impl FromStr for LimitSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<LimitSpec, ConfigError> {
+        let bad = |why: &str| ConfigError::Limit(s.to_owned(), why.to_owned());
+        let (target, fields) = s
+            .split_once(':')
+            .ok_or_else(|| bad("expected MODEL:key=value,..."))?;
+        let (project, model) = match target.split_once('/') {
+            Some((p, m)) => (Some(p.trim().to_owned()), m.trim()),
+            None => (None, target.trim()),
+        };
+        if model.is_empty() {
+            return Err(bad("empty model"));
+        }
+        let mut spec = LimitSpec::new(model);
+        spec.project = project;
+        for field in fields.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
+            let n = || {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad("expected a whole number"))
+            };
+            match k.trim() {
+                "rpm" => spec.rpm = Some(n()?),
+                "tpm" => spec.tpm = Some(n()?),
+                "ipm" => spec.ipm = Some(n()?),
+                "rpd" => spec.rpd = Some(n()?),
+                "spend" => spec.spend = Some(n()?),
+                "window" => {
+                    spec.window = parse_secs(v).ok_or_else(|| bad("window: seconds > 0"))?
+                }
+                "spend_window" => {
+                    spec.spend_window =
+                        parse_secs(v).ok_or_else(|| bad("spend_window: seconds > 0"))?
+                }
+                other => return Err(bad(&format!("unknown dimension {other:?}"))),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// An API key and the project it belongs to (several keys may share a project's quota).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// `None`: the first project.
+    pub project: Option<String>,
+    pub key: String,
+}
+
+impl FromStr for KeySpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<KeySpec, ConfigError> {
+        let (project, key) = match s.split_once('=') {
+            Some((p, k)) => (Some(p.trim().to_owned()), k.trim()),
+            None => (None, s.trim()),
+        };
+        if key.is_empty() || project.as_deref() == Some("") {
+            return Err(ConfigError::Key(s.to_owned()));
+        }
+        Ok(KeySpec {
+            project,
+            key: key.to_owned(),
+        })
+    }
+}
+
+/// Prompts containing `pattern` (case-insensitive) are blocked with `reason`: a
+/// `promptFeedback.blockReason` (`SAFETY`, `PROHIBITED_CONTENT`, `BLOCKLIST`, `OTHER`) or a
+/// candidate `finishReason` (`IMAGE_SAFETY`, `NO_IMAGE`, `IMAGE_RECITATION`,
+/// `IMAGE_PROHIBITED_CONTENT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRule {
+    pub pattern: String,
+    pub reason: String,
+}
+
+impl BlockRule {
+    /// Whether the reason is reported in `promptFeedback` (no candidates) rather than as
+    /// a finish reason.
+    pub fn is_prompt_block(&self) -> bool {
+        matches!(
+            self.reason.as_str(),
+            "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "OTHER" | "IMAGE_SAFETY_PROMPT"
+        )
+    }
+}
+
+impl FromStr for BlockRule {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<BlockRule, ConfigError> {
+        let (pattern, reason) = s.rsplit_once('=').unwrap_or((s, "IMAGE_SAFETY"));
+        const REASONS: &[&str] = &[
+            "SAFETY",
+            "PROHIBITED_CONTENT",
+            "BLOCKLIST",
+            "OTHER",
+            "IMAGE_SAFETY",
+            "NO_IMAGE",
+            "IMAGE_RECITATION",
+            "IMAGE_PROHIBITED_CONTENT",
+        ];
+        if pattern.is_empty() || !REASONS.contains(&reason) {
+            return Err(ConfigError::Block(s.to_owned()));
+        }
+        Ok(BlockRule {
+            pattern: pattern.to_lowercase(),
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// A prepaid credit balance: once spent, the project's requests get 402.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditSpec {
+    pub project: String,
+    pub micros: u64,
+}
+
+impl FromStr for CreditSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<CreditSpec, ConfigError> {
+        let (p, m) = s
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Credit(s.to_owned()))?;
+        Ok(CreditSpec {
+            project: p.trim().to_owned(),
+            micros: m
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError::Credit(s.to_owned()))?,
+        })
+    }
+}
+
+/// A recurring burst: active for `length` at the start of every `every`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub every: Duration,
+    pub length: Duration,
+}
+
+impl Schedule {
+    pub fn active(&self, since_start: Duration) -> bool {
+        let every = self.every.as_micros().max(1);
+        since_start.as_micros() % every < self.length.as_micros()
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Schedule, ConfigError> {
+        let bad = || ConfigError::Schedule(s.to_owned());
+        let (e, l) = s.split_once(':').ok_or_else(bad)?;
+        Ok(Schedule {
+            every: parse_secs(e).ok_or_else(bad)?,
+            length: parse_secs(l).ok_or_else(bad)?,
+        })
+    }
+}
+
+/// The three details of a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    Help,
+    QuotaFailure,
+    RetryInfo,
+}
+
+/// The order of a 429's details: Google's varies, so clients must look them up by `@type`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DetailsOrder {
+    /// A fresh shuffle per answer.
+    #[default]
+    Random,
+    Fixed(Vec<Detail>),
+}
+
+impl FromStr for DetailsOrder {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<DetailsOrder, ConfigError> {
+        if s.trim() == "random" {
+            return Ok(DetailsOrder::Random);
+        }
+        let mut order = Vec::new();
+        for name in s.split(',').map(str::trim) {
+            let d = match name {
+                "help" => Detail::Help,
+                "quota" => Detail::QuotaFailure,
+                "retry" => Detail::RetryInfo,
+                _ => return Err(ConfigError::DetailsOrder(s.to_owned())),
+            };
+            if order.contains(&d) {
+                return Err(ConfigError::DetailsOrder(s.to_owned()));
+            }
+            order.push(d);
+        }
+        if order.len() != 3 {
+            return Err(ConfigError::DetailsOrder(s.to_owned()));
+        }
+        Ok(DetailsOrder::Fixed(order))
+    }
+}
+
+/// Faults, each a probability per request (0 to 1) or a schedule.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// Bare 429 (no details), even under quota.
+    pub ghost_429: f64,
+    /// 503 "The model is overloaded".
+    pub overload: f64,
+    /// 503 for a while, periodically.
+    pub overload_burst: Option<Schedule>,
+    /// 500 INTERNAL.
+    pub server_error: f64,
+    /// 504 DEADLINE_EXCEEDED.
+    pub gateway_timeout: f64,
+    /// The connection breaks mid-answer, after the request was counted.
+    pub reset: f64,
+    /// Occasional slow answers: probability and extra delay.
+    pub slow: f64,
+    pub slow_ms: u64,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Project names; the first takes keys that name none.
+    pub projects: Vec<String>,
+    /// No keys at all: any non-empty key is accepted and belongs to the first project.
+    pub keys: Vec<KeySpec>,
+    pub limits: Vec<LimitSpec>,
+    /// Count in calendar windows (minute boundaries on the wall clock) instead of a
+    /// sliding window.
+    pub fixed_windows: bool,
+    pub details_order: DetailsOrder,
+    /// Base latency of a success, and a uniform jitter added to it.
+    pub latency: Duration,
+    pub latency_jitter: Duration,
+    pub faults: Faults,
+    pub blocks: Vec<BlockRule>,
+    pub credits: Vec<CreditSpec>,
+    /// Models to treat as retired on top of the built-in shutdown dates.
+    pub retired: Vec<String>,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            projects: vec!["sim-project".to_owned()],
+            keys: Vec::new(),
+            limits: Vec::new(),
+            fixed_windows: false,
+            details_order: DetailsOrder::Random,
+            latency: Duration::ZERO,
+            latency_jitter: Duration::ZERO,
+            faults: Faults::default(),
+            blocks: Vec::new(),
+            credits: Vec::new(),
+            retired: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_syntax() {
+        let l: LimitSpec = "gemini-3-pro-image:rpm=20,tpm=100000,ipm=20,rpd=250,window=5"
+            .parse()
+            .expect("parses");
+        assert_eq!(
+            (l.rpm, l.tpm, l.ipm, l.rpd, l.window),
+            (
+                Some(20),
+                Some(100_000),
+                Some(20),
+                Some(250),
+                Duration::from_secs(5)
+            )
+        );
+        let l: LimitSpec = "acme/m:rpm=0,spend=10000000".parse().expect("parses");
+        assert_eq!(
+            (l.project.as_deref(), l.rpm, l.spend),
+            (Some("acme"), Some(0), Some(10_000_000))
+        );
+        assert!("m:rpm=x".parse::<LimitSpec>().is_err());
+        assert!("m:bogus=1".parse::<LimitSpec>().is_err());
+        assert!("nocolon".parse::<LimitSpec>().is_err());
+    }
+
+    #[test]
+    fn other_syntax() {
+        assert_eq!(
+            "p=k".parse::<KeySpec>().expect("key").project.as_deref(),
+            Some("p")
+        );
+        assert!(
+            "cat=SAFETY"
+                .parse::<BlockRule>()
+                .expect("rule")
+                .is_prompt_block()
+        );
+        assert!("cat=NOPE".parse::<BlockRule>().is_err());
+        assert!("help,retry,quota".parse::<DetailsOrder>().is_ok());
+        assert!("help,help,quota".parse::<DetailsOrder>().is_err());
+        let s: Schedule = "60:5".parse().expect("schedule");
+        assert!(s.active(Duration::from_secs(62)) && !s.active(Duration::from_secs(66)));
+    }
+}

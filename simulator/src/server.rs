@@ -1,0 +1,691 @@
+//! The HTTP surface: Google's routes and answers, and `GET /_sim/stats`.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use jiff::Timestamp;
+use pacer_core::gemini::{
+    decode::{format_go_duration, format_proto_duration},
+    wire::{
+        Blob, Candidate, Content, GenerateContentResponse, ModalityTokenCount, Part,
+        PromptFeedback, UsageMetadata,
+    },
+};
+use rand::Rng as _;
+use serde_json::{Value, json};
+
+use crate::{
+    config::{Detail, DetailsOrder, SimConfig},
+    image,
+    models::{self, ModelSpec},
+    quota::{Costs, Exceeded, ModelQuota, ModelStats},
+    validate::{self, Parsed, Violation},
+};
+
+const HELP_URL: &str = "https://ai.google.dev/gemini-api/docs/rate-limits";
+
+/// Shared state of one simulator.
+pub(crate) struct Sim {
+    config: SimConfig,
+    models: HashMap<String, ModelSpec>,
+    /// key → project.
+    keys: HashMap<String, String>,
+    quotas: Mutex<HashMap<(String, String), ModelQuota>>,
+    credits: Mutex<HashMap<String, u64>>,
+    started: Instant,
+}
+
+impl Sim {
+    pub(crate) fn new(config: SimConfig) -> Sim {
+        let mut models: HashMap<String, ModelSpec> = models::builtin()
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect();
+        for limit in &config.limits {
+            models
+                .entry(limit.model.clone())
+                .or_insert_with(|| ModelSpec::generic(&limit.model));
+        }
+        let first = config
+            .projects
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "sim-project".to_owned());
+        let keys = config
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.key.clone(),
+                    k.project.clone().unwrap_or_else(|| first.clone()),
+                )
+            })
+            .collect();
+        let credits = config
+            .credits
+            .iter()
+            .map(|c| (c.project.clone(), c.micros))
+            .collect();
+        Sim {
+            config,
+            models,
+            keys,
+            quotas: Mutex::new(HashMap::new()),
+            credits: Mutex::new(credits),
+            started: Instant::now(),
+        }
+    }
+
+    fn project_of(&self, key: &str) -> Option<String> {
+        if self.config.keys.is_empty() {
+            return self
+                .config
+                .projects
+                .first()
+                .cloned()
+                .or_else(|| Some("sim-project".to_owned()));
+        }
+        self.keys.get(key).cloned()
+    }
+
+    fn with_quota<T>(&self, project: &str, model: &str, f: impl FnOnce(&mut ModelQuota) -> T) -> T {
+        let mut quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (project.to_owned(), model.to_owned());
+        let quota = quotas.entry(key).or_insert_with(|| {
+            let spec = self
+                .config
+                .limits
+                .iter()
+                .find(|l| l.model == model && l.project.as_deref() == Some(project))
+                .or_else(|| {
+                    self.config
+                        .limits
+                        .iter()
+                        .find(|l| l.model == model && l.project.is_none())
+                });
+            ModelQuota::new(spec, self.config.fixed_windows)
+        });
+        f(quota)
+    }
+
+    /// Stats as served by `/_sim/stats`.
+    pub(crate) fn stats(&self) -> Value {
+        let quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        let mut projects: BTreeMap<String, BTreeMap<String, ModelStats>> = BTreeMap::new();
+        let mut models: BTreeMap<String, ModelStats> = BTreeMap::new();
+        for ((project, model), q) in quotas.iter() {
+            let s = q.stats();
+            let m = models.entry(model.clone()).or_insert_with(|| ModelStats {
+                window_s: s.window_s,
+                fixed_windows: s.fixed_windows,
+                limits: s.limits.clone(),
+                ..ModelStats::default()
+            });
+            m.accepted += s.accepted;
+            for (k, v) in &s.rejected {
+                *m.rejected.entry(k).or_default() += v;
+            }
+            for (k, v) in &s.faults {
+                *m.faults.entry(k).or_default() += v;
+            }
+            for (k, v) in &s.max_in_any_window {
+                let e = m.max_in_any_window.entry(k).or_default();
+                *e = (*e).max(*v);
+            }
+            projects
+                .entry(project.clone())
+                .or_default()
+                .insert(model.clone(), s);
+        }
+        json!({
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "models": models,
+            "projects": projects,
+        })
+    }
+}
+
+/// Builds the router.
+pub(crate) fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .route("/{version}/models/{action}", post(model_action))
+        .route("/_sim/stats", get(stats))
+        .with_state(sim)
+}
+
+async fn stats(State(sim): State<Arc<Sim>>) -> Response {
+    axum::Json(sim.stats()).into_response()
+}
+
+fn google_error(
+    status: StatusCode,
+    google_status: &str,
+    message: &str,
+    details: Vec<Value>,
+) -> Response {
+    let mut error = json!({
+        "code": status.as_u16(),
+        "message": message,
+        "status": google_status,
+    });
+    if !details.is_empty() {
+        error["details"] = Value::Array(details);
+    }
+    json_response(status, &json!({ "error": error }))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        )],
+        bytes,
+    )
+        .into_response()
+}
+
+fn bad_request(v: &Violation) -> Response {
+    let mut violation = json!({ "description": v.message });
+    if !v.field.is_empty() {
+        violation["field"] = json!(v.field);
+    }
+    google_error(
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+        &v.message,
+        vec![json!({
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": [violation],
+        })],
+    )
+}
+
+fn not_found(version: &str, model: &str, method: &str) -> Response {
+    google_error(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        &format!(
+            "models/{model} is not found for API version {version}, or is not supported for {method}. Call ListModels to see the list of available models and their supported methods."
+        ),
+        Vec::new(),
+    )
+}
+
+/// The 429 Google sends when quotas are exceeded: one violation per exceeded dimension.
+fn quota_exceeded(sim: &Sim, model: &str, exceeded: &[Exceeded]) -> Response {
+    let retry_in = exceeded
+        .iter()
+        .map(|e| e.retry_in)
+        .max()
+        .unwrap_or(Duration::from_secs(1));
+    let mut message = "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, head to: https://ai.dev/usage?tab=rate-limit. ".to_owned();
+    let mut violations = Vec::new();
+    for e in exceeded {
+        message.push_str(&format!(
+            "\n* Quota exceeded for metric: {}, limit: {}, model: {model}",
+            e.dim.quota_metric(),
+            e.limit
+        ));
+        let mut v = json!({
+            "quotaMetric": e.dim.quota_metric(),
+            "quotaId": e.dim.quota_id(),
+            "quotaDimensions": { "location": "global", "model": model },
+        });
+        // Google leaves quotaValue out when the limit is 0.
+        if e.limit > 0 {
+            v["quotaValue"] = json!(e.limit.to_string());
+        }
+        violations.push(v);
+    }
+    message.push_str(&format!(
+        "\nPlease retry in {}.",
+        format_go_duration(retry_in)
+    ));
+    let help = json!({
+        "@type": "type.googleapis.com/google.rpc.Help",
+        "links": [{ "description": "Learn more about Gemini API quotas", "url": HELP_URL }],
+    });
+    let quota = json!({
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": violations,
+    });
+    // RetryInfo carries whole seconds (truncated), the message the precise delay.
+    let retry = json!({
+        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+        "retryDelay": format_proto_duration(Duration::from_secs(retry_in.as_secs())),
+    });
+    let mut details = vec![
+        (Detail::Help, help),
+        (Detail::QuotaFailure, quota),
+        (Detail::RetryInfo, retry),
+    ];
+    match &sim.config.details_order {
+        DetailsOrder::Random => {
+            let mut rng = rand::rng();
+            for i in (1..details.len()).rev() {
+                let j = rng.random_range(0..=i);
+                details.swap(i, j);
+            }
+        }
+        DetailsOrder::Fixed(order) => {
+            details.sort_by_key(|(d, _)| order.iter().position(|o| o == d).unwrap_or(usize::MAX));
+        }
+    }
+    google_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RESOURCE_EXHAUSTED",
+        &message,
+        details.into_iter().map(|(_, v)| v).collect(),
+    )
+}
+
+fn api_key(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<String> {
+    headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query.get("key").cloned())
+        .filter(|k| !k.is_empty())
+}
+
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn prompt_tokens(prompt: &str) -> u64 {
+    (prompt.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// Which fault, if any, this request draws.
+fn draw_fault(sim: &Sim) -> Option<&'static str> {
+    let f = &sim.config.faults;
+    if f.overload_burst
+        .is_some_and(|s| s.active(sim.started.elapsed()))
+    {
+        return Some("overload_burst");
+    }
+    let mut rng = rand::rng();
+    let mut roll = |p: f64| p > 0.0 && rng.random::<f64>() < p;
+    if roll(f.ghost_429) {
+        Some("ghost_429")
+    } else if roll(f.overload) {
+        Some("overload")
+    } else if roll(f.server_error) {
+        Some("server_error")
+    } else if roll(f.gateway_timeout) {
+        Some("gateway_timeout")
+    } else {
+        None
+    }
+}
+
+fn fault_response(kind: &str) -> Response {
+    match kind {
+        "ghost_429" => google_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RESOURCE_EXHAUSTED",
+            "Resource has been exhausted (e.g. check quota).",
+            Vec::new(),
+        ),
+        "overload" | "overload_burst" => google_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "The model is overloaded. Please try again later.",
+            Vec::new(),
+        ),
+        "gateway_timeout" => google_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "DEADLINE_EXCEEDED",
+            "The request timed out. Please try again.",
+            Vec::new(),
+        ),
+        _ => google_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+            Vec::new(),
+        ),
+    }
+}
+
+fn latency(sim: &Sim) -> Duration {
+    let c = &sim.config;
+    let mut rng = rand::rng();
+    let mut d = c.latency;
+    if !c.latency_jitter.is_zero() {
+        d += c.latency_jitter.mul_f64(rng.random::<f64>());
+    }
+    if c.faults.slow > 0.0 && rng.random::<f64>() < c.faults.slow {
+        d += Duration::from_millis(c.faults.slow_ms);
+    }
+    d
+}
+
+/// A 200 whose body breaks off: the client sees the connection fail mid-answer.
+fn reset_response() -> Response {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"candidates\": [{\"content\": {\"parts\": [{\"inlineData\": {\"mimeType\": \"image/png\", \"data\": \"iVBOR")),
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated connection reset")),
+    ];
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        )],
+        Body::from_stream(futures::stream::iter(chunks)),
+    )
+        .into_response()
+}
+
+/// How the answer is framed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Json,
+    /// `streamGenerateContent`: a JSON array of chunks.
+    Array,
+    /// `streamGenerateContent?alt=sse`.
+    Sse,
+    /// Imagen `:predict`.
+    Predict,
+}
+
+async fn model_action(
+    State(sim): State<Arc<Sim>>,
+    Path((version, action)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // Counted on arrival, on the server's clock.
+    let arrival = Timestamp::now();
+    let (model, method) = action.split_once(':').unwrap_or((action.as_str(), ""));
+    if version != "v1" && version != "v1beta" {
+        return google_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "Requested entity was not found.",
+            Vec::new(),
+        );
+    }
+    let framing = match method {
+        "generateContent" => Framing::Json,
+        "streamGenerateContent" if query.get("alt").map(String::as_str) == Some("sse") => {
+            Framing::Sse
+        }
+        "streamGenerateContent" => Framing::Array,
+        "predict" => Framing::Predict,
+        _ => return not_found(&version, model, method),
+    };
+    let Some(key) = api_key(&headers, &query) else {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+            Vec::new(),
+        );
+    };
+    let Some(project) = sim.project_of(&key) else {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "API key not valid. Please pass a valid API key.",
+            vec![json!({
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": { "service": "generativelanguage.googleapis.com" },
+            })],
+        );
+    };
+    let today = arrival.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let spec = match sim.models.get(model) {
+        Some(m)
+            if m.predict == (framing == Framing::Predict)
+                && !m.is_retired(today)
+                && !sim.config.retired.iter().any(|r| r == model) =>
+        {
+            m
+        }
+        _ => return not_found(&version, model, method),
+    };
+    let parsed = if framing == Framing::Predict {
+        match predict_request(&body) {
+            Ok(p) => p,
+            Err(v) => return bad_request(&v),
+        }
+    } else {
+        match validate::generate_content(&body, spec) {
+            Ok(p) => p,
+            Err(v) => return bad_request(&v),
+        }
+    };
+    let (image_tokens, price) = spec.cost(parsed.image_size.as_deref()).unwrap_or((0, 0));
+    {
+        let credits = sim.credits.lock().unwrap_or_else(|p| p.into_inner());
+        if credits
+            .get(&project)
+            .is_some_and(|left| *left < price.max(1))
+        {
+            return google_error(
+                StatusCode::PAYMENT_REQUIRED,
+                "FAILED_PRECONDITION",
+                "Your prepaid credits are depleted. Please add credits to your billing account to continue.",
+                Vec::new(),
+            );
+        }
+    }
+    if let Some(kind) = draw_fault(&sim) {
+        sim.with_quota(&project, model, |q| q.fault(kind));
+        return fault_response(kind);
+    }
+    let tokens = prompt_tokens(&parsed.prompt);
+    let costs = Costs {
+        input_tokens: tokens,
+        images: 1,
+        spend_micros: price,
+    };
+    if let Err(exceeded) = sim.with_quota(&project, model, |q| q.arrive(arrival, costs)) {
+        return quota_exceeded(&sim, model, &exceeded);
+    }
+    if let Some(left) = sim
+        .credits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&project)
+    {
+        *left = left.saturating_sub(price);
+    }
+    let wait = latency(&sim);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    let reset = {
+        let p = sim.config.faults.reset;
+        p > 0.0 && rand::rng().random::<f64>() < p
+    };
+    if reset {
+        sim.with_quota(&project, model, |q| q.fault("reset"));
+        return reset_response();
+    }
+    let answer = answer(
+        &sim,
+        spec,
+        &parsed,
+        tokens,
+        image_tokens,
+        framing == Framing::Predict,
+    );
+    match framing {
+        Framing::Json | Framing::Predict => json_response(StatusCode::OK, &answer),
+        Framing::Array => json_response(StatusCode::OK, &Value::Array(vec![answer])),
+        Framing::Sse => {
+            let text = format!(
+                "data: {}\r\n\r\n",
+                serde_json::to_string(&answer).unwrap_or_default()
+            );
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                )],
+                text,
+            )
+                .into_response()
+        }
+    }
+}
+
+fn predict_request(body: &[u8]) -> Result<Parsed, Violation> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| Violation {
+        field: String::new(),
+        message: format!("Invalid JSON payload received. {e}"),
+    })?;
+    let prompt = v
+        .pointer("/instances/0/prompt")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Violation {
+            field: "instances[0].prompt".to_owned(),
+            message: "* PredictRequest.instances[0].prompt: a prompt is required\n".to_owned(),
+        })?;
+    Ok(Parsed {
+        prompt: prompt.to_owned(),
+        text_too: false,
+        aspect_ratio: v
+            .pointer("/parameters/aspectRatio")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        image_size: None,
+    })
+}
+
+/// A success, or the block a configured rule asks for.
+fn answer(
+    sim: &Sim,
+    spec: &ModelSpec,
+    parsed: &Parsed,
+    tokens: u64,
+    image_tokens: u64,
+    predict: bool,
+) -> Value {
+    let lower = parsed.prompt.to_lowercase();
+    let block = sim
+        .config
+        .blocks
+        .iter()
+        .find(|b| lower.contains(&b.pattern));
+    let png = || {
+        base64::engine::general_purpose::STANDARD.encode(image::render(
+            &parsed.prompt,
+            parsed.aspect_ratio.as_deref(),
+        ))
+    };
+    if predict {
+        return json!({ "predictions": [{ "bytesBase64Encoded": png(), "mimeType": "image/png" }] });
+    }
+    let prompt_details = vec![ModalityTokenCount {
+        modality: "TEXT".to_owned(),
+        token_count: tokens,
+    }];
+    let mut resp = GenerateContentResponse {
+        model_version: Some(spec.name.clone()),
+        response_id: Some(random_id()),
+        ..GenerateContentResponse::default()
+    };
+    match block {
+        Some(rule) if rule.is_prompt_block() => {
+            resp.prompt_feedback = Some(PromptFeedback {
+                block_reason: Some(rule.reason.clone()),
+                block_reason_message: None,
+            });
+            resp.usage_metadata = Some(UsageMetadata {
+                prompt_token_count: Some(tokens),
+                total_token_count: Some(tokens),
+                prompt_tokens_details: prompt_details,
+                ..UsageMetadata::default()
+            });
+        }
+        Some(rule) => {
+            resp.candidates = vec![Candidate {
+                content: Some(Content {
+                    role: Some("model".to_owned()),
+                    parts: Vec::new(),
+                }),
+                finish_reason: Some(rule.reason.clone()),
+                index: Some(0),
+            }];
+            resp.usage_metadata = Some(UsageMetadata {
+                prompt_token_count: Some(tokens),
+                total_token_count: Some(tokens),
+                prompt_tokens_details: prompt_details,
+                ..UsageMetadata::default()
+            });
+        }
+        None => {
+            let mut parts = Vec::new();
+            let mut candidate_details = Vec::new();
+            let mut text_tokens = 0;
+            if parsed.text_too {
+                let caption = format!(
+                    "Here is the image: {}",
+                    parsed.prompt.chars().take(60).collect::<String>()
+                );
+                text_tokens = prompt_tokens(&caption);
+                parts.push(Part {
+                    text: Some(caption),
+                    ..Part::default()
+                });
+                candidate_details.push(ModalityTokenCount {
+                    modality: "TEXT".to_owned(),
+                    token_count: text_tokens,
+                });
+            }
+            parts.push(Part {
+                inline_data: Some(Blob {
+                    mime_type: "image/png".to_owned(),
+                    data: png(),
+                }),
+                ..Part::default()
+            });
+            candidate_details.push(ModalityTokenCount {
+                modality: "IMAGE".to_owned(),
+                token_count: image_tokens,
+            });
+            let candidates = text_tokens + image_tokens;
+            let thoughts = spec.thought_tokens;
+            resp.candidates = vec![Candidate {
+                content: Some(Content {
+                    role: Some("model".to_owned()),
+                    parts,
+                }),
+                finish_reason: Some("STOP".to_owned()),
+                index: Some(0),
+            }];
+            resp.usage_metadata = Some(UsageMetadata {
+                prompt_token_count: Some(tokens),
+                candidates_token_count: Some(candidates),
+                thoughts_token_count: (thoughts > 0).then_some(thoughts),
+                total_token_count: Some(tokens + candidates + thoughts),
+                prompt_tokens_details: prompt_details,
+                candidates_tokens_details: candidate_details,
+            });
+        }
+    }
+    serde_json::to_value(&resp).unwrap_or(Value::Null)
+}
