@@ -1,0 +1,267 @@
+-- Pacer's global limiter: one script per decision, atomic across every dimension of one
+-- (project, model). The algorithm is described in core/src/limiter/mod.rs; memory.rs is
+-- this script's twin and every branch here has one there.
+--
+-- KEYS[1] log: sorted set, one member "c1,c2,c3,c4,<request id>" per booking, scored by
+--              its start (µs, Redis clock).
+-- KEYS[2] st:  hash of running sums (s1..s4) and cursors (k1..k4: entries scored at or
+--              below are outside the window), the windows they were built for (w1..w4),
+--              the monotonic now, state generation, latest start (ls) and what set it (lb),
+--              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
+--              for this day and the next (dc, nc), and "t:<request id>" -> member.
+-- ARGV[1] is the operation: a (acquire), r (reconcile), x (release), p (penalize),
+-- u (usage). Numbers are integers; they are formatted with %d, never tostring (which
+-- turns µs times into floats with exponents).
+local log, st = KEYS[1], KEYS[2]
+local op = ARGV[1]
+-- TIME once: on Redis 7.0 repeated calls differ within one script.
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local TTL_MS = 93600000 -- 26 h: a day's count outlives the longest Pacific day
+local DAY = 86400000000
+local CAP = 4000 -- the most log entries one walk reads
+
+local function fmt(x) return string.format('%d', x) end
+local function costs_of(m)
+  local a, b, c, d = string.match(m, '^(%d+),(%d+),(%d+),(%d+),')
+  return { tonumber(a), tonumber(b), tonumber(c), tonumber(d) }
+end
+local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,(.*)$') end
+
+local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
+  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4' }
+local raw = redis.call('HMGET', st, unpack(NAMES))
+local S = {}
+for i, n in ipairs(NAMES) do S[n] = tonumber(raw[i]) or 0 end
+local fresh = not raw[2]
+-- Redis time, kept monotonic across failovers and clock steps.
+local now = math.max(clock, S.now)
+S.now = now
+if fresh then S.gen = now end
+local sum = { S.s1, S.s2, S.s3, S.s4 }
+local cur = { S.k1, S.k2, S.k3, S.k4 }
+local win = { S.w1, S.w2, S.w3, S.w4 }
+
+local function save()
+  S.s1, S.s2, S.s3, S.s4 = sum[1], sum[2], sum[3], sum[4]
+  S.k1, S.k2, S.k3, S.k4 = cur[1], cur[2], cur[3], cur[4]
+  S.w1, S.w2, S.w3, S.w4 = win[1], win[2], win[3], win[4]
+  local a = {}
+  for _, n in ipairs(NAMES) do
+    a[#a + 1] = n
+    a[#a + 1] = fmt(S[n])
+  end
+  redis.call('HSET', st, unpack(a))
+  redis.call('PEXPIRE', st, TTL_MS)
+  redis.call('PEXPIRE', log, TTL_MS)
+end
+
+local function roll_day(b)
+  if S.de ~= 0 and now < S.de then return end
+  local ds, de, da
+  if now < b[1] then ds, de, da = now, b[1], b[2]
+  elseif now < b[2] then ds, de, da = b[1], b[2], b[3]
+  elseif now < b[3] then ds, de, da = b[2], b[3], b[4]
+  elseif now < b[4] then ds, de, da = b[3], b[4], b[4] + DAY
+  else ds, de, da = b[4], b[4] + DAY, b[4] + 2 * DAY end
+  -- Bookings made into the next day count against it once it comes.
+  if ds == S.de then S.dc = S.nc else S.dc = 0 end
+  S.nc = 0
+  S.ds, S.de, S.da = ds, de, da
+end
+
+-- Moves dimension d's cursor past every entry starting at or before target.
+local function advance(d, target)
+  if target <= cur[d] then return end
+  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(cur[d]), fmt(target))
+  for _, m in ipairs(items) do sum[d] = sum[d] - costs_of(m)[d] end
+  cur[d] = target
+end
+
+-- Recounts dimension d (its window changed, or the hash was lost but the log was not).
+local function rebuild(d, target)
+  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(target), '+inf')
+  local total = 0
+  for _, m in ipairs(items) do total = total + costs_of(m)[d] end
+  sum[d], cur[d] = total, target
+end
+
+-- The earliest start from s0 on at which dimension d's window holds at most need; the
+-- second value is false when the walk hit CAP and the time is only a lower bound.
+local function earliest(d, need, s0, w)
+  if sum[d] <= need then return s0, true end
+  local left = sum[d]
+  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(cur[d]), '+inf',
+    'WITHSCORES', 'LIMIT', 0, CAP)
+  local n = #items / 2
+  for i = 1, n do
+    local score = tonumber(items[2 * i])
+    left = left - costs_of(items[2 * i - 1])[d]
+    if left <= need then
+      -- Entries with one start leave the window together.
+      local nxt = items[2 * i + 2]
+      if nxt == nil and n == CAP then return score + w, false end
+      if nxt == nil or tonumber(nxt) ~= score then return score + w, true end
+    end
+  end
+  if n == 0 then return s0, true end
+  return tonumber(items[2 * n]) + w, false
+end
+
+local function prune()
+  local lo = math.min(cur[1], cur[2], cur[3], cur[4])
+  local old = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'LIMIT', 0, 1000)
+  if #old > 0 then
+    local fields = {}
+    for i, m in ipairs(old) do fields[i] = 't:' .. id_of(m) end
+    redis.call('HDEL', st, unpack(fields))
+    redis.call('ZREM', log, unpack(old))
+  end
+end
+
+-- The booked entry of a request id if it still starts at start.
+local function booked(id, start)
+  local m = redis.call('HGET', st, 't:' .. id)
+  if not m then return nil end
+  local sc = redis.call('ZSCORE', log, m)
+  if not sc or tonumber(sc) ~= start then return nil end
+  return m
+end
+
+local function member(c, id)
+  return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ',' .. id
+end
+
+if op == 'a' then
+  local id = ARGV[2]
+  local c = { tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) }
+  local max_wait = tonumber(ARGV[7])
+  local L = { tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]) }
+  local W = { tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15]) }
+  local rpd = tonumber(ARGV[16])
+  local b = { tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20]) }
+  local hint_gen, hint_last = tonumber(ARGV[21]), tonumber(ARGV[22])
+  roll_day(b)
+  if fresh then
+    -- The hash is gone but the log may not be: never start before its latest booking.
+    local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+    if top[2] then S.ls = tonumber(top[2]) end
+  end
+  if hint_gen > 0 and hint_gen ~= S.gen then
+    -- The caller saw an older state that is gone (Redis restarted without persistence):
+    -- its bookings may still be in flight, so nothing starts until the latest start it
+    -- saw is a full window behind.
+    S.cd = math.max(S.cd, hint_last + math.max(W[1], W[2], W[3], W[4]))
+  end
+  local function reply(kind, v, blocker, costs)
+    save()
+    return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4] }
+  end
+  local m = redis.call('HGET', st, 't:' .. id)
+  if m then
+    local sc = redis.call('ZSCORE', log, m)
+    if sc then return reply(1, tonumber(sc), 0, costs_of(m)) end
+  end
+  for d = 1, 4 do
+    if L[d] >= 0 and c[d] > L[d] then return reply(2, -1, 7, c) end
+  end
+  if rpd >= 0 and c[1] > rpd then return reply(2, -1, 7, c) end
+  -- Callers queue in arrival order: nobody starts before the latest booking.
+  local s, blocker = now, 1
+  if S.ls > s then s, blocker = S.ls, (S.lb > 0 and S.lb or 1) end
+  if S.cd > s then s, blocker = S.cd, 6 end
+  local s0 = s
+  for d = 1, 4 do
+    if win[d] ~= W[d] then
+      win[d] = W[d]
+      rebuild(d, s0 - W[d])
+    else
+      advance(d, s0 - W[d])
+    end
+  end
+  if s0 - now > max_wait then
+    prune()
+    return reply(2, s0 - now, blocker, c)
+  end
+  for d = 1, 4 do
+    if L[d] >= 0 then
+      local e, exact = earliest(d, L[d] - c[d], s0, W[d])
+      if not exact then
+        prune()
+        return reply(2, math.max(e, s) - now, d, c)
+      end
+      if e > s then s, blocker = e, d end
+    end
+  end
+  if S.db > s then s, blocker = S.db, 5 end
+  if rpd >= 0 then
+    if s < S.de and S.dc + c[1] > rpd then s, blocker = S.de, 5 end
+    if s >= S.de and (s >= S.da or S.nc + c[1] > rpd) then
+      prune()
+      return reply(2, math.max(s, S.da) - now, 5, c)
+    end
+  end
+  if s - now > max_wait then
+    prune()
+    return reply(2, s - now, blocker, c)
+  end
+  local mem = member(c, id)
+  redis.call('ZADD', log, fmt(s), mem)
+  redis.call('HSET', st, 't:' .. id, mem)
+  for d = 1, 4 do sum[d] = sum[d] + c[d] end
+  S.ls, S.lb = s, blocker
+  for d = 1, 4 do advance(d, s - W[d]) end
+  if s < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
+  prune()
+  return reply(1, s, 0, c)
+elseif op == 'r' or op == 'x' then
+  local id, start = ARGV[2], tonumber(ARGV[3])
+  if fresh then return { 0 } end
+  local m = booked(id, start)
+  if not m then return { 0 } end
+  local old = costs_of(m)
+  local new = { 0, 0, 0, 0 }
+  redis.call('ZREM', log, m)
+  if op == 'r' then
+    new = { tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) }
+    local nm = member(new, id)
+    redis.call('ZADD', log, fmt(start), nm)
+    redis.call('HSET', st, 't:' .. id, nm)
+  else
+    redis.call('HDEL', st, 't:' .. id)
+    -- A request never sent does not count against the day.
+    if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
+    elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
+  end
+  for d = 1, 4 do
+    if start > cur[d] then sum[d] = sum[d] + new[d] - old[d] end
+  end
+  save()
+  return { 1 }
+elseif op == 'p' then
+  local delay, scope = tonumber(ARGV[2]), ARGV[3]
+  roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })
+  if scope == 'd' then
+    S.db = math.max(S.db, S.de)
+  else
+    S.cd = math.max(S.cd, now + delay)
+  end
+  save()
+  return { 1 }
+elseif op == 'u' then
+  local out = { now }
+  for d = 1, 4 do
+    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - tonumber(ARGV[1 + d])), '+inf')
+    local total = 0
+    for _, m in ipairs(items) do total = total + costs_of(m)[d] end
+    out[#out + 1] = total
+  end
+  local today = 0
+  if now < S.de then today = S.dc end
+  out[#out + 1] = math.max(0, S.cd - now)
+  out[#out + 1] = math.max(0, S.db - now)
+  out[#out + 1] = today
+  out[#out + 1] = math.max(0, S.ls - now)
+  return out
+end
+return redis.error_reply('pacer limiter: unknown operation ' .. tostring(op))

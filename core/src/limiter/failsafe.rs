@@ -1,0 +1,356 @@
+//! What a replica does when the shared limiter is unreachable.
+//!
+//! The failure mode is per-pool configuration: `closed` defers work (safe, stops the
+//! fleet), `open` admits unchecked (keeps going, may exceed the provider's limits and
+//! collect 429s), `local` falls back to a per-replica in-memory limiter at the limit divided
+//! by the expected replica count (keeps going at a fraction of the budget). A circuit
+//! breaker stops a dead Redis from adding its timeout to every request: after a few
+//! consecutive failures the shared limiter is skipped for a while, then one call probes it.
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use super::{
+    Clock, Decision, Error, Limiter, Origin, PenaltyScope, QuotaKey, Result, Ticket, Usage, dur_us,
+    memory::MemoryLimiter, us_dur,
+};
+pub use crate::config::FailureMode;
+use crate::quota::{Costs, ModelQuota};
+
+/// When the breaker opens and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failures_to_open: u32,
+    /// How long it stays open before one call probes the shared limiter again.
+    pub open_for: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures_to_open: 3,
+            open_for: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    open_until: i64,
+}
+
+/// The shared limiter behind a circuit breaker, with a failure mode.
+#[derive(Debug)]
+pub struct FailsafeLimiter<L> {
+    shared: L,
+    mode: FailureMode,
+    expected_replicas: u32,
+    local: MemoryLimiter,
+    clock: Arc<dyn Clock>,
+    config: BreakerConfig,
+    breaker: Mutex<Breaker>,
+}
+
+impl<L: Limiter> FailsafeLimiter<L> {
+    /// Wraps `shared`; in mode `local` each replica takes `1 / expected_replicas` of every
+    /// limit; `clock` drives the breaker and the local fallback.
+    pub fn new(
+        shared: L,
+        mode: FailureMode,
+        expected_replicas: u32,
+        config: BreakerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        FailsafeLimiter {
+            shared,
+            mode,
+            expected_replicas,
+            local: MemoryLimiter::new(clock.clone()).with_origin(Origin::Local),
+            clock,
+            config,
+            breaker: Mutex::new(Breaker::default()),
+        }
+    }
+
+    /// Whether the breaker currently skips the shared limiter.
+    pub fn is_open(&self) -> bool {
+        let b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        b.consecutive >= self.config.failures_to_open && self.clock.now_us() < b.open_until
+    }
+
+    /// Whether to call the shared limiter now. When the open period has passed, the caller
+    /// that gets `true` is the probe; others keep falling back until it answers.
+    fn try_shared(&self) -> bool {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        if b.consecutive < self.config.failures_to_open {
+            return true;
+        }
+        let now = self.clock.now_us();
+        if now < b.open_until {
+            return false;
+        }
+        b.open_until = now + dur_us(self.config.open_for);
+        true
+    }
+
+    fn record(&self, ok: bool) {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            *b = Breaker::default();
+        } else {
+            b.consecutive = b.consecutive.saturating_add(1);
+            if b.consecutive >= self.config.failures_to_open {
+                b.open_until = self.clock.now_us() + dur_us(self.config.open_for);
+                tracing::warn!(
+                    failures = b.consecutive,
+                    "shared limiter unreachable; breaker open"
+                );
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Duration {
+        let b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        let left = us_dur(b.open_until - self.clock.now_us());
+        if left.is_zero() {
+            self.config.open_for.min(Duration::from_secs(1))
+        } else {
+            left
+        }
+    }
+
+    fn fallback(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        match self.mode {
+            FailureMode::Closed => Err(Error::Unavailable {
+                retry_after: self.retry_after(),
+            }),
+            FailureMode::Open => Ok(Decision::Admitted {
+                ticket: Ticket {
+                    key: key.clone(),
+                    request_id: request_id.to_owned(),
+                    start_us: self.clock.now_us(),
+                    costs,
+                    origin: Origin::Unchecked,
+                },
+            }),
+            FailureMode::Local => Ok(self.local.acquire_now(
+                key,
+                &quota.divided(self.expected_replicas),
+                request_id,
+                costs,
+                max_wait,
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl<L: Limiter> Limiter for FailsafeLimiter<L> {
+    async fn acquire(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        if self.try_shared() {
+            match self
+                .shared
+                .acquire(key, quota, request_id, costs, max_wait)
+                .await
+            {
+                Ok(d) => {
+                    self.record(true);
+                    return Ok(d);
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, %key, "shared limiter failed");
+                    self.record(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.fallback(key, quota, request_id, costs, max_wait)
+    }
+
+    async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
+        match ticket.origin {
+            Origin::Shared => self.shared.reconcile(ticket, actual).await,
+            Origin::Local => self.local.reconcile(ticket, actual).await,
+            Origin::Unchecked => Ok(()),
+        }
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<()> {
+        match ticket.origin {
+            Origin::Shared => self.shared.release(ticket).await,
+            Origin::Local => self.local.release(ticket).await,
+            Origin::Unchecked => Ok(()),
+        }
+    }
+
+    async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()> {
+        // The local fallback must also honour the provider's word.
+        self.local.penalize(key, delay, scope).await?;
+        if self.is_open() {
+            return Ok(());
+        }
+        let r = self.shared.penalize(key, delay, scope).await;
+        self.record(r.is_ok());
+        r
+    }
+
+    async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
+        if !self.is_open()
+            && let Ok(u) = self.shared.usage(key, quota).await
+        {
+            return Ok(u);
+        }
+        self.local.usage(key, quota).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::ManualClock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A shared limiter that is down, counting how often it was asked.
+    #[derive(Debug, Default)]
+    struct Down(AtomicU32);
+
+    #[async_trait]
+    impl Limiter for Down {
+        async fn acquire(
+            &self,
+            _: &QuotaKey,
+            _: &ModelQuota,
+            _: &str,
+            _: Costs,
+            _: Duration,
+        ) -> Result<Decision> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(Error::Timeout(Duration::from_millis(1)))
+        }
+        async fn reconcile(&self, _: &Ticket, _: Costs) -> Result<()> {
+            Ok(())
+        }
+        async fn release(&self, _: &Ticket) -> Result<()> {
+            Ok(())
+        }
+        async fn penalize(&self, _: &QuotaKey, _: Duration, _: PenaltyScope) -> Result<()> {
+            Ok(())
+        }
+        async fn usage(&self, _: &QuotaKey, _: &ModelQuota) -> Result<Usage> {
+            Err(Error::Timeout(Duration::from_millis(1)))
+        }
+    }
+
+    fn quota() -> ModelQuota {
+        let mut q = ModelQuota::unlimited();
+        q.requests.limit = Some(10);
+        q
+    }
+
+    #[tokio::test]
+    async fn closed_defers_and_breaker_skips_dead_redis() {
+        let clock = ManualClock::new(1_000_000_000);
+        let f = FailsafeLimiter::new(
+            Down::default(),
+            FailureMode::Closed,
+            1,
+            BreakerConfig::default(),
+            Arc::new(clock.clone()),
+        );
+        let k = QuotaKey::new("p", "m");
+        for i in 0..10 {
+            let r = f
+                .acquire(
+                    &k,
+                    &quota(),
+                    &format!("r{i}"),
+                    Costs::new(1, 0, 0, 0),
+                    Duration::ZERO,
+                )
+                .await;
+            assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
+        }
+        assert_eq!(
+            f.shared.0.load(Ordering::SeqCst),
+            3,
+            "breaker opened after 3 failures"
+        );
+        clock.advance(Duration::from_secs(5));
+        let _ = f
+            .acquire(
+                &k,
+                &quota(),
+                "probe",
+                Costs::new(1, 0, 0, 0),
+                Duration::ZERO,
+            )
+            .await;
+        assert_eq!(
+            f.shared.0.load(Ordering::SeqCst),
+            4,
+            "one probe after the open period"
+        );
+    }
+
+    #[tokio::test]
+    async fn local_divides_the_limit_and_open_admits() {
+        let clock = Arc::new(ManualClock::new(1_000_000_000));
+        let k = QuotaKey::new("p", "m");
+        let f = FailsafeLimiter::new(
+            Down::default(),
+            FailureMode::Local,
+            5,
+            BreakerConfig::default(),
+            clock.clone(),
+        );
+        let mut admitted = 0;
+        for i in 0..10 {
+            let d = f
+                .acquire(
+                    &k,
+                    &quota(),
+                    &format!("r{i}"),
+                    Costs::new(1, 0, 0, 0),
+                    Duration::ZERO,
+                )
+                .await
+                .expect("local");
+            if let Decision::Admitted { ticket } = d {
+                assert_eq!(ticket.origin, Origin::Local);
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 2);
+        let f = FailsafeLimiter::new(
+            Down::default(),
+            FailureMode::Open,
+            1,
+            BreakerConfig::default(),
+            clock,
+        );
+        let d = f
+            .acquire(&k, &quota(), "x", Costs::new(1, 0, 0, 0), Duration::ZERO)
+            .await
+            .expect("open");
+        assert_eq!(d.ticket().map(|t| t.origin), Some(Origin::Unchecked));
+    }
+}

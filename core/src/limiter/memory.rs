@@ -1,0 +1,523 @@
+//! The in-process limiter: the same algorithm as `acquire.lua`, on an injected clock.
+//!
+//! It is the embedded default for a single process with no Redis, and the per-replica
+//! fallback (`failure mode = local`) when Redis is unreachable. Every branch here has a
+//! twin in the Lua script; keep them in step.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use super::{
+    Blocker, Calendar, Clock, Decision, DimensionUsage, Limiter, Limits, Origin, PacificCalendar,
+    PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us, us_dur,
+};
+use crate::quota::{Costs, Dim, ModelQuota};
+
+const DAY_US: i64 = 86_400_000_000;
+
+#[derive(Debug)]
+struct Entry {
+    start: i64,
+    costs: [i64; 4],
+    /// `None` once released.
+    id: Option<Arc<str>>,
+}
+
+/// One (project, model): the log and the running sums, as the Redis hash holds them.
+#[derive(Debug, Default)]
+pub(crate) struct KeyState {
+    now: i64,
+    last_start: i64,
+    last_blocker: i64,
+    cooldown: i64,
+    day_blocked: i64,
+    day_start: i64,
+    day_end: i64,
+    day_after: i64,
+    day_count: i64,
+    next_count: i64,
+    log: VecDeque<Entry>,
+    /// Sequence number of `log[0]`.
+    base: u64,
+    /// Per dimension: entries with a sequence number below this are outside the window.
+    cursor: [u64; 4],
+    sums: [i64; 4],
+    windows: [i64; 4],
+    tickets: HashMap<Arc<str>, u64>,
+}
+
+/// What the algorithm decided, before it is dressed as a [`Decision`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Start {
+        start: i64,
+        now: i64,
+        costs: [i64; 4],
+    },
+    Reject {
+        retry_us: Option<i64>,
+        blocker: Blocker,
+    },
+}
+
+impl KeyState {
+    fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.log
+            .get(usize::try_from(seq.checked_sub(self.base)?).ok()?)
+    }
+
+    fn end_seq(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    /// Moves dimension `d`'s cursor past every entry starting at or before `target`.
+    fn advance(&mut self, d: usize, target: i64) {
+        while let Some(e) = self.entry(self.cursor[d]) {
+            if e.start > target {
+                break;
+            }
+            self.sums[d] -= e.costs[d];
+            self.cursor[d] += 1;
+        }
+    }
+
+    /// Recomputes dimension `d` from the log (its window changed).
+    fn rebuild(&mut self, d: usize, target: i64) {
+        let idx = self.log.partition_point(|e| e.start <= target);
+        self.cursor[d] = self.base + idx as u64;
+        self.sums[d] = self.log.iter().skip(idx).map(|e| e.costs[d]).sum();
+    }
+
+    /// The earliest start, from `s0` on, at which dimension `d`'s window holds at most
+    /// `need` (the limit minus the new request's cost). Windows only lose entries as the
+    /// start moves later, so walking the log forward from the cursor finds it.
+    fn earliest(&self, d: usize, need: i64, s0: i64, window: i64) -> i64 {
+        let mut sum = self.sums[d];
+        if sum <= need {
+            return s0;
+        }
+        let start = usize::try_from(self.cursor[d] - self.base).unwrap_or(usize::MAX);
+        let mut it = self.log.iter().skip(start).peekable();
+        while let Some(e) = it.next() {
+            sum -= e.costs[d];
+            // Entries with the same start leave the window together.
+            let group_ends = it.peek().is_none_or(|n| n.start != e.start);
+            if sum <= need && group_ends {
+                return e.start + window;
+            }
+        }
+        s0 // unreachable: an empty window always has room for a cost that fits the limit
+    }
+
+    fn roll_day(&mut self, now: i64, calendar: &dyn Calendar) {
+        if self.day_end != 0 && now < self.day_end {
+            return;
+        }
+        let b = calendar.boundaries(now);
+        let (ds, de, da) = pick_day(&b, now);
+        self.day_count = if ds == self.day_end {
+            self.next_count
+        } else {
+            0
+        };
+        self.next_count = 0;
+        self.day_start = ds;
+        self.day_end = de;
+        self.day_after = da;
+    }
+
+    fn prune(&mut self) {
+        let min = self.cursor.iter().copied().min().unwrap_or(0);
+        while self.base < min {
+            if let Some(e) = self.log.pop_front()
+                && let Some(id) = e.id
+            {
+                self.tickets.remove(&id);
+            }
+            self.base += 1;
+        }
+    }
+
+    pub(crate) fn acquire(
+        &mut self,
+        clock_now: i64,
+        calendar: &dyn Calendar,
+        limits: &Limits,
+        request_id: &str,
+        costs: [i64; 4],
+        max_wait: i64,
+    ) -> Outcome {
+        let now = clock_now.max(self.now);
+        self.now = now;
+        self.roll_day(now, calendar);
+        if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s)) {
+            return Outcome::Start {
+                start: e.start,
+                now,
+                costs: e.costs,
+            };
+        }
+        if limits.never_fits(&costs) {
+            return Outcome::Reject {
+                retry_us: None,
+                blocker: Blocker::NeverFits,
+            };
+        }
+        // Callers queue in arrival order: nobody starts before the latest booking.
+        let mut s = now;
+        let mut blocker = Blocker::Dimension(Dim::Requests);
+        if self.last_start > s {
+            s = self.last_start;
+            blocker = Blocker::from_code(self.last_blocker).unwrap_or(blocker);
+        }
+        if self.cooldown > s {
+            s = self.cooldown;
+            blocker = Blocker::Cooldown;
+        }
+        let s0 = s;
+        for d in 0..4 {
+            let w = limits.window_us[d];
+            if self.windows[d] != w {
+                self.windows[d] = w;
+                self.rebuild(d, s0 - w);
+            } else {
+                self.advance(d, s0 - w);
+            }
+        }
+        let reject = |s: i64, blocker| Outcome::Reject {
+            retry_us: Some(s - now),
+            blocker,
+        };
+        if s0 - now > max_wait {
+            self.prune();
+            return reject(s0, blocker);
+        }
+        for d in 0..4 {
+            if limits.limit[d] < 0 {
+                continue;
+            }
+            let t = self.earliest(d, limits.limit[d] - costs[d], s0, limits.window_us[d]);
+            if t > s {
+                s = t;
+                blocker = Blocker::Dimension(Dim::ALL[d]);
+            }
+        }
+        if self.day_blocked > s {
+            s = self.day_blocked;
+            blocker = Blocker::Daily;
+        }
+        if limits.per_day >= 0 {
+            if s < self.day_end && self.day_count + costs[0] > limits.per_day {
+                s = self.day_end;
+                blocker = Blocker::Daily;
+            }
+            if s >= self.day_end
+                && (s >= self.day_after || self.next_count + costs[0] > limits.per_day)
+            {
+                self.prune();
+                return reject(s.max(self.day_after), Blocker::Daily);
+            }
+        }
+        if s - now > max_wait {
+            self.prune();
+            return reject(s, blocker);
+        }
+        let id: Arc<str> = Arc::from(request_id);
+        let seq = self.end_seq();
+        self.log.push_back(Entry {
+            start: s,
+            costs,
+            id: Some(id.clone()),
+        });
+        self.tickets.insert(id, seq);
+        for (d, c) in costs.iter().enumerate() {
+            self.sums[d] += c;
+        }
+        self.last_start = s;
+        self.last_blocker = blocker.code();
+        for d in 0..4 {
+            self.advance(d, s - limits.window_us[d]);
+        }
+        if s < self.day_end {
+            self.day_count += costs[0];
+        } else {
+            self.next_count += costs[0];
+        }
+        self.prune();
+        Outcome::Start {
+            start: s,
+            now,
+            costs,
+        }
+    }
+
+    /// The booked entry of `request_id` if it still starts at `start`.
+    fn booked(&self, request_id: &str, start: i64) -> Option<u64> {
+        let seq = *self.tickets.get(request_id)?;
+        (self.entry(seq)?.start == start).then_some(seq)
+    }
+
+    fn set_costs(&mut self, seq: u64, new: [i64; 4]) -> Option<[i64; 4]> {
+        let idx = usize::try_from(seq - self.base).ok()?;
+        let old = std::mem::replace(&mut self.log.get_mut(idx)?.costs, new);
+        for d in 0..4 {
+            if seq >= self.cursor[d] {
+                self.sums[d] += new[d] - old[d];
+            }
+        }
+        Some(old)
+    }
+
+    pub(crate) fn reconcile(&mut self, request_id: &str, start: i64, actual: [i64; 4]) {
+        if let Some(seq) = self.booked(request_id, start) {
+            let _ = self.set_costs(seq, actual);
+        }
+    }
+
+    pub(crate) fn release(&mut self, request_id: &str, start: i64) {
+        let Some(seq) = self.booked(request_id, start) else {
+            return;
+        };
+        let Some(old) = self.set_costs(seq, [0; 4]) else {
+            return;
+        };
+        self.tickets.remove(request_id);
+        let idx = usize::try_from(seq - self.base).unwrap_or(usize::MAX);
+        if let Some(e) = self.log.get_mut(idx) {
+            e.id = None;
+        }
+        if start >= self.day_start && start < self.day_end {
+            self.day_count = (self.day_count - old[0]).max(0);
+        } else if start >= self.day_end {
+            self.next_count = (self.next_count - old[0]).max(0);
+        }
+    }
+
+    pub(crate) fn penalize(
+        &mut self,
+        clock_now: i64,
+        calendar: &dyn Calendar,
+        delay: i64,
+        scope: PenaltyScope,
+    ) {
+        let now = clock_now.max(self.now);
+        self.now = now;
+        self.roll_day(now, calendar);
+        match scope {
+            PenaltyScope::PerMinute => self.cooldown = self.cooldown.max(now + delay),
+            PenaltyScope::PerDay => self.day_blocked = self.day_blocked.max(self.day_end),
+        }
+    }
+
+    pub(crate) fn usage(&self, clock_now: i64, quota: &ModelQuota) -> Usage {
+        let now = clock_now.max(self.now);
+        let limits = Limits::of(quota);
+        let dimensions = Dim::ALL
+            .iter()
+            .map(|&dim| {
+                let d = dim.index();
+                let from = now - limits.window_us[d];
+                let used: i64 = self
+                    .log
+                    .iter()
+                    .rev()
+                    .take_while(|e| e.start > from)
+                    .map(|e| e.costs[d])
+                    .sum();
+                DimensionUsage {
+                    dim,
+                    used: u64::try_from(used).unwrap_or(0),
+                    limit: quota.dim(dim).limit,
+                    window: quota.dim(dim).window,
+                }
+            })
+            .collect();
+        let today = now < self.day_end;
+        Usage {
+            dimensions,
+            cooldown_remaining: us_dur(self.cooldown - now),
+            daily_used: if today {
+                u64::try_from(self.day_count).unwrap_or(0)
+            } else {
+                0
+            },
+            daily_limit: quota.requests_per_day,
+            daily_blocked_remaining: us_dur(self.day_blocked - now),
+            queue: us_dur(self.last_start - now),
+        }
+    }
+}
+
+/// The day containing `now` among the boundaries `[start, m1, m2, m3]`:
+/// (start, end, the end of the following day).
+pub(crate) fn pick_day(b: &[i64; 4], now: i64) -> (i64, i64, i64) {
+    if now < b[0] {
+        return (now, b[0], b[1]);
+    }
+    for i in 0..3 {
+        if now < b[i + 1] {
+            let after = if i + 2 <= 3 {
+                b[i + 2]
+            } else {
+                b[i + 1] + DAY_US
+            };
+            return (b[i], b[i + 1], after);
+        }
+    }
+    (b[3], b[3] + DAY_US, b[3] + 2 * DAY_US)
+}
+
+pub(crate) fn decision(
+    key: &QuotaKey,
+    request_id: &str,
+    outcome: Outcome,
+    origin: Origin,
+) -> Decision {
+    match outcome {
+        Outcome::Start { start, now, costs } => {
+            let ticket = Ticket {
+                key: key.clone(),
+                request_id: request_id.to_owned(),
+                start_us: start,
+                costs: Costs::from_array(costs.map(|c| u64::try_from(c).unwrap_or(0))),
+                origin,
+            };
+            if start <= now {
+                Decision::Admitted { ticket }
+            } else {
+                Decision::Booked {
+                    ticket,
+                    wait: us_dur(start - now),
+                }
+            }
+        }
+        Outcome::Reject { retry_us, blocker } => Decision::Rejected {
+            retry_after: retry_us.map(us_dur),
+            blocking: blocker,
+        },
+    }
+}
+
+/// The in-process limiter.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    clock: Arc<dyn Clock>,
+    calendar: Arc<dyn Calendar>,
+    origin: Origin,
+    states: Mutex<HashMap<QuotaKey, KeyState>>,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        MemoryLimiter::new(Arc::new(SystemClock))
+    }
+}
+
+impl MemoryLimiter {
+    /// A limiter on `clock`, with the provider's Pacific calendar.
+    pub fn new(clock: Arc<dyn Clock>) -> MemoryLimiter {
+        MemoryLimiter {
+            clock,
+            calendar: Arc::new(PacificCalendar),
+            origin: Origin::Shared,
+            states: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The same limiter with another calendar (tests: short days).
+    pub fn with_calendar(mut self, calendar: Arc<dyn Calendar>) -> MemoryLimiter {
+        self.calendar = calendar;
+        self
+    }
+
+    /// Marks the tickets this limiter issues (the failsafe's local fallback).
+    pub(crate) fn with_origin(mut self, origin: Origin) -> MemoryLimiter {
+        self.origin = origin;
+        self
+    }
+
+    fn with_state<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut KeyState) -> T) -> T {
+        // A poisoned lock only means another caller panicked mid-decision; the state is
+        // still a valid log (every mutation keeps the sums consistent before returning).
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        match states.get_mut(key) {
+            Some(st) => f(st),
+            None => f(states.entry(key.clone()).or_default()),
+        }
+    }
+
+    /// Synchronous acquire (benchmarks and the failsafe's local path).
+    pub fn acquire_now(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Decision {
+        let limits = Limits::of(quota);
+        let now = self.clock.now_us();
+        let outcome = self.with_state(key, |st| {
+            st.acquire(
+                now,
+                &*self.calendar,
+                &limits,
+                request_id,
+                costs_i64(&costs),
+                dur_us(max_wait),
+            )
+        });
+        decision(key, request_id, outcome, self.origin)
+    }
+}
+
+#[async_trait]
+impl Limiter for MemoryLimiter {
+    async fn acquire(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        if request_id.is_empty() {
+            return Err(super::Error::Invalid("empty request id".into()));
+        }
+        Ok(self.acquire_now(key, quota, request_id, costs, max_wait))
+    }
+
+    async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
+        self.with_state(&ticket.key, |st| {
+            st.reconcile(&ticket.request_id, ticket.start_us, costs_i64(&actual))
+        });
+        Ok(())
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<()> {
+        self.with_state(&ticket.key, |st| {
+            st.release(&ticket.request_id, ticket.start_us)
+        });
+        Ok(())
+    }
+
+    async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()> {
+        let now = self.clock.now_us();
+        self.with_state(key, |st| {
+            st.penalize(now, &*self.calendar, dur_us(delay), scope)
+        });
+        Ok(())
+    }
+
+    async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
+        let now = self.clock.now_us();
+        Ok(self.with_state(key, |st| st.usage(now, quota)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,498 @@
+//! The global limiter: every replica books capacity here before it calls the provider.
+//!
+//! The algorithm (DESIGN.md section 3) is an exact weighted sliding-window log with
+//! reservations, the same in both implementations:
+//!
+//! - every admitted request is an entry in a log, scored by its scheduled start and
+//!   carrying its costs; per dimension a running sum covers the entries still inside that
+//!   dimension's window (window plus margin), and a cursor marks where the sum starts;
+//! - callers queue in arrival order: a new request starts no earlier than the latest booked
+//!   start, the shared cooldown and now, so only windows ending at its own start can
+//!   overflow, and the earliest start that fits is found by walking the log forward from the
+//!   cursor, all dimensions at once, all or nothing;
+//! - the caller gets back `Admitted`, `Booked` (sleep exactly `wait`, then call) or
+//!   `Rejected` with the earliest time it could fit and what blocks it.
+//!
+//! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
+//! - [`redis`]: the shared limiter, one Lua script per decision.
+//! - [`failsafe`]: what happens when Redis is unreachable (closed, open, local) behind a
+//!   circuit breaker.
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::quota::{Costs, Dim, ModelQuota};
+
+pub mod failsafe;
+pub mod memory;
+pub mod redis;
+
+/// Names one limiter state: a provider project and a model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QuotaKey {
+    /// The provider project (a Google Cloud project id).
+    pub project: String,
+    /// The model id.
+    pub model: String,
+}
+
+impl QuotaKey {
+    /// A key for one (project, model).
+    pub fn new(project: impl Into<String>, model: impl Into<String>) -> QuotaKey {
+        QuotaKey {
+            project: project.into(),
+            model: model.into(),
+        }
+    }
+
+    /// The hash tag every Redis key of this pair shares (one Cluster slot).
+    pub fn hash_tag(&self) -> String {
+        format!("{{pacer:{}:{}}}", self.project, self.model)
+    }
+
+    /// The Redis sorted set of booked starts.
+    pub fn log_key(&self) -> String {
+        format!("{}:log", self.hash_tag())
+    }
+
+    /// The Redis hash of running sums, cursors, cooldown and day count.
+    pub fn state_key(&self) -> String {
+        format!("{}:st", self.hash_tag())
+    }
+}
+
+impl fmt::Display for QuotaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.project, self.model)
+    }
+}
+
+/// What stops a request from starting sooner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blocker {
+    /// A windowed dimension is full.
+    Dimension(Dim),
+    /// The requests-per-day quota is spent (or a per-day 429 was seen) until the next
+    /// Pacific midnight.
+    Daily,
+    /// A shared cooldown set by [`Limiter::penalize`] (or after the limiter lost its state).
+    Cooldown,
+    /// The request costs more than a limit in some dimension: it can never be admitted.
+    NeverFits,
+}
+
+impl Blocker {
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            Blocker::Dimension(d) => d.index() as i64 + 1,
+            Blocker::Daily => 5,
+            Blocker::Cooldown => 6,
+            Blocker::NeverFits => 7,
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> Option<Blocker> {
+        Some(match code {
+            1..=4 => Blocker::Dimension(Dim::ALL[usize::try_from(code - 1).ok()?]),
+            5 => Blocker::Daily,
+            6 => Blocker::Cooldown,
+            7 => Blocker::NeverFits,
+            _ => return None,
+        })
+    }
+}
+
+/// Which limiter issued a ticket: reconcile and release go back to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The shared (or the only) limiter.
+    Shared,
+    /// The per-replica fallback, while the shared limiter was unreachable.
+    Local,
+    /// Admitted unchecked (`failure mode = open` while the shared limiter was unreachable).
+    Unchecked,
+}
+
+/// A booking: what was admitted, and when it may start.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The (project, model) it was booked on.
+    pub key: QuotaKey,
+    /// The caller's request id (the idempotency key).
+    pub request_id: String,
+    /// The scheduled start, in µs since the Unix epoch on the limiter's clock.
+    pub start_us: i64,
+    /// The costs it reserved.
+    pub costs: Costs,
+    /// Which limiter issued it.
+    pub origin: Origin,
+}
+
+/// The answer to [`Limiter::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start now.
+    Admitted {
+        /// The booking.
+        ticket: Ticket,
+    },
+    /// Capacity is booked for later: sleep exactly `wait`, then start.
+    Booked {
+        /// The booking.
+        ticket: Ticket,
+        /// How long to wait before starting.
+        wait: Duration,
+    },
+    /// Nothing was booked.
+    Rejected {
+        /// The earliest time the request could fit from now (`None`: never). A lower bound
+        /// when the queue is longer than the caller's `max_wait`.
+        retry_after: Option<Duration>,
+        /// What blocks it.
+        blocking: Blocker,
+    },
+}
+
+impl Decision {
+    /// The ticket, if the request was admitted or booked.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        match self {
+            Decision::Admitted { ticket } | Decision::Booked { ticket, .. } => Some(ticket),
+            Decision::Rejected { .. } => None,
+        }
+    }
+
+    /// How long to wait before starting (zero when admitted), if not rejected.
+    pub fn wait(&self) -> Option<Duration> {
+        match self {
+            Decision::Admitted { .. } => Some(Duration::ZERO),
+            Decision::Booked { wait, .. } => Some(*wait),
+            Decision::Rejected { .. } => None,
+        }
+    }
+}
+
+/// How far a provider's 429 reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PenaltyScope {
+    /// A per-minute quota: cool down for the `RetryInfo` delay.
+    PerMinute,
+    /// A per-day quota: cool down until the next Pacific midnight.
+    PerDay,
+}
+
+/// Use of one dimension, for status and monitoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DimensionUsage {
+    /// The dimension.
+    pub dim: Dim,
+    /// Booked in the window ending now, including bookings that start later.
+    pub used: u64,
+    /// The limit (`None`: unlimited).
+    pub limit: Option<u64>,
+    /// The window (without margin).
+    pub window: Duration,
+}
+
+/// A read-only snapshot of one (project, model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// One entry per dimension, in [`Dim::ALL`] order.
+    pub dimensions: Vec<DimensionUsage>,
+    /// Time left on the shared cooldown.
+    pub cooldown_remaining: Duration,
+    /// Requests counted in the current Pacific day.
+    pub daily_used: u64,
+    /// The requests-per-day limit.
+    pub daily_limit: Option<u64>,
+    /// Time left on a per-day block (a per-day 429 was seen).
+    pub daily_blocked_remaining: Duration,
+    /// How far in the future the latest booking starts (the queue's length in time).
+    pub queue: Duration,
+}
+
+/// What went wrong talking to the limiter's store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis did not answer within the decision timeout. Retryable.
+    #[error("the limiter's Redis did not answer within {0:?}; check Redis health and latency")]
+    Timeout(Duration),
+    /// Redis answered with an error or the connection failed. Retryable.
+    #[error("the limiter's Redis failed: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// The shared limiter is unreachable and the failure mode is `closed`, or the circuit
+    /// breaker is open. Retryable: defer the work by `retry_after`.
+    #[error("the shared limiter is unavailable (failure mode closed); retry in {retry_after:?}")]
+    Unavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The script answered something this version does not understand. Permanent until
+    /// every replica runs the same version.
+    #[error("unexpected limiter reply: {0}")]
+    Protocol(String),
+    /// The caller passed something the limiter cannot use (e.g. an empty request id).
+    #[error("invalid limiter request: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Whether trying again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Error::Protocol(_) | Error::Invalid(_))
+    }
+
+    /// A short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Timeout(_) => "timeout",
+            Error::Redis(_) => "redis",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Protocol(_) => "protocol",
+            Error::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// The limiter's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A global limiter: books capacity for one (project, model) under its quota.
+#[async_trait]
+pub trait Limiter: Send + Sync {
+    /// Books `costs` for `request_id`: all dimensions at once, all or nothing. Admits now,
+    /// books a start within `max_wait`, or rejects. The same `request_id` again returns the
+    /// same ticket while its booking is remembered (at least one window).
+    async fn acquire(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision>;
+
+    /// Replaces a ticket's reserved costs by the actual ones (reserve an upper bound, so
+    /// this only frees capacity). A ticket that aged out is ignored.
+    async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()>;
+
+    /// Gives back a ticket whose request was never sent.
+    async fn release(&self, ticket: &Ticket) -> Result<()>;
+
+    /// Applies a provider 429 to every replica: a shared cooldown of `delay`
+    /// ([`PenaltyScope::PerMinute`]) or a block until the next Pacific midnight.
+    async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()>;
+
+    /// A read-only snapshot of one (project, model).
+    async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage>;
+}
+
+/// Time for the in-memory limiter and the circuit breaker: injected so tests never sleep.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now, in µs since the Unix epoch.
+    fn now_us(&self) -> i64;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_us(&self) -> i64 {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    /// A clock reading `now_us`.
+    pub fn new(now_us: i64) -> ManualClock {
+        ManualClock(Arc::new(AtomicI64::new(now_us)))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(dur_us(by), Ordering::SeqCst);
+    }
+
+    /// Sets the clock.
+    pub fn set(&self, now_us: i64) {
+        self.0.store(now_us, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_us(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where quota days begin. The limiter is told the day boundaries around now; the default
+/// is the provider's Pacific calendar.
+pub trait Calendar: Send + Sync + fmt::Debug {
+    /// The start of the day containing `at_us` followed by the next three day starts, in µs.
+    fn boundaries(&self, at_us: i64) -> [i64; 4];
+}
+
+/// The provider's calendar: days start at midnight America/Los_Angeles (23 h and 25 h days
+/// on DST changes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PacificCalendar;
+
+impl Calendar for PacificCalendar {
+    fn boundaries(&self, at_us: i64) -> [i64; 4] {
+        let at = jiff::Timestamp::from_microsecond(at_us).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        let us = |t: jiff::Timestamp| i64::try_from(t.as_microsecond()).unwrap_or(i64::MAX);
+        let next = crate::pacific::next_midnights(at, 3);
+        let day = 86_400_000_000;
+        let start = us(crate::pacific::day_start(at));
+        let m = |i: usize, prev: i64| next.get(i).map(|t| us(*t)).unwrap_or(prev + day);
+        let m1 = m(0, start);
+        let m2 = m(1, m1);
+        [start, m1, m2, m(2, m2)]
+    }
+}
+
+/// Days of a fixed length from an origin (tests: a day of a few seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedDays {
+    /// A day start, in µs since the Unix epoch.
+    pub origin_us: i64,
+    /// The length of every day, in µs.
+    pub day_us: i64,
+}
+
+impl Calendar for FixedDays {
+    fn boundaries(&self, at_us: i64) -> [i64; 4] {
+        let len = self.day_us.max(1);
+        let start = self.origin_us + (at_us - self.origin_us).div_euclid(len) * len;
+        [start, start + len, start + 2 * len, start + 3 * len]
+    }
+}
+
+/// An explicit list of day starts (tests: real Pacific DST days compressed in time).
+#[derive(Debug, Clone)]
+pub struct ListedDays(pub Vec<i64>);
+
+impl Calendar for ListedDays {
+    fn boundaries(&self, at_us: i64) -> [i64; 4] {
+        let day = 86_400_000_000;
+        let i = self.0.partition_point(|b| *b <= at_us).saturating_sub(1);
+        let get = |j: usize| self.0.get(i + j).copied();
+        let start = get(0).unwrap_or(at_us);
+        let m1 = get(1).unwrap_or(start + day);
+        let m2 = get(2).unwrap_or(m1 + day);
+        [start, m1, m2, get(3).unwrap_or(m2 + day)]
+    }
+}
+
+pub(crate) fn dur_us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 4)
+}
+
+pub(crate) fn us_dur(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// Limits as the algorithm sees them: `-1` for unlimited, windows with margin, in µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub limit: [i64; 4],
+    pub window_us: [i64; 4],
+    pub per_day: i64,
+}
+
+impl Limits {
+    pub fn of(quota: &ModelQuota) -> Limits {
+        let lim = |l: Option<u64>| {
+            l.map(|l| i64::try_from(l).unwrap_or(i64::MAX))
+                .unwrap_or(-1)
+        };
+        let mut limit = [0; 4];
+        let mut window_us = [0; 4];
+        for d in Dim::ALL {
+            limit[d.index()] = lim(quota.dim(d).limit);
+            window_us[d.index()] = quota.effective_window_us(d);
+        }
+        Limits {
+            limit,
+            window_us,
+            per_day: lim(quota.requests_per_day),
+        }
+    }
+
+    /// The dimension the request can never fit in, if any.
+    pub fn never_fits(&self, costs: &[i64; 4]) -> bool {
+        (0..4).any(|d| self.limit[d] >= 0 && costs[d] > self.limit[d])
+            || (self.per_day >= 0 && costs[0] > self.per_day)
+    }
+}
+
+pub(crate) fn costs_i64(c: &Costs) -> [i64; 4] {
+    c.to_array()
+        .map(|v| i64::try_from(v).unwrap_or(i64::MAX / 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = QuotaKey::new("proj", "gemini-3-pro-image");
+        assert_eq!(k.log_key(), "{pacer:proj:gemini-3-pro-image}:log");
+        assert_eq!(k.state_key(), "{pacer:proj:gemini-3-pro-image}:st");
+    }
+
+    #[test]
+    fn blocker_codes_round_trip() {
+        for b in [
+            Blocker::Dimension(Dim::Requests),
+            Blocker::Dimension(Dim::SpendMicros),
+            Blocker::Daily,
+            Blocker::Cooldown,
+            Blocker::NeverFits,
+        ] {
+            assert_eq!(Blocker::from_code(b.code()), Some(b));
+        }
+    }
+
+    #[test]
+    fn pacific_boundaries_cross_dst() {
+        let at: jiff::Timestamp = "2026-10-31T20:00:00Z".parse().expect("ts");
+        let b = PacificCalendar.boundaries(at.as_microsecond() as i64);
+        let h = 3_600_000_000;
+        assert_eq!(b[1] - b[0], 24 * h);
+        assert_eq!(b[2] - b[1], 25 * h);
+        assert_eq!(b[3] - b[2], 24 * h);
+    }
+
+    #[test]
+    fn fixed_and_listed_days() {
+        let c = FixedDays {
+            origin_us: 100,
+            day_us: 10,
+        };
+        assert_eq!(c.boundaries(125), [120, 130, 140, 150]);
+        assert_eq!(c.boundaries(95), [90, 100, 110, 120]);
+        let l = ListedDays(vec![0, 10, 30, 40, 60]);
+        assert_eq!(l.boundaries(12), [10, 30, 40, 60]);
+    }
+}

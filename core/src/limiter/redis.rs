@@ -1,0 +1,293 @@
+//! The shared limiter: one Lua script (`acquire.lua`) per decision, one round trip.
+//!
+//! One [`RedisLimiter`] per process: it is cheap to clone and shares one
+//! `ConnectionManager`, which reconnects by itself. Every call is bounded by a short
+//! timeout so a slow Redis cannot stall request handling; the failsafe layer decides what
+//! happens then. The `redis` crate's `Script` sends `EVALSHA` and reloads the script on
+//! `NOSCRIPT` (after a `SCRIPT FLUSH` or a restart).
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redis::{Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
+
+use super::{
+    Blocker, Calendar, Clock, Decision, DimensionUsage, Error, Limiter, Limits, Origin,
+    PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
+    us_dur,
+};
+use crate::quota::{Costs, Dim, ModelQuota};
+
+/// The limiter script, loaded once per Redis and run by its SHA.
+pub const SCRIPT: &str = include_str!("acquire.lua");
+
+/// Connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOptions {
+    /// The most one decision may take, round trip included.
+    pub timeout: Duration,
+    /// The most one (re)connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What this process last saw of a key's state: its generation and latest booked start.
+/// Sent with every acquire so the script can tell when Redis lost the state.
+type Hint = (i64, i64);
+
+/// The shared limiter on Redis (standalone or Cluster: a pair's keys share one slot).
+#[derive(Clone)]
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    script: Arc<Script>,
+    timeout: Duration,
+    calendar: Arc<dyn Calendar>,
+    hints: Arc<Mutex<HashMap<QuotaKey, Hint>>>,
+    days: Arc<Mutex<[i64; 4]>>,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    // The connection (and the URL's password) stays out of Debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// Connects to `url` (`redis://`, `rediss://` for TLS, with `user:password@` for ACL
+    /// users or `:password@`).
+    pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisLimiter> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_timeout))
+            .set_response_timeout(Some(options.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            options.connect_timeout,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| Error::Timeout(options.connect_timeout))??;
+        Ok(RedisLimiter::from_manager(conn, options))
+    }
+
+    /// A limiter on an existing connection manager (share one per process).
+    pub fn from_manager(conn: ConnectionManager, options: RedisOptions) -> RedisLimiter {
+        RedisLimiter {
+            conn,
+            script: Arc::new(Script::new(SCRIPT)),
+            timeout: options.timeout,
+            calendar: Arc::new(PacificCalendar),
+            hints: Arc::default(),
+            days: Arc::default(),
+        }
+    }
+
+    /// The same limiter with another calendar (tests: short days).
+    pub fn with_calendar(mut self, calendar: Arc<dyn Calendar>) -> RedisLimiter {
+        self.calendar = calendar;
+        self.days = Arc::default();
+        self
+    }
+
+    /// The day boundaries around now, recomputed only once a day passes (the tz lookup
+    /// costs more than the rest of a decision's client side).
+    fn boundaries(&self) -> [i64; 4] {
+        let now = SystemClock.now_us();
+        let mut days = self.days.lock().unwrap_or_else(|p| p.into_inner());
+        if days[1] == 0 || now >= days[1] || now < days[0] {
+            *days = self.calendar.boundaries(now);
+        }
+        *days
+    }
+
+    async fn run(&self, key: &QuotaKey, args: Vec<String>) -> Result<Vec<i64>> {
+        let mut inv = self.script.prepare_invoke();
+        inv.key(key.log_key()).key(key.state_key());
+        for a in args {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<i64>>(&mut conn))
+            .await
+            .map_err(|_| Error::Timeout(self.timeout))?
+            .map_err(Error::from)
+    }
+}
+
+fn args(items: &[&(dyn std::fmt::Display + Sync)]) -> Vec<String> {
+    items.iter().map(|a| a.to_string()).collect()
+}
+
+fn get(reply: &[i64], i: usize) -> Result<i64> {
+    reply
+        .get(i)
+        .copied()
+        .ok_or_else(|| Error::Protocol(format!("reply too short: {reply:?}")))
+}
+
+#[async_trait]
+impl Limiter for RedisLimiter {
+    async fn acquire(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        if request_id.is_empty() {
+            return Err(Error::Invalid("empty request id".into()));
+        }
+        let l = Limits::of(quota);
+        let c = costs_i64(&costs);
+        let b = self.boundaries();
+        let (hint_gen, hint_last) = self
+            .hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or((0, 0));
+        let reply = self
+            .run(
+                key,
+                args(&[
+                    &"a",
+                    &request_id,
+                    &c[0],
+                    &c[1],
+                    &c[2],
+                    &c[3],
+                    &dur_us(max_wait),
+                    &l.limit[0],
+                    &l.limit[1],
+                    &l.limit[2],
+                    &l.limit[3],
+                    &l.window_us[0],
+                    &l.window_us[1],
+                    &l.window_us[2],
+                    &l.window_us[3],
+                    &l.per_day,
+                    &b[0],
+                    &b[1],
+                    &b[2],
+                    &b[3],
+                    &hint_gen,
+                    &hint_last,
+                ]),
+            )
+            .await?;
+        let (kind, v, blocker, now) = (
+            get(&reply, 0)?,
+            get(&reply, 1)?,
+            get(&reply, 2)?,
+            get(&reply, 3)?,
+        );
+        let hint = (get(&reply, 4)?, get(&reply, 5)?);
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), hint);
+        match kind {
+            1 => {
+                let mut booked = [0u64; 4];
+                for (i, b) in booked.iter_mut().enumerate() {
+                    *b = u64::try_from(get(&reply, 6 + i)?).unwrap_or(0);
+                }
+                let ticket = Ticket {
+                    key: key.clone(),
+                    request_id: request_id.to_owned(),
+                    start_us: v,
+                    costs: Costs::from_array(booked),
+                    origin: Origin::Shared,
+                };
+                Ok(if v <= now {
+                    Decision::Admitted { ticket }
+                } else {
+                    Decision::Booked {
+                        ticket,
+                        wait: us_dur(v - now),
+                    }
+                })
+            }
+            2 => Ok(Decision::Rejected {
+                retry_after: (v >= 0).then(|| us_dur(v)),
+                blocking: Blocker::from_code(blocker)
+                    .ok_or_else(|| Error::Protocol(format!("unknown blocker {blocker}")))?,
+            }),
+            other => Err(Error::Protocol(format!("unknown decision {other}"))),
+        }
+    }
+
+    async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
+        let c = costs_i64(&actual);
+        let rid = ticket.request_id.as_str();
+        self.run(
+            &ticket.key,
+            args(&[&"r", &rid, &ticket.start_us, &c[0], &c[1], &c[2], &c[3]]),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&self, ticket: &Ticket) -> Result<()> {
+        let rid = ticket.request_id.as_str();
+        self.run(&ticket.key, args(&[&"x", &rid, &ticket.start_us]))
+            .await?;
+        Ok(())
+    }
+
+    async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()> {
+        let b = self.boundaries();
+        let s = match scope {
+            PenaltyScope::PerMinute => "m",
+            PenaltyScope::PerDay => "d",
+        };
+        self.run(
+            key,
+            args(&[&"p", &dur_us(delay), &s, &b[0], &b[1], &b[2], &b[3]]),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
+        let l = Limits::of(quota);
+        let w = l.window_us;
+        let r = self
+            .run(key, args(&[&"u", &w[0], &w[1], &w[2], &w[3]]))
+            .await?;
+        let mut dimensions = Vec::with_capacity(4);
+        for dim in Dim::ALL {
+            dimensions.push(DimensionUsage {
+                dim,
+                used: u64::try_from(get(&r, 1 + dim.index())?).unwrap_or(0),
+                limit: quota.dim(dim).limit,
+                window: quota.dim(dim).window,
+            });
+        }
+        Ok(Usage {
+            dimensions,
+            cooldown_remaining: us_dur(get(&r, 5)?),
+            daily_blocked_remaining: us_dur(get(&r, 6)?),
+            daily_used: u64::try_from(get(&r, 7)?).unwrap_or(0),
+            daily_limit: quota.requests_per_day,
+            queue: us_dur(get(&r, 8)?),
+        })
+    }
+}
