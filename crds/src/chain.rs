@@ -1,9 +1,10 @@
-use kube::CustomResource;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An ordered fallback chain of models for one workload.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "pacer.dev",
     version = "v1alpha1",
@@ -13,7 +14,9 @@ use serde::{Deserialize, Serialize};
     shortname = "mc",
     category = "pacer",
     printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.pool"}"#,
+    printcolumn = r#"{"name":"Steps","type":"string","jsonPath":".status.resolved"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -21,8 +24,9 @@ pub struct ModelChainSpec {
     /// The QuotaPool (in this namespace) whose quota the chain's models use.
     #[schemars(length(min = 1, max = 253))]
     pub pool: String,
-    /// The models to try, in order.
+    /// The models to try, in order (1 to 8 steps, each model at most once).
     #[schemars(length(min = 1, max = 8))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(s, self.exists_one(t, t.model == s.model))").message("a model appears at most once in a chain"))]
     pub steps: Vec<ChainStep>,
     /// Retries of overloaded and server errors within one step.
     #[serde(default)]
@@ -31,6 +35,14 @@ pub struct ModelChainSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1, max = 600))]
     pub request_timeout_seconds: u32,
+    /// Higher runs first when requests compete for the same pool.
+    #[serde(default)]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+    /// Give up on a request this many seconds after it was enqueued (absent: no deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub deadline_seconds: Option<u32>,
 }
 
 fn default_timeout() -> u32 {
@@ -48,24 +60,49 @@ pub struct ChainStep {
     #[serde(default = "default_max_wait")]
     #[schemars(range(min = 0, max = 3600))]
     pub max_wait_seconds: u32,
+    /// The aspect ratio a request gets when it names none (for example `16:9`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,2}:[0-9]{1,2}$"))]
+    pub aspect_ratio: Option<String>,
+    /// The image size a request gets when it names none: `0.5K`, `1K`, `2K` or `4K`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<ImageSize>,
 }
 
 fn default_max_wait() -> u32 {
     30
 }
 
+/// Output image sizes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImageSize {
+    /// 512 px (gemini-3.1-flash-image only).
+    #[serde(rename = "0.5K")]
+    HalfK,
+    /// 1024 px.
+    #[serde(rename = "1K")]
+    OneK,
+    /// 2048 px.
+    #[serde(rename = "2K")]
+    TwoK,
+    /// 4096 px.
+    #[serde(rename = "4K")]
+    FourK,
+}
+
 /// Full-jitter exponential backoff.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = kube::core::Rule::new("self.maxDelayMs >= self.baseDelayMs").message("retry.maxDelayMs cannot be below retry.baseDelayMs").field_path(".maxDelayMs"))]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
-    /// Attempts per step, the first included.
+    /// Attempts per step, the first included (1 to 10).
     #[schemars(range(min = 1, max = 10))]
     pub attempts: u32,
     /// The first backoff's ceiling, in milliseconds.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 600000))]
     pub base_delay_ms: u64,
     /// The largest backoff, in milliseconds.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3600000))]
     pub max_delay_ms: u64,
 }
 
@@ -86,7 +123,13 @@ pub struct ModelChainStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The steps as compiled, for `kubectl get` (for example `gemini-3.1-flash-image → gemini-3-pro-image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
+    /// The configuration version the operator last wrote to Redis for this chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<u64>,
     /// Ready (with a reason when the pool or a model is missing).
     #[serde(default)]
-    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    pub conditions: Vec<Condition>,
 }

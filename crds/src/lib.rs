@@ -8,10 +8,10 @@
 mod chain;
 mod pool;
 
-pub use chain::{ChainStep, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy};
+pub use chain::{ChainStep, ImageSize, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy};
 pub use pool::{
-    FailureMode, ModelLimits, Provider, QuotaPool, QuotaPoolSpec, QuotaPoolStatus, SecretKeyRef,
-    Tier,
+    DimensionUsage, FailureMode, ModelLimits, ModelUsage, Provider, QuotaPool, QuotaPoolSpec,
+    QuotaPoolStatus, SecretKeyRef, Tier,
 };
 
 use kube::CustomResourceExt;

@@ -1,10 +1,11 @@
-use kube::CustomResource;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// One provider project's shared quota: the limits every replica of every workload that
 /// uses this project stays under together.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "pacer.dev",
     version = "v1alpha1",
@@ -15,43 +16,60 @@ use serde::{Deserialize, Serialize};
     category = "pacer",
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
     printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.modelCount"}"#,
+    printcolumn = r#"{"name":"Requests","type":"string","description":"Requests used against the limit in the current window, busiest model","jsonPath":".status.requests"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.failureMode != 'local' || has(self.expectedReplicas)"
+).message("failureMode local divides every limit by expectedReplicas: set spec.expectedReplicas").field_path(".expectedReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaPoolSpec {
-    /// The API that enforces these quotas.
+    /// The API that enforces these quotas: `gemini` (the Gemini API), `vertex` (Gemini on
+    /// Vertex AI) or `openaiCompatible` (an OpenAI-compatible images endpoint).
     #[serde(default)]
     pub provider: Provider,
-    /// The provider's project id: quotas are per project, shared by all its API keys.
+    /// The provider's project id (a Google Cloud project id for Gemini): quotas are per
+    /// project, shared by all its API keys. Immutable: a different project is a different pool.
     #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("project is immutable: create a new QuotaPool for another project"))]
     pub project: String,
-    /// The billing tier; fills every limit not given per model from the built-in table.
+    /// The billing tier; fills every limit not given per model from the built-in table
+    /// (`Free` has no image models, `Tier1` needs billing linked, `Tier2` $100 paid and 3
+    /// days, `Tier3` $1,000 paid and 30 days).
     #[serde(default)]
     pub tier: Tier,
-    /// Per-model limits. A field left out takes the tier's default for that model.
+    /// Per-model limits, one entry per model id (names unique). A limit left out takes
+    /// the tier's default for that model.
     #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(m, self.exists_one(n, n.name == m.name))").message("model names must be unique within a pool"))]
     pub models: Vec<ModelLimits>,
-    /// Spend limit per rolling 10 minutes, in US dollars (Tier 1 $10, Tier 2 $50, Tier 3 $200).
+    /// Spend limit per rolling 10 minutes, in US dollars, shared by all the pool's models
+    /// (the tier's default when left out: Tier 1 $10, Tier 2 $50, Tier 3 $200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 1000000.0))]
     pub spend_per_10_minutes_usd: Option<f64>,
-    /// Stay this many percent under every limit (0 to 90).
+    /// Stay this many percent under every limit (0 to 90), to leave room for traffic that
+    /// does not go through Pacer.
     #[serde(default)]
     #[schemars(range(min = 0, max = 90))]
     pub headroom_percent: u8,
-    /// Usage at or above this percent of a limit sets the NearLimit condition.
+    /// Usage at or above this percent of a limit sets the NearLimit condition (1 to 100).
     #[serde(default = "default_alert")]
     #[schemars(range(min = 1, max = 100))]
     pub alert_threshold_percent: u8,
-    /// What replicas do when Redis cannot be reached.
+    /// What replicas do when Redis cannot be reached: `closed` defers work (never risks
+    /// the quota), `open` sends without a global limit, `local` limits each replica to
+    /// limit / expectedReplicas.
     #[serde(default)]
     pub failure_mode: FailureMode,
-    /// Replicas expected to share the pool, used by failureMode `local` to split limits.
+    /// Replicas expected to share the pool; failureMode `local` divides every limit by it.
+    /// Required when failureMode is `local`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub expected_replicas: Option<u32>,
-    /// The Secret key holding the provider API key; never copied into Redis or status.
+    /// The Secret key (in the pool's namespace) holding the provider API key. The operator
+    /// only checks it exists; the key is never copied into Redis, status or logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKeyRef>,
 }
@@ -61,29 +79,36 @@ fn default_alert() -> u8 {
 }
 
 /// The limits of one model in the pool.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.rpd) || !has(self.rpm) || self.rpd >= self.rpm"
+).message("the per-day limit (rpd) cannot be below the per-minute one (rpm)").field_path(".rpd"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelLimits {
     /// The model id, as in the API path (for example `gemini-3.1-flash-image`).
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9._/-]*$")
+    )]
     pub name: String,
-    /// Requests per minute.
+    /// Requests per minute (per window). 0 makes the model unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 100000000))]
     pub rpm: Option<u64>,
-    /// Input tokens per minute.
+    /// Input tokens per minute (per window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 1_000_000_000))]
     pub tpm: Option<u64>,
-    /// Images per minute.
+    /// Images per minute (per window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 100000000))]
     pub ipm: Option<u64>,
     /// Requests per day, reset at midnight America/Los_Angeles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 1_000_000_000))]
     pub rpd: Option<u64>,
-    /// The length of the per-minute windows, in seconds (60 in production; shorter for rehearsals).
+    /// The length of the per-minute windows, in seconds (60 in production; shorter for
+    /// rehearsals against the simulator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub window_seconds: Option<u32>,
@@ -133,10 +158,12 @@ pub enum FailureMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    /// The Secret's name.
+    /// The Secret's name (in the pool's namespace).
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// The key within the Secret.
     #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 
@@ -154,7 +181,53 @@ pub struct QuotaPoolStatus {
     /// How many models the pool declares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_count: Option<u32>,
+    /// Requests used against the limit in the current window, of the busiest model
+    /// (for example `12/20`), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<String>,
+    /// The configuration version the operator last wrote to Redis for this pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<u64>,
+    /// Live usage per model, read from the global limiter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelUsage>,
     /// Ready, NearLimit, Throttled, Degraded.
     #[serde(default)]
-    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    pub conditions: Vec<Condition>,
+}
+
+/// Live usage of one model.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelUsage {
+    /// The model id.
+    pub name: String,
+    /// Use per windowed dimension.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dimensions: Vec<DimensionUsage>,
+    /// Requests counted in the current Pacific day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_used: Option<u64>,
+    /// The requests-per-day limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_limit: Option<u64>,
+    /// Seconds left on a cooldown set by an upstream 429 (0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_seconds: Option<u64>,
+}
+
+/// Use of one dimension in the current window.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DimensionUsage {
+    /// `requests`, `input_tokens`, `images` or `spend_micros`.
+    pub dimension: String,
+    /// Booked in the window ending now.
+    pub used: u64,
+    /// The limit (absent: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// used / limit in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
 }
