@@ -12,7 +12,8 @@
 //!
 //! Replicas poll the version (one `GET`, twice a second by default) and reload both hashes
 //! when it moves, so a `kubectl apply` reaches every replica within about a second, and
-//! limits are never compiled into a replica.
+//! limits are never compiled into a replica. Unknown fields are ignored when reading, so
+//! replicas keep working while a newer operator rolls out.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
@@ -54,7 +55,7 @@ pub enum FailureMode {
 
 /// One model's limits as declared (headroom not yet applied: the limiter applies it once).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelLimits {
     /// Requests per window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,7 +75,7 @@ pub struct ModelLimits {
 
 /// A provider project's quota, compiled from a `QuotaPool`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CompiledPool {
     /// `namespace/name` of the pool.
     pub name: String,
@@ -102,11 +103,27 @@ pub struct CompiledPool {
     /// a reference only, never the key itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_ref: Option<String>,
+    /// The provider's base URL when not the public endpoint (a proxy, a gateway, the
+    /// simulator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+}
+
+impl CompiledPool {
+    /// Whether the pool declares `model`.
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+    }
+
+    /// The limiter key of `model` in this pool's project.
+    pub fn key(&self, model: &str) -> crate::limiter::QuotaKey {
+        crate::limiter::QuotaKey::new(&self.project, model)
+    }
 }
 
 /// One step of a chain.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CompiledStep {
     /// The model id (one of the pool's models).
     pub model: String,
@@ -116,7 +133,7 @@ pub struct CompiledStep {
 
 /// Full-jitter exponential backoff for overloaded and server errors.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RetryConfig {
     /// Attempts per step, the first included.
     pub attempts: u32,
@@ -138,7 +155,7 @@ impl Default for RetryConfig {
 
 /// A workload's fallback chain, compiled from a `ModelChain`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct CompiledChain {
     /// `namespace/name` of the chain.
     pub name: String,

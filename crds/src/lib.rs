@@ -6,6 +6,7 @@
 //! The types generate the CRD YAML (`pacer-operator crd`), so the schema that
 //! `kubectl apply` enforces and the types the operator reads never disagree.
 mod chain;
+pub mod compile;
 mod pool;
 
 pub use chain::{ChainStep, ImageSize, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy};

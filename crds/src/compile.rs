@@ -1,0 +1,486 @@
+//! From the resources platform teams apply to the configuration replicas read: the one
+//! compile step shared by the operator and `pacer apply`.
+//!
+//! The schema and CEL rules catch most mistakes at `kubectl apply` time; this step checks
+//! again (for `pacer apply`, which has no apiserver) and checks what a schema cannot see,
+//! such as a chain naming a model its pool does not declare. Errors name the field.
+use std::collections::BTreeMap;
+
+use pacer_core::{
+    config::{self, CompiledChain, CompiledPool, CompiledStep, RetryConfig},
+    quota,
+};
+
+use crate::{FailureMode, ModelChainSpec, Provider, QuotaPoolSpec, Tier};
+
+/// A resource that cannot be compiled: the field at fault and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: field `{field}`: {problem}")]
+pub struct CompileError {
+    /// `QuotaPool namespace/name` or `ModelChain namespace/name`.
+    pub resource: String,
+    /// The field path, e.g. `spec.models[1].name`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+/// The most steps a chain may have.
+pub const MAX_STEPS: usize = 8;
+/// The largest headroom, in percent.
+pub const MAX_HEADROOM: u8 = 90;
+
+/// Compiles a `QuotaPool`'s spec.
+pub fn compile_pool(
+    namespace: &str,
+    name: &str,
+    generation: i64,
+    spec: &QuotaPoolSpec,
+) -> Result<CompiledPool, CompileError> {
+    let full = format!("{namespace}/{name}");
+    let err = |field: &str, problem: String| CompileError {
+        resource: format!("QuotaPool {full}"),
+        field: field.to_owned(),
+        problem,
+    };
+    if spec.project.trim().is_empty() {
+        return Err(err(
+            "spec.project",
+            "is empty: set the provider's project id".into(),
+        ));
+    }
+    if spec.models.is_empty() {
+        return Err(err(
+            "spec.models",
+            "lists no model: declare at least one".into(),
+        ));
+    }
+    if spec.headroom_percent > MAX_HEADROOM {
+        return Err(err(
+            "spec.headroomPercent",
+            format!(
+                "is {}; it must be 0 to {MAX_HEADROOM}",
+                spec.headroom_percent
+            ),
+        ));
+    }
+    if !(1..=100).contains(&spec.alert_threshold_percent) {
+        return Err(err("spec.alertThresholdPercent", "must be 1 to 100".into()));
+    }
+    let tier = match spec.tier {
+        Tier::Free => quota::Tier::Free,
+        Tier::Tier1 => quota::Tier::Tier1,
+        Tier::Tier2 => quota::Tier::Tier2,
+        Tier::Tier3 => quota::Tier::Tier3,
+    };
+    let mut models: BTreeMap<String, config::ModelLimits> = BTreeMap::new();
+    let mut window: Option<(u32, usize)> = None;
+    let spend = match spec.spend_per_10_minutes_usd {
+        Some(usd) if !(usd.is_finite() && usd >= 0.0) => {
+            return Err(err(
+                "spec.spendPer10MinutesUsd",
+                "must be a non-negative number".into(),
+            ));
+        }
+        Some(usd) => Some((usd * 1_000_000.0).round() as u64),
+        None => None,
+    };
+    for (i, m) in spec.models.iter().enumerate() {
+        let at = |f: &str| format!("spec.models[{i}].{f}");
+        if m.name.trim().is_empty() {
+            return Err(err(
+                &at("name"),
+                "is empty: use the model id from the API path".into(),
+            ));
+        }
+        if models.contains_key(&m.name) {
+            return Err(err(
+                &at("name"),
+                format!("{:?} is listed twice; list each model once", m.name),
+            ));
+        }
+        if let (Some(rpd), Some(rpm)) = (m.rpd, m.rpm) {
+            if rpd < rpm {
+                return Err(err(
+                    &at("rpd"),
+                    format!(
+                        "{rpd} requests per day is below {rpm} per minute; raise rpd or lower rpm"
+                    ),
+                ));
+            }
+        }
+        if let Some(w) = m.window_seconds {
+            if w == 0 {
+                return Err(err(&at("windowSeconds"), "must be at least 1".into()));
+            }
+            match window {
+                Some((first, j)) if first != w => {
+                    return Err(err(
+                        &at("windowSeconds"),
+                        format!(
+                            "is {w} but spec.models[{j}].windowSeconds is {first}: one pool has one \
+                             per-minute window length; use the same value for every model"
+                        ),
+                    ));
+                }
+                _ => window = Some((w, i)),
+            }
+        }
+        // Limits not given take the tier's published default for the model.
+        let defaults = quota::model_info(&m.name)
+            .map(|info| info.limits(tier))
+            .unwrap_or_default();
+        models.insert(
+            m.name.clone(),
+            config::ModelLimits {
+                rpm: m.rpm.or(defaults.rpm),
+                tpm: m.tpm.or(defaults.tpm),
+                ipm: m.ipm.or(defaults.ipm),
+                rpd: m.rpd.or(defaults.rpd),
+                window_ms: 0, // set below, once the pool's window is known
+            },
+        );
+    }
+    let window_ms = window.map_or(60_000, |(w, _)| u64::from(w) * 1000);
+    for limits in models.values_mut() {
+        limits.window_ms = window_ms;
+    }
+    Ok(CompiledPool {
+        name: full,
+        generation,
+        provider: match spec.provider {
+            Provider::Gemini => config::ProviderKind::Gemini,
+            Provider::Vertex => config::ProviderKind::Vertex,
+            Provider::OpenaiCompatible => config::ProviderKind::OpenaiCompatible,
+        },
+        project: spec.project.clone(),
+        models,
+        // Not given: the tier's spend limit.
+        spend_micros_per_10_minutes: spend.or(Some(tier.spend_per_10min_micros())),
+        headroom_percent: spec.headroom_percent,
+        alert_threshold_percent: spec.alert_threshold_percent,
+        failure_mode: match spec.failure_mode {
+            FailureMode::Closed => config::FailureMode::Closed,
+            FailureMode::Open => config::FailureMode::Open,
+            FailureMode::Local => config::FailureMode::Local,
+        },
+        expected_replicas: spec.expected_replicas.unwrap_or(1).max(1),
+        api_key_ref: spec
+            .api_key_secret
+            .as_ref()
+            .map(|s| format!("{namespace}/{}#{}", s.name, s.key)),
+        base_url: None,
+    })
+}
+
+/// Compiles a `ModelChain`'s spec; with its pool, checks that every step's model is in it.
+pub fn compile_chain(
+    namespace: &str,
+    name: &str,
+    generation: i64,
+    spec: &ModelChainSpec,
+    pool: Option<&CompiledPool>,
+) -> Result<CompiledChain, CompileError> {
+    let full = format!("{namespace}/{name}");
+    let err = |field: &str, problem: String| CompileError {
+        resource: format!("ModelChain {full}"),
+        field: field.to_owned(),
+        problem,
+    };
+    if spec.pool.trim().is_empty() {
+        return Err(err(
+            "spec.pool",
+            "is empty: name a QuotaPool in this namespace".into(),
+        ));
+    }
+    if spec.steps.is_empty() || spec.steps.len() > MAX_STEPS {
+        return Err(err(
+            "spec.steps",
+            format!(
+                "has {} steps; a chain has 1 to {MAX_STEPS}",
+                spec.steps.len()
+            ),
+        ));
+    }
+    let pool_name = format!("{namespace}/{}", spec.pool);
+    for (i, step) in spec.steps.iter().enumerate() {
+        if step.model.trim().is_empty() {
+            return Err(err(&format!("spec.steps[{i}].model"), "is empty".into()));
+        }
+        if let Some(pool) = pool {
+            if !pool.has_model(&step.model) {
+                let known: Vec<&str> = pool.models.keys().map(String::as_str).collect();
+                return Err(err(
+                    &format!("spec.steps[{i}].model"),
+                    format!(
+                        "{:?} is not declared in QuotaPool {pool_name} (it has {known:?}); add it \
+                         to the pool or change the step",
+                        step.model
+                    ),
+                ));
+            }
+        }
+    }
+    let r = &spec.retry;
+    if r.attempts == 0 {
+        return Err(err(
+            "spec.retry.attempts",
+            "must be at least 1 (the first attempt)".into(),
+        ));
+    }
+    if r.base_delay_ms == 0 || r.max_delay_ms < r.base_delay_ms {
+        return Err(err(
+            "spec.retry.maxDelayMs",
+            "must be at least spec.retry.baseDelayMs, which must be positive".into(),
+        ));
+    }
+    if spec.request_timeout_seconds == 0 {
+        return Err(err(
+            "spec.requestTimeoutSeconds",
+            "must be at least 1".into(),
+        ));
+    }
+    Ok(CompiledChain {
+        name: full,
+        generation,
+        pool: pool_name,
+        steps: spec
+            .steps
+            .iter()
+            .map(|s| CompiledStep {
+                model: s.model.clone(),
+                max_wait_ms: u64::from(s.max_wait_seconds) * 1000,
+            })
+            .collect(),
+        retry: RetryConfig {
+            attempts: r.attempts,
+            base_delay_ms: r.base_delay_ms,
+            max_delay_ms: r.max_delay_ms,
+        },
+        request_timeout_ms: u64::from(spec.request_timeout_seconds) * 1000,
+        priority: 0,
+    })
+}
+
+/// What a YAML file of `QuotaPool` and `ModelChain` documents compiles to.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Compiled {
+    /// The pools, in file order.
+    pub pools: Vec<CompiledPool>,
+    /// The chains, in file order.
+    pub chains: Vec<CompiledChain>,
+}
+
+/// Compiles every document of a YAML stream (what `kubectl apply -f` takes). A chain's pool
+/// must be in the same stream or in `existing` (the pools already configured).
+pub fn compile_documents(
+    yaml: &str,
+    default_namespace: &str,
+    existing: &BTreeMap<String, CompiledPool>,
+) -> Result<Compiled, CompileError> {
+    let mut out = Compiled::default();
+    let mut chains = Vec::new();
+    for (index, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
+        let at = format!("document {}", index + 1);
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(doc).map_err(|e| CompileError {
+                resource: at.clone(),
+                field: "(yaml)".into(),
+                problem: e.to_string(),
+            })?;
+        if value.is_null() {
+            continue;
+        }
+        let field = |f: &str, problem: String| CompileError {
+            resource: at.clone(),
+            field: f.into(),
+            problem,
+        };
+        let api = value["apiVersion"].as_str().unwrap_or_default();
+        if api != "pacer.dev/v1alpha1" {
+            return Err(field(
+                "apiVersion",
+                format!("is {api:?}; expected \"pacer.dev/v1alpha1\""),
+            ));
+        }
+        let name = value["metadata"]["name"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| field("metadata.name", "is missing".into()))?;
+        let namespace = value["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(default_namespace);
+        let generation = value["metadata"]["generation"].as_i64().unwrap_or(0);
+        let spec = &value["spec"];
+        match value["kind"].as_str().unwrap_or_default() {
+            "QuotaPool" => {
+                let spec: QuotaPoolSpec =
+                    parse_spec(spec, &format!("QuotaPool {namespace}/{name}"))?;
+                out.pools
+                    .push(compile_pool(namespace, name, generation, &spec)?);
+            }
+            "ModelChain" => {
+                let spec: ModelChainSpec =
+                    parse_spec(spec, &format!("ModelChain {namespace}/{name}"))?;
+                chains.push((namespace.to_owned(), name.to_owned(), generation, spec));
+            }
+            other => {
+                return Err(field(
+                    "kind",
+                    format!("is {other:?}; expected QuotaPool or ModelChain"),
+                ));
+            }
+        }
+    }
+    for (namespace, name, generation, spec) in chains {
+        let pool_name = format!("{namespace}/{}", spec.pool);
+        let pool = out
+            .pools
+            .iter()
+            .find(|p| p.name == pool_name)
+            .or_else(|| existing.get(&pool_name));
+        let Some(pool) = pool else {
+            return Err(CompileError {
+                resource: format!("ModelChain {namespace}/{name}"),
+                field: "spec.pool".into(),
+                problem: format!(
+                    "QuotaPool {pool_name} is neither in this file nor configured; apply it first"
+                ),
+            });
+        };
+        out.chains.push(compile_chain(
+            &namespace,
+            &name,
+            generation,
+            &spec,
+            Some(pool),
+        )?);
+    }
+    Ok(out)
+}
+
+/// Deserialises a spec, rejecting fields the type does not know (kubectl would prune them
+/// silently; a typo in a limit must not pass unnoticed).
+fn parse_spec<T>(spec: &serde_json::Value, resource: &str) -> Result<T, CompileError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let err = |field: String, problem: String| CompileError {
+        resource: resource.into(),
+        field,
+        problem,
+    };
+    if !spec.is_object() {
+        return Err(err("spec".into(), "is missing or not a mapping".into()));
+    }
+    let parsed: T =
+        serde_json::from_value(spec.clone()).map_err(|e| err("spec".into(), e.to_string()))?;
+    let back = serde_json::to_value(&parsed).map_err(|e| err("spec".into(), e.to_string()))?;
+    if let Some(path) = unknown_field(spec, &back, "spec") {
+        return Err(err(
+            path,
+            "is not a known field; check its spelling with `kubectl explain`".into(),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The first path present in `given` but absent from `known`.
+fn unknown_field(
+    given: &serde_json::Value,
+    known: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    match (given, known) {
+        (serde_json::Value::Object(g), serde_json::Value::Object(k)) => {
+            g.iter().find_map(|(key, v)| {
+                let p = format!("{path}.{key}");
+                match k.get(key) {
+                    None if !v.is_null() => Some(p),
+                    None => None,
+                    Some(kv) => unknown_field(v, kv, &p),
+                }
+            })
+        }
+        (serde_json::Value::Array(g), serde_json::Value::Array(k)) => g
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOL: &str = r#"
+apiVersion: pacer.dev/v1alpha1
+kind: QuotaPool
+metadata: {name: images, namespace: team}
+spec:
+  project: my-project
+  tier: Tier1
+  headroomPercent: 10
+  spendPer10MinutesUsd: 10
+  models:
+    - name: gemini-3-pro-image
+    - name: gemini-3.1-flash-image
+      rpm: 100
+"#;
+    const CHAIN: &str = r#"
+---
+apiVersion: pacer.dev/v1alpha1
+kind: ModelChain
+metadata: {name: posters, namespace: team}
+spec:
+  pool: images
+  steps:
+    - {model: gemini-3-pro-image, maxWaitSeconds: 20}
+    - {model: gemini-3.1-flash-image}
+"#;
+
+    fn compile(yaml: &str) -> Result<Compiled, CompileError> {
+        compile_documents(yaml, "default", &BTreeMap::new())
+    }
+
+    #[test]
+    fn compiles_a_pool_and_chain_with_tier_defaults_and_headroom() {
+        let c = compile(&format!("{POOL}{CHAIN}")).unwrap();
+        let pool = &c.pools[0];
+        assert_eq!(pool.name, "team/images");
+        // Tier 1's published limits fill what the spec leaves out.
+        assert_eq!(pool.models["gemini-3-pro-image"].rpm, Some(20));
+        assert_eq!(pool.models["gemini-3-pro-image"].rpd, Some(250));
+        let pro = pool.model_quota("gemini-3-pro-image").unwrap();
+        assert_eq!(pro.requests.limit, Some(18)); // less 10 % headroom
+        let flash = pool.model_quota("gemini-3.1-flash-image").unwrap();
+        assert_eq!(flash.requests.limit, Some(90));
+        assert_eq!(pro.spend_micros.limit, Some(4_500_000)); // $10 shared by 2, less 10 %
+        let chain = &c.chains[0];
+        assert_eq!((chain.pool.as_str(), chain.steps.len()), ("team/images", 2));
+        assert_eq!(chain.steps[0].max_wait_ms, 20_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = compile(&POOL.replace("rpm: 100", "rpm: 100\n      rpmm: 5")).unwrap_err();
+        assert_eq!(e.field, "spec.models[1].rpmm");
+        let e = compile(&POOL.replace("gemini-3.1-flash-image", "gemini-3-pro-image")).unwrap_err();
+        assert_eq!(e.field, "spec.models[1].name");
+        let e = compile(&POOL.replace("headroomPercent: 10", "headroomPercent: 95")).unwrap_err();
+        assert_eq!(e.field, "spec.headroomPercent");
+        let e = compile(&format!(
+            "{POOL}{}",
+            CHAIN.replace("model: gemini-3.1-flash-image", "model: dall-e")
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.steps[1].model");
+        assert!(e.problem.contains("not declared"), "{e}");
+        let e = compile(CHAIN).unwrap_err();
+        assert_eq!(e.field, "spec.pool");
+        let e = compile(&POOL.replace("kind: QuotaPool", "kind: Pool")).unwrap_err();
+        assert_eq!(e.field, "kind");
+    }
+}
