@@ -1,6 +1,9 @@
 //! The `pacer` command line: one clap struct, every flag also readable from the environment.
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod simulate;
+
 /// Pacer keeps a fleet of image generators under a provider's project-wide rate limits.
 #[derive(Parser, Debug)]
 #[command(name = "pacer", version, about, propagate_version = true)]
@@ -10,9 +13,17 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Serve a faithful Gemini API simulator (quotas, faults, real PNGs).
+    Simulate(simulate::SimulateArgs),
+    /// Benchmark a component (`pacer bench limiter`).
+    Bench(bench::BenchArgs),
+}
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Simulate(args) => simulate::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
 }

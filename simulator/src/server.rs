@@ -18,8 +18,8 @@ use jiff::Timestamp;
 use pacer_core::gemini::{
     decode::{format_go_duration, format_proto_duration},
     wire::{
-        Blob, Candidate, Content, GenerateContentResponse, ModalityTokenCount, Part,
-        PromptFeedback, UsageMetadata,
+        Blob, Candidate, Content, ErrorBody, ErrorEnvelope, GenerateContentResponse,
+        ModalityTokenCount, Part, PromptFeedback, UsageMetadata,
     },
 };
 use rand::Rng as _;
@@ -174,18 +174,19 @@ fn google_error(
     message: &str,
     details: Vec<Value>,
 ) -> Response {
-    let mut error = json!({
-        "code": status.as_u16(),
-        "message": message,
-        "status": google_status,
-    });
-    if !details.is_empty() {
-        error["details"] = Value::Array(details);
-    }
-    json_response(status, &json!({ "error": error }))
+    // The wire struct keeps Google's field order: code, message, status, details.
+    let body = ErrorEnvelope {
+        error: ErrorBody {
+            code: status.as_u16(),
+            message: message.to_owned(),
+            status: google_status.to_owned(),
+            details,
+        },
+    };
+    json_response(status, &body)
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Response {
+fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
     let bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
     (
         status,
