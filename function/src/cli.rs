@@ -1,7 +1,6 @@
 //! The `pacer` command line: one clap struct, every flag also readable from the environment.
 use clap::{Parser, Subcommand};
 
-pub mod bench;
 pub mod simulate;
 
 /// Pacer keeps a fleet of image generators under a provider's project-wide rate limits.
@@ -16,14 +15,11 @@ pub struct Cli {
 pub enum Command {
     /// Serve a faithful Gemini API simulator (quotas, faults, real PNGs).
     Simulate(simulate::SimulateArgs),
-    /// Benchmark a component (`pacer bench limiter`).
-    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate(args) => simulate::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
     }
 }
