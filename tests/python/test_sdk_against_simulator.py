@@ -1,0 +1,152 @@
+"""Google's own SDK (google-genai) against the Pacer simulator.
+
+Run by simulator/tests/sdk_against_simulator.rs with the simulator's URL as the first
+argument. The simulator is started with `gemini-3-pro-image:rpm=1` and any key accepted.
+If the SDK cannot talk to the simulator, the simulator is wrong.
+"""
+
+import struct
+import sys
+import zlib
+
+from google import genai
+from google.genai import errors, types
+
+FLASH = "gemini-3.1-flash-image"
+PRO = "gemini-3-pro-image"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Decodes the PNG fully (chunks, CRCs, zlib stream) and returns (width, height)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, width, height = 8, b"", None, None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        if kind == b"IHDR":
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            assert (depth, color) == (8, 2), "expected 8-bit RGB"
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + width * 3), "pixel data does not match IHDR"
+    return width, height
+
+
+def image_parts(response):
+    return [
+        p.inline_data
+        for c in response.candidates
+        for p in c.content.parts
+        if p.inline_data is not None
+    ]
+
+
+def main(base_url: str) -> None:
+    client = genai.Client(
+        api_key="sdk-test-key", http_options=types.HttpOptions(base_url=base_url)
+    )
+
+    # An image, decoded.
+    response = client.models.generate_content(
+        model=FLASH,
+        contents="a lighthouse at dusk",
+        config=types.GenerateContentConfig(
+            response_modalities=["IMAGE"],
+            image_config=types.ImageConfig(aspect_ratio="16:9", image_size="2K"),
+        ),
+    )
+    blobs = image_parts(response)
+    assert len(blobs) == 1, response
+    assert blobs[0].mime_type == "image/png"
+    assert png_size(blobs[0].data) == (64, 36)
+    assert response.candidates[0].finish_reason == types.FinishReason.STOP
+    usage = response.usage_metadata
+    image_tokens = [
+        d.token_count
+        for d in usage.candidates_tokens_details
+        if d.modality == types.MediaModality.IMAGE
+    ]
+    assert image_tokens == [1680], usage
+    assert response.model_version == FLASH
+    assert response.response_id
+
+    # Different prompts, different pictures.
+    other = client.models.generate_content(
+        model=FLASH,
+        contents="a harbour at dawn",
+        config=types.GenerateContentConfig(
+            response_modalities=["TEXT", "IMAGE"],
+            image_config=types.ImageConfig(aspect_ratio="9:16"),
+        ),
+    )
+    other_blob = image_parts(other)[0]
+    assert png_size(other_blob.data) == (36, 64)
+    assert other.text, "TEXT modality gives a caption"
+    assert other_blob.data != blobs[0].data
+
+    # Streaming (SSE).
+    chunks = list(
+        client.models.generate_content_stream(
+            model=FLASH,
+            contents="a lighthouse",
+            config=types.GenerateContentConfig(response_modalities=["IMAGE"]),
+        )
+    )
+    assert sum(len(image_parts(c)) for c in chunks) == 1
+
+    # The 429: ClientError with code 429, details holding QuotaFailure and RetryInfo.
+    config = types.GenerateContentConfig(response_modalities=["IMAGE"])
+    client.models.generate_content(model=PRO, contents="first", config=config)
+    try:
+        client.models.generate_content(model=PRO, contents="second", config=config)
+        raise AssertionError("expected a 429")
+    except errors.ClientError as e:
+        assert e.code == 429, e
+        assert e.status == "RESOURCE_EXHAUSTED", e
+        details = e.details["error"]["details"]
+        by_type = {d["@type"].rsplit("/", 1)[-1]: d for d in details}
+        assert set(by_type) == {
+            "google.rpc.Help",
+            "google.rpc.QuotaFailure",
+            "google.rpc.RetryInfo",
+        }, details
+        violation = by_type["google.rpc.QuotaFailure"]["violations"][0]
+        assert violation["quotaId"] == "GenerateRequestsPerMinutePerProjectPerModel"
+        assert violation["quotaDimensions"]["model"] == PRO
+        assert violation["quotaValue"] == "1"
+        assert by_type["google.rpc.RetryInfo"]["retryDelay"].endswith("s")
+        assert "Please retry in" in e.message
+
+    # A retired model: ClientError 404.
+    try:
+        client.models.generate_content(
+            model="gemini-2.5-flash-image", contents="x", config=config
+        )
+        raise AssertionError("expected a 404")
+    except errors.ClientError as e:
+        assert e.code == 404, e
+
+    # An unknown option value: ClientError 400 INVALID_ARGUMENT.
+    try:
+        client.models.generate_content(
+            model=FLASH,
+            contents="x",
+            config=types.GenerateContentConfig(
+                response_modalities=["IMAGE"],
+                image_config=types.ImageConfig(aspect_ratio="7:3"),
+            ),
+        )
+        raise AssertionError("expected a 400")
+    except errors.ClientError as e:
+        assert e.code == 400 and e.status == "INVALID_ARGUMENT", e
+
+    print("google-genai SDK: all checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
