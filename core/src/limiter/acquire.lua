@@ -149,9 +149,10 @@ if op == 'a' then
   end
   if hint_gen > 0 and hint_gen ~= S.gen then
     -- The caller saw an older state that is gone (Redis restarted without persistence):
-    -- its bookings may still be in flight, so nothing starts until the latest start it
-    -- saw is a full window behind.
-    S.cd = math.max(S.cd, hint_last + math.max(W[1], W[2], W[3], W[4]))
+    -- bookings made on it may still be in flight, so nothing starts until both now and
+    -- the latest start the caller saw are a full window behind. Bookings other replicas
+    -- made after this caller's last call, starting later than now, are not covered.
+    S.cd = math.max(S.cd, math.max(hint_last, now) + math.max(W[1], W[2], W[3], W[4]))
   end
   local function reply(kind, v, blocker, costs)
     save()

@@ -1,0 +1,557 @@
+//! The Redis limiter on a real Redis: the rig's for most tests, a private `redis-server`
+//! for the restart test (so it can be killed without disturbing the rig).
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use pacer_core::{
+    limiter::{
+        Blocker, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
+        redis::{RedisLimiter, RedisOptions},
+    },
+    quota::{Costs, Dim, DimensionQuota, ModelQuota},
+};
+use pacer_tests::Rig;
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// A key no other test (or earlier run) uses.
+fn fresh_key(name: &str) -> QuotaKey {
+    QuotaKey::new(format!("test-{name}-{}", now_us()), "gemini-3-pro-image")
+}
+
+async fn connect(url: &str) -> RedisLimiter {
+    RedisLimiter::connect(url, RedisOptions::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to Redis at {url} ({e}); start the rig with `tests/rig/up`")
+        })
+}
+
+async fn rig_limiter() -> (String, RedisLimiter) {
+    let url = Rig::load().get("REDIS_URL");
+    let l = connect(&url).await;
+    (url, l)
+}
+
+fn quota(
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    window: Duration,
+    margin: Option<Duration>,
+) -> ModelQuota {
+    let mut q = ModelQuota::unlimited().with_windows(window);
+    q.requests = DimensionQuota { limit: rpm, window };
+    q.input_tokens = DimensionQuota { limit: tpm, window };
+    q.margin = margin;
+    q
+}
+
+fn req(tokens: u64) -> Costs {
+    Costs::new(1, tokens, 1, 0)
+}
+
+/// The largest sum in any window of `window` µs over `(time, cost)` events.
+fn max_in_window(events: &mut [(i64, i64)], window: i64) -> i64 {
+    events.sort();
+    let (mut best, mut sum, mut lo) = (0, 0, 0);
+    for hi in 0..events.len() {
+        sum += events[hi].1;
+        while events[lo].0 <= events[hi].0 - window {
+            sum -= events[lo].1;
+            lo += 1;
+        }
+        if hi + 1 == events.len() || events[hi + 1].0 != events[hi].0 {
+            best = best.max(sum);
+        }
+    }
+    best
+}
+
+/// One admitted request: its booked start (Redis clock), when it actually started (local
+/// clock, after sleeping the wait), and its costs.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    booked_us: i64,
+    arrived_us: i64,
+    costs: Costs,
+}
+
+/// `clients` callers, each with its own connection, hammering one key until `until`.
+async fn hammer(
+    urls: Vec<String>,
+    key: QuotaKey,
+    q: ModelQuota,
+    until: Instant,
+    max_wait: Duration,
+) -> (Vec<Started>, u64) {
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (c, url) in urls.into_iter().enumerate() {
+        let (key, q, out, errors) = (key.clone(), q.clone(), out.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let l = connect(&url).await;
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n += 1;
+                let tokens = 200 + (n * 7919 + c as u64 * 104_729) % 1_600; // lumpy
+                match l
+                    .acquire(&key, &q, &format!("c{c}-{n}"), req(tokens), max_wait)
+                    .await
+                {
+                    Ok(d @ (Decision::Admitted { .. } | Decision::Booked { .. })) => {
+                        let wait = d.wait().unwrap_or_default();
+                        tokio::time::sleep(wait).await;
+                        let t = d.ticket().expect("ticket");
+                        out.lock().expect("lock").push(Started {
+                            booked_us: t.start_us,
+                            arrived_us: now_us(),
+                            costs: t.costs,
+                        });
+                    }
+                    Ok(Decision::Rejected { retry_after, .. }) => {
+                        let pause = retry_after.unwrap_or(Duration::from_millis(50));
+                        tokio::time::sleep(pause.min(Duration::from_millis(50))).await;
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    let started = out.lock().expect("lock").clone();
+    (started, errors.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+fn check_limits(started: &[Started], q: &ModelQuota, what: &str) {
+    for dim in [Dim::Requests, Dim::InputTokens] {
+        let Some(limit) = q.dim(dim).limit else {
+            continue;
+        };
+        let mut booked: Vec<_> = started
+            .iter()
+            .map(|s| (s.booked_us, s.costs.get(dim) as i64))
+            .collect();
+        let max = max_in_window(&mut booked, q.effective_window_us(dim));
+        assert!(
+            max <= limit as i64,
+            "{what}: {dim:?} booked {max} > {limit} in one window"
+        );
+        // The provider counts at arrival, in windows without our margin.
+        let mut arrived: Vec<_> = started
+            .iter()
+            .map(|s| (s.arrived_us, s.costs.get(dim) as i64))
+            .collect();
+        let w = q.dim(dim).window.as_micros() as i64;
+        let max = max_in_window(&mut arrived, w);
+        assert!(
+            max <= limit as i64,
+            "{what}: {dim:?} arrived {max} > {limit} in one window"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_connections_stay_under_every_limit() {
+    let (url, _) = rig_limiter().await;
+    let key = fresh_key("concurrent");
+    let window = Duration::from_secs(2);
+    let q = quota(
+        Some(40),
+        Some(30_000),
+        window,
+        Some(Duration::from_millis(150)),
+    );
+    let until = Instant::now() + Duration::from_secs(7);
+    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window).await;
+    assert_eq!(errors, 0, "no Redis errors expected");
+    check_limits(&started, &q, "48 clients");
+    // Used nearly all of the binding limit (tokens or requests) over the full windows.
+    let t0 = started
+        .iter()
+        .map(|s| s.booked_us)
+        .min()
+        .expect("some admitted");
+    let w = window.as_micros() as i64;
+    let full: Vec<_> = started
+        .iter()
+        .filter(|s| s.booked_us >= t0 + w && s.booked_us < t0 + 3 * w)
+        .collect();
+    let reqs = full.len() as f64 / 80.0;
+    let toks = full.iter().map(|s| s.costs.input_tokens).sum::<u64>() as f64 / 60_000.0;
+    assert!(
+        reqs.max(toks) >= 0.9,
+        "utilization: requests {reqs:.3}, tokens {toks:.3}"
+    );
+}
+
+#[tokio::test]
+async fn same_request_id_returns_same_ticket() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("idem");
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(60))
+        .await
+        .expect("a");
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(60))
+        .await
+        .expect("b");
+    let b2 = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(60))
+        .await
+        .expect("b again");
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    assert!(matches!(b, Decision::Booked { .. }), "{b:?}");
+    assert_eq!(b.ticket(), b2.ticket());
+}
+
+#[tokio::test]
+async fn script_flush_reloads_and_keeps_state() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("flush");
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    assert!(matches!(
+        l.acquire(&key, &q, "a", req(1), Duration::ZERO)
+            .await
+            .expect("a"),
+        Decision::Admitted { .. }
+    ));
+    let mut raw = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .expect("SCRIPT FLUSH");
+    let d = l
+        .acquire(&key, &q, "b", req(1), Duration::ZERO)
+        .await
+        .expect("reloaded after NOSCRIPT");
+    assert!(
+        matches!(
+            d,
+            Decision::Rejected {
+                blocking: Blocker::Dimension(Dim::Requests),
+                ..
+            }
+        ),
+        "state survives a script flush: {d:?}"
+    );
+}
+
+#[tokio::test]
+async fn cooldown_is_shared_between_two_clients() {
+    let (url, a) = rig_limiter().await;
+    let b = connect(&url).await;
+    let key = fresh_key("cooldown");
+    let q = quota(Some(100), None, Duration::from_secs(60), None);
+    a.penalize(&key, Duration::from_secs(2), PenaltyScope::PerMinute)
+        .await
+        .expect("penalize");
+    let d = b
+        .acquire(&key, &q, "x", req(1), Duration::ZERO)
+        .await
+        .expect("acquire");
+    match d {
+        Decision::Rejected {
+            retry_after: Some(r),
+            blocking: Blocker::Cooldown,
+        } => {
+            assert!(
+                r > Duration::from_millis(1500) && r <= Duration::from_secs(2),
+                "{r:?}"
+            )
+        }
+        other => panic!("expected a cooldown: {other:?}"),
+    }
+    let d = b
+        .acquire(&key, &q, "x", req(1), Duration::from_secs(3))
+        .await
+        .expect("acquire");
+    assert!(
+        matches!(d, Decision::Booked { .. }),
+        "booked after the cooldown: {d:?}"
+    );
+    // A per-day 429 blocks every client until the (test) midnight.
+    let key = fresh_key("perday");
+    let days = Arc::new(FixedDays {
+        origin_us: now_us(),
+        day_us: 3_000_000,
+    });
+    let a = a.with_calendar(days.clone());
+    let b = b.with_calendar(days);
+    a.penalize(&key, Duration::from_secs(1), PenaltyScope::PerDay)
+        .await
+        .expect("penalize");
+    let d = b
+        .acquire(&key, &q, "y", req(1), Duration::ZERO)
+        .await
+        .expect("acquire");
+    assert!(
+        matches!(
+            d,
+            Decision::Rejected {
+                blocking: Blocker::Daily,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+}
+
+#[tokio::test]
+async fn reconcile_and_release_free_capacity() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("reconcile");
+    let q = quota(Some(2), Some(100), Duration::from_secs(60), None);
+    let a = l
+        .acquire(&key, &q, "a", req(100), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = a.ticket().expect("admitted").clone();
+    let b = l
+        .acquire(&key, &q, "b", req(50), Duration::ZERO)
+        .await
+        .expect("b");
+    assert!(
+        matches!(
+            b,
+            Decision::Rejected {
+                blocking: Blocker::Dimension(Dim::InputTokens),
+                ..
+            }
+        ),
+        "{b:?}"
+    );
+    l.reconcile(&ta, req(40)).await.expect("reconcile");
+    let b = l
+        .acquire(&key, &q, "b", req(50), Duration::ZERO)
+        .await
+        .expect("b");
+    let tb = b.ticket().expect("admitted after reconcile").clone();
+    let c = l
+        .acquire(&key, &q, "c", req(1), Duration::ZERO)
+        .await
+        .expect("c");
+    assert!(
+        matches!(
+            c,
+            Decision::Rejected {
+                blocking: Blocker::Dimension(Dim::Requests),
+                ..
+            }
+        ),
+        "{c:?}"
+    );
+    l.release(&tb).await.expect("release");
+    let c = l
+        .acquire(&key, &q, "c", req(1), Duration::ZERO)
+        .await
+        .expect("c");
+    assert!(matches!(c, Decision::Admitted { .. }), "{c:?}");
+    let u = l.usage(&key, &q).await.expect("usage");
+    assert_eq!((u.dimensions[0].used, u.dimensions[1].used), (2, 41));
+}
+
+#[tokio::test]
+async fn daily_quota_rolls_over_on_short_days() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("day");
+    let day = 1_500_000;
+    let l = l.with_calendar(Arc::new(FixedDays {
+        origin_us: now_us() + 300_000,
+        day_us: day,
+    }));
+    let mut q = quota(None, None, Duration::from_secs(1), Some(Duration::ZERO));
+    q.requests_per_day = Some(2);
+    tokio::time::sleep(Duration::from_millis(350)).await; // a day has just begun
+    for id in ["a", "b"] {
+        let d = l
+            .acquire(&key, &q, id, req(1), Duration::ZERO)
+            .await
+            .expect("acquire");
+        assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
+    }
+    let d = l
+        .acquire(&key, &q, "c", req(1), Duration::ZERO)
+        .await
+        .expect("acquire");
+    let Decision::Rejected {
+        retry_after: Some(r),
+        blocking: Blocker::Daily,
+    } = d
+    else {
+        panic!("expected the day spent: {d:?}")
+    };
+    assert!(r <= Duration::from_micros(day as u64), "{r:?}");
+    tokio::time::sleep(r + Duration::from_millis(20)).await;
+    let d = l
+        .acquire(&key, &q, "c", req(1), Duration::ZERO)
+        .await
+        .expect("acquire");
+    assert!(matches!(d, Decision::Admitted { .. }), "a new day: {d:?}");
+}
+
+#[tokio::test]
+async fn daily_quota_follows_compressed_pacific_dst_days() {
+    // Real Pacific day starts around the November 2026 DST change (24 h, 25 h, 24 h days),
+    // replayed with one hour lasting 40 ms so the script picks days by Redis time.
+    use pacer_core::limiter::{Calendar, PacificCalendar};
+    let at: i64 = 1_793_430_000_000_000; // 2026-10-31T06:20Z, in Oct 30 (PDT)
+    let real = PacificCalendar.boundaries(at);
+    let hour = 3_600_000_000i64;
+    let origin = now_us() + 200_000;
+    let scaled: Vec<i64> = real
+        .iter()
+        .map(|b| origin + (b - real[0]) / hour * 40_000)
+        .collect();
+    assert_eq!(
+        scaled[2] - scaled[1],
+        25 * 40_000,
+        "1 November is 25 hours long"
+    );
+    let (_, l) = rig_limiter().await;
+    let l = l.with_calendar(Arc::new(ListedDays(scaled.clone())));
+    let key = fresh_key("dst");
+    let mut q = quota(None, None, Duration::from_secs(1), Some(Duration::ZERO));
+    q.requests_per_day = Some(1);
+    // Wait until the 25-hour day has begun.
+    tokio::time::sleep(Duration::from_micros(
+        (scaled[1] - now_us() + 10_000).max(0) as u64,
+    ))
+    .await;
+    assert!(matches!(
+        l.acquire(&key, &q, "a", req(1), Duration::ZERO)
+            .await
+            .expect("a"),
+        Decision::Admitted { .. }
+    ));
+    let d = l
+        .acquire(&key, &q, "b", req(1), Duration::ZERO)
+        .await
+        .expect("b");
+    let Decision::Rejected {
+        retry_after: Some(r),
+        blocking: Blocker::Daily,
+    } = d
+    else {
+        panic!("{d:?}")
+    };
+    let expected = scaled[2] - now_us();
+    assert!(
+        (r.as_micros() as i64 - expected).abs() < 30_000,
+        "day ends after 25 h: {r:?} vs {expected} µs"
+    );
+}
+
+/// A private redis-server this test may kill and restart.
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}): install it with tests/rig/install")
+            });
+        let r = PrivateRedis {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server on {port} did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restart_mid_run_never_exceeds_the_limit() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let url = redis.url();
+    let key = fresh_key("restart");
+    let window = Duration::from_secs(2);
+    let q = quota(Some(30), None, window, Some(Duration::from_millis(100)));
+    let until = Instant::now() + Duration::from_secs(8);
+    let run = tokio::spawn(hammer(
+        vec![url; 16],
+        key,
+        q.clone(),
+        until,
+        Duration::from_millis(100),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.kill(); // state lost: nothing persisted
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _redis = PrivateRedis::start(port);
+    let (started, errors) = run.await.expect("hammer");
+    assert!(errors > 0, "the restart was noticed");
+    check_limits(&started, &q, "across a restart");
+    let after = started
+        .iter()
+        .filter(|s| s.arrived_us > now_us() - 2_000_000)
+        .count();
+    assert!(after > 0, "requests were admitted again after the restart");
+}
