@@ -41,7 +41,7 @@ pub enum ProviderKind {
 }
 
 /// What replicas do when Redis cannot be reached.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub enum FailureMode {
     /// Defer work until Redis is back: never risks the quota.

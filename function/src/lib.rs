@@ -7,10 +7,12 @@
 //! - [`outcome`]: what became of a delivery, and so what the queue does with it.
 //! - [`queue`]: the queue a worker polls: SQS, or an in-memory one with SQS's semantics.
 //! - [`worker`]: the SQS worker: long polling, bounded concurrency, visibility, drain.
+//! - [`handler`]: the request handler and chain executor every entry point shares.
 //! - [`lambda`]: the Lambda handler: an SQS batch in, `batchItemFailures` out.
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
 pub mod cli;
+pub mod handler;
 pub mod lambda;
 pub mod message;
 pub mod metrics;
