@@ -1,7 +1,9 @@
 //! The `pacer` command line: one clap struct, every flag also readable from the environment.
 use clap::{Parser, Subcommand};
 
+pub mod apply;
 pub mod simulate;
+pub mod worker;
 
 /// Pacer keeps a fleet of image generators under a provider's project-wide rate limits.
 #[derive(Parser, Debug)]
@@ -15,11 +17,38 @@ pub struct Cli {
 pub enum Command {
     /// Serve a faithful Gemini API simulator (quotas, faults, real PNGs).
     Simulate(simulate::SimulateArgs),
+    /// Poll an SQS queue and generate images under the global limit.
+    Worker(worker::WorkerArgs),
+    /// Validate QuotaPool and ModelChain YAML and write it to Redis.
+    Apply(apply::ApplyArgs),
+    /// Print live usage per pool and model.
+    Usage(apply::UsageArgs),
+}
+
+/// The one tracing initialisation of a binary: `RUST_LOG` filters (default `info`); JSON
+/// lines when `AWS_LAMBDA_LOG_FORMAT=JSON` (Lambda) or `PACER_LOG_FORMAT=json`.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = ["AWS_LAMBDA_LOG_FORMAT", "PACER_LOG_FORMAT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|f| f.eq_ignore_ascii_case("json")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate(args) => simulate::run(args).await,
+        Command::Worker(args) => worker::run(args).await,
+        Command::Apply(args) => apply::apply(args).await,
+        Command::Usage(args) => apply::usage(args).await,
     }
 }

@@ -10,6 +10,7 @@
 //! - [`handler`]: the request handler and chain executor every entry point shares.
 //! - [`lambda`]: the Lambda handler: an SQS batch in, `batchItemFailures` out.
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
+//! - [`runtime`]: assembling a replica (config source, limiter, providers, sink) from settings.
 //! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
 pub mod cli;
 pub mod handler;
@@ -19,5 +20,6 @@ pub mod metrics;
 pub mod outcome;
 pub mod queue;
 pub mod record;
+pub mod runtime;
 pub mod sink;
 pub mod worker;

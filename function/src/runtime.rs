@@ -1,0 +1,226 @@
+//! Assembling a replica from its settings: where configuration comes from, which limiter,
+//! which providers, which sink, where results go. Shared by `pacer worker`, the Lambda
+//! binary, `pacer generate`, `pacer demo` and `pacer loadtest`.
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+use pacer_core::{
+    config::{CompiledConfig, ConfigStore},
+    gemini::{GeminiClient, GeminiConfig},
+    limiter::redis::{RedisLimiter, RedisOptions},
+    openai::{OpenAiClient, OpenAiConfig},
+    provider::{ApiKey, ImageProvider},
+};
+use tokio::sync::watch;
+
+use crate::{
+    handler::{Handler, HandlerOptions, Limiters, Providers},
+    metrics::Metrics,
+    record::Records,
+    sink,
+};
+
+/// Settings every processing mode shares (flags and environment variables).
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Redis with the compiled config, the limiter, result records and claims. Without it
+    /// the process runs alone: in-memory limiter, config from --config.
+    #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// QuotaPool and ModelChain YAML to run with when there is no Redis.
+    #[arg(long, env = "PACER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Gemini's base URL (a proxy, a gateway's Gemini route, or `pacer simulate`).
+    #[arg(long, env = "PACER_GEMINI_BASE_URL", default_value = pacer_core::gemini::client::DEFAULT_BASE_URL)]
+    pub gemini_base_url: String,
+
+    /// The Gemini API key (prefer --gemini-api-key-file or the environment: flags show in `ps`).
+    #[arg(long, env = "PACER_GEMINI_API_KEY", hide_env_values = true)]
+    pub gemini_api_key: Option<String>,
+
+    /// A file holding the Gemini API key (a mounted Secret).
+    #[arg(long, env = "PACER_GEMINI_API_KEY_FILE")]
+    pub gemini_api_key_file: Option<PathBuf>,
+
+    /// An OpenAI-compatible gateway's base URL, for pools with provider openaiCompatible.
+    #[arg(long, env = "PACER_OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+
+    /// The OpenAI-compatible gateway's API key.
+    #[arg(long, env = "PACER_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
+    /// Where images go: `s3://bucket/prefix` or a folder.
+    #[arg(long, env = "PACER_SINK", default_value = "./pacer-images")]
+    pub sink: String,
+
+    /// How often the replica checks Redis for a new config version, in milliseconds.
+    #[arg(long, env = "PACER_CONFIG_REFRESH_MS", default_value_t = 500)]
+    pub config_refresh_ms: u64,
+
+    /// Timeout of one limiter decision in Redis, in milliseconds.
+    #[arg(long, env = "PACER_LIMITER_TIMEOUT_MS", default_value_t = 500)]
+    pub limiter_timeout_ms: u64,
+
+    /// This replica's name in claims and logs (default: host name and pid).
+    #[arg(long, env = "PACER_REPLICA_ID")]
+    pub replica_id: Option<String>,
+}
+
+impl RuntimeArgs {
+    fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
+        if let Some(k) = &self.gemini_api_key {
+            return Ok(Some(ApiKey::new(k.trim())));
+        }
+        if let Some(path) = &self.gemini_api_key_file {
+            let key = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "reading the Gemini API key from {} (PACER_GEMINI_API_KEY_FILE)",
+                    path.display()
+                )
+            })?;
+            return Ok(Some(ApiKey::new(key.trim())));
+        }
+        Ok(None)
+    }
+
+    /// The replica id.
+    pub fn replica(&self) -> String {
+        self.replica_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// Reads a YAML file of pools and chains into a configuration (no Redis).
+pub fn config_from_file(path: &std::path::Path) -> anyhow::Result<CompiledConfig> {
+    let yaml = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    config_from_yaml(&yaml).with_context(|| format!("in --config {}", path.display()))
+}
+
+/// Compiles YAML pools and chains into a configuration (no Redis).
+pub fn config_from_yaml(yaml: &str) -> anyhow::Result<CompiledConfig> {
+    let compiled = pacer_crds::compile::compile_documents(yaml, "default", &BTreeMap::new())?;
+    Ok(CompiledConfig {
+        version: 1,
+        pools: compiled
+            .pools
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect(),
+        chains: compiled
+            .chains
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect(),
+    })
+}
+
+/// A replica's collaborators.
+pub struct Replica {
+    /// The request handler.
+    pub handler: Arc<Handler>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    /// The configuration it runs with (kept current from Redis).
+    pub config: watch::Receiver<Arc<CompiledConfig>>,
+}
+
+/// Builds a replica. `fallback_config` is used when there is neither Redis nor --config
+/// (`pacer demo` passes its embedded pool and chain).
+pub async fn build(
+    args: &RuntimeArgs,
+    fallback_config: Option<CompiledConfig>,
+    options: HandlerOptions,
+) -> anyhow::Result<Replica> {
+    let metrics = Arc::new(Metrics::default());
+    let (config, limiters, records) = match &args.redis_url {
+        Some(url) => {
+            let store = ConfigStore::connect(url)
+                .await
+                .with_context(|| "connecting to Redis (PACER_REDIS_URL)".to_string())?;
+            let config = store
+                .watch(Duration::from_millis(args.config_refresh_ms.max(50)))
+                .await
+                .context("reading the compiled config from Redis")?;
+            if config.borrow().chains.is_empty() {
+                tracing::warn!(
+                    "Redis holds no chains yet: apply some with `pacer apply -f` or the operator"
+                );
+            }
+            let options = RedisOptions {
+                timeout: Duration::from_millis(args.limiter_timeout_ms.max(1)),
+                ..RedisOptions::default()
+            };
+            let limiter = RedisLimiter::connect(url, options)
+                .await
+                .context("connecting the limiter to Redis")?;
+            let conn = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
+                .await
+                .context("connecting the result store to Redis")?;
+            (config, Limiters::shared(limiter), Records::Redis(conn))
+        }
+        None => {
+            let cfg = match (&args.config, fallback_config) {
+                (Some(path), _) => config_from_file(path)?,
+                (None, Some(cfg)) => cfg,
+                (None, None) => anyhow::bail!(
+                    "no configuration: set PACER_REDIS_URL (config written by the operator or \
+                     `pacer apply`) or pass --config FILE with QuotaPool and ModelChain YAML"
+                ),
+            };
+            let (tx, rx) = watch::channel(Arc::new(cfg));
+            // Keep the sender alive for the process: the configuration never changes.
+            std::mem::forget(tx);
+            (rx, Limiters::memory(), Records::memory())
+        }
+    };
+    let key = args.api_key()?;
+    let is_google = args.gemini_base_url.contains("googleapis.com");
+    let gemini_key = match key {
+        Some(k) => k,
+        None if is_google => anyhow::bail!(
+            "no Gemini API key: set PACER_GEMINI_API_KEY or PACER_GEMINI_API_KEY_FILE (or point \
+             PACER_GEMINI_BASE_URL at `pacer simulate`)"
+        ),
+        // The simulator and most gateways accept any key.
+        None => ApiKey::new("pacer-local"),
+    };
+    let gemini: Arc<dyn ImageProvider> = Arc::new(GeminiClient::new(
+        GeminiConfig::new(gemini_key).base_url(args.gemini_base_url.trim_end_matches('/')),
+    )?);
+    let openai = match &args.openai_base_url {
+        Some(url) => Some(Arc::new(OpenAiClient::new(OpenAiConfig {
+            base_url: url.trim_end_matches('/').to_owned(),
+            api_key: ApiKey::new(args.openai_api_key.clone().unwrap_or_default()),
+            timeout: Duration::from_secs(120),
+        })?) as Arc<dyn ImageProvider>),
+        None => None,
+    };
+    let sink = sink::from_url(&args.sink)
+        .await
+        .map_err(|e| anyhow::anyhow!("PACER_SINK: {e}"))?;
+    let handler = Arc::new(Handler::new(
+        config.clone(),
+        Arc::new(limiters),
+        Providers {
+            gemini: Some(gemini),
+            openai,
+        },
+        Arc::from(sink),
+        records,
+        metrics.clone(),
+        args.replica(),
+        options,
+    ));
+    Ok(Replica {
+        handler,
+        metrics,
+        config,
+    })
+}
