@@ -109,8 +109,9 @@ impl Limiters {
 /// Tunables of the handler.
 #[derive(Debug, Clone)]
 pub struct HandlerOptions {
-    /// How long a claim on a request lasts (renewed by nothing: it should exceed the
-    /// longest a request can take).
+    /// How long a claim on a request lasts unless renewed. The handler renews it every
+    /// third of the lease while it works, so this bounds how long a crashed replica's
+    /// claim keeps others from a request.
     pub claim_lease: Duration,
     /// The defer delay when nothing better is known.
     pub default_defer: Duration,
@@ -122,7 +123,7 @@ pub struct HandlerOptions {
 impl Default for HandlerOptions {
     fn default() -> Self {
         Self {
-            claim_lease: Duration::from_secs(600),
+            claim_lease: Duration::from_secs(30),
             default_defer: Duration::from_secs(5),
             defer_slack: Duration::from_millis(50),
         }
@@ -261,23 +262,34 @@ impl Handler {
                 )
                 .await;
         };
-        match self
-            .records
-            .claim(&req.id, &self.owner, self.options.claim_lease)
-            .await
-        {
+        // One token per delivery: a duplicate delivery to this same replica must not pass.
+        let token = format!("{}:{:016x}", self.owner, rand::rng().random::<u64>());
+        let lease = self.options.claim_lease;
+        match self.records.claim(&req.id, &token, lease).await {
             Ok(true) => {}
-            Ok(false) => return self.defer(Duration::from_secs(10), DeferReason::InProgress),
+            Ok(false) => return self.defer(lease / 2, DeferReason::InProgress),
             Err(e) => {
                 tracing::warn!(error = %e, "claiming the request failed");
                 return self.defer(self.options.default_defer, DeferReason::Infrastructure);
             }
         }
+        let renew = {
+            let (records, id, token) = (self.records.clone(), req.id.clone(), token.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if let Err(e) = records.claim(&id, &token, lease).await {
+                        tracing::warn!(error = %e, "renewing the claim failed");
+                    }
+                }
+            })
+        };
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref())
             .await;
+        renew.abort();
         if let Outcome::Defer { .. } = outcome {
-            let _ = self.records.unclaim(&req.id, &self.owner).await;
+            let _ = self.records.unclaim(&req.id, &token).await;
         }
         outcome
     }

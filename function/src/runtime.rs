@@ -65,6 +65,11 @@ pub struct RuntimeArgs {
     #[arg(long, env = "PACER_LIMITER_TIMEOUT_MS", default_value_t = 500)]
     pub limiter_timeout_ms: u64,
 
+    /// How long a request's claim lasts unless renewed, in seconds (bounds how long a
+    /// crashed replica keeps others from its requests).
+    #[arg(long, env = "PACER_CLAIM_LEASE_SECONDS", default_value_t = 30)]
+    pub claim_lease_seconds: u64,
+
     /// This replica's name in claims and logs (default: host name and pid).
     #[arg(long, env = "PACER_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -205,6 +210,10 @@ pub async fn build(
     let sink = sink::from_url(&args.sink)
         .await
         .map_err(|e| anyhow::anyhow!("PACER_SINK: {e}"))?;
+    let options = HandlerOptions {
+        claim_lease: Duration::from_secs(args.claim_lease_seconds.max(1)),
+        ..options
+    };
     let handler = Arc::new(Handler::new(
         config.clone(),
         Arc::new(limiters),
