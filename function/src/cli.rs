@@ -33,8 +33,10 @@ pub fn init_tracing() {
     let json = ["AWS_LAMBDA_LOG_FORMAT", "PACER_LOG_FORMAT"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|f| f.eq_ignore_ascii_case("json")));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -119,7 +119,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
 
     const N: usize = 60;
     for i in 0..N {
-        let body = serde_json::json!({"id": format!("r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")});
+        let body = serde_json::json!({"id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")});
         sqs.send_message()
             .queue_url(&queue_url)
             .message_body(body.to_string())
@@ -127,8 +127,8 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
             .await
             .expect("send");
     }
-    let bad = serde_json::json!({"id": "bad-1", "chain": format!("{ns}/chain"), "prompt": "x", "colour": "red"});
-    let blocked = serde_json::json!({"id": "blocked-1", "chain": format!("{ns}/chain"), "prompt": "something forbidden"});
+    let bad = serde_json::json!({"id": format!("{ns}-bad"), "chain": format!("{ns}/chain"), "prompt": "x", "colour": "red"});
+    let blocked = serde_json::json!({"id": format!("{ns}-blocked"), "chain": format!("{ns}/chain"), "prompt": "something forbidden"});
     for b in [bad, blocked] {
         sqs.send_message()
             .queue_url(&queue_url)
@@ -152,8 +152,8 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     // Everything ends with a record; messages of the killed worker come back and complete.
     let start = Instant::now();
     let ids: Vec<String> = (0..N)
-        .map(|i| format!("r{i}"))
-        .chain(["bad-1".into(), "blocked-1".into()])
+        .map(|i| format!("{ns}-r{i}"))
+        .chain([format!("{ns}-bad"), format!("{ns}-blocked")])
         .collect();
     loop {
         let mut missing = 0;
@@ -173,7 +173,9 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     }
 
     for i in 0..N {
-        let r = result(&mut redis, &format!("r{i}")).await.expect("record");
+        let r = result(&mut redis, &format!("{ns}-r{i}"))
+            .await
+            .expect("record");
         assert_eq!(r["status"], "succeeded", "r{i}: {r}");
         assert_eq!(r["model"], MODEL);
         let location = r["images"][0].as_str().expect("image location");
@@ -194,13 +196,15 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
             "the API key leaked into a record"
         );
     }
-    let bad = result(&mut redis, "bad-1").await.expect("bad record");
+    let bad = result(&mut redis, &format!("{ns}-bad"))
+        .await
+        .expect("bad record");
     assert_eq!(bad["status"], "failed");
     assert!(
         bad["error"].as_str().unwrap_or_default().contains("colour"),
         "{bad}"
     );
-    let blocked = result(&mut redis, "blocked-1")
+    let blocked = result(&mut redis, &format!("{ns}-blocked"))
         .await
         .expect("blocked record");
     assert_eq!(blocked["status"], "failed");
@@ -235,7 +239,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     );
 
     // A redelivered message is acknowledged without calling the provider again.
-    let again = serde_json::json!({"id": "r7", "chain": format!("{ns}/chain"), "prompt": "a lighthouse, take 7"});
+    let again = serde_json::json!({"id": format!("{ns}-r7"), "chain": format!("{ns}/chain"), "prompt": "a lighthouse, take 7"});
     sqs.send_message()
         .queue_url(&queue_url)
         .message_body(again.to_string())

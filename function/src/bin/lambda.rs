@@ -14,6 +14,7 @@ struct Settings {
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
+    let started = std::time::Instant::now();
     pacer::cli::init_tracing();
     let settings = Settings::parse();
     let replica = runtime::build(&settings.runtime, None, HandlerOptions::default()).await?;
@@ -22,6 +23,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         replica.handler,
         aws_sdk_sqs::Client::new(&aws),
     ));
+    // The cold start's own share (Lambda adds the runtime's start and the download).
+    tracing::info!(
+        init_ms = started.elapsed().as_millis() as u64,
+        "pacer-lambda initialized"
+    );
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<aws_lambda_events::event::sqs::SqsEvent>| {
             let handler = handler.clone();
