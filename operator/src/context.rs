@@ -1,0 +1,132 @@
+//! What every reconcile shares: clients, the config store, the limiter, metrics.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use kube::runtime::{
+    controller::Action,
+    events::{Event, Recorder},
+};
+use pacer_core::{config::ConfigStore, limiter::redis::RedisLimiter};
+
+use crate::{conditions::Transition, http::Health, metrics::Metrics};
+
+/// Field manager of the operator's server-side applies.
+pub(crate) const MANAGER: &str = "pacer-operator";
+/// The finalizer that removes an object's config from Redis before it goes.
+pub(crate) const FINALIZER: &str = "pacer.dev/config";
+
+pub(crate) struct Context {
+    pub client: kube::Client,
+    pub store: ConfigStore,
+    pub limiter: RedisLimiter,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub resync: Duration,
+    pub usage_refresh: Duration,
+    /// Consecutive failures per object, for the error policy's backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    /// When each pool's usage was last read, so status patches (which trigger another
+    /// reconcile) do not turn into a tight loop while usage keeps moving.
+    usage_read: Mutex<HashMap<String, Instant>>,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: kube::Client,
+        store: ConfigStore,
+        limiter: RedisLimiter,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        resync: Duration,
+        usage_refresh: Duration,
+    ) -> Context {
+        Context {
+            client,
+            store,
+            limiter,
+            recorder,
+            metrics,
+            health,
+            resync,
+            usage_refresh,
+            failures: Mutex::default(),
+            usage_read: Mutex::default(),
+        }
+    }
+
+    pub fn redis_ok(&self, ok: bool) {
+        self.health.redis_ok.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Exponential backoff per object: 1 s, 2 s, 4 s … capped at 5 minutes.
+    pub fn backoff(&self, key: &str) -> Action {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_owned()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        let secs = 1u64 << n.saturating_sub(1).min(9);
+        Action::requeue(Duration::from_secs(secs.min(300)))
+    }
+
+    /// Whether it is time to read this pool's usage again (and note that it is read now).
+    pub fn usage_due(&self, key: &str, force: bool) -> bool {
+        let Ok(mut m) = self.usage_read.lock() else {
+            return true;
+        };
+        let due = force
+            || m.get(key)
+                .is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= self.usage_refresh);
+        if due {
+            m.insert(key.to_owned(), Instant::now());
+        }
+        due
+    }
+
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut m) = self.usage_read.lock() {
+            m.remove(key);
+        }
+        self.succeeded(key);
+    }
+
+    /// One Event per condition transition. Failing to record one is logged, not fatal.
+    pub async fn publish(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        transitions: &[Transition],
+    ) {
+        for t in transitions {
+            let event = Event {
+                type_: t.event_type(),
+                reason: t.reason.clone(),
+                note: Some(format!(
+                    "{} is {}: {}",
+                    t.type_,
+                    if t.status { "True" } else { "False" },
+                    t.message
+                )),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, reference).await {
+                tracing::warn!(error = %e, reason = %t.reason, "recording an Event failed");
+            }
+        }
+    }
+}

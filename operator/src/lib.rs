@@ -1,0 +1,278 @@
+//! Pacer's Kubernetes operator: turns `QuotaPool` and `ModelChain` resources into the
+//! compiled configuration every replica reads from Redis, and reports live usage and
+//! health where platform teams look (`kubectl get`, `describe`, Events, Prometheus).
+//!
+//! - [`args`]: the settings ([`RunArgs`]), every flag also an environment variable.
+//! - `pool`, `chain`: the two reconcilers (compile with [`pacer_crds::compile`], write with
+//!   [`pacer_core::config::ConfigStore`], status by server-side apply, a finalizer that
+//!   removes an object's config from Redis on delete).
+//! - `conditions`: conditions that keep their transition time, and Events on transitions.
+//! - [`metrics`]: Prometheus metrics; `http`: `/metrics`, `/healthz`, `/readyz`.
+//! - [`Operator`]: connects, serves HTTP, takes the leader Lease, runs both controllers
+//!   until shutdown.
+//!
+//! The shape follows kube-rs/controller-rs: `reconcile` + `error_policy` per kind, errors
+//! requeue with backoff per object and never stop the loop.
+pub mod args;
+mod chain;
+mod conditions;
+mod context;
+pub mod error;
+mod http;
+pub mod metrics;
+mod pool;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use kube::{
+    Api, ResourceExt,
+    runtime::{
+        Controller,
+        events::{Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use kube_lease_manager::LeaseManagerBuilder;
+use pacer_core::{
+    config::ConfigStore,
+    limiter::redis::{RedisLimiter, RedisOptions},
+};
+use pacer_crds::{ModelChain, QuotaPool};
+use tokio_util::sync::CancellationToken;
+
+pub use args::RunArgs;
+pub use error::{Error, Result};
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+use crate::{context::Context, http::Health, metrics::Metrics};
+
+/// A started operator: Redis connected, HTTP serving; [`Operator::run`] does the work.
+pub struct Operator {
+    ctx: Arc<Context>,
+    args: RunArgs,
+    metrics_addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl Operator {
+    /// Connects to Redis (retrying until it answers or `shutdown`) and starts the HTTP server.
+    pub async fn start(
+        client: kube::Client,
+        args: RunArgs,
+        shutdown: CancellationToken,
+    ) -> Result<Operator> {
+        let metrics = Arc::new(Metrics::default());
+        let health = Arc::new(Health::default());
+        let metrics_addr = http::serve(
+            args.metrics_addr,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
+
+        let redis = connect_redis(&args.redis_url, &shutdown).await?;
+        health
+            .redis_ok
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "pacer-operator".into(),
+                instance: Some(identity),
+            },
+        );
+        let ctx = Arc::new(Context::new(
+            client,
+            ConfigStore::new(redis.clone()),
+            RedisLimiter::from_manager(redis, RedisOptions::default()),
+            recorder,
+            metrics,
+            health,
+            args.resync(),
+            args.usage_refresh(),
+        ));
+        Ok(Operator {
+            ctx,
+            args,
+            metrics_addr,
+            shutdown,
+        })
+    }
+
+    /// Where `/metrics` and the health endpoints are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Runs until `shutdown` (Ok) or until the leader Lease is lost (Err: exit and restart,
+    /// so a stale leader never writes).
+    pub async fn run(self) -> Result<()> {
+        if !self.args.leader_elect {
+            self.controllers(self.shutdown.clone()).await;
+            return Ok(());
+        }
+        let client = self.ctx.client.clone();
+        let namespace = self
+            .args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let identity = self.args.identity.clone().unwrap_or_else(default_identity);
+        let duration = self.args.lease_duration_seconds.max(3);
+        let manager = LeaseManagerBuilder::new(client, &self.args.lease_name)
+            .with_namespace(&namespace)
+            .with_identity(&identity)
+            .with_duration(duration)
+            .with_grace((duration / 3).max(1))
+            .build()
+            .await?;
+        let (mut leading, task) = manager.watch().await;
+        tracing::info!(lease = %self.args.lease_name, %namespace, %identity, "waiting for the leader Lease");
+        loop {
+            if *leading.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    drop(leading);
+                    release(task).await;
+                    return Ok(());
+                }
+                changed = leading.changed() => if changed.is_err() {
+                    return Err(Error::LostLease);
+                }
+            }
+        }
+        tracing::info!("leading: starting the controllers");
+        self.ctx.metrics.leader.set(1);
+        let stop = self.shutdown.child_token();
+        let controllers = self.controllers(stop.clone());
+        tokio::pin!(controllers);
+        let outcome = tokio::select! {
+            _ = &mut controllers => Ok(()),
+            _ = async {
+                while leading.changed().await.is_ok() {
+                    if !*leading.borrow_and_update() { break; }
+                }
+            } => {
+                tracing::error!("lost the leader Lease; stopping");
+                stop.cancel();
+                controllers.await;
+                Err(Error::LostLease)
+            }
+        };
+        self.ctx.metrics.leader.set(0);
+        drop(leading);
+        release(task).await;
+        outcome
+    }
+
+    /// Both controllers, until `stop`; in-flight reconciles finish first.
+    async fn controllers(&self, stop: CancellationToken) {
+        let client = self.ctx.client.clone();
+        let (pools, chains): (Api<QuotaPool>, Api<ModelChain>) = match &self.args.watch_namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client)),
+        };
+        let wc = watcher::Config::default().any_semantic();
+        let pool_loop = Controller::new(pools.clone(), wc.clone())
+            .graceful_shutdown_on(stop.clone().cancelled_owned())
+            .run(pool::reconcile, pool::error_policy, self.ctx.clone())
+            .for_each(log_outcome);
+
+        let chain_controller = Controller::new(chains, wc.clone());
+        let chain_store = chain_controller.store();
+        // A pool's change (or appearance) re-checks the chains that name it.
+        let chain_loop = chain_controller
+            .watches(pools, wc, move |pool: QuotaPool| {
+                let ns = pool.namespace();
+                let name = pool.name_any();
+                chain_store
+                    .state()
+                    .into_iter()
+                    .filter(|c| c.namespace() == ns && c.spec.pool == name)
+                    .map(|c| ObjectRef::from_obj(&*c))
+                    .collect::<Vec<_>>()
+            })
+            .graceful_shutdown_on(stop.cancelled_owned())
+            .run(chain::reconcile, chain::error_policy, self.ctx.clone())
+            .for_each(log_outcome);
+        tokio::join!(pool_loop, chain_loop);
+        tracing::info!("controllers stopped");
+    }
+}
+
+/// Builds a client from kube's usual inference and runs the operator until `shutdown`.
+pub async fn run(args: RunArgs, shutdown: CancellationToken) -> Result<()> {
+    let client = kube::Client::try_default().await?;
+    Operator::start(client, args, shutdown).await?.run().await
+}
+
+async fn log_outcome<K, E: std::fmt::Display>(r: Result<K, E>) {
+    if let Err(e) = r {
+        // Object errors were logged by the error policy; this adds the queue's view.
+        tracing::debug!(error = %e, "reconcile outcome");
+    }
+}
+
+async fn release(
+    task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+) {
+    // Handing the Lease back lets a standby take over at once instead of after expiry.
+    match task.await {
+        Ok(Ok(manager)) => {
+            if let Err(e) = manager.release().await {
+                tracing::warn!(error = %e, "releasing the leader Lease failed");
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "leader election ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "leader election task failed"),
+    }
+}
+
+async fn connect_redis(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> Result<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url)
+        .map_err(|e| Error::Config(pacer_core::config::ConfigError::Redis(e)))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match client
+            .get_connection_manager_with_config(config.clone())
+            .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "Redis unreachable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        return Err(Error::Config(pacer_core::config::ConfigError::Redis(e)));
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pacer-operator-{}", std::process::id()))
+}
