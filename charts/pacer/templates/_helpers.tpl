@@ -25,3 +25,36 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "pacer.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
+
+{{/* PACER_REDIS_URL from a Secret or a plain value. */}}
+{{- define "pacer.redisEnv" -}}
+- name: PACER_REDIS_URL
+  {{- if .Values.redis.existingSecret.name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret.name }}
+      key: {{ .Values.redis.existingSecret.key }}
+  {{- else }}
+  value: {{ .Values.redis.url | quote }}
+  {{- end }}
+{{- end -}}
+
+{{/* Namespaces whose Secrets the operator may get. */}}
+{{- define "pacer.secretNamespaces" -}}
+{{- if .Values.operator.secretNamespaces -}}
+{{- toJson .Values.operator.secretNamespaces -}}
+{{- else -}}
+{{- toJson (list .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* maxReplicaCount: given, or what the pool's requests per minute can keep busy. */}}
+{{- define "pacer.workerMaxReplicas" -}}
+{{- $k := .Values.worker.keda -}}
+{{- if gt (int $k.maxReplicaCount) 0 -}}
+{{- $k.maxReplicaCount -}}
+{{- else -}}
+{{- $per := max 1 (int $k.requestsPerMinutePerReplica) -}}
+{{- max 1 (div (add (int $k.poolRequestsPerMinute) (sub $per 1)) $per) -}}
+{{- end -}}
+{{- end -}}
