@@ -130,3 +130,65 @@ impl Rig {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
     }
 }
+
+/// Applies both CRDs (server-side, forced) and waits until the apiserver serves them.
+pub async fn install_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::{
+        Api, CustomResourceExt, ResourceExt,
+        api::{Patch, PatchParams},
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("pacer-tests").force();
+    for crd in [pacer_crds::QuotaPool::crd(), pacer_crds::ModelChain::crd()] {
+        let name = crd.name_any();
+        crds.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        let established = kube::runtime::wait::await_condition(
+            crds.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(30), established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not established within 30 s"))
+            .unwrap_or_else(|e| panic!("watch CRD {name}: {e}"));
+    }
+}
+
+/// Creates a namespace (the rig's apiserver never finishes deleting one: leave it).
+pub async fn create_namespace(client: &kube::Client, name: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(name.to_owned());
+    api.create(&Default::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+}
+
+/// Runs `kubectl` with `stdin`, returning (success, stdout, stderr).
+pub fn kubectl(rig: &Rig, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = rig.tool("KUBECTL");
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run kubectl");
+    if let Some(mut pipe) = child.stdin.take() {
+        pipe.write_all(stdin.unwrap_or("").as_bytes())
+            .expect("write kubectl stdin");
+    }
+    let out = child.wait_with_output().expect("wait for kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("version difference") && !l.starts_with("WARNING: version"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}

@@ -1,37 +1,8 @@
 //! The rig's kube-apiserver is real: Pacer's CRDs install, and a QuotaPool round-trips.
-use std::time::Duration;
-
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
-use kube::{
-    Api, CustomResourceExt, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
-};
-use pacer_crds::{ModelChain, ModelLimits, QuotaPool, QuotaPoolSpec, Tier};
-use pacer_tests::Rig;
-
-/// Applies both CRDs and waits until the apiserver serves them.
-pub async fn install_crds(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = PatchParams::apply("pacer-tests").force();
-    for crd in [QuotaPool::crd(), ModelChain::crd()] {
-        let name = crd.name_any();
-        crds.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .expect("apply CRD");
-        let established = kube::runtime::wait::await_condition(
-            crds.clone(),
-            &name,
-            kube::runtime::wait::conditions::is_crd_established(),
-        );
-        tokio::time::timeout(Duration::from_secs(30), established)
-            .await
-            .expect("CRD established within 30 s")
-            .expect("watch CRD");
-    }
-}
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{Api, api::PostParams};
+use pacer_crds::{ModelLimits, QuotaPool, QuotaPoolSpec, Tier};
+use pacer_tests::{Rig, install_crds};
 
 #[tokio::test]
 async fn quota_pool_crd_applies_and_round_trips() {
