@@ -1,0 +1,388 @@
+//! The operator, run in-process out of cluster against the rig's apiserver and Redis:
+//! pools and chains compile into Redis, a `kubectl apply` changing a limit reaches Redis
+//! within 2 s, status shows Ready and live usage read from the limiter, config Redis lost
+//! comes back within a resync, bad chains report why (and do not stop the others), Events
+//! and metrics appear, and deleting a pool removes its config.
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
+use kube::{Api, api::ListParams};
+use pacer_core::{
+    config::ConfigStore,
+    limiter::{Limiter, QuotaKey, redis::RedisLimiter},
+    quota::Costs,
+};
+use pacer_crds::{ModelChain, QuotaPool};
+use pacer_operator::{Operator, RunArgs, Shutdown};
+use pacer_tests::{Rig, create_namespace, install_crds, kubectl};
+
+fn pool_yaml(project: &str, rpm: u64) -> String {
+    format!(
+        r#"apiVersion: pacer.dev/v1alpha1
+kind: QuotaPool
+metadata:
+  name: images
+spec:
+  project: {project}
+  tier: Tier1
+  headroomPercent: 0
+  models:
+    - name: gemini-3-pro-image
+      rpm: {rpm}
+      rpd: 250
+    - name: gemini-3.1-flash-image
+  apiKeySecret:
+    name: gemini-api-key
+"#
+    )
+}
+
+const CHAIN: &str = r#"apiVersion: pacer.dev/v1alpha1
+kind: ModelChain
+metadata:
+  name: thumbnails
+spec:
+  pool: images
+  steps:
+    - model: gemini-3.1-flash-image
+      maxWaitSeconds: 10
+    - model: gemini-3-pro-image
+"#;
+
+const CHAIN_BAD_MODEL: &str = r#"apiVersion: pacer.dev/v1alpha1
+kind: ModelChain
+metadata:
+  name: imagen
+spec:
+  pool: images
+  steps:
+    - model: imagen-4.0-generate
+"#;
+
+const CHAIN_NO_POOL: &str = r#"apiVersion: pacer.dev/v1alpha1
+kind: ModelChain
+metadata:
+  name: orphan
+spec:
+  pool: nowhere
+  steps:
+    - model: gemini-3-pro-image
+"#;
+
+/// Polls `check` every 20 ms until it returns Some or `within` passes.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn condition(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<(String, String)> {
+    conds
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_pools_and_chains_into_redis() {
+    let rig = Rig::load();
+    let client = rig.kube().await;
+    install_crds(&client).await;
+    let ns = Rig::unique("op-e2e");
+    create_namespace(&client, &ns).await;
+    let redis_url = rig.get("REDIS_URL");
+    let store = ConfigStore::connect(&redis_url).await.expect("redis");
+    let mut secret = Secret::default();
+    secret.metadata.name = Some("gemini-api-key".into());
+    secret.string_data = Some([("api-key".to_owned(), "not-a-real-key".to_owned())].into());
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &secret)
+        .await
+        .expect("create Secret");
+
+    let mut args = RunArgs::new(&redis_url);
+    args.watch_namespace = Some(ns.clone());
+    args.resync_seconds = 2;
+    args.usage_refresh_seconds = 1;
+    let shutdown = Shutdown::new();
+    let operator = Operator::start(client.clone(), args, shutdown.clone())
+        .await
+        .expect("start operator");
+    let metrics_addr = operator.metrics_addr();
+    let running = tokio::spawn(operator.run());
+
+    // A pool and a chain compile into Redis.
+    let project = Rig::unique("proj");
+    let pool_key = format!("{ns}/images");
+    let chain_key = format!("{ns}/thumbnails");
+    let (ok, _, err) = kubectl(
+        &rig,
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&pool_yaml(&project, 20)),
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(CHAIN));
+    assert!(ok, "{err}");
+    eventually(
+        Duration::from_secs(10),
+        "pool and chain in Redis",
+        || async {
+            let cfg = store.load().await.ok()?;
+            let pool = cfg.pools.get(&pool_key)?;
+            cfg.chains.get(&chain_key)?;
+            (pool.models.get("gemini-3-pro-image")?.rpm == Some(20)).then_some(())
+        },
+    )
+    .await;
+    let cfg = store.load().await.expect("load");
+    let pool = &cfg.pools[&pool_key];
+    assert_eq!(pool.project, project);
+    assert_eq!(
+        pool.api_key_ref.as_deref(),
+        Some(format!("{ns}/gemini-api-key#api-key").as_str())
+    );
+    assert!(
+        pool.models["gemini-3.1-flash-image"].rpm.is_some(),
+        "the tier table filled the flash model's rpm"
+    );
+    let (chain, _) = cfg.chain(&chain_key).expect("chain resolves to its pool");
+    assert_eq!(chain.steps.len(), 2);
+
+    // Status: Ready, observedGeneration, printer column data.
+    let pools: Api<QuotaPool> = Api::namespaced(client.clone(), &ns);
+    let chains: Api<ModelChain> = Api::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(10), "pool Ready", || async {
+        let p = pools.get("images").await.ok()?;
+        let s = p.status?;
+        (condition(&s.conditions, "Ready") == Some(("True".into(), "Compiled".into()))
+            && s.observed_generation == p.metadata.generation
+            && s.model_count == Some(2)
+            && s.requests.is_some())
+        .then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "chain Ready", || async {
+        let s = chains.get("thumbnails").await.ok()?.status?;
+        (condition(&s.conditions, "Ready")?.0 == "True"
+            && s.resolved.as_deref() == Some("gemini-3.1-flash-image → gemini-3-pro-image"))
+        .then_some(())
+    })
+    .await;
+
+    // kubectl apply changing a limit reaches Redis within 2 s.
+    let (ok, _, err) = kubectl(
+        &rig,
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&pool_yaml(&project, 30)),
+    );
+    let applied = Instant::now();
+    assert!(ok, "{err}");
+    eventually(Duration::from_secs(2), "changed rpm in Redis", || async {
+        let cfg = store.load().await.ok()?;
+        (cfg.pools
+            .get(&pool_key)?
+            .models
+            .get("gemini-3-pro-image")?
+            .rpm
+            == Some(30))
+        .then_some(())
+    })
+    .await;
+    println!("apply -> Redis latency: {:?}", applied.elapsed());
+
+    // Live usage from the limiter shows in status while requests are booked.
+    let limiter = RedisLimiter::connect(&redis_url, Default::default())
+        .await
+        .expect("limiter");
+    let cfg = store.load().await.expect("load");
+    let quota = cfg.pools[&pool_key]
+        .model_quota("gemini-3-pro-image")
+        .expect("quota");
+    let key = QuotaKey::new(&project, "gemini-3-pro-image");
+    for i in 0..24 {
+        limiter
+            .acquire(
+                &key,
+                &quota,
+                &format!("req-{i}"),
+                Costs::new(1, 0, 0, 0),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("acquire");
+    }
+    let usage_at = Instant::now();
+    let status = eventually(Duration::from_secs(5), "usage in status", || async {
+        let s = pools.get("images").await.ok()?.status?;
+        let pro = s.models.iter().find(|m| m.name == "gemini-3-pro-image")?;
+        let req = pro.dimensions.iter().find(|d| d.dimension == "requests")?;
+        (req.used == 24 && req.limit == Some(30)).then_some(s)
+    })
+    .await;
+    println!("usage -> status latency: {:?}", usage_at.elapsed());
+    assert_eq!(status.requests.as_deref(), Some("24/30"));
+    assert_eq!(
+        condition(&status.conditions, "NearLimit"),
+        Some(("True".into(), "AboveThreshold".into())),
+        "24/30 is above the default 80% alert threshold"
+    );
+
+    // Bad chains say why, and do not stop the others.
+    for doc in [CHAIN_BAD_MODEL, CHAIN_NO_POOL] {
+        let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(doc));
+        assert!(ok, "{err}");
+    }
+    for (name, reason) in [("imagen", "ModelNotInPool"), ("orphan", "PoolNotFound")] {
+        eventually(Duration::from_secs(10), reason, || async {
+            let s = chains.get(name).await.ok()?.status?;
+            (condition(&s.conditions, "Ready") == Some(("False".into(), reason.into())))
+                .then_some(())
+        })
+        .await;
+    }
+
+    // Redis loses the config (flush, restart): it is back within a resync (2 s here).
+    let mut conn = rig.redis().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(pacer_core::config::POOLS_KEY)
+        .arg(&pool_key)
+        .query_async(&mut conn)
+        .await
+        .expect("HDEL");
+    let lost = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "config rewritten after loss",
+        || async { store.load().await.ok()?.pools.get(&pool_key).map(|_| ()) },
+    )
+    .await;
+    println!("config lost -> rewritten: {:?}", lost.elapsed());
+
+    // Events on transitions, and metrics.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in [
+        "Compiled",
+        "AboveThreshold",
+        "ModelNotInPool",
+        "PoolNotFound",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "no {want} Event: {reasons:?}"
+        );
+    }
+    let text = http_get(metrics_addr, "/metrics").await;
+    assert!(
+        text.contains("pacer_operator_reconciles_total{kind=\"quotapool\"}"),
+        "{text}"
+    );
+    assert!(text.contains("pacer_operator_usage_ratio{"), "{text}");
+    assert!(
+        http_get(metrics_addr, "/readyz")
+            .await
+            .starts_with("HTTP/1.0 200")
+            || http_get(metrics_addr, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200")
+    );
+
+    // Deleting the pool removes its config (the finalizer runs first).
+    let (ok, _, err) = kubectl(
+        &rig,
+        &[
+            "delete",
+            "quotapool",
+            "images",
+            "-n",
+            &ns,
+            "--wait=true",
+            "--timeout=20s",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        store
+            .load()
+            .await
+            .expect("load")
+            .pools
+            .get(&pool_key)
+            .is_none(),
+        "the pool's config outlived the pool"
+    );
+    // The chain that used it now reports the missing pool.
+    eventually(
+        Duration::from_secs(10),
+        "chain notices its pool is gone",
+        || async {
+            let s = chains.get("thumbnails").await.ok()?.status?;
+            (condition(&s.conditions, "Ready") == Some(("False".into(), "PoolNotFound".into())))
+                .then_some(())
+        },
+    )
+    .await;
+    let (ok, _, err) = kubectl(
+        &rig,
+        &[
+            "delete",
+            "modelchains",
+            "--all",
+            "-n",
+            &ns,
+            "--wait=true",
+            "--timeout=20s",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        store
+            .load()
+            .await
+            .expect("load")
+            .chains
+            .get(&chain_key)
+            .is_none()
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("operator stops within 10 s of shutdown")
+        .expect("join")
+        .expect("operator ends cleanly");
+}
