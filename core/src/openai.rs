@@ -116,10 +116,11 @@ pub fn parse_retry_after(
     retry_after: Option<&str>,
     retry_after_ms: Option<&str>,
 ) -> Option<Duration> {
-    if let Some(ms) = retry_after_ms.and_then(|v| v.trim().parse::<f64>().ok()) {
-        if let Ok(d) = Duration::try_from_secs_f64(ms / 1000.0) {
-            return Some(d);
-        }
+    if let Some(d) = retry_after_ms
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+    {
+        return Some(d);
     }
     let v = retry_after?.trim();
     if let Ok(secs) = v.parse::<f64>() {

@@ -236,12 +236,10 @@ impl ModelQuota {
     /// Counts the request if every dimension has room (all or nothing); otherwise returns
     /// every exceeded dimension.
     pub fn arrive(&mut self, now: Timestamp, costs: Costs) -> Result<(), Vec<Exceeded>> {
-        let now_us = i64::try_from(now.as_microsecond()).unwrap_or(i64::MAX);
+        let now_us = now.as_microsecond();
         if now_us >= self.daily.day_end {
             let next = pacer_core::pacific::next_midnights(now, 1);
-            self.daily.day_end = next.first().map_or(i64::MAX, |t| {
-                i64::try_from(t.as_microsecond()).unwrap_or(i64::MAX)
-            });
+            self.daily.day_end = next.first().map_or(i64::MAX, |t| t.as_microsecond());
             self.daily.count = 0;
         }
         let mut exceeded = Vec::new();
@@ -259,15 +257,15 @@ impl ModelQuota {
                 }
             }
         }
-        if let Some(limit) = self.daily.limit {
-            if self.daily.count + 1 > limit {
-                let left = (self.daily.day_end - now_us).max(0);
-                exceeded.push(Exceeded {
-                    dim: Dim::Rpd,
-                    limit,
-                    retry_in: Duration::from_micros(u64::try_from(left).unwrap_or(0)),
-                });
-            }
+        if let Some(limit) = self.daily.limit
+            && self.daily.count + 1 > limit
+        {
+            let left = (self.daily.day_end - now_us).max(0);
+            exceeded.push(Exceeded {
+                dim: Dim::Rpd,
+                limit,
+                retry_in: Duration::from_micros(u64::try_from(left).unwrap_or(0)),
+            });
         }
         if !exceeded.is_empty() {
             for e in &exceeded {

@@ -227,16 +227,14 @@ fn generation_config(v: &Value, model: &ModelSpec, parsed: &mut Parsed) -> Resul
                 }
                 parsed.text_too = text;
             }
-            "candidate_count" => {
-                if v.as_u64().is_some_and(|n| n > 1) {
-                    return Err(Violation {
-                        field: here,
-                        message: format!(
-                            "Multiple candidates is not enabled for models/{}",
-                            model.name
-                        ),
-                    });
-                }
+            "candidate_count" if v.as_u64().is_some_and(|n| n > 1) => {
+                return Err(Violation {
+                    field: here,
+                    message: format!(
+                        "Multiple candidates is not enabled for models/{}",
+                        model.name
+                    ),
+                });
             }
             "image_config" => {
                 for (name, v) in fields(v, &here, IMAGE_CONFIG, "ImageConfig")? {

@@ -293,7 +293,7 @@ pub fn format_go_duration(d: Duration) -> String {
         return "0s".to_owned();
     }
     if secs == 0 {
-        if nanos % 1_000_000 == 0 {
+        if nanos.is_multiple_of(1_000_000) {
             return format!("{}ms", nanos / 1_000_000);
         }
         let frac = format!("{:06}", nanos % 1_000_000);
