@@ -335,13 +335,12 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
     );
     assert!(ok, "{err}");
     assert!(
-        store
+        !store
             .load()
             .await
             .expect("load")
             .pools
-            .get(&pool_key)
-            .is_none(),
+            .contains_key(&pool_key),
         "the pool's config outlived the pool"
     );
     // The chain that used it now reports the missing pool.
@@ -370,13 +369,12 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
     );
     assert!(ok, "{err}");
     assert!(
-        store
+        !store
             .load()
             .await
             .expect("load")
             .chains
-            .get(&chain_key)
-            .is_none()
+            .contains_key(&chain_key)
     );
 
     shutdown.cancel();
@@ -385,4 +383,226 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
         .expect("operator stops within 10 s of shutdown")
         .expect("join")
         .expect("operator ends cleanly");
+}
+
+/// A Redis of this test's own (the rig's is shared), so it can be stopped and restarted.
+struct OwnRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package; `tests/rig/install`)");
+        std::thread::sleep(Duration::from_millis(300));
+        OwnRedis {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Redis going away shows as Degraded (naming the failure mode in force) without
+/// crashing the loop; when it comes back (empty, as after a restart) the config is
+/// rewritten within a resync and Degraded clears. Two replicas with leader election:
+/// only the Lease holder reconciles, and the standby takes over when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
+    let rig = Rig::load();
+    let client = rig.kube().await;
+    install_crds(&client).await;
+    let ns = Rig::unique("op-outage");
+    create_namespace(&client, &ns).await;
+    let mut redis = OwnRedis::start(free_port());
+
+    let start_replica = |identity: &str| {
+        let mut args = RunArgs::new(redis.url());
+        args.watch_namespace = Some(ns.clone());
+        args.resync_seconds = 1;
+        args.leader_elect = true;
+        args.lease_name = format!("pacer-{ns}");
+        args.lease_namespace = Some(ns.clone());
+        args.lease_duration_seconds = 6;
+        args.identity = Some(identity.to_owned());
+        let client = client.clone();
+        async move {
+            let shutdown = Shutdown::new();
+            let op = Operator::start(client, args, shutdown.clone())
+                .await
+                .expect("start");
+            let metrics = op.metrics_addr();
+            (shutdown, metrics, tokio::spawn(op.run()))
+        }
+    };
+    let (stop_a, metrics_a, run_a) = start_replica("replica-a").await;
+    // Give replica a the Lease first, then start the standby.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop_b, metrics_b, run_b) = start_replica("replica-b").await;
+
+    let yaml = pool_yaml(&Rig::unique("proj"), 20).replace(
+        "  apiKeySecret:\n    name: gemini-api-key\n",
+        "  failureMode: local\n  expectedReplicas: 4\n",
+    );
+    let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+    let pools: Api<QuotaPool> = Api::namespaced(client.clone(), &ns);
+    let ready = |want: &'static str| {
+        let pools = pools.clone();
+        move || {
+            let pools = pools.clone();
+            async move {
+                let s = pools.get("images").await.ok()?.status?;
+                (condition(&s.conditions, "Ready")?.0 == want).then_some(s)
+            }
+        }
+    };
+    eventually(Duration::from_secs(15), "pool Ready", ready("True")).await;
+    let leader = |addr| async move {
+        http_get(addr, "/metrics")
+            .await
+            .lines()
+            .any(|l| l.trim() == "pacer_operator_leader 1")
+    };
+    assert!(leader(metrics_a).await, "replica a leads");
+    assert!(
+        !leader(metrics_b).await,
+        "replica b stands by: {}",
+        http_get(metrics_b, "/metrics").await
+    );
+
+    // Redis goes away: Degraded, with the failure mode in force; the loop keeps running.
+    redis.stop();
+    let s = eventually(Duration::from_secs(15), "Degraded", || async {
+        let s = pools.get("images").await.ok()?.status?;
+        (condition(&s.conditions, "Degraded")?.0 == "True").then_some(s)
+    })
+    .await;
+    let degraded = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded");
+    assert_eq!(degraded.reason, "RedisUnavailable");
+    assert!(
+        degraded.message.contains("failureMode local"),
+        "{}",
+        degraded.message
+    );
+    assert!(!run_a.is_finished(), "the operator died with Redis");
+
+    // Redis is back, empty: the config is rewritten and Degraded clears.
+    let redis = OwnRedis::start(redis.port);
+    let store = ConfigStore::connect(&redis.url())
+        .await
+        .expect("redis back");
+    eventually(
+        Duration::from_secs(20),
+        "config rewritten after restart",
+        || async {
+            store
+                .load()
+                .await
+                .ok()?
+                .pools
+                .get(&format!("{ns}/images"))
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(15), "Degraded cleared", || async {
+        let s = pools.get("images").await.ok()?.status?;
+        (condition(&s.conditions, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+
+    // The leader stops (and hands back the Lease): the standby takes over and reconciles.
+    stop_a.cancel();
+    tokio::time::timeout(Duration::from_secs(15), run_a)
+        .await
+        .expect("replica a stops")
+        .expect("join")
+        .expect("replica a ends cleanly");
+    let handover = Instant::now();
+    eventually(Duration::from_secs(15), "standby leads", || async {
+        leader(metrics_b).await.then_some(())
+    })
+    .await;
+    println!("leader handover: {:?}", handover.elapsed());
+    let (ok, _, err) = kubectl(
+        &rig,
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&yaml.replace("rpm: 20", "rpm: 25")),
+    );
+    assert!(ok, "{err}");
+    eventually(
+        Duration::from_secs(5),
+        "standby writes the change",
+        || async {
+            let cfg = store.load().await.ok()?;
+            (cfg.pools
+                .get(&format!("{ns}/images"))?
+                .models
+                .get("gemini-3-pro-image")?
+                .rpm
+                == Some(25))
+            .then_some(())
+        },
+    )
+    .await;
+    let (ok, _, err) = kubectl(
+        &rig,
+        &[
+            "delete",
+            "quotapool",
+            "images",
+            "-n",
+            &ns,
+            "--wait=true",
+            "--timeout=20s",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+
+    stop_b.cancel();
+    tokio::time::timeout(Duration::from_secs(15), run_b)
+        .await
+        .expect("replica b stops")
+        .expect("join")
+        .expect("replica b ends cleanly");
 }
