@@ -87,25 +87,45 @@ local function rebuild(d, target)
 end
 
 -- The earliest start from s0 on at which dimension d's window holds at most need; the
--- second value is false when the walk hit CAP and the time is only a lower bound.
+-- second value is false when the walk hit CAP and the time is only a lower bound. Reads
+-- the log in growing pages: usually the first few entries are enough.
 local function earliest(d, need, s0, w)
   if sum[d] <= need then return s0, true end
-  local left = sum[d]
-  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(cur[d]), '+inf',
-    'WITHSCORES', 'LIMIT', 0, CAP)
-  local n = #items / 2
-  for i = 1, n do
-    local score = tonumber(items[2 * i])
-    left = left - costs_of(items[2 * i - 1])[d]
-    if left <= need then
-      -- Entries with one start leave the window together.
-      local nxt = items[2 * i + 2]
-      if nxt == nil and n == CAP then return score + w, false end
-      if nxt == nil or tonumber(nxt) ~= score then return score + w, true end
-    end
+  local left, walked, offset, size = sum[d], 0, 0, 16
+  local from = '(' .. fmt(cur[d])
+  local function page()
+    return redis.call('ZRANGEBYSCORE', log, from, '+inf', 'WITHSCORES', 'LIMIT', offset, size)
   end
-  if n == 0 then return s0, true end
-  return tonumber(items[2 * n]) + w, false
+  local items = page()
+  while true do
+    local n = #items / 2
+    if n == 0 then return s0, true end
+    local full = n == size
+    local nxt_page = nil
+    local score = 0
+    for i = 1, n do
+      score = tonumber(items[2 * i])
+      left = left - costs_of(items[2 * i - 1])[d]
+      walked = walked + 1
+      if left <= need then
+        -- Entries with one start leave the window together: look at the next one.
+        local nxt = items[2 * i + 2]
+        if nxt == nil and full then
+          offset, size = offset + size, math.min(size * 2, 512)
+          nxt_page = page()
+          nxt = nxt_page[2]
+        end
+        if nxt == nil or tonumber(nxt) ~= score then return score + w, true end
+      end
+    end
+    if not full then return score + w, true end
+    if walked >= CAP then return score + w, false end
+    if not nxt_page then
+      offset, size = offset + size, math.min(size * 2, 512)
+      nxt_page = page()
+    end
+    items = nxt_page
+  end
 end
 
 local function prune()
