@@ -3,6 +3,10 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod demo;
+pub mod generate;
+pub mod loadtest;
+pub mod plot;
 pub mod simulate;
 pub mod worker;
 
@@ -16,6 +20,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the main job on embedded defaults (simulator, in-memory limiter and queue).
+    Demo(demo::DemoArgs),
+    /// Generate one image through the handler (in-process simulator without Redis or a key).
+    Generate(generate::GenerateArgs),
+    /// Drive a fleet of replicas against the limit and report losses, 429s and utilization.
+    Loadtest(loadtest::LoadtestArgs),
     /// Serve a faithful Gemini API simulator (quotas, faults, real PNGs).
     Simulate(simulate::SimulateArgs),
     /// Benchmark a component (`pacer bench limiter`).
@@ -51,6 +61,9 @@ pub fn init_tracing() {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Generate(args) => generate::run(args).await,
+        Command::Loadtest(args) => loadtest::run(args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Worker(args) => worker::run(args).await,
