@@ -159,3 +159,57 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn every_flag_has_help_and_an_env_var() {
+        let cli = Cli::command();
+        let simulate = cli
+            .find_subcommand("simulate")
+            .expect("simulate subcommand");
+        for arg in simulate.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "--{id} has no help");
+            assert!(arg.get_env().is_some(), "--{id} has no env var");
+        }
+    }
+
+    #[test]
+    fn flags_build_the_config() {
+        let cli = Cli::try_parse_from([
+            "pacer",
+            "simulate",
+            "--listen",
+            "127.0.0.1:0",
+            "--limit",
+            "gemini-3-pro-image:rpm=20,tpm=100000,rpd=250",
+            "--key",
+            "acme=k1",
+            "--ghost-429-rate",
+            "0.01",
+            "--block",
+            "gore=IMAGE_SAFETY",
+            "--overload-burst",
+            "60:5",
+        ])
+        .expect("parses");
+        #[allow(unreachable_patterns)]
+        let args = match cli.command {
+            Command::Simulate(args) => args,
+            _ => panic!("not simulate"),
+        };
+        let config = args.config();
+        assert_eq!(config.limits[0].rpm, Some(20));
+        assert_eq!(config.faults.ghost_429, 0.01);
+        assert!(config.faults.overload_burst.is_some());
+        assert!(Cli::try_parse_from(["pacer", "simulate", "--overload-rate", "2"]).is_err());
+    }
+}
