@@ -33,7 +33,7 @@ fn rpm_429_with_help_first() {
             assert_eq!(*quota, QuotaDimension::RequestsPerMinute);
             assert_eq!(quota_id, "GenerateRequestsPerMinutePerProjectPerModel");
             assert_eq!(model.as_deref(), Some("gemini-3-pro-image"));
-            assert_eq!(*retry_delay, Some(Duration::from_secs(45)));
+            assert_eq!(*retry_delay, Some(Duration::new(45, 837_906_927)));
             assert_eq!(violations[0].limit, Some(20));
         }
         other => panic!("{other:?}"),
@@ -70,6 +70,8 @@ fn free_tier_limit_zero_per_day_binds() {
     }
     assert_eq!(e.disposition(), Disposition::NextModel);
     assert!(!e.is_retryable());
+    // RetryInfo says "40s", the message "40.216546s": the longer wins.
+    assert_eq!(e.retry_delay(), Some(Duration::from_micros(40_216_546)));
 }
 
 #[test]

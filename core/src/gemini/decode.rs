@@ -130,10 +130,15 @@ pub fn decode_error(
     let message = error.message.clone();
     match status {
         429 => {
-            let retry_delay = detail::<wire::RetryInfo>(&error, wire::RETRY_INFO)
-                .and_then(|r| parse_proto_duration(&r.retry_delay))
-                .or_else(|| retry_in_message(&message))
-                .or(retry_after);
+            // RetryInfo is often whole seconds, truncated ("40s") while the message says
+            // "Please retry in 40.216546s": take the longer, so a retry is not early.
+            let info = detail::<wire::RetryInfo>(&error, wire::RETRY_INFO)
+                .and_then(|r| parse_proto_duration(&r.retry_delay));
+            let retry_delay = match (info, retry_in_message(&message)) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            }
+            .or(retry_after);
             let violations: Vec<QuotaViolation> =
                 detail::<wire::QuotaFailure>(&error, wire::QUOTA_FAILURE)
                     .map(|q| q.violations)
