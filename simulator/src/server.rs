@@ -477,20 +477,6 @@ async fn model_action(
         }
     };
     let (image_tokens, price) = spec.cost(parsed.image_size.as_deref()).unwrap_or((0, 0));
-    {
-        let credits = sim.credits.lock().unwrap_or_else(|p| p.into_inner());
-        if credits
-            .get(&project)
-            .is_some_and(|left| *left < price.max(1))
-        {
-            return google_error(
-                StatusCode::PAYMENT_REQUIRED,
-                "FAILED_PRECONDITION",
-                "Your prepaid credits are depleted. Please add credits to your billing account to continue.",
-                Vec::new(),
-            );
-        }
-    }
     if let Some(kind) = draw_fault(&sim) {
         sim.with_quota(&project, model, |q| q.fault(kind));
         return fault_response(kind);
@@ -501,16 +487,25 @@ async fn model_action(
         images: 1,
         spend_micros: price,
     };
-    if let Err(exceeded) = sim.with_quota(&project, model, |q| q.arrive(arrival, costs)) {
-        return quota_exceeded(&sim, model, &exceeded);
-    }
-    if let Some(left) = sim
-        .credits
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(&project)
+    // Credit and quota are decided under one lock each, in a fixed order (credits, then
+    // quotas), so concurrent requests cannot overspend a prepaid balance.
     {
-        *left = left.saturating_sub(price);
+        let mut credits = sim.credits.lock().unwrap_or_else(|p| p.into_inner());
+        let left = credits.get_mut(&project);
+        if left.as_deref().is_some_and(|left| *left < price.max(1)) {
+            return google_error(
+                StatusCode::PAYMENT_REQUIRED,
+                "FAILED_PRECONDITION",
+                "Your prepaid credits are depleted. Please add credits to your billing account to continue.",
+                Vec::new(),
+            );
+        }
+        if let Err(exceeded) = sim.with_quota(&project, model, |q| q.arrive(arrival, costs)) {
+            return quota_exceeded(&sim, model, &exceeded);
+        }
+        if let Some(left) = left {
+            *left = left.saturating_sub(price);
+        }
     }
     let wait = latency(&sim);
     if !wait.is_zero() {
