@@ -129,6 +129,12 @@ pub struct CompiledStep {
     pub model: String,
     /// The longest a request waits for capacity on this model before falling through.
     pub max_wait_ms: u64,
+    /// The aspect ratio a request gets on this step when it names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aspect_ratio: Option<String>,
+    /// The image size a request gets on this step when it names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<String>,
 }
 
 /// Full-jitter exponential backoff for overloaded and server errors.
@@ -173,6 +179,9 @@ pub struct CompiledChain {
     /// Higher runs first when requests compete (informational for now).
     #[serde(default)]
     pub priority: i32,
+    /// Requests older than this (since they were sent) fail instead of running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 /// Everything a replica needs, at one version.

@@ -99,15 +99,13 @@ pub fn compile_pool(
                 format!("{:?} is listed twice; list each model once", m.name),
             ));
         }
-        if let (Some(rpd), Some(rpm)) = (m.rpd, m.rpm) {
-            if rpd < rpm {
-                return Err(err(
-                    &at("rpd"),
-                    format!(
-                        "{rpd} requests per day is below {rpm} per minute; raise rpd or lower rpm"
-                    ),
-                ));
-            }
+        if let (Some(rpd), Some(rpm)) = (m.rpd, m.rpm)
+            && rpd < rpm
+        {
+            return Err(err(
+                &at("rpd"),
+                format!("{rpd} requests per day is below {rpm} per minute; raise rpd or lower rpm"),
+            ));
         }
         if let Some(w) = m.window_seconds {
             if w == 0 {
@@ -207,18 +205,18 @@ pub fn compile_chain(
         if step.model.trim().is_empty() {
             return Err(err(&format!("spec.steps[{i}].model"), "is empty".into()));
         }
-        if let Some(pool) = pool {
-            if !pool.has_model(&step.model) {
-                let known: Vec<&str> = pool.models.keys().map(String::as_str).collect();
-                return Err(err(
-                    &format!("spec.steps[{i}].model"),
-                    format!(
-                        "{:?} is not declared in QuotaPool {pool_name} (it has {known:?}); add it \
-                         to the pool or change the step",
-                        step.model
-                    ),
-                ));
-            }
+        if let Some(pool) = pool
+            && !pool.has_model(&step.model)
+        {
+            let known: Vec<&str> = pool.models.keys().map(String::as_str).collect();
+            return Err(err(
+                &format!("spec.steps[{i}].model"),
+                format!(
+                    "{:?} is not declared in QuotaPool {pool_name} (it has {known:?}); add it to \
+                     the pool or change the step",
+                    step.model
+                ),
+            ));
         }
     }
     let r = &spec.retry;
@@ -250,6 +248,12 @@ pub fn compile_chain(
             .map(|s| CompiledStep {
                 model: s.model.clone(),
                 max_wait_ms: u64::from(s.max_wait_seconds) * 1000,
+                aspect_ratio: s.aspect_ratio.clone(),
+                image_size: s.image_size.and_then(|size| {
+                    serde_json::to_value(size)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                }),
             })
             .collect(),
         retry: RetryConfig {
@@ -258,7 +262,8 @@ pub fn compile_chain(
             max_delay_ms: r.max_delay_ms,
         },
         request_timeout_ms: u64::from(spec.request_timeout_seconds) * 1000,
-        priority: 0,
+        priority: spec.priority,
+        deadline_ms: spec.deadline_seconds.map(|s| u64::from(s) * 1000),
     })
 }
 

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
+pub mod bench_worker;
 pub mod demo;
 pub mod generate;
 pub mod loadtest;

@@ -376,8 +376,6 @@ impl Handler {
         attempts: &mut u32,
     ) -> Result<Generated, Miss> {
         let mut image_req = ImageRequest::new(&req.prompt);
-        image_req.aspect_ratio = req.aspect_ratio.clone();
-        image_req.image_size = req.image_size.clone();
         // The earliest time any step could run again, to defer by.
         let mut soonest: Option<Duration> = None;
         let mut reason = DeferReason::Capacity;
@@ -405,7 +403,14 @@ impl Handler {
                 tracing::warn!(model = %step.model, pool = %pool.name, "the chain's model is not in its pool; skipping");
                 continue;
             };
-            let estimate = estimate_costs(&step.model, req);
+            // The request's own options win; the step's defaults fill what it leaves out.
+            image_req.aspect_ratio = req
+                .aspect_ratio
+                .clone()
+                .or_else(|| step.aspect_ratio.clone());
+            image_req.image_size = req.image_size.clone().or_else(|| step.image_size.clone());
+            let estimate =
+                estimate_costs(&step.model, &req.prompt, image_req.image_size.as_deref());
             let mut max_wait = Duration::from_millis(step.max_wait_ms);
             if let Some(deadline) = req.deadline {
                 let left = deadline.duration_since(jiff::Timestamp::now());
@@ -471,7 +476,14 @@ impl Handler {
                 let err = match result {
                     Ok(resp) => {
                         return self
-                            .store(req, key, &step.model, resp, &ticket, limiter.as_ref())
+                            .store(
+                                key,
+                                &step.model,
+                                resp,
+                                &ticket,
+                                limiter.as_ref(),
+                                image_req.image_size.as_deref(),
+                            )
                             .await;
                     }
                     Err(e) => e,
@@ -531,17 +543,18 @@ impl Handler {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn store(
         &self,
-        req: &GenerationRequest,
         key: &str,
         model: &str,
         resp: ImageResponse,
         ticket: &pacer_core::limiter::Ticket,
         limiter: &dyn Limiter,
+        image_size: Option<&str>,
     ) -> Result<Generated, Miss> {
         let usage = resp.usage.unwrap_or_default();
-        let price = image_price(model, req.image_size.as_deref());
+        let price = image_price(model, image_size);
         let actual = Costs::new(1, usage.prompt_tokens, resp.images.len() as u64, price);
         if let Err(e) = limiter.reconcile(ticket, actual).await {
             tracing::warn!(error = %e, "reconciling the booking failed (it ages out with the window)");
@@ -594,16 +607,11 @@ impl Process for Handler {
 
 /// An upper bound of what one image request costs, booked before the call; `reconcile`
 /// corrects it afterwards, so estimates only ever free capacity.
-pub fn estimate_costs(model: &str, req: &GenerationRequest) -> Costs {
+pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<&str>) -> Costs {
     // Gemini tokenises at about 4 characters a token; 2 is a safe upper bound for any
     // script, plus a fixed allowance for the request's framing.
-    let input_tokens = (req.prompt.chars().count() as u64).div_ceil(2) + 64;
-    Costs::new(
-        1,
-        input_tokens,
-        1,
-        image_price(model, req.image_size.as_deref()),
-    )
+    let input_tokens = (prompt.chars().count() as u64).div_ceil(2) + 64;
+    Costs::new(1, input_tokens, 1, image_price(model, image_size))
 }
 
 /// The price of one image in micro-dollars (the largest known when the size is unknown).

@@ -33,6 +33,8 @@ pub struct BenchArgs {
 pub enum BenchTarget {
     /// The global limiter: exactness, utilization and decisions per second.
     Limiter(LimiterBenchArgs),
+    /// How much memory one worker replica needs for many requests in flight.
+    Worker(super::bench_worker::WorkerBenchArgs),
 }
 
 /// The naive alternative to compare with.
@@ -367,7 +369,10 @@ async fn run_once(
 
 /// Runs `pacer bench limiter`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let BenchTarget::Limiter(args) = args.target;
+    let args = match args.target {
+        BenchTarget::Worker(w) => return super::bench_worker::run(w).await,
+        BenchTarget::Limiter(args) => args,
+    };
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
     anyhow::ensure!(
         args.window > 0.0 && args.duration > 0.0,

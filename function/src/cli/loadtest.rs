@@ -318,6 +318,8 @@ pub fn plan_from_limits(
         steps.push(CompiledStep {
             model: l.model.clone(),
             max_wait_ms: max_wait.as_millis() as u64,
+            aspect_ratio: None,
+            image_size: None,
         });
     }
     let name = format!("loadtest/{run}");
@@ -343,6 +345,7 @@ pub fn plan_from_limits(
         retry: RetryConfig::default(),
         request_timeout_ms: 120_000,
         priority: 0,
+        deadline_ms: None,
     };
     Ok(CompiledConfig {
         version: 1,
@@ -556,7 +559,7 @@ impl Process for Naive {
         let image_req = ImageRequest::new(&req.prompt);
         for attempt in 1..=NAIVE_ATTEMPTS {
             let booking = format!("{}:{attempt}:{}", req.id, rand::random::<u32>());
-            let costs = estimate_costs(&step.model, &req);
+            let costs = estimate_costs(&step.model, &req.prompt, req.image_size.as_deref());
             match self
                 .limiter
                 .acquire(&key, &quota, &booking, costs, Duration::from_secs(3600))
