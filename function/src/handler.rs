@@ -380,11 +380,11 @@ impl Handler {
         let mut soonest: Option<Duration> = None;
         let mut reason = DeferReason::Capacity;
         let mut note = |after: Option<Duration>, why: DeferReason, reason: &mut DeferReason| {
-            if let Some(a) = after {
-                if soonest.is_none_or(|s| a < s) {
-                    soonest = Some(a);
-                    *reason = why;
-                }
+            if let Some(a) = after
+                && soonest.is_none_or(|s| a < s)
+            {
+                soonest = Some(a);
+                *reason = why;
             }
         };
         let timeout = Duration::from_millis(chain.request_timeout_ms.max(1));

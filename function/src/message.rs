@@ -127,21 +127,21 @@ impl GenerationRequest {
                 format!("is {chars} characters; the limit is {MAX_PROMPT_CHARS}"),
             ));
         }
-        if let Some(r) = &self.aspect_ratio {
-            if !ASPECT_RATIOS.contains(&r.as_str()) {
-                return Err(MessageError::new(
-                    "aspectRatio",
-                    format!("{r:?} is not one of {ASPECT_RATIOS:?}"),
-                ));
-            }
+        if let Some(r) = &self.aspect_ratio
+            && !ASPECT_RATIOS.contains(&r.as_str())
+        {
+            return Err(MessageError::new(
+                "aspectRatio",
+                format!("{r:?} is not one of {ASPECT_RATIOS:?}"),
+            ));
         }
-        if let Some(s) = &self.image_size {
-            if !IMAGE_SIZES.contains(&s.as_str()) {
-                return Err(MessageError::new(
-                    "imageSize",
-                    format!("{s:?} is not one of {IMAGE_SIZES:?}"),
-                ));
-            }
+        if let Some(s) = &self.image_size
+            && !IMAGE_SIZES.contains(&s.as_str())
+        {
+            return Err(MessageError::new(
+                "imageSize",
+                format!("{s:?} is not one of {IMAGE_SIZES:?}"),
+            ));
         }
         if self.images == 0 || self.images > MAX_IMAGES {
             return Err(MessageError::new(
@@ -149,13 +149,13 @@ impl GenerationRequest {
                 format!("must be 1 to {MAX_IMAGES}"),
             ));
         }
-        if let Some(key) = &self.output_key {
-            if key.is_empty() || key.len() > 512 || key.starts_with('/') || key.contains("..") {
-                return Err(MessageError::new(
-                    "outputKey",
-                    "must be a relative key of 1 to 512 bytes without `..`",
-                ));
-            }
+        if let Some(key) = &self.output_key
+            && (key.is_empty() || key.len() > 512 || key.starts_with('/') || key.contains(".."))
+        {
+            return Err(MessageError::new(
+                "outputKey",
+                "must be a relative key of 1 to 512 bytes without `..`",
+            ));
         }
         Ok(())
     }

@@ -69,9 +69,9 @@ impl SqsQueue {
     }
 }
 
-fn sqs_err<E: std::error::Error + 'static>(e: aws_sdk_sqs::error::SdkError<E>) -> QueueError
+fn sqs_err<E>(e: aws_sdk_sqs::error::SdkError<E>) -> QueueError
 where
-    E: Send + Sync,
+    E: std::error::Error + Send + Sync + 'static,
 {
     QueueError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
 }
