@@ -80,11 +80,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         *last = (done, secs);
         let width = 30;
-        let filled = if total == 0 {
-            width
-        } else {
-            done * width / total
-        };
+        let filled = (done * width).checked_div(total).unwrap_or(width);
         eprint!(
             "\r[{}{}] {done}/{total} requests done, {:.0} s",
             "#".repeat(filled),

@@ -1055,14 +1055,14 @@ async fn run_once(
     }
 
     // Leave the shared Redis as we found it.
-    if let (Some(url), false) = (&args.redis_url, naive) {
-        if let Ok(store) = ConfigStore::connect(url).await {
-            for name in plan.config.chains.keys() {
-                let _ = store.remove_chain(name).await;
-            }
-            for name in plan.config.pools.keys() {
-                let _ = store.remove_pool(name).await;
-            }
+    if let (Some(url), false) = (&args.redis_url, naive)
+        && let Ok(store) = ConfigStore::connect(url).await
+    {
+        for name in plan.config.chains.keys() {
+            let _ = store.remove_chain(name).await;
+        }
+        for name in plan.config.pools.keys() {
+            let _ = store.remove_pool(name).await;
         }
     }
     Ok(report)
