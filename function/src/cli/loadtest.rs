@@ -1235,7 +1235,8 @@ mod tests {
 
     #[test]
     fn windows_count_at_most_what_fits() {
-        assert_eq!(max_in_window(&[0, 10, 20, 1000, 1005], 1000), 3);
+        assert_eq!(max_in_window(&[0, 10, 20, 1000, 1005], 1000), 4);
+        assert_eq!(max_in_window(&[0, 10, 1010, 1020], 1000), 2);
         assert_eq!(max_in_window(&[], 1000), 0);
     }
 

@@ -182,8 +182,8 @@ mod tests {
         let c = rate_curve(&[0.0, 0.5, 1.0, 3.0], 2.0, 1.0, 4.0);
         let at = |t: f64| c.iter().find(|p| (p.0 - t).abs() < 1e-9).map(|p| p.1);
         assert_eq!(at(1.0), Some(1.5));
-        assert_eq!(at(2.0), Some(0.5));
-        assert_eq!(at(4.0), Some(0.0));
+        assert_eq!(at(2.0), Some(1.0));
+        assert_eq!(at(4.0), Some(0.5));
     }
 
     #[test]
