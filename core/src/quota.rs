@@ -513,6 +513,39 @@ impl QuotaPool {
     }
 }
 
+impl crate::config::CompiledPool {
+    /// What the limiter enforces for `model` of this pool (`None`: not one of its models):
+    /// the declared limits with the pool's headroom applied, here and nowhere else. The
+    /// pool's spend limit is the project's; the limiter keeps one state per (project,
+    /// model), so it is split evenly between the pool's models.
+    pub fn model_quota(&self, model: &str) -> Option<ModelQuota> {
+        let m = self.models.get(model)?;
+        let minute = Duration::from_millis(m.window_ms.max(1));
+        let models = u64::try_from(self.models.len().max(1)).unwrap_or(1);
+        let dq = |limit| DimensionQuota {
+            limit,
+            window: minute,
+        };
+        // Spend keeps its 10-minute window scaled like the minute windows (rehearsals
+        // shorten both by the same factor).
+        let spend_window = minute.saturating_mul(10);
+        Some(
+            ModelQuota {
+                requests: dq(m.rpm),
+                input_tokens: dq(m.tpm),
+                images: dq(m.ipm),
+                spend_micros: DimensionQuota {
+                    limit: self.spend_micros_per_10_minutes.map(|s| s / models),
+                    window: spend_window,
+                },
+                requests_per_day: m.rpd,
+                margin: self.window_margin_ms.map(Duration::from_millis),
+            }
+            .with_headroom(self.headroom_percent),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,38 +614,5 @@ mod tests {
             ..q
         };
         assert_eq!(q.effective_window_us(Dim::Requests), 60_005_000);
-    }
-}
-
-impl crate::config::CompiledPool {
-    /// What the limiter enforces for `model` of this pool (`None`: not one of its models):
-    /// the declared limits with the pool's headroom applied, here and nowhere else. The
-    /// pool's spend limit is the project's; the limiter keeps one state per (project,
-    /// model), so it is split evenly between the pool's models.
-    pub fn model_quota(&self, model: &str) -> Option<ModelQuota> {
-        let m = self.models.get(model)?;
-        let minute = Duration::from_millis(m.window_ms.max(1));
-        let models = u64::try_from(self.models.len().max(1)).unwrap_or(1);
-        let dq = |limit| DimensionQuota {
-            limit,
-            window: minute,
-        };
-        // Spend keeps its 10-minute window scaled like the minute windows (rehearsals
-        // shorten both by the same factor).
-        let spend_window = minute.saturating_mul(10);
-        Some(
-            ModelQuota {
-                requests: dq(m.rpm),
-                input_tokens: dq(m.tpm),
-                images: dq(m.ipm),
-                spend_micros: DimensionQuota {
-                    limit: self.spend_micros_per_10_minutes.map(|s| s / models),
-                    window: spend_window,
-                },
-                requests_per_day: m.rpd,
-                margin: None,
-            }
-            .with_headroom(self.headroom_percent),
-        )
     }
 }

@@ -196,11 +196,11 @@ impl KeyState {
             self.prune();
             return reject(s0, blocker);
         }
-        for d in 0..4 {
+        for (d, cost) in costs.iter().enumerate() {
             if limits.limit[d] < 0 {
                 continue;
             }
-            let t = self.earliest(d, limits.limit[d] - costs[d], s0, limits.window_us[d]);
+            let t = self.earliest(d, limits.limit[d] - cost, s0, limits.window_us[d]);
             if t > s {
                 s = t;
                 blocker = Blocker::Dimension(Dim::ALL[d]);

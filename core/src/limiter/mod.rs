@@ -359,7 +359,7 @@ pub struct PacificCalendar;
 impl Calendar for PacificCalendar {
     fn boundaries(&self, at_us: i64) -> [i64; 4] {
         let at = jiff::Timestamp::from_microsecond(at_us).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        let us = |t: jiff::Timestamp| i64::try_from(t.as_microsecond()).unwrap_or(i64::MAX);
+        let us = |t: jiff::Timestamp| t.as_microsecond();
         let next = crate::pacific::next_midnights(at, 3);
         let day = 86_400_000_000;
         let start = us(crate::pacific::day_start(at));
@@ -477,7 +477,7 @@ mod tests {
     #[test]
     fn pacific_boundaries_cross_dst() {
         let at: jiff::Timestamp = "2026-10-31T20:00:00Z".parse().expect("ts");
-        let b = PacificCalendar.boundaries(at.as_microsecond() as i64);
+        let b = PacificCalendar.boundaries(at.as_microsecond());
         let h = 3_600_000_000;
         assert_eq!(b[1] - b[0], 24 * h);
         assert_eq!(b[2] - b[1], 25 * h);

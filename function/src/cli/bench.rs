@@ -171,6 +171,12 @@ impl LimiterBenchArgs {
 /// binding dimension.
 type Start = (i64, i64, u64);
 
+/// Where clients record admitted starts, and the tasks sleeping until booked starts.
+type Sinks = (
+    Arc<Mutex<Vec<Start>>>,
+    Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+);
+
 #[derive(Default)]
 struct ClientStats {
     decisions: u64,
@@ -185,8 +191,7 @@ async fn client(
     quota: ModelQuota,
     id: usize,
     until: Instant,
-    starts: Arc<Mutex<Vec<Start>>>,
-    sleepers: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    (starts, sleepers): Sinks,
 ) -> ClientStats {
     let mut stats = ClientStats {
         latencies_ns: Vec::with_capacity(1 << 16),
@@ -303,8 +308,7 @@ async fn run_once(
                 quota.clone(),
                 i,
                 until,
-                starts.clone(),
-                sleepers.clone(),
+                (starts.clone(), sleepers.clone()),
             ))
         })
         .collect();
