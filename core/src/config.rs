@@ -103,6 +103,10 @@ pub struct CompiledPool {
     /// a reference only, never the key itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_ref: Option<String>,
+    /// Extra length of every window (default: 1/60 of the window): absorbs the jitter
+    /// between a booked start and the provider's arrival clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_margin_ms: Option<u64>,
     /// The provider's base URL when not the public endpoint (a proxy, a gateway, the
     /// simulator).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -167,6 +167,7 @@ pub fn compile_pool(
             .api_key_secret
             .as_ref()
             .map(|s| format!("{namespace}/{}#{}", s.name, s.key)),
+        window_margin_ms: spec.window_margin_ms.map(u64::from),
         base_url: None,
     })
 }

@@ -68,6 +68,13 @@ pub struct QuotaPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub expected_replicas: Option<u32>,
+    /// Extra length added to every window, in milliseconds, so a request booked one window
+    /// after another still arrives outside that window at the provider despite latency
+    /// jitter. Default: 1/60 of the window (1 s on 60 s). Raise it if upstream 429s appear
+    /// while usage stays under the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub window_margin_ms: Option<u32>,
     /// The Secret key (in the pool's namespace) holding the provider API key. The operator
     /// only checks it exists; the key is never copied into Redis, status or logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]

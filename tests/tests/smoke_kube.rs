@@ -38,6 +38,7 @@ async fn quota_pool_crd_applies_and_round_trips() {
             alert_threshold_percent: 80,
             failure_mode: Default::default(),
             expected_replicas: None,
+            window_margin_ms: None,
             api_key_secret: None,
         },
     );

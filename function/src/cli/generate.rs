@@ -63,8 +63,13 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let fallback = {
         // Tier 1-like limits; only this process uses them.
         let limit = format!("{}:rpm=20,ipm=20", args.model).parse()?;
-        let mut config =
-            super::loadtest::plan_from_limits(&[limit], "generate", 0, Duration::from_secs(120))?;
+        let mut config = super::loadtest::plan_from_limits(
+            &[limit],
+            "generate",
+            0,
+            Duration::from_secs(120),
+            None,
+        )?;
         for c in config.chains.values_mut() {
             c.name = args.chain.clone();
         }

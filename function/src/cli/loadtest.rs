@@ -92,6 +92,10 @@ pub struct LoadtestArgs {
     /// Stay this many percent under every limit (default 0).
     #[arg(long, env = "PACER_LOADTEST_HEADROOM", default_value_t = 0)]
     pub headroom: u8,
+    /// Extra length of every window in milliseconds (default 1/60 of the window): absorbs
+    /// the jitter between a booked start and the provider's arrival clock.
+    #[arg(long, env = "PACER_LOADTEST_MARGIN_MS")]
+    pub margin_ms: Option<u64>,
     /// How long a request waits for capacity on a chain step before it is deferred, in s.
     #[arg(long, env = "PACER_LOADTEST_MAX_WAIT", default_value_t = 60)]
     pub max_wait_seconds: u64,
@@ -292,6 +296,7 @@ pub fn plan_from_limits(
     run: &str,
     headroom: u8,
     max_wait: Duration,
+    margin_ms: Option<u64>,
 ) -> anyhow::Result<CompiledConfig> {
     anyhow::ensure!(
         !limits.is_empty(),
@@ -335,6 +340,7 @@ pub fn plan_from_limits(
         failure_mode: FailureMode::Closed,
         expected_replicas: 1,
         api_key_ref: None,
+        window_margin_ms: margin_ms,
         base_url: None,
     };
     let chain = CompiledChain {
@@ -398,7 +404,8 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
             (config, name)
         }
         _ => {
-            let config = plan_from_limits(&args.limits, run, args.headroom, max_wait)?;
+            let config =
+                plan_from_limits(&args.limits, run, args.headroom, max_wait, args.margin_ms)?;
             let name = format!("loadtest/{run}");
             (config, name)
         }
