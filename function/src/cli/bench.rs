@@ -205,7 +205,7 @@ async fn client(
     let mut id_buf = String::new();
     loop {
         // Checking the clock every decision costs a sixth of an in-memory decision.
-        if n % 8 == 0 && Instant::now() >= until {
+        if n.is_multiple_of(8) && Instant::now() >= until {
             break;
         }
         n += 1;
@@ -246,7 +246,7 @@ async fn client(
             }
             Ok(Decision::Rejected { .. }) => {
                 // In-memory decisions never yield; let the sleepers run now and then.
-                if n % 256 == 0 {
+                if n.is_multiple_of(256) {
                     tokio::task::yield_now().await;
                 }
             }
