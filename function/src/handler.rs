@@ -37,6 +37,7 @@ use crate::{
     message::GenerationRequest,
     metrics::{CallLabels, Metrics},
     outcome::{DeferReason, Outcome, Process},
+    queue::Queue,
     record::{Records, ResultRecord, Status},
     sink::Sink,
 };
@@ -143,6 +144,8 @@ pub struct Handler {
     /// Models whose per-day quota is spent, until when (this replica's memo of what the
     /// limiter's per-day penalty also tells every replica).
     daily_spent: Mutex<HashMap<QuotaKey, Instant>>,
+    /// Where final records are also sent, if anywhere.
+    result_queue: Option<Arc<dyn Queue>>,
 }
 
 /// The successful generation of one image.
@@ -185,6 +188,24 @@ impl Handler {
             owner: owner.into(),
             options,
             daily_spent: Mutex::default(),
+            result_queue: None,
+        }
+    }
+
+    /// Also sends every final result record (as JSON) to `queue`.
+    pub fn with_result_queue(mut self, queue: Arc<dyn Queue>) -> Self {
+        self.result_queue = Some(queue);
+        self
+    }
+
+    /// Sends a final record to the result queue. A failure is logged, not retried: the
+    /// record is already in Redis, and deferring would risk a second generation.
+    async fn publish(&self, record: &ResultRecord) {
+        if let Some(queue) = &self.result_queue {
+            let body = serde_json::to_string(record).unwrap_or_default();
+            if let Err(e) = queue.send(&body).await {
+                tracing::warn!(error = %e, id = %record.id, "sending the result to the result queue failed");
+            }
         }
     }
 
@@ -203,7 +224,10 @@ impl Handler {
     async fn fail(&self, id: &str, attempts: u32, reason: String) -> Outcome {
         let record = ResultRecord::failed(id, attempts, reason);
         match self.records.put(&record).await {
-            Ok(()) => Outcome::Failed(record),
+            Ok(()) => {
+                self.publish(&record).await;
+                Outcome::Failed(record)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "storing a failed result failed; deferring");
                 self.defer(self.options.default_defer, DeferReason::Infrastructure)
@@ -354,7 +378,10 @@ impl Handler {
         }
         record.finished_at = jiff::Timestamp::now().to_string();
         match self.records.put(&record).await {
-            Ok(()) => Outcome::Succeeded(record),
+            Ok(()) => {
+                self.publish(&record).await;
+                Outcome::Succeeded(record)
+            }
             Err(e) => {
                 // The images are stored: the redelivery finds them and writes the record.
                 tracing::warn!(error = %e, "storing the result failed");

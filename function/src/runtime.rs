@@ -57,6 +57,10 @@ pub struct RuntimeArgs {
     #[arg(long, env = "PACER_SINK", default_value = "./pacer-images")]
     pub sink: String,
 
+    /// An SQS queue that also receives every final result record (JSON).
+    #[arg(long, env = "PACER_RESULT_QUEUE_URL")]
+    pub result_queue_url: Option<String>,
+
     /// How often the replica checks Redis for a new config version, in milliseconds.
     #[arg(long, env = "PACER_CONFIG_REFRESH_MS", default_value_t = 500)]
     pub config_refresh_ms: u64,
@@ -214,7 +218,7 @@ pub async fn build(
         claim_lease: Duration::from_secs(args.claim_lease_seconds.max(1)),
         ..options
     };
-    let handler = Arc::new(Handler::new(
+    let mut handler = Handler::new(
         config.clone(),
         Arc::new(limiters),
         Providers {
@@ -226,7 +230,13 @@ pub async fn build(
         metrics.clone(),
         args.replica(),
         options,
-    ));
+    );
+    if let Some(url) = &args.result_queue_url {
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let queue = crate::queue::SqsQueue::new(aws_sdk_sqs::Client::new(&aws), url.clone());
+        handler = handler.with_result_queue(Arc::new(queue));
+    }
+    let handler = Arc::new(handler);
     Ok(Replica {
         handler,
         metrics,

@@ -27,10 +27,12 @@ impl Drop for Workers {
     }
 }
 
-fn spawn_worker(rig: &Rig, queue_url: &str, sink: &str, sim_url: &str, name: &str) -> Child {
+fn spawn_worker(rig: &Rig, queues: (&str, &str), sink: &str, sim_url: &str, name: &str) -> Child {
+    let (queue_url, result_queue_url) = queues;
     Command::new(env!("CARGO_BIN_EXE_pacer"))
         .arg("worker")
         .env("PACER_QUEUE_URL", queue_url)
+        .env("PACER_RESULT_QUEUE_URL", result_queue_url)
         .env("PACER_REDIS_URL", rig.get("REDIS_URL"))
         .env("PACER_GEMINI_BASE_URL", sim_url)
         .env("PACER_GEMINI_API_KEY", "test-key")
@@ -114,6 +116,14 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
         .expect("queue")
         .queue_url
         .expect("url");
+    let result_queue_url = sqs
+        .create_queue()
+        .queue_name(format!("{ns}-results"))
+        .send()
+        .await
+        .expect("result queue")
+        .queue_url
+        .expect("url");
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
     let sink = format!("s3://{ns}/images");
 
@@ -140,7 +150,15 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
 
     let mut workers = Workers(
         (0..3)
-            .map(|i| spawn_worker(&rig, &queue_url, &sink, &sim.url(), &format!("w{i}")))
+            .map(|i| {
+                spawn_worker(
+                    &rig,
+                    (&queue_url, &result_queue_url),
+                    &sink,
+                    &sim.url(),
+                    &format!("w{i}"),
+                )
+            })
             .collect(),
     );
     // Kill one worker once it is surely mid-request.
@@ -214,6 +232,30 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
             .unwrap_or_default()
             .contains("blocked"),
         "{blocked}"
+    );
+
+    // Every final record also went to the result queue.
+    let mut published = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while published.len() < ids.len() && start.elapsed() < Duration::from_secs(30) {
+        let got = sqs
+            .receive_message()
+            .queue_url(&result_queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .expect("receive results");
+        for m in got.messages.unwrap_or_default() {
+            let record: serde_json::Value =
+                serde_json::from_str(m.body.as_deref().unwrap_or_default()).expect("result JSON");
+            published.insert(record["id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let want: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        published, want,
+        "the result queue did not get every final record"
     );
 
     // The provider saw each request about once: only the killed worker's in-flight calls

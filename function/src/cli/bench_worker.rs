@@ -122,6 +122,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
         openai_base_url: None,
         openai_api_key: None,
         sink: dir.display().to_string(),
+        result_queue_url: None,
         config_refresh_ms: 500,
         limiter_timeout_ms: 500,
         claim_lease_seconds: 60,
