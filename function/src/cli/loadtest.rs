@@ -152,6 +152,22 @@ impl Default for LoadtestArgs {
     }
 }
 
+/// Accepted calls in the full windows after the first, over limit x those windows; `None`
+/// when the calls span fewer than three windows.
+fn steady_utilization(sorted_starts: &[i64], window_ms: i64, limit: u64) -> Option<f64> {
+    let (first, last) = (*sorted_starts.first()?, *sorted_starts.last()?);
+    let full = (last - first) / window_ms.max(1);
+    if full < 3 || limit == 0 {
+        return None;
+    }
+    let (from, to) = (first + window_ms, first + full * window_ms);
+    let n = sorted_starts
+        .iter()
+        .filter(|&&t| t >= from && t < to)
+        .count();
+    Some(n as f64 / (limit as f64 * (full - 1) as f64))
+}
+
 /// One provider call as a replica saw it.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Call {
@@ -262,8 +278,14 @@ pub struct Report {
     pub window_s: f64,
     /// The most the provider counted in any window (at arrival), binding dimension.
     pub max_in_any_window: u64,
-    /// Accepted calls on the binding model / (limit x windows from first to last call + 1).
+    /// Steady-state use of the binding limit, as `pacer bench limiter` measures it: accepted
+    /// calls in the full windows after the first (the first only ramps up at the demand's
+    /// pace), divided by limit x those windows. Runs shorter than three windows fall back to
+    /// `utilization_whole_run`.
     pub utilization: f64,
+    /// Accepted calls / (limit x (windows from the first to the last call + 1)): counts the
+    /// first window's ramp and the last window's tail against the fleet.
+    pub utilization_whole_run: f64,
     /// From the first send to the last result.
     pub completion_s: f64,
     /// Request latency, send to result.
@@ -1020,7 +1042,9 @@ async fn run_once(
     }
     if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
         let windows = 1.0 + (last - first) as f64 / 1000.0 / window_s;
-        report.utilization = starts.len() as f64 / (limit as f64 * windows);
+        report.utilization_whole_run = starts.len() as f64 / (limit as f64 * windows);
+        report.utilization = steady_utilization(&starts, (window_s * 1000.0) as i64, limit)
+            .unwrap_or(report.utilization_whole_run);
     }
 
     // The picture.
