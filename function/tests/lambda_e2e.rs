@@ -3,29 +3,16 @@
 //! `batchItemFailures` with its visibility set to the booked wait, comes back after it,
 //! and completes on a later invocation. Also measures the function's cold start.
 use std::{
-    collections::BTreeMap,
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use pacer_core::config::ConfigStore;
 use pacer_simulator::{LimitSpec, SimConfig, Simulator};
-use pacer_tests::Rig;
+use pacer_tests::{Children, Rig, single_model_config};
 use redis::AsyncCommands;
 
 const MODEL: &str = "gemini-3.1-flash-image";
-
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -67,19 +54,8 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     .await
     .expect("simulator");
     // Four per 4 s, no waiting in the step: a batch of 10 admits 4 and defers the rest.
-    let yaml = format!(
-        "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {ns}}}\n\
-         spec:\n  project: {ns}\n  tier: Tier2\n  models:\n  - {{name: {MODEL}, rpm: 4, windowSeconds: 4}}\n\
-         ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {ns}}}\n\
-         spec:\n  pool: pool\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: 0}}\n"
-    );
-    let compiled = pacer_crds::compile::compile_documents(&yaml, "default", &BTreeMap::new())
-        .expect("compile");
-    let store = ConfigStore::connect(&rig.get("REDIS_URL"))
-        .await
-        .expect("config store");
-    store.put_pool(&compiled.pools[0]).await.expect("pool");
-    store.put_chain(&compiled.chains[0]).await.expect("chain");
+    rig.apply_config(&single_model_config(&ns, MODEL, 4, 4, 0))
+        .await;
     let queue_url = sqs
         .create_queue()
         .queue_name(&ns)
@@ -108,7 +84,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start cargo lambda watch (tests/rig/install puts it in the venv)");
-    let mut children = Kill(vec![watch]);
+    let mut children = Children(vec![watch]);
     wait_port(port, "cargo lambda watch").await;
 
     let mut function = Command::new(env!("CARGO_BIN_EXE_pacer-lambda"))

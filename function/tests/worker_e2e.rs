@@ -4,28 +4,15 @@
 //! redelivered message does not reach the provider again; bad and blocked requests end
 //! with failed results that say why.
 use std::{
-    collections::BTreeMap,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use pacer_core::config::ConfigStore;
 use pacer_simulator::{LimitSpec, SimConfig, Simulator, config::BlockRule};
-use pacer_tests::Rig;
+use pacer_tests::{Children, Rig, single_model_config};
 use redis::AsyncCommands;
 
 const MODEL: &str = "gemini-3.1-flash-image";
-
-struct Workers(Vec<Child>);
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn spawn_worker(rig: &Rig, queues: (&str, &str), sink: &str, sim_url: &str, name: &str) -> Child {
     let (queue_url, result_queue_url) = queues;
@@ -91,22 +78,8 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     .expect("start simulator");
 
     // The configuration, as `pacer apply` writes it: the pool matches the simulator's quota.
-    let yaml = format!(
-        "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {ns}}}\n\
-         spec:\n  project: {ns}\n  tier: Tier2\n  models:\n  - {{name: {MODEL}, rpm: 40, windowSeconds: 5}}\n\
-         ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {ns}}}\n\
-         spec:\n  pool: pool\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: 3}}\n"
-    );
-    let compiled = pacer_crds::compile::compile_documents(&yaml, "default", &BTreeMap::new())
-        .expect("compile");
-    let store = ConfigStore::connect(&rig.get("REDIS_URL"))
-        .await
-        .expect("config store");
-    store.put_pool(&compiled.pools[0]).await.expect("put pool");
-    store
-        .put_chain(&compiled.chains[0])
-        .await
-        .expect("put chain");
+    rig.apply_config(&single_model_config(&ns, MODEL, 40, 5, 3))
+        .await;
 
     let queue_url = sqs
         .create_queue()
@@ -148,7 +121,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
             .expect("send");
     }
 
-    let mut workers = Workers(
+    let mut workers = Children(
         (0..3)
             .map(|i| {
                 spawn_worker(

@@ -192,3 +192,52 @@ pub fn kubectl(rig: &Rig, args: &[&str], stdin: Option<&str>) -> (bool, String, 
             .join("\n"),
     )
 }
+
+/// Child processes that are killed (and reaped) when the guard drops, even when a test
+/// panics, so no worker or emulator outlives its test.
+#[derive(Debug, Default)]
+pub struct Children(pub Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A one-model pool (`<namespace>/pool`, project `<namespace>`) and a one-step chain
+/// (`<namespace>/chain`) over it, as QuotaPool and ModelChain YAML.
+pub fn single_model_config(
+    namespace: &str,
+    model: &str,
+    rpm: u64,
+    window_seconds: u32,
+    max_wait_seconds: u32,
+) -> String {
+    format!(
+        "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {namespace}}}\n\
+         spec:\n  project: {namespace}\n  tier: Tier2\n  models:\n  - {{name: {model}, rpm: {rpm}, windowSeconds: {window_seconds}}}\n\
+         ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {namespace}}}\n\
+         spec:\n  pool: pool\n  steps:\n  - {{model: {model}, maxWaitSeconds: {max_wait_seconds}}}\n"
+    )
+}
+
+impl Rig {
+    /// Compiles QuotaPool and ModelChain YAML and writes it to the rig's Redis, as
+    /// `pacer apply` does.
+    pub async fn apply_config(&self, yaml: &str) {
+        let compiled = pacer_crds::compile::compile_documents(yaml, "default", &Default::default())
+            .unwrap_or_else(|e| panic!("test config does not compile: {e}"));
+        let store = pacer_core::config::ConfigStore::connect(&self.get("REDIS_URL"))
+            .await
+            .unwrap_or_else(|e| panic!("config store on the rig's Redis: {e}"));
+        for pool in &compiled.pools {
+            store.put_pool(pool).await.expect("write pool");
+        }
+        for chain in &compiled.chains {
+            store.put_chain(chain).await.expect("write chain");
+        }
+    }
+}
