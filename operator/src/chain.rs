@@ -50,26 +50,11 @@ pub(crate) async fn reconcile(chain: Arc<ModelChain>, ctx: Arc<Context>) -> Resu
     })
     .instrument(span)
     .await;
-    match result {
-        Ok(action) => {
-            ctx.succeeded(&key);
-            Ok(action)
-        }
-        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
-        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
-        Err(e) => Err(Error::Finalizer(e.to_string())),
-    }
+    ctx.finish(&key, result)
 }
 
 pub(crate) fn error_policy(chain: Arc<ModelChain>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "{}/{}",
-        chain.namespace().unwrap_or_default(),
-        chain.name_any()
-    );
-    tracing::warn!(kind = KIND, chain = %key, error = %error, "reconcile failed; retrying");
-    ctx.metrics.failed(KIND, error);
-    ctx.backoff(&key)
+    ctx.retry(KIND, chain.as_ref(), error)
 }
 
 async fn apply(chain: &ModelChain, ns: &str, key: &str, ctx: &Context) -> Result<Action> {

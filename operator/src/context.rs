@@ -70,6 +70,41 @@ impl Context {
         }
     }
 
+    /// Ends a reconcile run through the finalizer: success resets the object's backoff,
+    /// the finalizer's own failures become the operator's error.
+    pub fn finish(
+        &self,
+        key: &str,
+        result: std::result::Result<Action, kube::runtime::finalizer::Error<crate::Error>>,
+    ) -> crate::Result<Action> {
+        use kube::runtime::finalizer::Error as F;
+        match result {
+            Ok(action) => {
+                self.succeeded(key);
+                Ok(action)
+            }
+            Err(F::ApplyFailed(e)) | Err(F::CleanupFailed(e)) => Err(e),
+            Err(e) => Err(crate::Error::Finalizer(e.to_string())),
+        }
+    }
+
+    /// The error policy of both controllers: log, count, back off per object.
+    pub fn retry<K: kube::ResourceExt>(
+        &self,
+        kind: &'static str,
+        object: &K,
+        error: &crate::Error,
+    ) -> Action {
+        let key = format!(
+            "{}/{}",
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        );
+        tracing::warn!(kind, object = %key, error = %error, "reconcile failed; retrying");
+        self.metrics.failed(kind, error);
+        self.backoff(&key)
+    }
+
     /// Exponential backoff per object: 1 s, 2 s, 4 s … capped at 5 minutes.
     pub fn backoff(&self, key: &str) -> Action {
         let n = match self.failures.lock() {

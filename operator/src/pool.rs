@@ -46,26 +46,11 @@ pub(crate) async fn reconcile(pool: Arc<QuotaPool>, ctx: Arc<Context>) -> Result
     })
     .instrument(span)
     .await;
-    match result {
-        Ok(action) => {
-            ctx.succeeded(&key);
-            Ok(action)
-        }
-        Err(kube::runtime::finalizer::Error::ApplyFailed(e))
-        | Err(kube::runtime::finalizer::Error::CleanupFailed(e)) => Err(e),
-        Err(e) => Err(Error::Finalizer(e.to_string())),
-    }
+    ctx.finish(&key, result)
 }
 
 pub(crate) fn error_policy(pool: Arc<QuotaPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "{}/{}",
-        pool.namespace().unwrap_or_default(),
-        pool.name_any()
-    );
-    tracing::warn!(kind = KIND, pool = %key, error = %error, "reconcile failed; retrying");
-    ctx.metrics.failed(KIND, error);
-    ctx.backoff(&key)
+    ctx.retry(KIND, pool.as_ref(), error)
 }
 
 async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<Action> {
