@@ -9,8 +9,8 @@
 --              the monotonic now, state generation, latest start (ls) and what set it (lb),
 --              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
 --              for this day and the next (dc, nc), and "t:<request id>" -> member.
--- ARGV[1] is the operation: a (acquire), r (reconcile), x (release), p (penalize),
--- u (usage). Numbers are integers; they are formatted with %d, never tostring (which
+-- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
+-- x (release), p (penalize), u (usage). Numbers are integers; they are formatted with %d, never tostring (which
 -- turns µs times into floats with exponents).
 local log, st = KEYS[1], KEYS[2]
 local op = ARGV[1]
@@ -152,6 +152,26 @@ local function member(c, id)
   return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ',' .. id
 end
 
+-- Replaces booking m (request id, start) by the same booking with costs `new`, or
+-- releases it when `new` is nil (a request never sent does not count against the day).
+local function replace(m, id, start, new)
+  local old = costs_of(m)
+  redis.call('ZREM', log, m)
+  if new then
+    local nm = member(new, id)
+    redis.call('ZADD', log, fmt(start), nm)
+    redis.call('HSET', st, 't:' .. id, nm)
+  else
+    new = { 0, 0, 0, 0 }
+    redis.call('HDEL', st, 't:' .. id)
+    if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
+    elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
+  end
+  for d = 1, 4 do
+    if start > cur[d] then sum[d] = sum[d] + new[d] - old[d] end
+  end
+end
+
 if op == 'a' then
   local id = ARGV[2]
   local c = { tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) }
@@ -240,25 +260,27 @@ elseif op == 'r' or op == 'x' then
   if fresh then return { 0 } end
   local m = booked(id, start)
   if not m then return { 0 } end
-  local old = costs_of(m)
-  local new = { 0, 0, 0, 0 }
-  redis.call('ZREM', log, m)
+  local new = nil
   if op == 'r' then
     new = { tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) }
-    local nm = member(new, id)
-    redis.call('ZADD', log, fmt(start), nm)
-    redis.call('HSET', st, 't:' .. id, nm)
-  else
-    redis.call('HDEL', st, 't:' .. id)
-    -- A request never sent does not count against the day.
-    if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
-    elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
   end
-  for d = 1, 4 do
-    if start > cur[d] then sum[d] = sum[d] + new[d] - old[d] end
-  end
+  replace(m, id, start, new)
   save()
   return { 1 }
+elseif op == 'c' then
+  -- Just before a booked call: the booking must still be held, and no cooldown or day
+  -- block set since it was booked (a booking made under one starts after it) may forbid it.
+  local id, start = ARGV[2], tonumber(ARGV[3])
+  if fresh then return { 2, -1, 8 } end
+  local m = booked(id, start)
+  if not m then return { 2, -1, 8 } end
+  local until_, code = 0, 0
+  if S.cd > now then until_, code = S.cd, 6 end
+  if S.db > now and S.db > until_ then until_, code = S.db, 5 end
+  if code == 0 then return { 1 } end
+  replace(m, id, start, nil)
+  save()
+  return { 2, until_ - now, code }
 elseif op == 'p' then
   local delay, scope = tonumber(ARGV[2]), ARGV[3]
   roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })

@@ -14,8 +14,8 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Clock, Decision, Error, Limiter, Origin, PenaltyScope, QuotaKey, Result, Ticket, Usage, dur_us,
-    memory::MemoryLimiter, us_dur,
+    Check, Clock, Decision, Error, Limiter, Origin, PenaltyScope, QuotaKey, Result, Ticket, Usage,
+    dur_us, memory::MemoryLimiter, us_dur,
 };
 pub use crate::config::FailureMode;
 use crate::quota::{Costs, ModelQuota};
@@ -186,6 +186,14 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         self.fallback(key, quota, request_id, costs, max_wait)
     }
 
+    async fn check(&self, ticket: &Ticket) -> Result<Check> {
+        match ticket.origin {
+            Origin::Shared => self.shared.check(ticket).await,
+            Origin::Local => self.local.check(ticket).await,
+            Origin::Unchecked => Ok(Check::Go),
+        }
+    }
+
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
         match ticket.origin {
             Origin::Shared => self.shared.reconcile(ticket, actual).await,
@@ -244,6 +252,9 @@ mod tests {
             _: Duration,
         ) -> Result<Decision> {
             self.0.fetch_add(1, Ordering::SeqCst);
+            Err(Error::Timeout(Duration::from_millis(1)))
+        }
+        async fn check(&self, _: &Ticket) -> Result<Check> {
             Err(Error::Timeout(Duration::from_millis(1)))
         }
         async fn reconcile(&self, _: &Ticket, _: Costs) -> Result<()> {

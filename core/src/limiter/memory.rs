@@ -12,8 +12,9 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Blocker, Calendar, Clock, Decision, DimensionUsage, Limiter, Limits, Origin, PacificCalendar,
-    PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us, us_dur,
+    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Limiter, Limits, Origin,
+    PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
+    us_dur,
 };
 use crate::quota::{Costs, Dim, ModelQuota};
 
@@ -272,6 +273,35 @@ impl KeyState {
         Some(old)
     }
 
+    /// Just before a booked call: the booking must still be held, and no cooldown or day
+    /// block set since it was booked may forbid it (a booking made under one starts after
+    /// it). A ticket that may not run is released.
+    pub(crate) fn check(&mut self, clock_now: i64, request_id: &str, start: i64) -> Check {
+        let now = clock_now.max(self.now);
+        self.now = now;
+        if self.booked(request_id, start).is_none() {
+            return Check::Cancelled {
+                retry_after: None,
+                blocking: Blocker::Lost,
+            };
+        }
+        let mut until = None;
+        if self.cooldown > now {
+            until = Some((self.cooldown, Blocker::Cooldown));
+        }
+        if self.day_blocked > now && until.is_none_or(|(u, _)| self.day_blocked > u) {
+            until = Some((self.day_blocked, Blocker::Daily));
+        }
+        let Some((until, blocking)) = until else {
+            return Check::Go;
+        };
+        self.release(request_id, start);
+        Check::Cancelled {
+            retry_after: Some(us_dur(until - now)),
+            blocking,
+        }
+    }
+
     pub(crate) fn reconcile(&mut self, request_id: &str, start: i64, actual: [i64; 4]) {
         if let Some(seq) = self.booked(request_id, start) {
             let _ = self.set_costs(seq, actual);
@@ -489,6 +519,13 @@ impl Limiter for MemoryLimiter {
             return Err(super::Error::Invalid("empty request id".into()));
         }
         Ok(self.acquire_now(key, quota, request_id, costs, max_wait))
+    }
+
+    async fn check(&self, ticket: &Ticket) -> Result<Check> {
+        let now = self.clock.now_us();
+        Ok(self.with_state(&ticket.key, |st| {
+            st.check(now, &ticket.request_id, ticket.start_us)
+        }))
     }
 
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {

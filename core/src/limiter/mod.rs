@@ -88,6 +88,9 @@ pub enum Blocker {
     Cooldown,
     /// The request costs more than a limit in some dimension: it can never be admitted.
     NeverFits,
+    /// The booking is gone: the limiter lost its state (restart, rollback, eviction) or a
+    /// lowered limit released it. Book afresh.
+    Lost,
 }
 
 impl Blocker {
@@ -97,6 +100,7 @@ impl Blocker {
             Blocker::Daily => 5,
             Blocker::Cooldown => 6,
             Blocker::NeverFits => 7,
+            Blocker::Lost => 8,
         }
     }
 
@@ -106,6 +110,7 @@ impl Blocker {
             5 => Blocker::Daily,
             6 => Blocker::Cooldown,
             7 => Blocker::NeverFits,
+            8 => Blocker::Lost,
             _ => return None,
         })
     }
@@ -180,6 +185,22 @@ impl Decision {
             Decision::Rejected { .. } => None,
         }
     }
+}
+
+/// The answer to [`Limiter::check`]: may a booked ticket still be used?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The booking stands and nothing set since forbids it: call the provider now.
+    Go,
+    /// The booking may not run (a cooldown or per-day block set since it was booked, or the
+    /// booking is gone). Whatever was left of it has been released: defer by `retry_after`
+    /// (`None`: unknown, use a default) or book afresh.
+    Cancelled {
+        /// The earliest time a new booking could start, if known.
+        retry_after: Option<Duration>,
+        /// Why it may not run.
+        blocking: Blocker,
+    },
 }
 
 /// How far a provider's 429 reaches.
@@ -272,8 +293,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[async_trait]
 pub trait Limiter: Send + Sync {
     /// Books `costs` for `request_id`: all dimensions at once, all or nothing. Admits now,
-    /// books a start within `max_wait`, or rejects. The same `request_id` again returns the
-    /// same ticket while its booking is remembered (at least one window).
+    /// books a start within `max_wait`, or rejects. A booking belongs to one delivery of
+    /// one request: callers put the delivery's claim token in `request_id`. The same
+    /// `request_id` again returns the same ticket only while its start is still ahead (a
+    /// retried acquire); once its start has passed the old entry stays counted and the
+    /// same id books afresh, so a replay can never call the provider uncounted.
     async fn acquire(
         &self,
         key: &QuotaKey,
@@ -282,6 +306,13 @@ pub trait Limiter: Send + Sync {
         costs: Costs,
         max_wait: Duration,
     ) -> Result<Decision>;
+
+    /// Re-checks a booked ticket just before its call: the booking must still be held at
+    /// its start, and no cooldown or per-day block may have been set since it was booked.
+    /// A ticket that may not run is released and [`Check::Cancelled`] returned. Callers
+    /// check every ticket that waited ([`Decision::Booked`]); an admitted ticket was
+    /// checked by its own acquire.
+    async fn check(&self, ticket: &Ticket) -> Result<Check>;
 
     /// Replaces a ticket's reserved costs by the actual ones (reserve an upper bound, so
     /// this only frees capacity). A ticket that aged out is ignored.

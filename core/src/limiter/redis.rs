@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use redis::{Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::{
-    Blocker, Calendar, Clock, Decision, DimensionUsage, Error, Limiter, Limits, Origin,
+    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Limiter, Limits, Origin,
     PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
     us_dur,
 };
@@ -231,6 +231,25 @@ impl Limiter for RedisLimiter {
                     .ok_or_else(|| Error::Protocol(format!("unknown blocker {blocker}")))?,
             }),
             other => Err(Error::Protocol(format!("unknown decision {other}"))),
+        }
+    }
+
+    async fn check(&self, ticket: &Ticket) -> Result<Check> {
+        let rid = ticket.request_id.as_str();
+        let r = self
+            .run(&ticket.key, args(&[&"c", &rid, &ticket.start_us]))
+            .await?;
+        match get(&r, 0)? {
+            1 => Ok(Check::Go),
+            2 => {
+                let (v, code) = (get(&r, 1)?, get(&r, 2)?);
+                Ok(Check::Cancelled {
+                    retry_after: (v >= 0).then(|| us_dur(v)),
+                    blocking: Blocker::from_code(code)
+                        .ok_or_else(|| Error::Protocol(format!("unknown blocker {code}")))?,
+                })
+            }
+            other => Err(Error::Protocol(format!("unknown check answer {other}"))),
         }
     }
 
