@@ -265,11 +265,12 @@ pub struct TierLimits {
     pub rpd: Option<u64>,
 }
 
-/// Image sizes the models accept (`imageConfig.imageSize`).
+/// Image sizes the models accept (`imageConfig.imageSize`), named as Google spells them on
+/// the wire; `0.5K` is read as an alias of `512` (Google itself refuses `0.5K`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ImageSize {
     /// 512 px (`gemini-3.1-flash-image` only).
-    #[serde(rename = "0.5K")]
+    #[serde(rename = "512", alias = "0.5K")]
     Half,
     /// 1K (the default).
     #[serde(rename = "1K")]

@@ -4,12 +4,16 @@
 //! tests start it in-process with [`Simulator::spawn`].
 //!
 //! - [`config`]: [`SimConfig`] and the flag syntax of limits, keys, blocks and schedules.
-//! - [`quota`]: counting at arrival (sliding or calendar windows, Pacific days) and the
-//!   `max_in_any_window` measurement.
-//! - [`models`]: the built-in model table (image tokens, prices, shutdown dates).
-//! - [`validate`]: Google's 400s for unknown fields and bad enum values.
+//! - [`quota`]: counting at arrival (sliding or calendar windows, Pacific days); what
+//!   arrived in any window (refused requests included) and what was accepted.
+//! - [`models`]: the model facts it serves, read from core's one model table (sizes,
+//!   tokens, prices, shutdown dates), plus ratios per model and the retired Imagen models.
+//! - [`wire`]: Gemini's JSON (requests, answers, `google.rpc` error details, durations),
+//!   written from Google's documented shapes and not shared with Pacer's client, so a
+//!   mistake in one is caught by the other.
+//! - [`validate`]: Google's 400s for unknown fields, bad enum values, sizes and ratios.
 //! - [`image`]: small, valid PNGs of the requested aspect ratio, derived from the prompt.
-//! - `server`: the axum routes.
+//! - `server`: the axum routes, `GET /_sim/stats` and `POST /_sim/reset`.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -20,8 +24,10 @@ pub mod models;
 pub mod quota;
 mod server;
 pub mod validate;
+pub mod wire;
 
 pub use config::{ConfigError, Faults, LimitSpec, SimConfig};
+pub use server::TICKET_HEADER;
 
 /// Pending connections the listener queues (benchmarks open thousands at once).
 const BACKLOG: u32 = 8192;
@@ -47,6 +53,11 @@ impl Simulator {
     /// What `GET /_sim/stats` returns.
     pub fn stats(&self) -> serde_json::Value {
         self.sim.stats()
+    }
+
+    /// What `POST /_sim/reset` does: forgets every count, window and ticket.
+    pub fn reset(&self) {
+        self.sim.reset();
     }
 
     /// Serves on `listener` until the task is dropped.

@@ -1,6 +1,13 @@
-//! The models the simulator knows: image tokens and price per image size, and when each
-//! was shut down (a retired model answers 404, as Google's does).
+//! The models the simulator knows: image tokens and price per image size, the aspect
+//! ratios each takes, and when each was shut down (a retired model answers 404, as
+//! Google's does).
+//!
+//! Facts about Gemini models (ids, sizes, tokens per size, prices, shutdown dates) come
+//! from core's one model table (`pacer_core::quota::MODELS`); only what that table does not
+//! hold is written here: the retired Imagen models, the Pro models' reasoning tokens, and
+//! the ratios per model. Serialization is not shared with core, only facts.
 use jiff::civil::{Date, date};
+use pacer_core::quota::{ImageSize, MODELS, ModelInfo};
 
 /// What one model costs and whether it still serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -10,22 +17,43 @@ pub struct ModelSpec {
     pub predict: bool,
     /// Shut down on this date (UTC); `None` while current.
     pub retired_on: Option<Date>,
-    /// (image size, output tokens per image, price per image in micro-dollars).
-    pub sizes: Vec<(&'static str, u64, u64)>,
+    /// (image size as Google spells it, output tokens per image, price per image in
+    /// micro-dollars).
+    pub sizes: Vec<(String, u64, u64)>,
     pub default_size: &'static str,
     /// Reasoning tokens reported per answer (Pro models think before drawing).
     pub thought_tokens: u64,
+    /// Takes the extreme ratios (`1:4 4:1 1:8 8:1`) on top of [`ASPECT_RATIOS`].
+    pub extreme_ratios: bool,
 }
 
 impl ModelSpec {
-    /// Tokens and price for `size` (the default when `None`); `None` if unsupported.
+    /// Tokens and price for `size` (the default when `None`); `None` if the model does not
+    /// take that value. Exact match only: `"0.5K"` is not a value Google takes.
     pub fn cost(&self, size: Option<&str>) -> Option<(u64, u64)> {
         let size = size.unwrap_or(self.default_size);
-        let size = if size == "0.5K" { "512" } else { size };
         self.sizes
             .iter()
-            .find(|(s, _, _)| *s == size)
+            .find(|(s, _, _)| s == size)
             .map(|(_, tokens, price)| (*tokens, *price))
+    }
+
+    /// The `imageSize` values this model takes.
+    pub fn size_names(&self) -> Vec<&str> {
+        self.sizes.iter().map(|(s, _, _)| s.as_str()).collect()
+    }
+
+    /// The `aspectRatio` values this model takes.
+    pub fn ratios(&self) -> Vec<&'static str> {
+        let mut all = ASPECT_RATIOS.to_vec();
+        if self.extreme_ratios {
+            all.extend_from_slice(EXTREME_RATIOS);
+        }
+        all
+    }
+
+    pub fn takes_ratio(&self, ratio: &str) -> bool {
+        ASPECT_RATIOS.contains(&ratio) || (self.extreme_ratios && EXTREME_RATIOS.contains(&ratio))
     }
 
     pub fn is_retired(&self, today: Date) -> bool {
@@ -39,55 +67,55 @@ impl ModelSpec {
             predict: false,
             retired_on: None,
             sizes: vec![
-                ("1K", 1120, 134_000),
-                ("2K", 1120, 134_000),
-                ("4K", 2000, 240_000),
+                ("1K".to_owned(), 1120, 134_000),
+                ("2K".to_owned(), 1120, 134_000),
+                ("4K".to_owned(), 2000, 240_000),
             ],
             default_size: "1K",
             thought_tokens: 0,
+            extreme_ratios: false,
+        }
+    }
+
+    /// A Gemini model from core's table.
+    fn from_table(info: &ModelInfo) -> ModelSpec {
+        let sizes = info
+            .costs
+            .iter()
+            .filter_map(|(size, cost)| {
+                let cost = (*cost)?;
+                Some((
+                    size_on_the_wire(*size).to_owned(),
+                    cost.output_tokens,
+                    cost.price_micros,
+                ))
+            })
+            .collect();
+        ModelSpec {
+            name: info.id.to_owned(),
+            predict: false,
+            retired_on: info.retired.and_then(|d| d.parse().ok()),
+            sizes,
+            default_size: "1K",
+            // Pro image models reason before drawing and report it.
+            thought_tokens: if info.id.starts_with("gemini-3-pro-image") {
+                160
+            } else {
+                0
+            },
+            extreme_ratios: info.id.starts_with("gemini-3.1-flash-image"),
         }
     }
 }
 
-fn flash31(name: &str, retired_on: Option<Date>) -> ModelSpec {
-    ModelSpec {
-        name: name.to_owned(),
-        predict: false,
-        retired_on,
-        sizes: vec![
-            ("512", 747, 45_000),
-            ("1K", 1120, 67_000),
-            ("2K", 1680, 101_000),
-            ("4K", 2520, 151_000),
-        ],
-        default_size: "1K",
-        thought_tokens: 0,
-    }
-}
-
-fn pro3(name: &str, retired_on: Option<Date>) -> ModelSpec {
-    ModelSpec {
-        name: name.to_owned(),
-        predict: false,
-        retired_on,
-        sizes: vec![
-            ("1K", 1120, 134_000),
-            ("2K", 1120, 134_000),
-            ("4K", 2000, 240_000),
-        ],
-        default_size: "1K",
-        thought_tokens: 160,
-    }
-}
-
-fn flash25(name: &str, retired_on: Date) -> ModelSpec {
-    ModelSpec {
-        name: name.to_owned(),
-        predict: false,
-        retired_on: Some(retired_on),
-        sizes: vec![("1K", 1290, 39_000)],
-        default_size: "1K",
-        thought_tokens: 0,
+/// How Google spells an image size in `imageConfig.imageSize` (core's table names the
+/// size; the simulator keeps its own spelling so a client's wrong one cannot pass).
+fn size_on_the_wire(size: ImageSize) -> &'static str {
+    match size {
+        ImageSize::Half => "512",
+        ImageSize::K1 => "1K",
+        ImageSize::K2 => "2K",
+        ImageSize::K4 => "4K",
     }
 }
 
@@ -96,30 +124,71 @@ fn imagen(name: &str, retired_on: Date) -> ModelSpec {
         name: name.to_owned(),
         predict: true,
         retired_on: Some(retired_on),
-        sizes: vec![("1K", 0, 40_000), ("2K", 0, 40_000)],
+        sizes: vec![("1K".to_owned(), 0, 40_000), ("2K".to_owned(), 0, 40_000)],
         default_size: "1K",
         thought_tokens: 0,
+        extreme_ratios: false,
     }
 }
 
-/// The built-in table (DESIGN.md section 1, late 2026).
+/// The built-in table: core's Gemini models, plus the retired Imagen models (`:predict`).
 pub fn builtin() -> Vec<ModelSpec> {
-    vec![
-        flash31("gemini-3.1-flash-image", None),
-        pro3("gemini-3-pro-image", None),
-        flash31("gemini-3.1-flash-image-preview", Some(date(2026, 6, 25))),
-        pro3("gemini-3-pro-image-preview", Some(date(2026, 6, 25))),
-        flash25("gemini-2.5-flash-image", date(2026, 10, 2)),
-        flash25("gemini-2.5-flash-image-preview", date(2026, 1, 15)),
+    let mut all: Vec<ModelSpec> = MODELS.iter().map(ModelSpec::from_table).collect();
+    all.extend([
         imagen("imagen-3.0-generate-002", date(2025, 11, 10)),
         imagen("imagen-4.0-generate-001", date(2026, 6, 24)),
         imagen("imagen-4.0-ultra-generate-001", date(2026, 6, 24)),
         imagen("imagen-4.0-fast-generate-001", date(2026, 6, 24)),
-    ]
+    ]);
+    all
 }
 
-/// Aspect ratios image models accept.
+/// Aspect ratios every image model takes.
 pub const ASPECT_RATIOS: &[&str] = &[
-    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9", "1:4", "4:1", "1:8",
-    "8:1",
+    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
 ];
+
+/// Ratios only `gemini-3.1-flash-image` takes.
+pub const EXTREME_RATIOS: &[&str] = &["1:4", "4:1", "1:8", "8:1"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str) -> ModelSpec {
+        builtin()
+            .into_iter()
+            .find(|m| m.name == name)
+            .expect("in the table")
+    }
+
+    #[test]
+    fn sizes_as_google_spells_them() {
+        let flash = model("gemini-3.1-flash-image");
+        assert_eq!(flash.size_names(), vec!["512", "1K", "2K", "4K"]);
+        assert_eq!(flash.cost(Some("512")), Some((747, 45_000)));
+        assert_eq!(flash.cost(Some("0.5K")), None);
+        assert_eq!(flash.cost(None), Some((1120, 67_000)));
+        let pro = model("gemini-3-pro-image");
+        assert_eq!(pro.cost(Some("512")), None);
+        assert_eq!(pro.cost(Some("4K")), Some((2000, 240_000)));
+        assert_eq!(pro.thought_tokens, 160);
+    }
+
+    #[test]
+    fn extreme_ratios_on_flash_only() {
+        assert!(model("gemini-3.1-flash-image").takes_ratio("1:8"));
+        assert!(!model("gemini-3-pro-image").takes_ratio("1:8"));
+        assert!(model("gemini-3-pro-image").takes_ratio("21:9"));
+        assert!(!model("gemini-3-pro-image").takes_ratio("7:3"));
+    }
+
+    #[test]
+    fn retirement_from_the_table() {
+        let today = date(2026, 11, 30);
+        assert!(model("gemini-2.5-flash-image").is_retired(today));
+        assert!(model("gemini-3-pro-image-preview").is_retired(today));
+        assert!(!model("gemini-3-pro-image").is_retired(today));
+        assert!(model("imagen-4.0-generate-001").predict);
+    }
+}

@@ -3,7 +3,14 @@
 //! windows optionally; requests per day reset at Pacific midnight.
 //!
 //! Deliberately independent of Pacer's limiter: this plays the provider that the limiter
-//! must stay under, and measures (`max_in_any_window`) whether it did.
+//! must stay under, and measures whether it did. Two measurements, kept apart:
+//!
+//! - `max_in_any_window`: the most *accepted* cost in any window. Bounded by the limit by
+//!   construction (the simulator admits only under it), so it shows utilisation, never a
+//!   breach.
+//! - `max_arrivals_in_any_window`: the most cost that *arrived* in any window, refused or
+//!   not (quota 429s, injected faults, invalid requests). This is what the fleet sent, and
+//!   the figure a test compares with the limit to catch an over-sending fleet.
 use std::{
     collections::{BTreeMap, VecDeque},
     time::Duration,
@@ -164,6 +171,61 @@ impl Window {
     }
 }
 
+/// The measurement of every arrival in one dimension: a sliding log of (time, cost) of
+/// all arrivals, accepted or not, and the largest sum seen in any window.
+#[derive(Debug)]
+struct ArrivalWindow {
+    len_us: i64,
+    log: VecDeque<(i64, u64)>,
+    sum: u64,
+    max: u64,
+}
+
+impl ArrivalWindow {
+    fn new(len: Duration) -> ArrivalWindow {
+        ArrivalWindow {
+            len_us: i64::try_from(len.as_micros()).unwrap_or(i64::MAX).max(1),
+            log: VecDeque::new(),
+            sum: 0,
+            max: 0,
+        }
+    }
+
+    /// Records an arrival at `now` (never earlier than the previous one). Windows are
+    /// half-open, `(t - len, t]`, as the quota check's are.
+    fn record(&mut self, now: i64, cost: u64) {
+        while let Some(&(t, c)) = self.log.front() {
+            if t > now - self.len_us {
+                break;
+            }
+            self.sum -= c;
+            self.log.pop_front();
+        }
+        self.log.push_back((now, cost));
+        self.sum += cost;
+        // A window's sum peaks right after an arrival: checking at each one finds the max.
+        self.max = self.max.max(self.sum);
+    }
+}
+
+/// Whether an arrival carried Pacer's `x-pacer-ticket` header, and whether that ticket
+/// was seen before on the same project (a replayed booking: a call the limiter did not
+/// count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketSeen {
+    Untagged,
+    Fresh,
+    Duplicate,
+}
+
+/// Arrivals by ticket (`tagged` + `untagged` = arrivals; `duplicates` are among `tagged`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TicketStats {
+    pub tagged: u64,
+    pub untagged: u64,
+    pub duplicates: u64,
+}
+
 /// Requests per day on the Pacific calendar day.
 #[derive(Debug)]
 struct Daily {
@@ -176,13 +238,52 @@ struct Daily {
 /// Counters for `/_sim/stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ModelStats {
+    /// Every request that reached the model, whatever the answer.
+    pub arrivals: u64,
+    /// The most arrivals' cost in any sliding window of each dimension (`rpm`, `tpm`,
+    /// `ipm`, `spend`), refused ones included.
+    pub max_arrivals_in_any_window: BTreeMap<&'static str, u64>,
     pub accepted: u64,
+    /// Quota refusals by dimension (one request exceeding two dimensions counts in both).
     pub rejected: BTreeMap<&'static str, u64>,
+    /// Injected faults by kind (`ghost_429`, `overload`, `server_error`, ...).
     pub faults: BTreeMap<&'static str, u64>,
+    /// The most accepted cost in any window (never above the limit, by construction).
     pub max_in_any_window: BTreeMap<&'static str, u64>,
+    /// When each accepted request arrived, in milliseconds since the epoch, sorted.
+    pub accepted_at_ms: Vec<i64>,
+    pub tickets: TicketStats,
     pub limits: BTreeMap<&'static str, u64>,
     pub window_s: f64,
     pub fixed_windows: bool,
+}
+
+impl ModelStats {
+    /// Adds another project's figures for the same model: counts add up, maxima are the
+    /// largest of any one project's (each project has its own quota).
+    pub fn merge(&mut self, other: &ModelStats) {
+        self.arrivals += other.arrivals;
+        for (k, v) in &other.max_arrivals_in_any_window {
+            let e = self.max_arrivals_in_any_window.entry(k).or_default();
+            *e = (*e).max(*v);
+        }
+        self.accepted += other.accepted;
+        for (k, v) in &other.rejected {
+            *self.rejected.entry(k).or_default() += v;
+        }
+        for (k, v) in &other.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        for (k, v) in &other.max_in_any_window {
+            let e = self.max_in_any_window.entry(k).or_default();
+            *e = (*e).max(*v);
+        }
+        self.accepted_at_ms.extend_from_slice(&other.accepted_at_ms);
+        self.accepted_at_ms.sort_unstable();
+        self.tickets.tagged += other.tickets.tagged;
+        self.tickets.untagged += other.tickets.untagged;
+        self.tickets.duplicates += other.tickets.duplicates;
+    }
 }
 
 /// The quota state of one (project, model).
@@ -195,10 +296,20 @@ pub struct ModelQuota {
     ipm: Window,
     spend: Window,
     daily: Daily,
+    /// All arrivals, per dimension (rpm, tpm, ipm, spend).
+    arrived: [ArrivalWindow; 4],
+    /// The latest arrival time: arrivals are stamped before parsing and counted under the
+    /// lock, so a later one can reach the lock first; clamping keeps the logs ordered.
+    last_us: i64,
+    arrivals: u64,
     accepted: u64,
+    accepted_at_ms: Vec<i64>,
+    tickets: TicketStats,
     rejected: BTreeMap<&'static str, u64>,
     faults: BTreeMap<&'static str, u64>,
 }
+
+const WINDOWED: [Dim; 4] = [Dim::Rpm, Dim::Tpm, Dim::Ipm, Dim::Spend];
 
 impl ModelQuota {
     pub fn new(spec: Option<&LimitSpec>, fixed: bool) -> ModelQuota {
@@ -217,10 +328,53 @@ impl ModelQuota {
                 count: 0,
                 max_in_any_day: 0,
             },
+            arrived: [
+                ArrivalWindow::new(window),
+                ArrivalWindow::new(window),
+                ArrivalWindow::new(window),
+                ArrivalWindow::new(spend_window),
+            ],
+            last_us: i64::MIN,
+            arrivals: 0,
             accepted: 0,
+            accepted_at_ms: Vec::new(),
+            tickets: TicketStats::default(),
             rejected: BTreeMap::new(),
             faults: BTreeMap::new(),
         }
+    }
+
+    /// Counts an arrival, before any decision about it: every request that reaches the
+    /// model counts here, whatever it is answered. Returns the arrival's time on the
+    /// simulator's (monotonic) clock, in microseconds.
+    pub fn count_arrival(&mut self, now: Timestamp, costs: Costs, ticket: TicketSeen) -> i64 {
+        let now_us = now.as_microsecond().max(self.last_us);
+        self.last_us = now_us;
+        self.arrivals += 1;
+        for (w, dim) in self.arrived.iter_mut().zip(WINDOWED) {
+            w.record(now_us, costs.of(dim));
+        }
+        match ticket {
+            TicketSeen::Untagged => self.tickets.untagged += 1,
+            TicketSeen::Fresh => self.tickets.tagged += 1,
+            TicketSeen::Duplicate => {
+                self.tickets.tagged += 1;
+                self.tickets.duplicates += 1;
+            }
+        }
+        now_us
+    }
+
+    /// Counts the arrival, then decides it: [`Self::count_arrival`] followed by
+    /// [`Self::admit`].
+    pub fn arrive(
+        &mut self,
+        now: Timestamp,
+        costs: Costs,
+        ticket: TicketSeen,
+    ) -> Result<(), Vec<Exceeded>> {
+        let now_us = self.count_arrival(now, costs, ticket);
+        self.admit(now_us, costs)
     }
 
     fn window_mut(&mut self, dim: Dim) -> Option<&mut Window> {
@@ -233,11 +387,11 @@ impl ModelQuota {
         }
     }
 
-    /// Counts the request if every dimension has room (all or nothing); otherwise returns
-    /// every exceeded dimension.
-    pub fn arrive(&mut self, now: Timestamp, costs: Costs) -> Result<(), Vec<Exceeded>> {
-        let now_us = now.as_microsecond();
+    /// Admits an arrival counted at `now_us` if every dimension has room (all or
+    /// nothing); otherwise returns every exceeded dimension.
+    fn admit(&mut self, now_us: i64, costs: Costs) -> Result<(), Vec<Exceeded>> {
         if now_us >= self.daily.day_end {
+            let now = Timestamp::from_microsecond(now_us).unwrap_or(Timestamp::MAX);
             let next = pacer_core::pacific::next_midnights(now, 1);
             self.daily.day_end = next.first().map_or(i64::MAX, |t| t.as_microsecond());
             self.daily.count = 0;
@@ -282,6 +436,8 @@ impl ModelQuota {
         self.daily.count += 1;
         self.daily.max_in_any_day = self.daily.max_in_any_day.max(self.daily.count);
         self.accepted += 1;
+        // Arrival times are monotonic here, so the list stays sorted.
+        self.accepted_at_ms.push(now_us.div_euclid(1000));
         Ok(())
     }
 
@@ -307,11 +463,20 @@ impl ModelQuota {
         if let Some(l) = self.daily.limit {
             limits.insert(Dim::Rpd.label(), l);
         }
+        let max_arrivals = WINDOWED
+            .iter()
+            .zip(&self.arrived)
+            .map(|(dim, w)| (dim.label(), w.max))
+            .collect();
         ModelStats {
+            arrivals: self.arrivals,
+            max_arrivals_in_any_window: max_arrivals,
             accepted: self.accepted,
             rejected: self.rejected.clone(),
             faults: self.faults.clone(),
             max_in_any_window: max,
+            accepted_at_ms: self.accepted_at_ms.clone(),
+            tickets: self.tickets,
             limits,
             window_s: self.window_s,
             fixed_windows: self.fixed,
@@ -327,6 +492,12 @@ mod tests {
         Timestamp::from_millisecond(1_800_000_000_000 + ms).expect("in range")
     }
 
+    impl ModelQuota {
+        fn arrive_at(&mut self, now: Timestamp, c: Costs) -> Result<(), Vec<Exceeded>> {
+            self.arrive(now, c, TicketSeen::Untagged)
+        }
+    }
+
     fn spec(rpm: u64) -> LimitSpec {
         let mut s = LimitSpec::new("m");
         s.rpm = Some(rpm);
@@ -338,12 +509,12 @@ mod tests {
     fn sliding_window_counts_at_arrival() {
         let mut q = ModelQuota::new(Some(&spec(2)), false);
         let c = Costs::default();
-        assert!(q.arrive(at(0), c).is_ok());
-        assert!(q.arrive(at(4_000), c).is_ok());
-        let e = q.arrive(at(5_000), c).expect_err("third in the window");
+        assert!(q.arrive_at(at(0), c).is_ok());
+        assert!(q.arrive_at(at(4_000), c).is_ok());
+        let e = q.arrive_at(at(5_000), c).expect_err("third in the window");
         assert_eq!(e[0].dim, Dim::Rpm);
         assert_eq!(e[0].retry_in, Duration::from_secs(5));
-        assert!(q.arrive(at(10_001), c).is_ok());
+        assert!(q.arrive_at(at(10_001), c).is_ok());
         assert_eq!(q.stats().max_in_any_window["rpm"], 2);
         assert_eq!(q.stats().rejected["rpm"], 1);
     }
@@ -353,17 +524,111 @@ mod tests {
         let mut q = ModelQuota::new(Some(&spec(1)), true);
         let c = Costs::default();
         // 1_800_000_000_000 ms is a multiple of 10 s: window boundaries at at(10_000k).
-        assert!(q.arrive(at(9_000), c).is_ok());
-        let e = q.arrive(at(9_500), c).expect_err("same calendar window");
+        assert!(q.arrive_at(at(9_000), c).is_ok());
+        let e = q.arrive_at(at(9_500), c).expect_err("same calendar window");
         assert_eq!(e[0].retry_in, Duration::from_millis(500));
-        assert!(q.arrive(at(10_000), c).is_ok());
+        assert!(q.arrive_at(at(10_000), c).is_ok());
         // Two in 1 s across the boundary: the measurement (sliding) sees it.
         assert_eq!(q.stats().max_in_any_window["rpm"], 2);
     }
 
     #[test]
+    fn a_burst_over_the_limit_counts_every_arrival() {
+        let mut q = ModelQuota::new(Some(&spec(20)), false);
+        let c = Costs {
+            input_tokens: 7,
+            images: 1,
+            spend_micros: 100,
+        };
+        let mut ok = 0;
+        for i in 0..25 {
+            if q.arrive(at(i), c, TicketSeen::Untagged).is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 20);
+        let s = q.stats();
+        assert_eq!(s.arrivals, 25);
+        assert_eq!(s.accepted, 20);
+        assert_eq!(s.rejected["rpm"], 5);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(s.max_arrivals_in_any_window["rpm"], 25);
+        assert_eq!(s.max_arrivals_in_any_window["tpm"], 25 * 7);
+        assert_eq!(s.max_arrivals_in_any_window["ipm"], 25);
+        assert_eq!(s.max_arrivals_in_any_window["spend"], 25 * 100);
+        // Accepted figures stay at the limit: they cannot show a breach.
+        assert_eq!(s.max_in_any_window["rpm"], 20);
+        let base = 1_800_000_000_000;
+        assert_eq!(s.accepted_at_ms, (base..base + 20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn arrivals_slide_like_the_quota_window() {
+        let mut q = ModelQuota::new(None, false);
+        let mut q10 = ModelQuota::new(Some(&spec(100)), false);
+        let c = Costs::default();
+        // 60 s window by default: 3 arrivals at 0, 30 and 59.999 s, then one at 60 s
+        // (the one at 0 has left: windows are (t - 60 s, t]).
+        for ms in [0, 30_000, 59_999, 60_000] {
+            q.count_arrival(at(ms), c, TicketSeen::Untagged);
+        }
+        assert_eq!(q.stats().max_arrivals_in_any_window["rpm"], 3);
+        // 10 s windows: 0..9 s gives 10, the next 10 spread out never exceed it.
+        for s in 0..20 {
+            q10.count_arrival(at(s * 1000), c, TicketSeen::Untagged);
+        }
+        assert_eq!(q10.stats().max_arrivals_in_any_window["rpm"], 10);
+        assert_eq!(q10.stats().arrivals, 20);
+        assert_eq!(q10.stats().accepted, 0);
+    }
+
+    #[test]
+    fn arrivals_out_of_order_are_clamped_and_faults_count() {
+        let mut q = ModelQuota::new(Some(&spec(5)), false);
+        let c = Costs::default();
+        q.count_arrival(at(1_000), c, TicketSeen::Fresh);
+        q.fault("ghost_429");
+        // Stamped earlier, counted later: counted at the latest time seen.
+        assert!(q.arrive(at(500), c, TicketSeen::Duplicate).is_ok());
+        q.count_arrival(at(2_000), c, TicketSeen::Untagged);
+        let s = q.stats();
+        assert_eq!(s.arrivals, 3);
+        assert_eq!(s.accepted, 1);
+        assert_eq!(s.accepted_at_ms, vec![1_800_000_001_000]);
+        assert_eq!(s.faults["ghost_429"], 1);
+        assert_eq!(s.max_arrivals_in_any_window["rpm"], 3);
+        assert_eq!(
+            s.tickets,
+            TicketStats {
+                tagged: 2,
+                untagged: 1,
+                duplicates: 1
+            }
+        );
+    }
+
+    #[test]
+    fn merged_stats_add_counts_and_keep_the_largest_window() {
+        let mut a = ModelQuota::new(Some(&spec(1)), false);
+        let mut b = ModelQuota::new(Some(&spec(1)), false);
+        let c = Costs::default();
+        for ms in [0, 1, 2] {
+            let _ = a.arrive(at(ms), c, TicketSeen::Fresh);
+        }
+        let _ = b.arrive(at(1), c, TicketSeen::Untagged);
+        let mut m = a.stats();
+        m.merge(&b.stats());
+        assert_eq!(m.arrivals, 4);
+        assert_eq!(m.accepted, 2);
+        assert_eq!(m.rejected["rpm"], 2);
+        assert_eq!(m.max_arrivals_in_any_window["rpm"], 3);
+        assert_eq!(m.accepted_at_ms, vec![1_800_000_000_000, 1_800_000_000_001]);
+        assert_eq!((m.tickets.tagged, m.tickets.untagged), (3, 1));
+    }
+
+    #[test]
     fn limit_zero_rejects_everything() {
         let mut q = ModelQuota::new(Some(&spec(0)), false);
-        assert!(q.arrive(at(0), Costs::default()).is_err());
+        assert!(q.arrive_at(at(0), Costs::default()).is_err());
     }
 }

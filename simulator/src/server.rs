@@ -1,6 +1,6 @@
-//! The HTTP surface: Google's routes and answers, and `GET /_sim/stats`.
+//! The HTTP surface: Google's routes and answers, `GET /_sim/stats` and `POST /_sim/reset`.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,23 +15,26 @@ use axum::{
 };
 use base64::Engine as _;
 use jiff::Timestamp;
-use pacer_core::gemini::{
-    decode::{format_go_duration, format_proto_duration},
-    wire::{
-        Blob, Candidate, Content, ErrorBody, ErrorEnvelope, GenerateContentResponse,
-        ModalityTokenCount, Part, PromptFeedback, UsageMetadata,
-    },
-};
 use rand::Rng as _;
 use serde_json::{Value, json};
 
 use crate::{
-    config::{Detail, DetailsOrder, SimConfig},
+    config::{Detail as DetailKind, DetailsOrder, SimConfig},
     image,
     models::{self, ModelSpec},
-    quota::{Costs, Exceeded, ModelQuota, ModelStats},
+    quota::{Costs, Exceeded, ModelQuota, ModelStats, TicketSeen},
     validate::{self, Parsed, Violation},
+    wire::{
+        BadRequest, Blob, Candidate, Content, Detail, ErrorInfo, ErrorResponse, FieldViolation,
+        GenerateContentResponse, Help, Link, ModalityTokenCount, Part, PredictResponse, Prediction,
+        PromptFeedback, ProtoDuration, QuotaDimensions, QuotaFailure, QuotaViolation, RetryInfo,
+        Status, UsageMetadata, go_duration,
+    },
 };
+
+/// The header carrying the limiter booking a Pacer call was made under (one per booking):
+/// the simulator counts arrivals with and without it, and repeats within a project.
+pub const TICKET_HEADER: &str = "x-pacer-ticket";
 
 const HELP_URL: &str = "https://ai.google.dev/gemini-api/docs/rate-limits";
 
@@ -41,9 +44,26 @@ pub(crate) struct Sim {
     models: HashMap<String, ModelSpec>,
     /// key → project.
     keys: HashMap<String, String>,
-    quotas: Mutex<HashMap<(String, String), ModelQuota>>,
+    quotas: Mutex<HashMap<String, ProjectState>>,
     credits: Mutex<HashMap<String, u64>>,
     started: Instant,
+}
+
+/// One project's counters: its quota per model, and every ticket its arrivals carried.
+#[derive(Default)]
+struct ProjectState {
+    models: HashMap<String, ModelQuota>,
+    tickets: HashSet<String>,
+}
+
+impl Sim {
+    fn initial_credits(config: &SimConfig) -> HashMap<String, u64> {
+        config
+            .credits
+            .iter()
+            .map(|c| (c.project.clone(), c.micros))
+            .collect()
+    }
 }
 
 impl Sim {
@@ -72,11 +92,7 @@ impl Sim {
                 )
             })
             .collect();
-        let credits = config
-            .credits
-            .iter()
-            .map(|c| (c.project.clone(), c.micros))
-            .collect();
+        let credits = Sim::initial_credits(&config);
         Sim {
             config,
             models,
@@ -99,10 +115,15 @@ impl Sim {
         self.keys.get(key).cloned()
     }
 
-    fn with_quota<T>(&self, project: &str, model: &str, f: impl FnOnce(&mut ModelQuota) -> T) -> T {
+    fn with_quota<T>(
+        &self,
+        project: &str,
+        model: &str,
+        f: impl FnOnce(&mut ModelQuota, &mut HashSet<String>) -> T,
+    ) -> T {
         let mut quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (project.to_owned(), model.to_owned());
-        let quota = quotas.entry(key).or_insert_with(|| {
+        let state = quotas.entry(project.to_owned()).or_default();
+        let quota = state.models.entry(model.to_owned()).or_insert_with(|| {
             let spec = self
                 .config
                 .limits
@@ -116,7 +137,24 @@ impl Sim {
                 });
             ModelQuota::new(spec, self.config.fixed_windows)
         });
-        f(quota)
+        f(quota, &mut state.tickets)
+    }
+
+    /// Counts an arrival that is answered without a quota decision (invalid, fault,
+    /// spent credit).
+    fn count_only(&self, arrival: &Arrival, costs: Costs) {
+        self.with_quota(&arrival.project, &arrival.model, |q, seen| {
+            q.count_arrival(arrival.at, costs, arrival.ticket_seen(seen));
+        });
+    }
+
+    /// Forgets every counter, window and ticket, and refills prepaid credits: a fresh
+    /// simulator on the same port, for tests that share one.
+    pub(crate) fn reset(&self) {
+        let mut credits = self.credits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
+        quotas.clear();
+        *credits = Sim::initial_credits(&self.config);
     }
 
     /// Stats as served by `/_sim/stats`.
@@ -124,29 +162,23 @@ impl Sim {
         let quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
         let mut projects: BTreeMap<String, BTreeMap<String, ModelStats>> = BTreeMap::new();
         let mut models: BTreeMap<String, ModelStats> = BTreeMap::new();
-        for ((project, model), q) in quotas.iter() {
-            let s = q.stats();
-            let m = models.entry(model.clone()).or_insert_with(|| ModelStats {
-                window_s: s.window_s,
-                fixed_windows: s.fixed_windows,
-                limits: s.limits.clone(),
-                ..ModelStats::default()
-            });
-            m.accepted += s.accepted;
-            for (k, v) in &s.rejected {
-                *m.rejected.entry(k).or_default() += v;
+        for (project, state) in quotas.iter() {
+            for (model, q) in &state.models {
+                let s = q.stats();
+                models
+                    .entry(model.clone())
+                    .or_insert_with(|| ModelStats {
+                        window_s: s.window_s,
+                        fixed_windows: s.fixed_windows,
+                        limits: s.limits.clone(),
+                        ..ModelStats::default()
+                    })
+                    .merge(&s);
+                projects
+                    .entry(project.clone())
+                    .or_default()
+                    .insert(model.clone(), s);
             }
-            for (k, v) in &s.faults {
-                *m.faults.entry(k).or_default() += v;
-            }
-            for (k, v) in &s.max_in_any_window {
-                let e = m.max_in_any_window.entry(k).or_default();
-                *e = (*e).max(*v);
-            }
-            projects
-                .entry(project.clone())
-                .or_default()
-                .insert(model.clone(), s);
         }
         json!({
             "uptime_s": self.started.elapsed().as_secs_f64(),
@@ -156,11 +188,31 @@ impl Sim {
     }
 }
 
+/// Who sent a request, to which model, when, under which ticket.
+struct Arrival {
+    project: String,
+    model: String,
+    at: Timestamp,
+    ticket: Option<String>,
+}
+
+impl Arrival {
+    /// Whether the ticket is new to the project; remembers it.
+    fn ticket_seen(&self, seen: &mut HashSet<String>) -> TicketSeen {
+        match &self.ticket {
+            None => TicketSeen::Untagged,
+            Some(t) if seen.insert(t.clone()) => TicketSeen::Fresh,
+            Some(_) => TicketSeen::Duplicate,
+        }
+    }
+}
+
 /// Builds the router.
 pub(crate) fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/{version}/models/{action}", post(model_action))
         .route("/_sim/stats", get(stats))
+        .route("/_sim/reset", post(reset))
         .with_state(sim)
 }
 
@@ -168,15 +220,20 @@ async fn stats(State(sim): State<Arc<Sim>>) -> Response {
     axum::Json(sim.stats()).into_response()
 }
 
+async fn reset(State(sim): State<Arc<Sim>>) -> Response {
+    sim.reset();
+    StatusCode::NO_CONTENT.into_response()
+}
+
 fn google_error(
     status: StatusCode,
     google_status: &str,
     message: &str,
-    details: Vec<Value>,
+    details: Vec<Detail>,
 ) -> Response {
     // The wire struct keeps Google's field order: code, message, status, details.
-    let body = ErrorEnvelope {
-        error: ErrorBody {
+    let body = ErrorResponse {
+        error: Status {
             code: status.as_u16(),
             message: message.to_owned(),
             status: google_status.to_owned(),
@@ -200,17 +257,15 @@ fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response 
 }
 
 fn bad_request(v: &Violation) -> Response {
-    let mut violation = json!({ "description": v.message });
-    if !v.field.is_empty() {
-        violation["field"] = json!(v.field);
-    }
     google_error(
         StatusCode::BAD_REQUEST,
         "INVALID_ARGUMENT",
         &v.message,
-        vec![json!({
-            "@type": "type.googleapis.com/google.rpc.BadRequest",
-            "fieldViolations": [violation],
+        vec![Detail::BadRequest(BadRequest {
+            field_violations: vec![FieldViolation {
+                field: v.field.clone(),
+                description: v.message.clone(),
+            }],
         })],
     )
 }
@@ -241,38 +296,33 @@ fn quota_exceeded(sim: &Sim, model: &str, exceeded: &[Exceeded]) -> Response {
             e.dim.quota_metric(),
             e.limit
         ));
-        let mut v = json!({
-            "quotaMetric": e.dim.quota_metric(),
-            "quotaId": e.dim.quota_id(),
-            "quotaDimensions": { "location": "global", "model": model },
+        violations.push(QuotaViolation {
+            quota_metric: e.dim.quota_metric().to_owned(),
+            quota_id: e.dim.quota_id().to_owned(),
+            quota_dimensions: QuotaDimensions {
+                location: "global".to_owned(),
+                model: model.to_owned(),
+            },
+            // Google leaves quotaValue out when the limit is 0.
+            quota_value: (e.limit > 0).then(|| e.limit.to_string()),
         });
-        // Google leaves quotaValue out when the limit is 0.
-        if e.limit > 0 {
-            v["quotaValue"] = json!(e.limit.to_string());
-        }
-        violations.push(v);
     }
-    message.push_str(&format!(
-        "\nPlease retry in {}.",
-        format_go_duration(retry_in)
-    ));
-    let help = json!({
-        "@type": "type.googleapis.com/google.rpc.Help",
-        "links": [{ "description": "Learn more about Gemini API quotas", "url": HELP_URL }],
+    message.push_str(&format!("\nPlease retry in {}.", go_duration(retry_in)));
+    let help = Detail::Help(Help {
+        links: vec![Link {
+            description: "Learn more about Gemini API quotas".to_owned(),
+            url: HELP_URL.to_owned(),
+        }],
     });
-    let quota = json!({
-        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-        "violations": violations,
-    });
+    let quota = Detail::QuotaFailure(QuotaFailure { violations });
     // RetryInfo carries whole seconds (truncated), the message the precise delay.
-    let retry = json!({
-        "@type": "type.googleapis.com/google.rpc.RetryInfo",
-        "retryDelay": format_proto_duration(Duration::from_secs(retry_in.as_secs())),
+    let retry = Detail::RetryInfo(RetryInfo {
+        retry_delay: ProtoDuration(Duration::from_secs(retry_in.as_secs())),
     });
     let mut details = vec![
-        (Detail::Help, help),
-        (Detail::QuotaFailure, quota),
-        (Detail::RetryInfo, retry),
+        (DetailKind::Help, help),
+        (DetailKind::QuotaFailure, quota),
+        (DetailKind::RetryInfo, retry),
     ];
     match &sim.config.details_order {
         DetailsOrder::Random => {
@@ -446,11 +496,13 @@ async fn model_action(
             StatusCode::BAD_REQUEST,
             "INVALID_ARGUMENT",
             "API key not valid. Please pass a valid API key.",
-            vec![json!({
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": "API_KEY_INVALID",
-                "domain": "googleapis.com",
-                "metadata": { "service": "generativelanguage.googleapis.com" },
+            vec![Detail::ErrorInfo(ErrorInfo {
+                reason: "API_KEY_INVALID".to_owned(),
+                domain: "googleapis.com".to_owned(),
+                metadata: BTreeMap::from([(
+                    "service".to_owned(),
+                    "generativelanguage.googleapis.com".to_owned(),
+                )]),
             })],
         );
     };
@@ -465,34 +517,52 @@ async fn model_action(
         }
         _ => return not_found(&version, model, method),
     };
+    // From here on the request reached the model: it counts as an arrival, whatever the
+    // answer, before any decision about it.
+    let arrival = Arrival {
+        project,
+        model: model.to_owned(),
+        at: arrival,
+        ticket: headers
+            .get(TICKET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
+    };
     let parsed = if framing == Framing::Predict {
-        match predict_request(&body) {
-            Ok(p) => p,
-            Err(v) => return bad_request(&v),
-        }
+        predict_request(&body)
     } else {
-        match validate::generate_content(&body, spec) {
-            Ok(p) => p,
-            Err(v) => return bad_request(&v),
+        validate::generate_content(&body, spec)
+    };
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(v) => {
+            // Google charges no tokens, images or spend for a request it refuses to parse.
+            sim.count_only(&arrival, Costs::default());
+            return bad_request(&v);
         }
     };
     let (image_tokens, price) = spec.cost(parsed.image_size.as_deref()).unwrap_or((0, 0));
-    if let Some(kind) = draw_fault(&sim) {
-        sim.with_quota(&project, model, |q| q.fault(kind));
-        return fault_response(kind);
-    }
     let tokens = prompt_tokens(&parsed.prompt);
     let costs = Costs {
         input_tokens: tokens,
         images: 1,
         spend_micros: price,
     };
+    if let Some(kind) = draw_fault(&sim) {
+        sim.with_quota(&arrival.project, model, |q, seen| {
+            q.count_arrival(arrival.at, costs, arrival.ticket_seen(seen));
+            q.fault(kind);
+        });
+        return fault_response(kind);
+    }
     // Credit and quota are decided under one lock each, in a fixed order (credits, then
     // quotas), so concurrent requests cannot overspend a prepaid balance.
     {
         let mut credits = sim.credits.lock().unwrap_or_else(|p| p.into_inner());
-        let left = credits.get_mut(&project);
+        let left = credits.get_mut(&arrival.project);
         if left.as_deref().is_some_and(|left| *left < price.max(1)) {
+            sim.count_only(&arrival, costs);
             return google_error(
                 StatusCode::PAYMENT_REQUIRED,
                 "FAILED_PRECONDITION",
@@ -500,7 +570,10 @@ async fn model_action(
                 Vec::new(),
             );
         }
-        if let Err(exceeded) = sim.with_quota(&project, model, |q| q.arrive(arrival, costs)) {
+        let decided = sim.with_quota(&arrival.project, model, |q, seen| {
+            q.arrive(arrival.at, costs, arrival.ticket_seen(seen))
+        });
+        if let Err(exceeded) = decided {
             return quota_exceeded(&sim, model, &exceeded);
         }
         if let Some(left) = left {
@@ -516,7 +589,7 @@ async fn model_action(
         p > 0.0 && rand::rng().random::<f64>() < p
     };
     if reset {
-        sim.with_quota(&project, model, |q| q.fault("reset"));
+        sim.with_quota(&arrival.project, model, |q, _| q.fault("reset"));
         return reset_response();
     }
     let answer = answer(
@@ -593,12 +666,25 @@ fn answer(
         ))
     };
     if predict {
-        return json!({ "predictions": [{ "bytesBase64Encoded": png(), "mimeType": "image/png" }] });
+        let resp = PredictResponse {
+            predictions: vec![Prediction {
+                bytes_base64_encoded: png(),
+                mime_type: "image/png".to_owned(),
+            }],
+        };
+        return serde_json::to_value(&resp).unwrap_or(Value::Null);
     }
     let prompt_details = vec![ModalityTokenCount {
-        modality: "TEXT".to_owned(),
+        modality: "TEXT",
         token_count: tokens,
     }];
+    // A blocked answer bills the prompt only.
+    let prompt_only = UsageMetadata {
+        prompt_token_count: tokens,
+        total_token_count: tokens,
+        prompt_tokens_details: prompt_details.clone(),
+        ..UsageMetadata::default()
+    };
     let mut resp = GenerateContentResponse {
         model_version: Some(spec.name.clone()),
         response_id: Some(random_id()),
@@ -607,31 +693,20 @@ fn answer(
     match block {
         Some(rule) if rule.is_prompt_block() => {
             resp.prompt_feedback = Some(PromptFeedback {
-                block_reason: Some(rule.reason.clone()),
-                block_reason_message: None,
+                block_reason: rule.reason.clone(),
             });
-            resp.usage_metadata = Some(UsageMetadata {
-                prompt_token_count: Some(tokens),
-                total_token_count: Some(tokens),
-                prompt_tokens_details: prompt_details,
-                ..UsageMetadata::default()
-            });
+            resp.usage_metadata = Some(prompt_only);
         }
         Some(rule) => {
             resp.candidates = vec![Candidate {
-                content: Some(Content {
-                    role: Some("model".to_owned()),
+                content: Content {
                     parts: Vec::new(),
-                }),
+                    role: Some("model".to_owned()),
+                },
                 finish_reason: Some(rule.reason.clone()),
-                index: Some(0),
+                index: 0,
             }];
-            resp.usage_metadata = Some(UsageMetadata {
-                prompt_token_count: Some(tokens),
-                total_token_count: Some(tokens),
-                prompt_tokens_details: prompt_details,
-                ..UsageMetadata::default()
-            });
+            resp.usage_metadata = Some(prompt_only);
         }
         None => {
             let mut parts = Vec::new();
@@ -648,7 +723,7 @@ fn answer(
                     ..Part::default()
                 });
                 candidate_details.push(ModalityTokenCount {
-                    modality: "TEXT".to_owned(),
+                    modality: "TEXT",
                     token_count: text_tokens,
                 });
             }
@@ -660,26 +735,26 @@ fn answer(
                 ..Part::default()
             });
             candidate_details.push(ModalityTokenCount {
-                modality: "IMAGE".to_owned(),
+                modality: "IMAGE",
                 token_count: image_tokens,
             });
             let candidates = text_tokens + image_tokens;
             let thoughts = spec.thought_tokens;
             resp.candidates = vec![Candidate {
-                content: Some(Content {
-                    role: Some("model".to_owned()),
+                content: Content {
                     parts,
-                }),
+                    role: Some("model".to_owned()),
+                },
                 finish_reason: Some("STOP".to_owned()),
-                index: Some(0),
+                index: 0,
             }];
             resp.usage_metadata = Some(UsageMetadata {
-                prompt_token_count: Some(tokens),
+                prompt_token_count: tokens,
                 candidates_token_count: Some(candidates),
-                thoughts_token_count: (thoughts > 0).then_some(thoughts),
-                total_token_count: Some(tokens + candidates + thoughts),
+                total_token_count: tokens + candidates + thoughts,
                 prompt_tokens_details: prompt_details,
                 candidates_tokens_details: candidate_details,
+                thoughts_token_count: (thoughts > 0).then_some(thoughts),
             });
         }
     }

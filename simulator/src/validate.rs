@@ -4,7 +4,10 @@
 //! (`generationConfig`, `generation_config`) are accepted, as protobuf's JSON mapping does.
 use serde_json::{Map, Value};
 
-use crate::models::{ASPECT_RATIOS, ModelSpec};
+use crate::{
+    models::ModelSpec,
+    wire::{GenerateContentRequest, GenerationConfig},
+};
 
 /// A rejected request: the message and the field it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,24 +149,12 @@ fn string<'a>(value: &'a Value, path: &str, proto: &str) -> Result<&'a str, Viol
     value.as_str().ok_or_else(|| invalid(path, proto, value))
 }
 
-/// Validates a `generateContent` body for `model`.
-pub fn generate_content(body: &[u8], model: &ModelSpec) -> Result<Parsed, Violation> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Violation {
-        field: String::new(),
-        message: format!("Invalid JSON payload received. {e}"),
-    })?;
-    let mut prompt = Vec::new();
-    let mut parsed = Parsed {
-        prompt: String::new(),
-        text_too: true,
-        aspect_ratio: None,
-        image_size: None,
-    };
-    let mut saw_contents = false;
-    for (name, v) in fields(&value, "", TOP, "GenerateContentRequest")? {
+/// Refuses unknown field names anywhere the simulator reads, as protobuf's JSON parser
+/// does, naming the path.
+fn check_names(value: &Value) -> Result<(), Violation> {
+    for (name, v) in fields(value, "", TOP, "GenerateContentRequest")? {
         match name.as_str() {
             "contents" => {
-                saw_contents = true;
                 for (i, content) in array(v, "contents", "Content")?.iter().enumerate() {
                     let path = format!("contents[{i}]");
                     for (name, v) in fields(content, &path, CONTENT, "Content")? {
@@ -175,98 +166,140 @@ pub fn generate_content(body: &[u8], model: &ModelSpec) -> Result<Parsed, Violat
                             let part_path = format!("{parts_path}[{j}]");
                             for (name, v) in fields(part, &part_path, PART, "Part")? {
                                 if name == "text" {
-                                    prompt.push(string(v, &join(&part_path, "text"), "Part")?);
+                                    string(v, &join(&part_path, "text"), "Part")?;
                                 }
                             }
                         }
                     }
                 }
             }
-            "generation_config" => generation_config(v, model, &mut parsed)?,
-            _ => {}
-        }
-    }
-    if !saw_contents || prompt.is_empty() {
-        return Err(Violation {
-            field: "contents".to_owned(),
-            message: "* GenerateContentRequest.contents: contents is not specified\n".to_owned(),
-        });
-    }
-    parsed.prompt = prompt.join("\n");
-    Ok(parsed)
-}
-
-fn generation_config(v: &Value, model: &ModelSpec, parsed: &mut Parsed) -> Result<(), Violation> {
-    let path = "generation_config";
-    for (name, v) in fields(v, path, GENERATION_CONFIG, "GenerationConfig")? {
-        let here = join(path, &name);
-        match name.as_str() {
-            "response_modalities" => {
-                let mut image = false;
-                let mut text = false;
-                for (i, m) in array(v, &here, "GenerationConfig.Modality")?
-                    .iter()
-                    .enumerate()
-                {
-                    let at = format!("{here}[{i}]");
-                    let m = m
-                        .as_str()
-                        .filter(|m| MODALITIES.contains(m))
-                        .ok_or_else(|| invalid(&at, "GenerationConfig.Modality", m))?;
-                    image |= m == "IMAGE";
-                    text |= m == "TEXT";
-                }
-                if !image {
-                    return Err(Violation {
-                        field: here,
-                        message: format!(
-                            "Model {} does not support the requested response modalities: only TEXT,IMAGE or IMAGE",
-                            model.name
-                        ),
-                    });
-                }
-                parsed.text_too = text;
-            }
-            "candidate_count" if v.as_u64().is_some_and(|n| n > 1) => {
-                return Err(Violation {
-                    field: here,
-                    message: format!(
-                        "Multiple candidates is not enabled for models/{}",
-                        model.name
-                    ),
-                });
-            }
-            "image_config" => {
-                for (name, v) in fields(v, &here, IMAGE_CONFIG, "ImageConfig")? {
-                    let at = join(&here, &name);
-                    let s = string(v, &at, "ImageConfig")?;
-                    if name == "aspect_ratio" {
-                        if !ASPECT_RATIOS.contains(&s) {
-                            return Err(Violation {
-                                field: at,
-                                message: format!(
-                                    "* GenerateContentRequest.generation_config.image_config.aspect_ratio: unsupported aspect ratio \"{s}\"; supported: {}\n",
-                                    ASPECT_RATIOS.join(", ")
-                                ),
-                            });
+            "generation_config" => {
+                let path = "generation_config";
+                for (name, v) in fields(v, path, GENERATION_CONFIG, "GenerationConfig")? {
+                    let here = join(path, &name);
+                    match name.as_str() {
+                        "response_modalities" => {
+                            for (i, m) in array(v, &here, "GenerationConfig.Modality")?
+                                .iter()
+                                .enumerate()
+                            {
+                                m.as_str()
+                                    .filter(|m| MODALITIES.contains(m))
+                                    .ok_or_else(|| {
+                                        invalid(
+                                            &format!("{here}[{i}]"),
+                                            "GenerationConfig.Modality",
+                                            m,
+                                        )
+                                    })?;
+                            }
                         }
-                        parsed.aspect_ratio = Some(s.to_owned());
-                    } else {
-                        if model.cost(Some(s)).is_none() {
-                            return Err(Violation {
-                                field: at,
-                                message: format!(
-                                    "* GenerateContentRequest.generation_config.image_config.image_size: unsupported image size \"{s}\" for {}\n",
-                                    model.name
-                                ),
-                            });
+                        "image_config" => {
+                            for (name, v) in fields(v, &here, IMAGE_CONFIG, "ImageConfig")? {
+                                string(v, &join(&here, &name), "ImageConfig")?;
+                            }
                         }
-                        parsed.image_size = Some(s.to_owned());
+                        _ => {}
                     }
                 }
             }
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// Validates a `generateContent` body for `model`: names first (Google's parser), then the
+/// values, read through the simulator's own wire types.
+pub fn generate_content(body: &[u8], model: &ModelSpec) -> Result<Parsed, Violation> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Violation {
+        field: String::new(),
+        message: format!("Invalid JSON payload received. {e}"),
+    })?;
+    check_names(&value)?;
+    let request: GenerateContentRequest = serde_json::from_value(value).map_err(|e| Violation {
+        field: String::new(),
+        message: format!("Invalid JSON payload received. {e}"),
+    })?;
+    let prompt: Vec<&str> = request
+        .contents
+        .iter()
+        .flat_map(|c| &c.parts)
+        .filter_map(|p| p.text.as_deref())
+        .collect();
+    if prompt.is_empty() {
+        return Err(Violation {
+            field: "contents".to_owned(),
+            message: "* GenerateContentRequest.contents: contents is not specified\n".to_owned(),
+        });
+    }
+    let mut parsed = Parsed {
+        prompt: prompt.join("\n"),
+        text_too: true,
+        aspect_ratio: None,
+        image_size: None,
+    };
+    if let Some(config) = &request.generation_config {
+        generation_config(config, model, &mut parsed)?;
+    }
+    Ok(parsed)
+}
+
+fn generation_config(
+    config: &GenerationConfig,
+    model: &ModelSpec,
+    parsed: &mut Parsed,
+) -> Result<(), Violation> {
+    if let Some(modalities) = &config.response_modalities {
+        if !modalities.iter().any(|m| m == "IMAGE") {
+            return Err(Violation {
+                field: "generation_config.response_modalities".to_owned(),
+                message: format!(
+                    "Model {} does not support the requested response modalities: only TEXT,IMAGE or IMAGE",
+                    model.name
+                ),
+            });
+        }
+        parsed.text_too = modalities.iter().any(|m| m == "TEXT");
+    }
+    if config.candidate_count.is_some_and(|n| n > 1) {
+        return Err(Violation {
+            field: "generation_config.candidate_count".to_owned(),
+            message: format!(
+                "Multiple candidates is not enabled for models/{}",
+                model.name
+            ),
+        });
+    }
+    let Some(image) = &config.image_config else {
+        return Ok(());
+    };
+    if let Some(ratio) = &image.aspect_ratio {
+        if !model.takes_ratio(ratio) {
+            return Err(Violation {
+                field: "generation_config.image_config.aspect_ratio".to_owned(),
+                message: format!(
+                    "* GenerateContentRequest.generation_config.image_config.aspect_ratio: unsupported aspect ratio \"{ratio}\" for {}; supported: {}\n",
+                    model.name,
+                    model.ratios().join(", ")
+                ),
+            });
+        }
+        parsed.aspect_ratio = Some(ratio.clone());
+    }
+    if let Some(size) = &image.image_size {
+        // Google's values are "512", "1K", "2K", "4K"; "0.5K" is not one of them.
+        if model.cost(Some(size)).is_none() {
+            return Err(Violation {
+                field: "generation_config.image_config.image_size".to_owned(),
+                message: format!(
+                    "* GenerateContentRequest.generation_config.image_config.image_size: unsupported image size \"{size}\" for {}; supported: {}\n",
+                    model.name,
+                    model.size_names().join(", ")
+                ),
+            });
+        }
+        parsed.image_size = Some(size.clone());
     }
     Ok(())
 }
@@ -306,5 +339,51 @@ mod tests {
         assert!(generate_content(body, &pro()).is_err());
         assert!(generate_content(b"{}", &pro()).is_err());
         assert!(generate_content(b"not json", &pro()).is_err());
+    }
+
+    fn flash() -> ModelSpec {
+        builtin()
+            .into_iter()
+            .find(|m| m.name == "gemini-3.1-flash-image")
+            .expect("flash")
+    }
+
+    fn sized(size: &str) -> Vec<u8> {
+        format!(
+            r#"{{"contents":[{{"parts":[{{"text":"a"}}]}}],"generationConfig":{{"imageConfig":{{"imageSize":"{size}"}}}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn image_sizes_as_google_takes_them() {
+        // "512" on 3.1 flash only; "0.5K" nowhere (Google's 400 names the field).
+        let p = generate_content(&sized("512"), &flash()).expect("flash takes 512");
+        assert_eq!(p.image_size.as_deref(), Some("512"));
+        for model in [flash(), pro()] {
+            let v = generate_content(&sized("0.5K"), &model).expect_err("0.5K");
+            assert_eq!(v.field, "generation_config.image_config.image_size");
+            assert!(v.message.contains("\"0.5K\""), "{}", v.message);
+        }
+        let v = generate_content(&sized("512"), &pro()).expect_err("pro has no 512");
+        assert_eq!(v.field, "generation_config.image_config.image_size");
+        assert!(generate_content(&sized("4K"), &pro()).is_ok());
+        assert!(generate_content(&sized("4k"), &pro()).is_err());
+    }
+
+    #[test]
+    fn ratios_per_model() {
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]}],"generationConfig":{"imageConfig":{"aspectRatio":"1:8"}}}"#;
+        assert!(generate_content(body, &flash()).is_ok());
+        let v = generate_content(body, &pro()).expect_err("pro has no 1:8");
+        assert_eq!(v.field, "generation_config.image_config.aspect_ratio");
+    }
+
+    #[test]
+    fn candidate_count_above_one_is_refused() {
+        let body =
+            br#"{"contents":[{"parts":[{"text":"a"}]}],"generationConfig":{"candidateCount":2}}"#;
+        let v = generate_content(body, &pro()).expect_err("two candidates");
+        assert_eq!(v.field, "generation_config.candidate_count");
     }
 }

@@ -145,6 +145,35 @@ def main(base_url: str) -> None:
     except errors.ClientError as e:
         assert e.code == 400 and e.status == "INVALID_ARGUMENT", e
 
+    # Image sizes as Google takes them: "512" on 3.1 flash only; "0.5K" is refused.
+    half = client.models.generate_content(
+        model=FLASH,
+        contents="a small lighthouse",
+        config=types.GenerateContentConfig(
+            response_modalities=["IMAGE"],
+            image_config=types.ImageConfig(image_size="512"),
+        ),
+    )
+    assert [
+        d.token_count
+        for d in half.usage_metadata.candidates_tokens_details
+        if d.modality == types.MediaModality.IMAGE
+    ] == [747], half.usage_metadata
+    for model, size in [(FLASH, "0.5K"), (PRO, "512")]:
+        try:
+            client.models.generate_content(
+                model=model,
+                contents="x",
+                config=types.GenerateContentConfig(
+                    response_modalities=["IMAGE"],
+                    image_config=types.ImageConfig(image_size=size),
+                ),
+            )
+            raise AssertionError(f"expected a 400 for {size} on {model}")
+        except errors.ClientError as e:
+            assert e.code == 400 and e.status == "INVALID_ARGUMENT", e
+            assert "image_size" in e.message, e
+
     print("google-genai SDK: all checks passed")
 
 
