@@ -1,7 +1,9 @@
 //! The Lambda path end to end: messages received from moto's SQS are invoked through the
 //! Lambda runtime API of `cargo lambda watch`; what cannot get capacity now is reported in
-//! `batchItemFailures` with its visibility set to the booked wait, comes back after it,
-//! and completes on a later invocation. Also measures the function's cold start.
+//! `batchItemFailures` with its visibility set to the booked wait, comes back no earlier
+//! than the window frees (and long before the receive's own visibility), and completes on
+//! a later invocation; the simulator sees each request exactly once. The function's cold
+//! start is printed as a benchmark figure, not asserted.
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -129,8 +131,8 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     let init_ms = init_rx
         .recv_timeout(Duration::from_secs(20))
         .expect("pacer-lambda logged its init time");
-    eprintln!("pacer-lambda cold start (init): {init_ms} ms");
-    assert!(init_ms < 100, "cold start init took {init_ms} ms");
+    // A benchmark figure (debug build, shared machine), not a test.
+    println!("benchmark: pacer-lambda cold start (init) {init_ms} ms");
 
     const N: usize = 10;
     for i in 0..N {
@@ -145,54 +147,81 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     let arn = format!("arn:aws:sqs:{}:123456789012:{ns}", rig.get("AWS_REGION"));
     let http = reqwest_client();
     let invoke_url = format!("http://127.0.0.1:{port}/2015-03-31/functions/_/invocations");
-    let start = Instant::now();
-    let mut invocations = 0;
-    let mut deferred_total = 0;
-    let mut first_failures: Option<(Instant, usize)> = None;
-    let mut returned_after: Option<Duration> = None;
-    loop {
-        let got = sqs
-            .receive_message()
+    // Received messages stay invisible this long unless the function changes it: a
+    // deferred message that comes back at all had its visibility set to its booked wait.
+    const RECEIVE_VISIBILITY: i32 = 600;
+    let receive = |max: i32| {
+        sqs.receive_message()
             .queue_url(&queue_url)
-            .max_number_of_messages(10)
-            .visibility_timeout(60)
+            .max_number_of_messages(max)
+            .visibility_timeout(RECEIVE_VISIBILITY)
             .wait_time_seconds(1)
             .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
             .send()
+    };
+    let to_record = |m: &aws_sdk_sqs::types::Message| {
+        let count = m
+            .attributes
+            .as_ref()
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount)
+            })
+            .cloned()
+            .unwrap_or_else(|| "1".into());
+        serde_json::json!({
+            "messageId": m.message_id, "receiptHandle": m.receipt_handle, "body": m.body,
+            "attributes": {"ApproximateReceiveCount": count},
+            "messageAttributes": {}, "md5OfBody": m.md5_of_body,
+            "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": rig.get("AWS_REGION"),
+        })
+    };
+    // The first batch holds all N messages (moto may hand them out over several receives),
+    // so what it admits and defers is exact.
+    let start = Instant::now();
+    let mut first_batch = Vec::new();
+    while first_batch.len() < N {
+        let got = receive((N - first_batch.len()) as i32)
             .await
             .expect("receive");
-        let messages = got.messages.unwrap_or_default();
-        if messages.is_empty() {
+        first_batch.extend(got.messages.unwrap_or_default());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "only {} of {N} messages received (bound on the test)",
+            first_batch.len()
+        );
+    }
+    let mut batch = first_batch;
+    let mut invocations = 0;
+    let mut deferrals = Vec::new();
+    let mut first_invoked: Option<Instant> = None;
+    let mut returned_after: Option<Duration> = None;
+    loop {
+        if batch.is_empty() {
             let done = succeeded(&mut redis, &ns, N).await;
             if done == N {
                 break;
             }
+            // A bound on the test, well under the receive's visibility: deferred messages
+            // that kept it would never come back in time.
             assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "only {done} of {N} done after 60 s"
+                start.elapsed() < Duration::from_secs(120),
+                "only {done} of {N} done after 120 s: deferred messages did not come back"
             );
-            continue;
+            batch = receive(10)
+                .await
+                .expect("receive")
+                .messages
+                .unwrap_or_default();
+            if batch.is_empty() {
+                continue;
+            }
         }
-        if let (Some((at, _)), None) = (first_failures, returned_after) {
+        if let (Some(at), None) = (first_invoked, returned_after) {
             returned_after = Some(at.elapsed());
         }
-        let records: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|m| {
-                let count = m
-                    .attributes
-                    .as_ref()
-                    .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount))
-                    .cloned()
-                    .unwrap_or_else(|| "1".into());
-                serde_json::json!({
-                    "messageId": m.message_id, "receiptHandle": m.receipt_handle, "body": m.body,
-                    "attributes": {"ApproximateReceiveCount": count},
-                    "messageAttributes": {}, "md5OfBody": m.md5_of_body,
-                    "eventSource": "aws:sqs", "eventSourceARN": arn, "awsRegion": rig.get("AWS_REGION"),
-                })
-            })
-            .collect();
+        let messages = std::mem::take(&mut batch);
+        let records: Vec<serde_json::Value> = messages.iter().map(&to_record).collect();
+        let invoked = Instant::now();
         let response: serde_json::Value = http
             .post(&invoke_url)
             .json(&serde_json::json!({ "Records": records }))
@@ -202,6 +231,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
             .json()
             .await
             .expect("SqsBatchResponse JSON");
+        first_invoked.get_or_insert(invoked);
         invocations += 1;
         let failed: Vec<String> = response["batchItemFailures"]
             .as_array()
@@ -209,10 +239,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
             .iter()
             .filter_map(|f| f["itemIdentifier"].as_str().map(str::to_owned))
             .collect();
-        deferred_total += failed.len();
-        if first_failures.is_none() && !failed.is_empty() {
-            first_failures = Some((Instant::now(), failed.len()));
-        }
+        deferrals.push(failed.len());
         // What Lambda does: delete what was not reported.
         for m in &messages {
             if !failed
@@ -228,28 +255,44 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
             }
         }
     }
-    let (_, first) = first_failures.expect("the first batch deferred some messages");
-    assert!(
-        first >= 5,
-        "expected most of the batch deferred, got {first}"
+    let deferred_total: usize = deferrals.iter().sum();
+    println!(
+        "lambda: {invocations} invocations, deferrals per invocation {deferrals:?}, first return after {returned_after:?}"
     );
-    assert!(invocations >= 2);
-    // Deferred messages came back after their booked wait (a few seconds), not after the
-    // 60 s visibility the receive gave them.
+    // Four per window, no waiting in the step: the first batch of ten admits exactly four.
+    assert_eq!(
+        deferrals.first(),
+        Some(&6),
+        "deferrals per invocation {deferrals:?}"
+    );
+    // Ten requests at four per window need three windows, so at least three invocations;
+    // the six deferred once and the two that do not fit the second window deferred again.
+    assert!(invocations >= 3, "{invocations} invocations: {deferrals:?}");
+    assert!(
+        deferred_total >= 8,
+        "deferrals per invocation {deferrals:?}"
+    );
+    // A deferred message comes back no earlier than the window frees: the first four
+    // calls started after the first invocation began, and the window is 4 s (visibility
+    // rounds up to whole seconds, never early).
     let back = returned_after.expect("deferred messages came back");
     assert!(
-        back < Duration::from_secs(15),
-        "deferred messages took {back:?} to return"
+        back >= Duration::from_secs(4),
+        "a deferred message came back after {back:?}, before the window freed"
     );
-    eprintln!(
-        "lambda: {invocations} invocations, {deferred_total} deferrals, first return after {back:?}"
-    );
-    let accepted = sim.stats()["models"][MODEL]["accepted"]
-        .as_u64()
-        .expect("accepted");
+    let m = &sim.stats()["models"][MODEL];
     assert_eq!(
-        accepted, N as u64,
-        "each request reached the provider exactly once"
+        (m["accepted"].as_u64(), m["arrivals"].as_u64()),
+        (Some(N as u64), Some(N as u64)),
+        "each request reached the provider exactly once, nothing refused: {m}"
+    );
+    assert_eq!(
+        (
+            m["tickets"]["untagged"].as_u64(),
+            m["tickets"]["duplicates"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "provider calls without their own limiter entry: {m}"
     );
 }
 

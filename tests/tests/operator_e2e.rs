@@ -405,7 +405,15 @@ impl OwnRedis {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (Debian's redis-server package; `tests/rig/install`)");
-        std::thread::sleep(Duration::from_millis(300));
+        // Wait until it listens (a bound on the test, not a measurement).
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "redis-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         OwnRedis {
             port,
             child: Some(child),
@@ -469,9 +477,18 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
             (shutdown, metrics, tokio::spawn(op.run()))
         }
     };
+    let leader = |addr| async move {
+        http_get(addr, "/metrics")
+            .await
+            .lines()
+            .any(|l| l.trim() == "pacer_operator_leader 1")
+    };
     let (stop_a, metrics_a, run_a) = start_replica("replica-a").await;
-    // Give replica a the Lease first, then start the standby.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Replica a takes the Lease first, then the standby starts.
+    eventually(Duration::from_secs(15), "replica a leads", || async {
+        leader(metrics_a).await.then_some(())
+    })
+    .await;
     let (stop_b, metrics_b, run_b) = start_replica("replica-b").await;
 
     let yaml = pool_yaml(&Rig::unique("proj"), 20).replace(
@@ -492,12 +509,6 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
         }
     };
     eventually(Duration::from_secs(15), "pool Ready", ready("True")).await;
-    let leader = |addr| async move {
-        http_get(addr, "/metrics")
-            .await
-            .lines()
-            .any(|l| l.trim() == "pacer_operator_leader 1")
-    };
     assert!(leader(metrics_a).await, "replica a leads");
     assert!(
         !leader(metrics_b).await,

@@ -1,0 +1,202 @@
+//! `pacer loadtest --fault`: faults injected into a run, each either a property of the
+//! simulated provider (a probability per request) or an event at a time into the run.
+use std::{
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use pacer_simulator::{Faults, config::Schedule};
+
+use crate::sink::{Sink, SinkError};
+
+/// One `--fault`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// `redis-restart@10s`: FLUSHALL on the limiter's Redis at 10 s (limiter state, config,
+    /// records all gone, as after a restart without persistence), then the run's config is
+    /// written again as `pacer apply` would.
+    RedisRestart { at: Duration },
+    /// `sink-fail=5`: the first 5 image writes fail (with `--processes`, split across the
+    /// replica processes).
+    SinkFail { writes: u64 },
+    /// `kill-replica@8s`: at 8 s one replica dies mid-work (`--processes`: SIGKILL of a
+    /// child; otherwise its worker task is aborted, in-flight calls cut off).
+    KillReplica { at: Duration },
+    /// `503=0.35`: the simulator answers 35 % of calls 503 "model is overloaded".
+    Overload(f64),
+    /// `500=P`: 500 INTERNAL with probability P.
+    ServerError(f64),
+    /// `504=P`: 504 DEADLINE_EXCEEDED with probability P.
+    GatewayTimeout(f64),
+    /// `429=P`: bare ("ghost") 429s with no details, even under quota.
+    Ghost429(f64),
+    /// `reset=P`: the connection breaks mid-answer after the call was counted.
+    Reset(f64),
+    /// `slow=P:MS`: with probability P the answer takes MS ms longer (past the chain's
+    /// request timeout, it is a call the provider counted and the client gave up on).
+    Slow(f64, u64),
+    /// `503-burst=EVERY:LENGTH` (seconds): every EVERY s, answer 503 for LENGTH s.
+    OverloadBurst(Schedule),
+}
+
+/// How `--fault` values are written, for error messages and the flag's help.
+pub const SYNTAX: &str = "redis-restart@SECS, sink-fail=N, kill-replica@SECS, 503=P, 500=P, \
+                          504=P, 429=P, reset=P, slow=P:MS, 503-burst=EVERY:LENGTH";
+
+fn secs(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let v: f64 = s.strip_suffix('s').unwrap_or(s).parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v))
+}
+
+fn probability(s: &str) -> Option<f64> {
+    let p: f64 = s.trim().parse().ok()?;
+    (0.0..=1.0).contains(&p).then_some(p)
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let bad = || format!("--fault {s:?}: expected one of {SYNTAX}");
+        let s = s.trim();
+        if let Some((name, at)) = s.split_once('@') {
+            let at = secs(at).ok_or_else(bad)?;
+            return match name {
+                "redis-restart" => Ok(Fault::RedisRestart { at }),
+                "kill-replica" => Ok(Fault::KillReplica { at }),
+                _ => Err(bad()),
+            };
+        }
+        let (name, value) = s.split_once('=').ok_or_else(bad)?;
+        let p = || probability(value).ok_or_else(bad);
+        match name {
+            "sink-fail" => Ok(Fault::SinkFail {
+                writes: value.trim().parse().map_err(|_| bad())?,
+            }),
+            "503" => Ok(Fault::Overload(p()?)),
+            "500" => Ok(Fault::ServerError(p()?)),
+            "504" => Ok(Fault::GatewayTimeout(p()?)),
+            "429" => Ok(Fault::Ghost429(p()?)),
+            "reset" => Ok(Fault::Reset(p()?)),
+            "slow" => {
+                let (pr, ms) = value.split_once(':').ok_or_else(bad)?;
+                Ok(Fault::Slow(
+                    probability(pr).ok_or_else(bad)?,
+                    ms.trim().parse().map_err(|_| bad())?,
+                ))
+            }
+            "503-burst" => Ok(Fault::OverloadBurst(value.parse().map_err(|_| bad())?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The simulator's faults for a run: the probability flags, then every `--fault` on top.
+pub fn simulator_faults(base: Faults, faults: &[Fault]) -> Faults {
+    let mut f = base;
+    for fault in faults {
+        match *fault {
+            Fault::Overload(p) => f.overload = p,
+            Fault::ServerError(p) => f.server_error = p,
+            Fault::GatewayTimeout(p) => f.gateway_timeout = p,
+            Fault::Ghost429(p) => f.ghost_429 = p,
+            Fault::Reset(p) => f.reset = p,
+            Fault::Slow(p, ms) => (f.slow, f.slow_ms) = (p, ms),
+            Fault::OverloadBurst(s) => f.overload_burst = Some(s),
+            Fault::RedisRestart { .. } | Fault::SinkFail { .. } | Fault::KillReplica { .. } => {}
+        }
+    }
+    f
+}
+
+/// Sink writes to fail in all, from `sink-fail=N` flags.
+pub fn sink_failures(faults: &[Fault]) -> u64 {
+    faults
+        .iter()
+        .map(|f| match f {
+            Fault::SinkFail { writes } => *writes,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// A sink whose first writes fail (a missing bucket, a denying policy), then recovers.
+/// Also counts writes per key, so a request stored twice shows.
+pub struct FailingSink {
+    pub inner: Arc<dyn Sink>,
+    pub remaining: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    pub writes: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl FailingSink {
+    pub fn new(inner: Arc<dyn Sink>, failures: u64) -> FailingSink {
+        FailingSink {
+            inner,
+            remaining: Arc::new(AtomicU64::new(failures)),
+            failed: Arc::default(),
+            writes: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for FailingSink {
+    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
+        self.inner.existing(key).await
+    }
+
+    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError> {
+        let fail = self
+            .remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return Err(SinkError {
+                location: key.to_owned(),
+                message: "loadtest fault: sink-fail".to_owned(),
+            });
+        }
+        let location = self.inner.put(key, data, mime_type).await?;
+        *super::lock(&self.writes).entry(key.to_owned()).or_default() += 1;
+        Ok(location)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_syntax() {
+        assert_eq!(
+            "redis-restart@10s".parse(),
+            Ok(Fault::RedisRestart {
+                at: Duration::from_secs(10)
+            })
+        );
+        assert_eq!(
+            "kill-replica@8".parse(),
+            Ok(Fault::KillReplica {
+                at: Duration::from_secs(8)
+            })
+        );
+        assert_eq!("sink-fail=5".parse(), Ok(Fault::SinkFail { writes: 5 }));
+        assert_eq!("503=0.35".parse(), Ok(Fault::Overload(0.35)));
+        assert_eq!("slow=0.1:30000".parse(), Ok(Fault::Slow(0.1, 30_000)));
+        assert!("503=1.5".parse::<Fault>().is_err());
+        assert!("explode@3s".parse::<Fault>().is_err());
+        let f = simulator_faults(
+            Faults::default(),
+            &["503=0.35".parse().unwrap(), "429=0.1".parse().unwrap()],
+        );
+        assert_eq!((f.overload, f.ghost_429), (0.35, 0.1));
+    }
+}
