@@ -44,25 +44,42 @@ impl Dim {
         }
     }
 
-    pub fn quota_id(self) -> &'static str {
-        match self {
-            Dim::Rpm => "GenerateRequestsPerMinutePerProjectPerModel",
-            Dim::Tpm => "GenerateContentPaidTierInputTokensPerModelPerMinute",
-            Dim::Ipm => "GenerateImagesPerMinutePerProjectPerModel",
-            Dim::Rpd => "GenerateRequestsPerDayPerProjectPerModel",
-            Dim::Spend => "GenerateContentSpendPer10MinutesPerProject",
+    /// The `quotaId` of a 429's violation. Seen in Google's answers: the rpm, rpd and tpm
+    /// ids, each with `-FreeTier` on a free-tier project (the one whose image-model limit
+    /// is 0). Assumed (Google publishes no example): the ipm and spend ids, and that they
+    /// keep one spelling on every tier.
+    pub fn quota_id(self, free_tier: bool) -> &'static str {
+        match (self, free_tier) {
+            (Dim::Rpm, false) => "GenerateRequestsPerMinutePerProjectPerModel",
+            (Dim::Rpm, true) => "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+            (Dim::Tpm, false) => "GenerateContentPaidTierInputTokensPerModelPerMinute",
+            (Dim::Tpm, true) => "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+            (Dim::Ipm, _) => "GenerateImagesPerMinutePerProjectPerModel",
+            (Dim::Rpd, false) => "GenerateRequestsPerDayPerProjectPerModel",
+            (Dim::Rpd, true) => "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+            (Dim::Spend, _) => "GenerateContentSpendPer10MinutesPerProject",
         }
     }
 
-    pub fn quota_metric(self) -> &'static str {
-        match self {
-            Dim::Rpm => "generativelanguage.googleapis.com/generate_requests_per_model",
-            Dim::Tpm => {
+    /// The `quotaMetric` of a 429's violation (free-tier metrics as seen in Google's
+    /// answers; ipm and spend assumed, as for [`Dim::quota_id`]).
+    pub fn quota_metric(self, free_tier: bool) -> &'static str {
+        match (self, free_tier) {
+            (Dim::Rpm | Dim::Rpd, true) => {
+                "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+            }
+            (Dim::Tpm, true) => {
+                "generativelanguage.googleapis.com/generate_content_free_tier_input_token_count"
+            }
+            (Dim::Rpm, false) => "generativelanguage.googleapis.com/generate_requests_per_model",
+            (Dim::Tpm, false) => {
                 "generativelanguage.googleapis.com/generate_content_paid_tier_input_token_count"
             }
-            Dim::Ipm => "generativelanguage.googleapis.com/generate_content_images_per_model",
-            Dim::Rpd => "generativelanguage.googleapis.com/generate_requests_per_model_per_day",
-            Dim::Spend => "generativelanguage.googleapis.com/generate_content_spend",
+            (Dim::Ipm, _) => "generativelanguage.googleapis.com/generate_content_images_per_model",
+            (Dim::Rpd, false) => {
+                "generativelanguage.googleapis.com/generate_requests_per_model_per_day"
+            }
+            (Dim::Spend, _) => "generativelanguage.googleapis.com/generate_content_spend",
         }
     }
 }

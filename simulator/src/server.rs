@@ -291,14 +291,16 @@ fn quota_exceeded(sim: &Sim, model: &str, exceeded: &[Exceeded]) -> Response {
     let mut message = "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, head to: https://ai.dev/usage?tab=rate-limit. ".to_owned();
     let mut violations = Vec::new();
     for e in exceeded {
+        // A limit of 0 is how Google answers a free-tier project on an image model.
+        let free_tier = e.limit == 0;
         message.push_str(&format!(
             "\n* Quota exceeded for metric: {}, limit: {}, model: {model}",
-            e.dim.quota_metric(),
+            e.dim.quota_metric(free_tier),
             e.limit
         ));
         violations.push(QuotaViolation {
-            quota_metric: e.dim.quota_metric().to_owned(),
-            quota_id: e.dim.quota_id().to_owned(),
+            quota_metric: e.dim.quota_metric(free_tier).to_owned(),
+            quota_id: e.dim.quota_id(free_tier).to_owned(),
             quota_dimensions: QuotaDimensions {
                 location: "global".to_owned(),
                 model: model.to_owned(),

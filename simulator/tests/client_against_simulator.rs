@@ -135,7 +135,12 @@ async fn limit_zero_leaves_quota_value_out() {
     let sim = start(with_limit(&format!("{PRO}:rpm=0"))).await;
     match client(&sim, "k").generate(PRO, &req()).await {
         Err(ProviderError::RateLimited { violations, .. }) => {
-            assert_eq!(violations[0].limit, None)
+            assert_eq!(violations[0].limit, None);
+            // A free-tier project's quota, as Google names it.
+            assert_eq!(
+                violations[0].quota_id,
+                "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -18,6 +18,8 @@ fn probability(s: &str) -> Result<f64, String> {
 
 /// Serve a faithful Gemini API that enforces quotas per project and model and injects
 /// faults: point a client (or Google's SDK, via its base URL) at it to rehearse a fleet.
+/// It counts every arrival on its own clock, refused ones included (`GET /_sim/stats`:
+/// `arrivals`, `max_arrivals_in_any_window`, `accepted`, `rejected`, `faults`, `tickets`).
 #[derive(Args, Debug, Clone)]
 pub struct SimulateArgs {
     /// Address to listen on (port 0 picks one; the URL is printed on stdout).
@@ -151,7 +153,10 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let listener = Simulator::bind(args.listen)?;
     let addr = listener.local_addr()?;
     let simulator = Simulator::new(args.config());
-    tracing::info!(%addr, "Gemini simulator listening; stats at /_sim/stats");
+    tracing::info!(
+        %addr,
+        "Gemini simulator listening; counts at GET /_sim/stats, cleared by POST /_sim/reset"
+    );
     println!("http://{addr}");
     tokio::select! {
         served = simulator.serve(listener) => served?,
