@@ -565,10 +565,12 @@ async fn model_action(
         let left = credits.get_mut(&arrival.project);
         if left.as_deref().is_some_and(|left| *left < price.max(1)) {
             sim.count_only(&arrival, costs);
+            // Google's words for it (reported on 402s, and in 2026 on 429s too); the
+            // status name of the 402 is assumed.
             return google_error(
                 StatusCode::PAYMENT_REQUIRED,
                 "FAILED_PRECONDITION",
-                "Your prepaid credits are depleted. Please add credits to your billing account to continue.",
+                "Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to manage your project and billing.",
                 Vec::new(),
             );
         }

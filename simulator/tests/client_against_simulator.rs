@@ -282,6 +282,10 @@ async fn spent_credit_is_402() {
     let e = c.generate(PRO, &req()).await.expect_err("spent");
     assert!(matches!(e, ProviderError::CreditExhausted { .. }), "{e:?}");
     assert_eq!(e.disposition(), Disposition::FixConfig);
+    // Refused for credit, still an arrival.
+    let stats = sim.stats();
+    assert_eq!(stats["models"][PRO]["arrivals"], 2);
+    assert_eq!(stats["models"][PRO]["accepted"], 1);
 }
 
 #[tokio::test]
