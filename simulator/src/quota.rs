@@ -382,8 +382,8 @@ impl ModelQuota {
         now_us
     }
 
-    /// Counts the arrival, then decides it: [`Self::count_arrival`] followed by
-    /// [`Self::admit`].
+    /// Counts the arrival ([`Self::count_arrival`]), then decides it: admitted if every
+    /// dimension has room, all or nothing.
     pub fn arrive(
         &mut self,
         now: Timestamp,
