@@ -200,6 +200,13 @@ pub struct CompiledConfig {
 }
 
 impl CompiledConfig {
+    /// Whether any configuration was loaded. Version 0 with no chains is what a replica
+    /// reads before `pacer apply` or the operator wrote anything, or right after Redis lost
+    /// its data: our own transient state, so requests wait for it rather than fail.
+    pub fn is_loaded(&self) -> bool {
+        self.version > 0 || !self.chains.is_empty()
+    }
+
     /// A chain and its pool, or why they cannot be used.
     pub fn chain(&self, name: &str) -> Result<(&CompiledChain, &CompiledPool), ConfigError> {
         let chain = self

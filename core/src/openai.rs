@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::{
     ApiKey, BlockReason, Image, ImageProvider, ImageRequest, ImageResponse, ProviderError,
-    QuotaDimension, Result, Usage,
+    QuotaDimension, Result, TICKET_HEADER, Usage,
 };
 
 /// How to reach the gateway.
@@ -277,14 +277,14 @@ impl ImageProvider for OpenAiClient {
                 }
             }
         };
-        let resp = self
+        let mut call = self
             .http
             .post(url)
-            .bearer_auth(self.config.api_key.expose())
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport)?;
+            .bearer_auth(self.config.api_key.expose());
+        if let Some(ticket) = req.ticket_header() {
+            call = call.header(TICKET_HEADER, ticket);
+        }
+        let resp = call.json(&body).send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()
@@ -349,6 +349,25 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after(Some("soon"), None), None);
+    }
+
+    #[tokio::test]
+    async fn the_ticket_travels_as_a_header() {
+        let (base, seen) = crate::gemini::client::tests::one_shot(
+            "200 OK",
+            r#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}]}"#,
+        )
+        .await;
+        let client = OpenAiClient::new(OpenAiConfig {
+            base_url: format!("{base}/v1"),
+            api_key: ApiKey::new("k"),
+            timeout: Duration::from_secs(5),
+        })
+        .expect("client");
+        let req = ImageRequest::new("a fox").ticket("r1@42");
+        client.generate("gpt-image-1", &req).await.expect("image");
+        let seen = seen.await.expect("server").to_ascii_lowercase();
+        assert!(seen.contains("x-pacer-ticket: r1@42\r\n"), "{seen}");
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub enum Modalities {
     TextAndImage,
 }
 
+/// The HTTP header that carries a call's booking ([`ImageRequest::ticket`]). Providers
+/// ignore it; the simulator and proxies use it to match every call they count to one
+/// limiter entry (two calls with one ticket: a call went out uncounted).
+pub const TICKET_HEADER: &str = "x-pacer-ticket";
+
 /// One image generation request: the model is chosen per call, by the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageRequest {
@@ -47,6 +52,9 @@ pub struct ImageRequest {
     pub aspect_ratio: Option<String>,
     /// `"1K"`, `"2K"`, `"4K"` (Gemini); `None` is the model's default.
     pub image_size: Option<String>,
+    /// The limiter booking this call spends, `"{request_id}@{start_us}"`: unique per limiter
+    /// log entry. Sent as [`TICKET_HEADER`]; never part of the body.
+    pub ticket: Option<String>,
 }
 
 impl ImageRequest {
@@ -65,6 +73,26 @@ impl ImageRequest {
     pub fn image_size(mut self, size: impl Into<String>) -> ImageRequest {
         self.image_size = Some(size.into());
         self
+    }
+
+    pub fn ticket(mut self, ticket: impl Into<String>) -> ImageRequest {
+        self.ticket = Some(ticket.into());
+        self
+    }
+
+    /// The ticket as a header value, if it has one that HTTP can carry (visible ASCII).
+    pub fn ticket_header(&self) -> Option<reqwest::header::HeaderValue> {
+        let ticket = self.ticket.as_deref()?;
+        match reqwest::header::HeaderValue::from_str(ticket) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(
+                    ticket,
+                    "a ticket that is not a valid header value is not sent"
+                );
+                None
+            }
+        }
     }
 }
 

@@ -283,6 +283,23 @@ pub enum ImageSize {
     K4,
 }
 
+impl ImageSize {
+    /// Every size, smallest first.
+    pub const ALL: [ImageSize; 4] = [ImageSize::Half, ImageSize::K1, ImageSize::K2, ImageSize::K4];
+
+    /// The size a request names (`imageSize`), in any spelling the API has used for it
+    /// (`"512"` and the older `"0.5K"` are the same size).
+    pub fn from_name(name: &str) -> Option<ImageSize> {
+        match name.trim() {
+            "512" | "0.5K" => Some(ImageSize::Half),
+            "1K" => Some(ImageSize::K1),
+            "2K" => Some(ImageSize::K2),
+            "4K" => Some(ImageSize::K4),
+            _ => None,
+        }
+    }
+}
+
 /// What one generated image costs on one model at one size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageCost {
@@ -432,6 +449,26 @@ impl ModelInfo {
             .find(|(s, _)| *s == size)
             .and_then(|(_, c)| *c)
     }
+
+    /// The price of one image named `size` (`None`: the default, 1K), in micro-dollars.
+    /// A size this model does not offer, or does not know, is priced at its most
+    /// expensive size: bookings reserve an upper bound.
+    pub fn image_price_micros(&self, size: Option<&str>) -> u64 {
+        let size = match size {
+            None => Some(ImageSize::K1),
+            Some(name) => ImageSize::from_name(name),
+        };
+        size.and_then(|s| self.image_cost(s))
+            .map(|c| c.price_micros)
+            .unwrap_or_else(|| {
+                ImageSize::ALL
+                    .iter()
+                    .filter_map(|s| self.image_cost(*s))
+                    .map(|c| c.price_micros)
+                    .max()
+                    .unwrap_or(0)
+            })
+    }
 }
 
 /// Per-model overrides of the tier's defaults; `None` keeps the default.
@@ -515,6 +552,12 @@ impl QuotaPool {
 }
 
 impl crate::config::CompiledPool {
+    /// The price of one image of `model` at `size`, in micro-dollars: the built-in table's
+    /// (its most expensive size when the size is unknown); `None` when the model is unknown.
+    pub fn image_price_micros(&self, model: &str, size: Option<&str>) -> Option<u64> {
+        model_info(model).map(|m| m.image_price_micros(size))
+    }
+
     /// What the limiter enforces for `model` of this pool (`None`: not one of its models):
     /// the declared limits with the pool's headroom applied, here and nowhere else. The
     /// pool's spend limit is the project's; the limiter keeps one state per (project,

@@ -3,13 +3,17 @@
 //!
 //! For one delivery it parses the message, skips work already done (the result record, then
 //! the sink), claims the request so no other replica generates it at the same time, and walks
-//! the chain: estimate the costs (an upper bound), `acquire` with the step's max wait bounded
-//! by the deadline, sleep exactly the booked wait, call the provider, `reconcile` with the
-//! real usage, store the image, write the result. Provider errors are handled by their
-//! type: a 429 with a quota `penalize`s the model for every replica and falls through; a
-//! per-day 429 skips the model until Pacific midnight; overload and server errors back off
-//! with full jitter within the retry policy; a blocked or invalid request fails; a request
-//! that finds no capacity within its budget is deferred, never dropped.
+//! the chain ([`walk`]): estimate the costs (an upper bound, [`costs`]), `acquire` with the
+//! step's max wait bounded by the deadline, sleep exactly the booked wait, re-`check` the
+//! booking, call the provider, `reconcile` with the real usage, store the image, write the
+//! result. Every booking carries the delivery's claim token, so a redelivered message books
+//! afresh instead of replaying a booking its first delivery already spent.
+//!
+//! Provider errors are handled by their type: a 429 with a quota `penalize`s the model it
+//! names for every replica and falls through; a per-day 429 skips the model until Pacific
+//! midnight; overload and server errors back off with full jitter within the retry policy;
+//! a blocked or invalid request fails; a request that finds no capacity within its budget is
+//! deferred, never dropped, and so is one that arrives before any configuration is loaded.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -21,21 +25,31 @@ use pacer_core::{
     config::FailureMode,
     config::{CompiledChain, CompiledConfig, CompiledPool, ProviderKind},
     limiter::{
-        Blocker, Decision, Limiter, PenaltyScope, QuotaKey, SystemClock,
+        Limiter, QuotaKey, SystemClock, Ticket,
         failsafe::{BreakerConfig, FailsafeLimiter},
         memory::MemoryLimiter,
         redis::RedisLimiter,
     },
-    provider::{Disposition, ImageProvider, ImageRequest, ImageResponse, ProviderError},
-    quota::{Costs, ImageSize, model_info},
+    provider::{ImageProvider, ImageResponse},
 };
 use rand::Rng;
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
+mod costs;
+#[cfg(test)]
+mod tests;
+mod walk;
+
+pub use costs::{
+    actual_costs, backoff, booking_costs, estimate_costs, image_price, input_token_bound,
+    ticket_tag,
+};
+use walk::Delivery;
+
 use crate::{
     message::GenerationRequest,
-    metrics::{CallLabels, Metrics},
+    metrics::Metrics,
     outcome::{DeferReason, Outcome, Process},
     queue::Queue,
     record::{Records, ResultRecord, Status},
@@ -64,7 +78,8 @@ impl Providers {
 /// the in-memory one when the process runs without Redis.
 pub struct Limiters {
     shared: Option<RedisLimiter>,
-    memory: Arc<MemoryLimiter>,
+    /// The limiter of every pool when there is no Redis.
+    local: Arc<dyn Limiter>,
     per_mode: Mutex<HashMap<(FailureMode, u32), Arc<dyn Limiter>>>,
 }
 
@@ -79,9 +94,19 @@ impl Limiters {
 
     /// One process, no Redis: the in-memory limiter (same semantics).
     pub fn memory() -> Self {
+        Self::with_memory(Arc::new(MemoryLimiter::new(Arc::new(SystemClock))))
+    }
+
+    /// One process, no Redis, with this in-memory limiter (tests: one on a manual clock).
+    pub fn with_memory(limiter: Arc<MemoryLimiter>) -> Self {
+        Self::single(limiter)
+    }
+
+    /// Every pool uses `limiter` as it is (tests: a limiter with injected faults).
+    pub fn single(limiter: Arc<dyn Limiter>) -> Self {
         Self {
             shared: None,
-            memory: Arc::new(MemoryLimiter::new(Arc::new(SystemClock))),
+            local: limiter,
             per_mode: Mutex::default(),
         }
     }
@@ -89,7 +114,7 @@ impl Limiters {
     /// The limiter for `pool`.
     pub fn for_pool(&self, pool: &CompiledPool) -> Arc<dyn Limiter> {
         let Some(shared) = &self.shared else {
-            return self.memory.clone();
+            return self.local.clone();
         };
         let key = (pool.failure_mode, pool.expected_replicas.max(1));
         let mut map = self.per_mode.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,6 +295,13 @@ impl Handler {
                 .await;
         }
         let config = self.config.borrow().clone();
+        if !config.is_loaded() {
+            tracing::warn!(
+                "no configuration is loaded (nothing applied yet, or Redis lost it): deferring; \
+                 restore it with `pacer apply -f` or the operator"
+            );
+            return self.defer(self.options.default_defer, DeferReason::Config);
+        }
         let (chain, pool) = match config.chain(&req.chain_name()) {
             Ok(found) => found,
             Err(e) => return self.fail(&req.id, 0, e.to_string()).await,
@@ -308,8 +340,9 @@ impl Handler {
                 }
             })
         };
+        let mut delivery = Delivery::new(token.clone());
         let outcome = self
-            .generate_all(&req, chain, pool, provider.as_ref())
+            .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;
         renew.abort();
         if let Outcome::Defer { .. } = outcome {
@@ -324,6 +357,7 @@ impl Handler {
         chain: &CompiledChain,
         pool: &CompiledPool,
         provider: &dyn ImageProvider,
+        delivery: &mut Delivery,
     ) -> Outcome {
         let mut record = ResultRecord {
             id: req.id.clone(),
@@ -351,18 +385,11 @@ impl Handler {
                     return self.defer(self.options.default_defer, DeferReason::Infrastructure);
                 }
             }
-            match self
-                .walk_chain(
-                    req,
-                    index,
-                    &key,
-                    chain,
-                    pool,
-                    provider,
-                    &mut record.attempts,
-                )
-                .await
-            {
+            let walked = self
+                .walk_chain(req, index, &key, chain, pool, provider, delivery)
+                .await;
+            record.attempts = delivery.attempts;
+            match walked {
                 Ok(g) => {
                     record.model = Some(g.model);
                     record.images.push(g.location);
@@ -390,202 +417,32 @@ impl Handler {
         }
     }
 
-    /// Tries the chain's steps in order for image `index`.
-    #[allow(clippy::too_many_arguments)]
-    async fn walk_chain(
-        &self,
-        req: &GenerationRequest,
-        index: u32,
-        key: &str,
-        chain: &CompiledChain,
-        pool: &CompiledPool,
-        provider: &dyn ImageProvider,
-        attempts: &mut u32,
-    ) -> Result<Generated, Miss> {
-        let mut image_req = ImageRequest::new(&req.prompt);
-        // The earliest time any step could run again, to defer by.
-        let mut soonest: Option<Duration> = None;
-        let mut reason = DeferReason::Capacity;
-        let mut note = |after: Option<Duration>, why: DeferReason, reason: &mut DeferReason| {
-            if let Some(a) = after
-                && soonest.is_none_or(|s| a < s)
-            {
-                soonest = Some(a);
-                *reason = why;
-            }
-        };
-        let timeout = Duration::from_millis(chain.request_timeout_ms.max(1));
-        let limiter = self.limiters.for_pool(pool);
-        for step in &chain.steps {
-            let qkey = pool.key(&step.model);
-            if let Some(until) = self.daily_spent_until(&qkey) {
-                note(
-                    Some(until.saturating_duration_since(Instant::now())),
-                    DeferReason::RateLimited,
-                    &mut reason,
-                );
-                continue;
-            }
-            let Some(quota) = pool.model_quota(&step.model) else {
-                tracing::warn!(model = %step.model, pool = %pool.name, "the chain's model is not in its pool; skipping");
-                continue;
-            };
-            // The request's own options win; the step's defaults fill what it leaves out.
-            image_req.aspect_ratio = req
-                .aspect_ratio
-                .clone()
-                .or_else(|| step.aspect_ratio.clone());
-            image_req.image_size = req.image_size.clone().or_else(|| step.image_size.clone());
-            let estimate =
-                estimate_costs(&step.model, &req.prompt, image_req.image_size.as_deref());
-            let mut max_wait = Duration::from_millis(step.max_wait_ms);
-            if let Some(deadline) = req.deadline {
-                let left = deadline.duration_since(jiff::Timestamp::now());
-                max_wait = max_wait.min(Duration::try_from(left).unwrap_or(Duration::ZERO));
-            }
-            let retry = &chain.retry;
-            let mut attempt = 0u32;
-            'attempts: loop {
-                attempt += 1;
-                let booking_id =
-                    format!("{}:{index}:{}:{}:{attempt}", req.id, step.model, *attempts);
-                let decision = match limiter
-                    .acquire(&qkey, &quota, &booking_id, estimate, max_wait)
-                    .await
-                {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::warn!(error = %e, model = %step.model, "limiter unavailable");
-                        let after = match &e {
-                            pacer_core::limiter::Error::Unavailable { retry_after } => *retry_after,
-                            _ => self.options.default_defer,
-                        };
-                        return Err(Miss::Defer(after, DeferReason::Infrastructure));
-                    }
-                };
-                let ticket = match decision {
-                    Decision::Admitted { ticket } => ticket,
-                    Decision::Booked { ticket, wait } => {
-                        self.metrics.limiter_wait.observe(wait.as_secs_f64());
-                        tokio::time::sleep(wait).await;
-                        ticket
-                    }
-                    Decision::Rejected {
-                        retry_after,
-                        blocking,
-                    } => {
-                        let why = match blocking {
-                            Blocker::Cooldown | Blocker::Daily => DeferReason::RateLimited,
-                            _ => DeferReason::Capacity,
-                        };
-                        if blocking == Blocker::NeverFits {
-                            tracing::warn!(model = %step.model, "the request's costs exceed a limit of this model");
-                        }
-                        note(retry_after, why, &mut reason);
-                        break 'attempts;
-                    }
-                };
-                *attempts += 1;
-                let call =
-                    tokio::time::timeout(timeout, provider.generate(&step.model, &image_req)).await;
-                let result = call.unwrap_or(Err(ProviderError::Timeout { after: timeout }));
-                let label = match &result {
-                    Ok(_) => "ok",
-                    Err(e) => e.metric_label(),
-                };
-                self.metrics
-                    .provider_calls
-                    .get_or_create(&CallLabels {
-                        model: step.model.clone(),
-                        result: label,
-                    })
-                    .inc();
-                let err = match result {
-                    Ok(resp) => {
-                        return self
-                            .store(
-                                key,
-                                &step.model,
-                                resp,
-                                &ticket,
-                                limiter.as_ref(),
-                                image_req.image_size.as_deref(),
-                            )
-                            .await;
-                    }
-                    Err(e) => e,
-                };
-                tracing::info!(model = %step.model, attempt, error = %err, "provider call failed");
-                match &err {
-                    ProviderError::RateLimited {
-                        quota: dim,
-                        retry_delay,
-                        ..
-                    } => {
-                        let (delay, scope) = if dim.is_per_day() {
-                            let until = next_pacific_midnight();
-                            self.mark_daily_spent(&qkey, until);
-                            (until, PenaltyScope::PerDay)
-                        } else {
-                            (
-                                retry_delay.unwrap_or(Duration::from_secs(10)),
-                                PenaltyScope::PerMinute,
-                            )
-                        };
-                        if let Err(e) = limiter.penalize(&qkey, delay, scope).await {
-                            tracing::warn!(error = %e, "sharing the cooldown failed");
-                        }
-                        note(Some(delay), DeferReason::RateLimited, &mut reason);
-                        break 'attempts;
-                    }
-                    _ => match err.disposition() {
-                        Disposition::Retry { after } => {
-                            if attempt >= retry.attempts {
-                                note(
-                                    Some(backoff(retry, attempt)),
-                                    DeferReason::Upstream,
-                                    &mut reason,
-                                );
-                                break 'attempts;
-                            }
-                            tokio::time::sleep(after.unwrap_or_else(|| backoff(retry, attempt)))
-                                .await;
-                        }
-                        Disposition::NextModel => break 'attempts,
-                        Disposition::FailRequest | Disposition::FixConfig => {
-                            return Err(Miss::Fail(format!(
-                                "{} ({}): {err}; {}",
-                                err.metric_label(),
-                                step.model,
-                                err.advice()
-                            )));
-                        }
-                    },
-                }
-            }
-        }
-        Err(Miss::Defer(
-            soonest.unwrap_or(self.options.default_defer),
-            reason,
-        ))
-    }
-
+    /// Reconciles the booking with what the call cost and stores the image.
     #[allow(clippy::too_many_arguments)]
     async fn store(
         &self,
         key: &str,
         model: &str,
         resp: ImageResponse,
-        ticket: &pacer_core::limiter::Ticket,
+        ticket: &Ticket,
         limiter: &dyn Limiter,
+        pool: &CompiledPool,
         image_size: Option<&str>,
     ) -> Result<Generated, Miss> {
-        let usage = resp.usage.unwrap_or_default();
-        let price = image_price(model, image_size);
-        let actual = Costs::new(1, usage.prompt_tokens, resp.images.len() as u64, price);
+        let price = image_price(pool, model, image_size);
+        let images = u64::try_from(resp.images.len()).unwrap_or(u64::MAX);
+        let actual = actual_costs(&ticket.costs, resp.usage.as_ref(), images, price);
+        if actual.input_tokens > ticket.costs.input_tokens {
+            tracing::warn!(
+                booked = ticket.costs.input_tokens,
+                actual = actual.input_tokens,
+                "input tokens above the estimate; the overrun is charged"
+            );
+        }
         if let Err(e) = limiter.reconcile(ticket, actual).await {
             tracing::warn!(error = %e, "reconciling the booking failed (it ages out with the window)");
         }
+        let usage = resp.usage.unwrap_or_default();
         let Some(image) = resp.images.into_iter().next() else {
             return Err(Miss::Fail(format!("{model} answered without an image")));
         };
@@ -630,54 +487,4 @@ impl Process for Handler {
     async fn process(&self, body: &str, _receive_count: u32) -> Outcome {
         self.handle(body).await
     }
-}
-
-/// An upper bound of what one image request costs, booked before the call; `reconcile`
-/// corrects it afterwards, so estimates only ever free capacity.
-pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<&str>) -> Costs {
-    // Gemini tokenises at about 4 characters a token; 2 is a safe upper bound for any
-    // script, plus a fixed allowance for the request's framing.
-    let input_tokens = (prompt.chars().count() as u64).div_ceil(2) + 64;
-    Costs::new(1, input_tokens, 1, image_price(model, image_size))
-}
-
-/// The price of one image in micro-dollars (the largest known when the size is unknown).
-pub fn image_price(model: &str, size: Option<&str>) -> u64 {
-    let Some(info) = model_info(model) else {
-        return 0;
-    };
-    let size = match size {
-        Some("0.5K") => Some(ImageSize::Half),
-        Some("1K") | None => Some(ImageSize::K1),
-        Some("2K") => Some(ImageSize::K2),
-        Some("4K") => Some(ImageSize::K4),
-        Some(_) => None,
-    };
-    size.and_then(|s| info.image_cost(s))
-        .map(|c| c.price_micros)
-        .unwrap_or_else(|| {
-            [ImageSize::Half, ImageSize::K1, ImageSize::K2, ImageSize::K4]
-                .iter()
-                .filter_map(|s| info.image_cost(*s))
-                .map(|c| c.price_micros)
-                .max()
-                .unwrap_or(0)
-        })
-}
-
-/// Full-jitter exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))].
-pub fn backoff(retry: &pacer_core::config::RetryConfig, attempt: u32) -> Duration {
-    let ceiling = retry
-        .base_delay_ms
-        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
-        .min(retry.max_delay_ms);
-    Duration::from_millis(rand::rng().random_range(0..=ceiling))
-}
-
-fn next_pacific_midnight() -> Duration {
-    let now = jiff::Timestamp::now();
-    let next = pacer_core::pacific::next_midnights(now, 1);
-    next.first()
-        .map(|m| Duration::try_from(m.duration_since(now)).unwrap_or(Duration::from_secs(3600)))
-        .unwrap_or(Duration::from_secs(3600))
 }

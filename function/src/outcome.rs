@@ -41,8 +41,11 @@ pub enum DeferReason {
     Upstream,
     /// Another replica is generating it right now.
     InProgress,
-    /// Redis, the sink or the configuration was unavailable.
+    /// Redis or the sink was unavailable.
     Infrastructure,
+    /// No configuration is loaded yet (nothing applied, or Redis lost it): the request
+    /// waits for `pacer apply` or the operator to restore it.
+    Config,
     /// The replica is shutting down.
     Shutdown,
 }
@@ -56,6 +59,7 @@ impl DeferReason {
             DeferReason::Upstream => "upstream",
             DeferReason::InProgress => "in_progress",
             DeferReason::Infrastructure => "infrastructure",
+            DeferReason::Config => "config",
             DeferReason::Shutdown => "shutdown",
         }
     }

@@ -1,5 +1,6 @@
 //! [`GeminiClient`]: `POST {base}/{version}/models/{model}:generateContent`, key in
-//! `x-goog-api-key` (never in the URL, so it cannot reach a log line through an error).
+//! `x-goog-api-key` (never in the URL, so it cannot reach a log line through an error), the
+//! call's limiter booking in [`TICKET_HEADER`].
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use super::{
 };
 use crate::provider::{
     ApiKey, ImageProvider, ImageRequest, ImageResponse, Modalities, ProviderError, Result,
+    TICKET_HEADER,
 };
 
 /// Google's public endpoint.
@@ -157,10 +159,14 @@ impl GeminiClient {
 impl ImageProvider for GeminiClient {
     async fn generate(&self, model: &str, req: &ImageRequest) -> Result<ImageResponse> {
         let url = self.url(model)?;
-        let resp = self
+        let mut call = self
             .http
             .post(url)
-            .header("x-goog-api-key", self.config.api_key.expose())
+            .header("x-goog-api-key", self.config.api_key.expose());
+        if let Some(ticket) = req.ticket_header() {
+            call = call.header(TICKET_HEADER, ticket);
+        }
+        let resp = call
             .json(&Self::request_body(req))
             .send()
             .await
@@ -178,5 +184,105 @@ impl ImageProvider for GeminiClient {
         } else {
             Err(decode_error(status, &body, model, retry_after))
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// Answers one HTTP request with `status` and `body`; returns the request's head.
+    pub(crate) async fn one_shot(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then as much body as Content-Length says.
+            loop {
+                let n = sock.read(&mut buf).await.expect("read");
+                seen.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&seen).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if seen.len() >= end + 4 + len || n == 0 {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(answer.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&seen).to_string()
+        });
+        (base, task)
+    }
+
+    #[tokio::test]
+    async fn the_ticket_travels_as_a_header_never_in_the_body() {
+        let (base, seen) = one_shot(
+            "200 OK",
+            r#"{"candidates":[{"content":{"parts":[{"inlineData":{"mimeType":"image/png","data":"iVBORw0KGgo="}}]},"finishReason":"STOP"}]}"#,
+        )
+        .await;
+        let client =
+            GeminiClient::new(GeminiConfig::new(ApiKey::new("k")).base_url(base)).expect("client");
+        let req = ImageRequest::new("a fox").ticket("r1:0:m:tok:1@1800000000000000");
+        client
+            .generate("gemini-3-pro-image", &req)
+            .await
+            .expect("image");
+        let seen = seen.await.expect("server");
+        let head = seen.to_ascii_lowercase();
+        assert!(
+            head.contains("x-pacer-ticket: r1:0:m:tok:1@1800000000000000\r\n"),
+            "{seen}"
+        );
+        let body = &seen[seen.find("\r\n\r\n").expect("head ends") + 4..];
+        assert!(!body.contains("1800000000000000"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn no_ticket_no_header() {
+        let (base, seen) = one_shot(
+            "503 Service Unavailable",
+            r#"{"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}"#,
+        )
+        .await;
+        let client =
+            GeminiClient::new(GeminiConfig::new(ApiKey::new("k")).base_url(base)).expect("client");
+        let err = client
+            .generate("gemini-3-pro-image", &ImageRequest::new("a fox"))
+            .await
+            .expect_err("503");
+        assert!(matches!(err, ProviderError::Overloaded { .. }), "{err:?}");
+        assert!(
+            !seen
+                .await
+                .expect("server")
+                .to_ascii_lowercase()
+                .contains("x-pacer-ticket")
+        );
     }
 }

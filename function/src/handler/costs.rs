@@ -1,0 +1,102 @@
+//! What a call is booked at, and the small policies around a call: the backoff between
+//! retries, and the tag a call carries to name its booking.
+use std::time::Duration;
+
+use pacer_core::{
+    config::{CompiledPool, RetryConfig},
+    limiter::Ticket,
+    provider::Usage,
+    quota::{Costs, model_info},
+};
+use rand::Rng;
+
+/// Tokens the request adds around the prompt (role, turn markers, the image instruction).
+const FRAMING_TOKENS: u64 = 64;
+
+/// An upper bound of the input tokens of `prompt`, in any script. Gemini's tokenizer falls
+/// back to bytes for text it has no token for, so no text costs more tokens than its UTF-8
+/// bytes (CJK is 3 bytes a character, emoji 4); counting characters is not a bound.
+pub fn input_token_bound(prompt: &str) -> u64 {
+    u64::try_from(prompt.len())
+        .unwrap_or(u64::MAX / 2)
+        .saturating_add(FRAMING_TOKENS)
+}
+
+/// An upper bound of what one image request costs on a model of the built-in table,
+/// booked before the call; `reconcile` corrects it afterwards. A model the table does not
+/// know is priced at 0 here: calls within a pool use [`booking_costs`], which knows the
+/// pool's configured prices.
+pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<&str>) -> Costs {
+    let price = model_info(model)
+        .map(|m| m.image_price_micros(image_size))
+        .unwrap_or(0);
+    Costs::new(1, input_token_bound(prompt), 1, price)
+}
+
+/// What one image request is booked at in `pool`: one request, one image, the input-token
+/// bound and the image's price.
+pub fn booking_costs(
+    pool: &CompiledPool,
+    model: &str,
+    prompt: &str,
+    image_size: Option<&str>,
+) -> Costs {
+    Costs::new(
+        1,
+        input_token_bound(prompt),
+        1,
+        image_price(pool, model, image_size),
+    )
+}
+
+/// The price of one image in micro-dollars: the pool's configured price, else the built-in
+/// table's (its largest when the size is unknown). Compile refuses a model that has
+/// neither, so 0 here means a configuration written around the compiler.
+pub fn image_price(pool: &CompiledPool, model: &str, size: Option<&str>) -> u64 {
+    pool.image_price_micros(model, size).unwrap_or_else(|| {
+        tracing::warn!(model, pool = %pool.name, "no price for this model: spend is not limited");
+        0
+    })
+}
+
+/// What a call actually cost, for `reconcile`: what the provider reported, and the booked
+/// estimate for every dimension it did not report (a response without `usageMetadata`
+/// must not free the tokens it used). The actual may exceed the booking: the limiter
+/// charges the overrun, so later bookings see it.
+pub fn actual_costs(booked: &Costs, usage: Option<&Usage>, images: u64, price: u64) -> Costs {
+    let input_tokens = usage
+        .map(|u| u.prompt_tokens)
+        // No prompt costs 0 tokens: a 0 is a field the provider left out.
+        .filter(|t| *t > 0)
+        .unwrap_or(booked.input_tokens);
+    Costs::new(
+        booked.requests.max(1),
+        input_tokens,
+        images,
+        price.saturating_mul(images),
+    )
+}
+
+/// The tag a call carries to the provider (`x-pacer-ticket`): the booking's request id and
+/// start, unique per limiter log entry.
+pub fn ticket_tag(ticket: &Ticket) -> String {
+    format!("{}@{}", ticket.request_id, ticket.start_us)
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))].
+pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
+    let ceiling = retry
+        .base_delay_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(retry.max_delay_ms);
+    Duration::from_millis(rand::rng().random_range(0..=ceiling))
+}
+
+/// Time left until the next Pacific midnight (when per-day quotas reset).
+pub(super) fn next_pacific_midnight() -> Duration {
+    let now = jiff::Timestamp::now();
+    let next = pacer_core::pacific::next_midnights(now, 1);
+    next.first()
+        .map(|m| Duration::try_from(m.duration_since(now)).unwrap_or(Duration::from_secs(3600)))
+        .unwrap_or(Duration::from_secs(3600))
+}

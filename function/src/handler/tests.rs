@@ -1,0 +1,783 @@
+//! The chain walk driven with fakes: the in-memory limiter on a clock that follows tokio's
+//! paused time (so booked waits pass instantly), in-memory records, a temp-folder sink that
+//! can be told to fail, and a scripted provider that records every call.
+//!
+//! Every test also checks what the simulator checks in the fault suite: each call carries
+//! its own booking (`x-pacer-ticket`), never one another call already spent.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use pacer_core::{
+    config::{
+        CompiledChain, CompiledConfig, CompiledPool, CompiledStep, FailureMode, ModelLimits,
+        ProviderKind, RetryConfig,
+    },
+    limiter::{
+        Blocker, Check, Clock, Decision, Limiter, PenaltyScope, QuotaKey, Ticket,
+        memory::MemoryLimiter,
+    },
+    provider::{
+        Image, ImageProvider, ImageRequest, ImageResponse, ProviderError, QuotaDimension, Usage,
+    },
+    quota::Dim,
+    quota::{Costs, ModelQuota},
+};
+use tokio::{sync::watch, time::Instant};
+
+use super::*;
+use crate::{
+    metrics::Metrics,
+    outcome::{DeferReason, Outcome},
+    record::{Records, Status},
+    sink::{LocalSink, Sink, SinkError},
+};
+
+const A: &str = "model-a";
+const B: &str = "model-b";
+
+/// The limiter's clock, moving with tokio's (paused) time.
+#[derive(Debug)]
+struct TokioClock {
+    base: Instant,
+    base_us: i64,
+}
+
+impl TokioClock {
+    fn new() -> Arc<TokioClock> {
+        Arc::new(TokioClock {
+            base: Instant::now(),
+            base_us: 1_800_000_000_000_000,
+        })
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_us(&self) -> i64 {
+        self.base_us + i64::try_from(self.base.elapsed().as_micros()).unwrap_or(i64::MAX / 4)
+    }
+}
+
+/// One call the provider saw.
+#[derive(Debug, Clone)]
+struct Call {
+    model: String,
+    at: Duration,
+    request: ImageRequest,
+}
+
+type Script = Box<dyn Fn(usize, &str) -> pacer_core::provider::Result<ImageResponse> + Send + Sync>;
+
+/// A provider that answers from a script (call index, model) and records every call.
+struct Scripted {
+    base: Instant,
+    script: Script,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Scripted {
+    fn new(script: Script) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            base: Instant::now(),
+            script,
+            calls: Mutex::default(),
+        })
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl ImageProvider for Scripted {
+    async fn generate(
+        &self,
+        model: &str,
+        req: &ImageRequest,
+    ) -> pacer_core::provider::Result<ImageResponse> {
+        let n = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(Call {
+                model: model.to_owned(),
+                at: self.base.elapsed(),
+                request: req.clone(),
+            });
+            calls.len() - 1
+        };
+        (self.script)(n, model)
+    }
+}
+
+fn image(prompt_tokens: Option<u64>) -> pacer_core::provider::Result<ImageResponse> {
+    Ok(ImageResponse {
+        images: vec![Image {
+            mime_type: "image/png".into(),
+            data: b"png".to_vec(),
+        }],
+        texts: Vec::new(),
+        finish_reason: Some("STOP".into()),
+        usage: prompt_tokens.map(|p| Usage {
+            prompt_tokens: p,
+            candidate_tokens: 1290,
+            image_tokens: 1290,
+            thought_tokens: 0,
+            total_tokens: p + 1290,
+        }),
+        model_version: None,
+        response_id: None,
+    })
+}
+
+fn rate_limited(named: &str, retry: Duration) -> ProviderError {
+    ProviderError::RateLimited {
+        quota: QuotaDimension::RequestsPerMinute,
+        quota_id: "GenerateRequestsPerMinutePerProjectPerModel".into(),
+        model: Some(named.to_owned()),
+        retry_delay: Some(retry),
+        violations: Vec::new(),
+        message: "Resource has been exhausted".into(),
+    }
+}
+
+/// A folder sink whose next `fail_puts` writes fail, and whose first write of `fail_key`
+/// fails.
+struct FlakySink {
+    inner: LocalSink,
+    fail_puts: AtomicU32,
+    fail_key: Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl Sink for FlakySink {
+    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
+        self.inner.existing(key).await
+    }
+
+    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError> {
+        let failing = {
+            let mut fail_key = self.fail_key.lock().unwrap();
+            let hit = fail_key.as_deref() == Some(key);
+            if hit {
+                *fail_key = None;
+            }
+            hit
+        };
+        if failing {
+            return Err(SinkError {
+                location: key.to_owned(),
+                message: "injected failure".into(),
+            });
+        }
+        let left = self.fail_puts.load(Ordering::SeqCst);
+        if left > 0 {
+            self.fail_puts.store(left - 1, Ordering::SeqCst);
+            return Err(SinkError {
+                location: key.to_owned(),
+                message: "injected failure".into(),
+            });
+        }
+        self.inner.put(key, data, mime_type).await
+    }
+}
+
+fn limits(rpm: u64, window_ms: u64) -> ModelLimits {
+    ModelLimits {
+        rpm: Some(rpm),
+        tpm: None,
+        ipm: None,
+        rpd: None,
+        window_ms,
+    }
+}
+
+/// A loaded config: pool `default/pool` (project `proj`) with `models`, chain
+/// `default/chain` with `steps` (model, max wait).
+fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> CompiledConfig {
+    let pool = CompiledPool {
+        name: "default/pool".into(),
+        generation: 1,
+        provider: ProviderKind::Gemini,
+        project: "proj".into(),
+        models: models
+            .iter()
+            .map(|(m, l)| ((*m).to_owned(), l.clone()))
+            .collect(),
+        spend_micros_per_10_minutes: None,
+        headroom_percent: 0,
+        alert_threshold_percent: 80,
+        failure_mode: FailureMode::Closed,
+        expected_replicas: 1,
+        api_key_ref: None,
+        window_margin_ms: Some(0),
+        base_url: None,
+    };
+    let chain = CompiledChain {
+        name: "default/chain".into(),
+        generation: 1,
+        pool: "default/pool".into(),
+        steps: steps
+            .iter()
+            .map(|(m, wait)| CompiledStep {
+                model: (*m).to_owned(),
+                max_wait_ms: wait.as_millis() as u64,
+                aspect_ratio: None,
+                image_size: None,
+            })
+            .collect(),
+        retry: RetryConfig {
+            attempts: 3,
+            base_delay_ms: 10,
+            max_delay_ms: 40,
+        },
+        request_timeout_ms: 5_000,
+        priority: 0,
+        deadline_ms: None,
+    };
+    CompiledConfig {
+        version: 1,
+        pools: BTreeMap::from([(pool.name.clone(), pool)]),
+        chains: BTreeMap::from([(chain.name.clone(), chain)]),
+    }
+}
+
+/// The in-memory limiter, except that the first `lose` checks find their booking gone (as
+/// after a Redis restart, whose fence keeps the capacity blocked for a window: the entry
+/// stays); counts acquires and checks.
+struct Losing {
+    inner: Arc<MemoryLimiter>,
+    lose: AtomicU32,
+    acquires: AtomicU32,
+    checks: AtomicU32,
+}
+
+#[async_trait]
+impl Limiter for Losing {
+    async fn acquire(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> pacer_core::limiter::Result<Decision> {
+        self.acquires.fetch_add(1, Ordering::SeqCst);
+        self.inner
+            .acquire(key, quota, request_id, costs, max_wait)
+            .await
+    }
+
+    async fn check(&self, ticket: &Ticket) -> pacer_core::limiter::Result<Check> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        let left = self.lose.load(Ordering::SeqCst);
+        if left > 0 {
+            self.lose.store(left - 1, Ordering::SeqCst);
+            return Ok(Check::Cancelled {
+                retry_after: None,
+                blocking: Blocker::Lost,
+            });
+        }
+        self.inner.check(ticket).await
+    }
+
+    async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> pacer_core::limiter::Result<()> {
+        self.inner.reconcile(ticket, actual).await
+    }
+
+    async fn release(&self, ticket: &Ticket) -> pacer_core::limiter::Result<()> {
+        self.inner.release(ticket).await
+    }
+
+    async fn penalize(
+        &self,
+        key: &QuotaKey,
+        delay: Duration,
+        scope: PenaltyScope,
+    ) -> pacer_core::limiter::Result<()> {
+        self.inner.penalize(key, delay, scope).await
+    }
+
+    async fn usage(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+    ) -> pacer_core::limiter::Result<pacer_core::limiter::Usage> {
+        self.inner.usage(key, quota).await
+    }
+}
+
+struct Rig {
+    handler: Arc<Handler>,
+    losing: Arc<Losing>,
+    limiter: Arc<MemoryLimiter>,
+    provider: Arc<Scripted>,
+    sink: Arc<FlakySink>,
+    dir: PathBuf,
+    config: CompiledConfig,
+    _config_tx: watch::Sender<Arc<CompiledConfig>>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static RIGS: AtomicUsize = AtomicUsize::new(0);
+
+impl Rig {
+    fn new(config: CompiledConfig, script: Script) -> Rig {
+        let limiter = Arc::new(MemoryLimiter::new(TokioClock::new()));
+        let provider = Scripted::new(script);
+        let dir = std::env::temp_dir().join(format!(
+            "pacer-handler-{}-{}",
+            std::process::id(),
+            RIGS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let sink = Arc::new(FlakySink {
+            inner: LocalSink::new(&dir),
+            fail_puts: AtomicU32::new(0),
+            fail_key: Mutex::default(),
+        });
+        let (tx, rx) = watch::channel(Arc::new(config.clone()));
+        let losing = Arc::new(Losing {
+            inner: limiter.clone(),
+            lose: AtomicU32::new(0),
+            acquires: AtomicU32::new(0),
+            checks: AtomicU32::new(0),
+        });
+        let limiters = Limiters::single(losing.clone());
+        let handler = Handler::new(
+            rx,
+            Arc::new(limiters),
+            Providers {
+                gemini: Some(provider.clone()),
+                openai: None,
+            },
+            sink.clone(),
+            Records::memory(),
+            Arc::new(Metrics::default()),
+            "replica-1",
+            HandlerOptions {
+                claim_lease: Duration::from_secs(30),
+                default_defer: Duration::from_secs(5),
+                defer_slack: Duration::from_millis(50),
+            },
+        );
+        Rig {
+            handler: Arc::new(handler),
+            losing,
+            limiter,
+            provider,
+            sink,
+            dir,
+            config,
+            _config_tx: tx,
+        }
+    }
+
+    async fn handle(&self, body: &str) -> Outcome {
+        self.handler.handle(body).await
+    }
+
+    fn key(&self, model: &str) -> QuotaKey {
+        QuotaKey::new("proj", model)
+    }
+
+    /// Every call's ticket: present, of the form `{booking id}@{start}`, and never shared
+    /// by two calls.
+    fn tickets(&self) -> Vec<String> {
+        let tickets: Vec<String> = self
+            .provider
+            .calls()
+            .into_iter()
+            .map(|c| c.request.ticket.expect("every call carries its ticket"))
+            .collect();
+        for t in &tickets {
+            let (id, start) = t.rsplit_once('@').expect("{booking}@{start}");
+            assert!(!id.is_empty() && start.parse::<i64>().is_ok(), "{t}");
+        }
+        let mut unique = tickets.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            tickets.len(),
+            "two calls spent one booking: {tickets:?}"
+        );
+        tickets
+    }
+
+    async fn usage(&self, model: &str) -> pacer_core::limiter::Usage {
+        let pool = &self.config.pools["default/pool"];
+        let quota = pool.model_quota(model).expect("model in pool");
+        self.limiter.usage(&self.key(model), &quota).await.unwrap()
+    }
+}
+
+fn body(id: &str) -> String {
+    format!(r#"{{"id":"{id}","chain":"chain","prompt":"a red fox in the snow"}}"#)
+}
+
+fn always_image() -> Script {
+    Box::new(|_, _| image(Some(20)))
+}
+
+fn deferred(o: &Outcome) -> (Duration, DeferReason) {
+    match o {
+        Outcome::Defer { after, reason } => (*after, *reason),
+        other => panic!("expected a deferral, got {other:?}"),
+    }
+}
+
+/// Issue 10, defect 1: a redelivered message must not replay its first delivery's booking.
+/// Limit 1 per window: the first delivery calls the provider and defers (the sink fails);
+/// the redelivery's call needs its own booking, a window later.
+#[tokio::test(start_paused = true)]
+async fn redelivery_books_afresh_and_waits_a_window() {
+    let window = Duration::from_secs(1);
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_secs(5))]),
+        always_image(),
+    );
+    rig.sink.fail_puts.store(1, Ordering::SeqCst);
+    let first = rig.handle(&body("r1")).await;
+    assert_eq!(deferred(&first).1, DeferReason::Infrastructure);
+    let second = rig.handle(&body("r1")).await;
+    assert!(
+        matches!(second, Outcome::Succeeded(_)),
+        "second delivery: {second:?}"
+    );
+    let calls = rig.provider.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(
+        calls[1].at - calls[0].at >= window,
+        "the redelivery called {:?} after the first call, inside one window of a limit of 1",
+        calls[1].at - calls[0].at
+    );
+    // Two calls, two bookings, from two deliveries.
+    let tickets = rig.tickets();
+    assert_eq!(tickets.len(), 2);
+    let token = |t: &str| t.split(':').nth(4).map(str::to_owned);
+    assert_ne!(token(&tickets[0]), token(&tickets[1]), "{tickets:?}");
+}
+
+/// The same with a max wait shorter than the window: the redelivery is deferred, it does
+/// not call the provider.
+#[tokio::test(start_paused = true)]
+async fn redelivery_within_the_window_defers_without_a_call() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_millis(100))]),
+        always_image(),
+    );
+    rig.sink.fail_puts.store(1, Ordering::SeqCst);
+    let first = rig.handle(&body("r1")).await;
+    assert_eq!(deferred(&first).1, DeferReason::Infrastructure);
+    let second = rig.handle(&body("r1")).await;
+    let (after, reason) = deferred(&second);
+    assert_eq!(reason, DeferReason::Capacity);
+    assert!(after >= Duration::from_millis(900), "{after:?}");
+    assert_eq!(
+        rig.provider.calls().len(),
+        1,
+        "the redelivery called the provider"
+    );
+    tokio::time::sleep(after).await;
+    let third = rig.handle(&body("r1")).await;
+    assert!(matches!(third, Outcome::Succeeded(_)), "{third:?}");
+    assert_eq!(rig.tickets().len(), 2);
+}
+
+/// Issue 10, defect 2: tickets booked before a 429 cooldown must not fire into it.
+#[tokio::test(start_paused = true)]
+async fn cooldown_set_after_booking_cancels_booked_tickets() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_secs(10))]),
+        always_image(),
+    );
+    let first = rig.handle(&body("r0")).await;
+    assert!(matches!(first, Outcome::Succeeded(_)), "{first:?}");
+    let started = Instant::now();
+    let b = tokio::spawn({
+        let h = rig.handler.clone();
+        async move { h.handle(&body("r1")).await }
+    });
+    let c = tokio::spawn({
+        let h = rig.handler.clone();
+        async move { h.handle(&body("r2")).await }
+    });
+    // Both are booked (1 s and 2 s ahead) and asleep; a 429 elsewhere sets a cooldown.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let cooldown = Duration::from_secs(5);
+    rig.limiter
+        .penalize(&rig.key(A), cooldown, PenaltyScope::PerMinute)
+        .await
+        .unwrap();
+    let cooldown_ends = started + Duration::from_millis(10) + cooldown;
+    for task in [b, c] {
+        let outcome = task.await.unwrap();
+        let (after, reason) = deferred(&outcome);
+        assert_eq!(reason, DeferReason::RateLimited);
+        assert!(
+            Instant::now() + after >= cooldown_ends,
+            "deferred to {:?} before the cooldown ends",
+            Instant::now() + after - started
+        );
+    }
+    assert_eq!(
+        rig.provider.calls().len(),
+        1,
+        "a booked ticket fired into the cooldown"
+    );
+    assert_eq!(rig.losing.checks.load(Ordering::SeqCst), 2);
+}
+
+/// A booking lost while it waited (the limiter's state went away) is booked afresh once,
+/// under a new id, within what is left of the max wait; the call holds the new booking.
+#[tokio::test(start_paused = true)]
+async fn a_lost_booking_is_booked_afresh_once() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_secs(10))]),
+        always_image(),
+    );
+    assert!(matches!(
+        rig.handle(&body("r0")).await,
+        Outcome::Succeeded(_)
+    ));
+    rig.losing.lose.store(1, Ordering::SeqCst);
+    let out = rig.handle(&body("r1")).await;
+    assert!(matches!(out, Outcome::Succeeded(_)), "{out:?}");
+    assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), 3);
+    assert_eq!(rig.tickets().len(), 2);
+
+    // Lost again on the fresh booking: defer, do not call.
+    rig.losing.lose.store(2, Ordering::SeqCst);
+    let (_, reason) = deferred(&rig.handle(&body("r2")).await);
+    assert_eq!(reason, DeferReason::Capacity);
+    assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), 5);
+    assert_eq!(rig.tickets().len(), 2);
+}
+
+/// Issue 10, defect 3: a response without usageMetadata keeps the input-token estimate.
+#[tokio::test(start_paused = true)]
+async fn unreported_usage_keeps_the_estimate() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        Box::new(|_, _| image(None)),
+    );
+    let out = rig.handle(&body("r1")).await;
+    assert!(matches!(out, Outcome::Succeeded(_)), "{out:?}");
+    let used = rig.usage(A).await.dimensions[Dim::InputTokens.index()].used;
+    let prompt = "a red fox in the snow";
+    assert!(
+        used >= prompt.len() as u64,
+        "input tokens reconciled to {used} for an unreported usage"
+    );
+}
+
+/// An overrun is charged: a later booking sees it.
+#[tokio::test(start_paused = true)]
+async fn an_overrun_is_charged_to_later_bookings() {
+    let mut l = limits(100, 1000);
+    l.tpm = Some(1_000);
+    let rig = Rig::new(
+        config(&[(A, l)], &[(A, Duration::from_millis(100))]),
+        Box::new(|_, _| image(Some(990))),
+    );
+    assert!(matches!(
+        rig.handle(&body("r1")).await,
+        Outcome::Succeeded(_)
+    ));
+    assert_eq!(
+        rig.usage(A).await.dimensions[Dim::InputTokens.index()].used,
+        990
+    );
+    let (_, reason) = deferred(&rig.handle(&body("r2")).await);
+    assert_eq!(reason, DeferReason::Capacity);
+    assert_eq!(rig.provider.calls().len(), 1);
+}
+
+/// The input-token estimate is an upper bound in every script: a byte-fallback tokenizer
+/// never emits more tokens than bytes.
+#[test]
+fn the_token_estimate_bounds_any_script() {
+    for prompt in [
+        "a red fox".to_owned(),
+        "雪の中の赤い狐".repeat(40),
+        "🦊❄️🌲".repeat(50),
+        "ㅋ".repeat(500),
+    ] {
+        let est = estimate_costs(A, &prompt, None).input_tokens;
+        assert!(
+            est >= prompt.len() as u64,
+            "{est} tokens estimated for {} bytes",
+            prompt.len()
+        );
+    }
+}
+
+/// Issue 10, defect 8: a 429 whose quota names another model of the pool cools that model.
+#[tokio::test(start_paused = true)]
+async fn a_429_naming_another_model_penalizes_that_model() {
+    let rig = Rig::new(
+        config(
+            &[(A, limits(100, 1000)), (B, limits(100, 1000))],
+            &[(A, Duration::from_secs(1))],
+        ),
+        Box::new(|_, _| Err(rate_limited(B, Duration::from_secs(7)))),
+    );
+    let (_, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert!(rig.usage(B).await.cooldown_remaining >= Duration::from_secs(6));
+    assert_eq!(rig.usage(A).await.cooldown_remaining, Duration::ZERO);
+}
+
+/// A 429 on the first step falls through to the second, which serves the request.
+#[tokio::test(start_paused = true)]
+async fn a_two_step_chain_falls_through_on_a_429() {
+    let rig = Rig::new(
+        config(
+            &[(A, limits(100, 1000)), (B, limits(100, 1000))],
+            &[(A, Duration::from_secs(1)), (B, Duration::from_secs(1))],
+        ),
+        Box::new(|_, model| {
+            if model == A {
+                Err(rate_limited(A, Duration::from_secs(3)))
+            } else {
+                image(Some(20))
+            }
+        }),
+    );
+    let out = rig.handle(&body("r1")).await;
+    let Outcome::Succeeded(record) = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(record.model.as_deref(), Some(B));
+    assert_eq!(record.attempts, 2);
+    let models: Vec<String> = rig.provider.calls().into_iter().map(|c| c.model).collect();
+    assert_eq!(models, [A, B]);
+    assert_eq!(rig.tickets().len(), 2);
+    assert!(rig.usage(A).await.cooldown_remaining >= Duration::from_secs(2));
+}
+
+/// `images: 2` with a deferral between the images: the redelivery stores image 2 only.
+#[tokio::test(start_paused = true)]
+async fn two_images_with_a_deferral_between_them() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    let body = r#"{"id":"r2","chain":"chain","prompt":"two foxes","images":2}"#;
+    // The first image stores; the second's write fails.
+    *rig.sink.fail_key.lock().unwrap() = Some("r2-1.png".into());
+    let first = rig.handle(body).await;
+    assert_eq!(deferred(&first).1, DeferReason::Infrastructure);
+    assert_eq!(rig.provider.calls().len(), 2);
+    let second = rig.handle(body).await;
+    let Outcome::Succeeded(record) = second else {
+        panic!("{second:?}");
+    };
+    assert_eq!(
+        rig.provider.calls().len(),
+        3,
+        "the redelivery regenerated image 1"
+    );
+    assert_eq!(record.images.len(), 2);
+    assert_eq!(rig.tickets().len(), 3);
+    assert!(record.images[0].ends_with("r2.png"), "{:?}", record.images);
+    assert!(
+        record.images[1].ends_with("r2-1.png"),
+        "{:?}",
+        record.images
+    );
+}
+
+/// A request whose deadline passed fails without a call.
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_fails_without_a_call() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    let out = rig
+        .handle(r#"{"id":"r1","chain":"chain","prompt":"p","deadline":"2020-01-01T00:00:00Z"}"#)
+        .await;
+    let Outcome::Failed(record) = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(record.status, Status::Failed);
+    assert!(record.error.unwrap_or_default().contains("deadline"));
+    assert!(rig.provider.calls().is_empty());
+}
+
+/// A deadline sooner than the capacity defers without a call, even with a long max wait.
+#[tokio::test(start_paused = true)]
+async fn a_near_deadline_bounds_the_wait() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 30_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+    );
+    assert!(matches!(
+        rig.handle(&body("r0")).await,
+        Outcome::Succeeded(_)
+    ));
+    let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(2);
+    let out = rig
+        .handle(&format!(
+            r#"{{"id":"r1","chain":"chain","prompt":"p","deadline":"{deadline}"}}"#
+        ))
+        .await;
+    assert_eq!(deferred(&out).1, DeferReason::Capacity);
+    assert_eq!(rig.provider.calls().len(), 1);
+}
+
+/// 503s until the retry policy's attempts run out: the request is deferred, not failed.
+#[tokio::test(start_paused = true)]
+async fn retries_exhausted_on_503_defer() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        Box::new(|_, _| {
+            Err(ProviderError::Overloaded {
+                message: "The model is overloaded".into(),
+            })
+        }),
+    );
+    let (_, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::Upstream);
+    assert_eq!(
+        rig.tickets().len(),
+        3,
+        "one call per attempt, each on its own booking"
+    );
+}
+
+/// With no config loaded (version 0: Redis flushed, nothing applied yet) the handler
+/// defers; it does not fail the request for an unknown chain.
+#[tokio::test(start_paused = true)]
+async fn no_config_loaded_defers() {
+    let rig = Rig::new(CompiledConfig::default(), always_image());
+    let (_, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::Config);
+    assert!(rig.handler.records().get("r1").await.unwrap().is_none());
+    assert!(rig.provider.calls().is_empty());
+}
+
+/// An unknown chain in a loaded config still fails.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_chain_in_a_loaded_config_fails() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    let out = rig
+        .handle(r#"{"id":"r1","chain":"other","prompt":"p"}"#)
+        .await;
+    assert!(matches!(out, Outcome::Failed(_)), "{out:?}");
+}
