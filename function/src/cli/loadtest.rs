@@ -232,8 +232,14 @@ enum ChildLine {
     Sent(Call),
     /// A call ended.
     Call(Call),
-    /// The replica stopped: its totals.
-    Done(ChildReport),
+    /// A delivery went back to the queue.
+    Deferred,
+    /// An image was stored at this key.
+    Stored(String),
+    /// An image write failed by `sink-fail`.
+    SinkFailed(String),
+    /// The replica stopped cleanly: everything it did is above.
+    Done,
 }
 
 impl CallLog {
@@ -343,10 +349,11 @@ impl ImageProvider for Recorded {
     }
 }
 
-/// Counts deferrals and notes when each request finished.
+/// Counts deferrals (streamed to the parent from a replica process).
 struct Counting {
     inner: Arc<dyn Process>,
     deferred: Arc<AtomicU64>,
+    stream: bool,
 }
 
 #[async_trait]
@@ -355,6 +362,9 @@ impl Process for Counting {
         let outcome = self.inner.process(body, receive_count).await;
         if !outcome.is_final() {
             self.deferred.fetch_add(1, Ordering::Relaxed);
+            if self.stream {
+                CallLog::emit(&ChildLine::Deferred);
+            }
         }
         outcome
     }
@@ -865,6 +875,37 @@ async fn restart_redis(url: &str, config: &CompiledConfig) -> anyhow::Result<()>
     write_config(url, config).await
 }
 
+/// The AWS settings of an in-process caller (tests build theirs from the rig) as the
+/// environment of replica processes, which load theirs from it; nothing when the parent
+/// loaded its own from the environment too.
+async fn aws_env(
+    aws: Option<&aws_config::SdkConfig>,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    use aws_sdk_sqs::config::ProvideCredentials as _;
+    let Some(conf) = aws else {
+        return Ok(Vec::new());
+    };
+    let mut env = Vec::new();
+    if let Some(url) = conf.endpoint_url() {
+        env.push(("AWS_ENDPOINT_URL", url.to_owned()));
+    }
+    if let Some(region) = conf.region() {
+        env.push(("AWS_REGION", region.to_string()));
+    }
+    if let Some(provider) = conf.credentials_provider() {
+        let c = provider
+            .provide_credentials()
+            .await
+            .context("AWS credentials for the replica processes")?;
+        env.push(("AWS_ACCESS_KEY_ID", c.access_key_id().to_owned()));
+        env.push(("AWS_SECRET_ACCESS_KEY", c.secret_access_key().to_owned()));
+        if let Some(token) = c.session_token() {
+            env.push(("AWS_SESSION_TOKEN", token.to_owned()));
+        }
+    }
+    Ok(env)
+}
+
 /// A replica process as the parent sees it.
 struct ChildProc {
     child: tokio::process::Child,
@@ -878,7 +919,12 @@ struct ChildOutput {
     /// Calls that left and have not ended (yet).
     open: Vec<Call>,
     calls: Vec<Call>,
-    report: Option<ChildReport>,
+    deferred: u64,
+    /// Image writes per key.
+    sink_writes: HashMap<String, u64>,
+    sink_failed: u64,
+    /// It stopped cleanly.
+    done: bool,
 }
 
 /// Reads a replica process's stdout to its end; a line that is not part of its report
@@ -908,7 +954,10 @@ async fn read_child(
                 }
                 out.calls.push(call);
             }
-            ChildLine::Done(report) => out.report = Some(report),
+            ChildLine::Deferred => out.deferred += 1,
+            ChildLine::Stored(key) => *out.sink_writes.entry(key).or_default() += 1,
+            ChildLine::SinkFailed(_) => out.sink_failed += 1,
+            ChildLine::Done => out.done = true,
         }
     }
     Ok(out)
@@ -1044,6 +1093,7 @@ async fn run_once(
             None => std::env::current_exe().context("finding this executable")?,
         };
         let n = args.replicas.max(1) as u64;
+        let env = aws_env(aws).await?;
         for i in 0..args.replicas {
             let share = sink_failures / n + u64::from((i as u64) < sink_failures % n);
             let mut child = tokio::process::Command::new(&exe)
@@ -1058,6 +1108,7 @@ async fn run_once(
                     "RUST_LOG",
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 )
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .kill_on_drop(true)
@@ -1099,6 +1150,7 @@ async fn run_once(
             let processor = Arc::new(Counting {
                 inner: processor,
                 deferred: deferred.clone(),
+                stream: false,
             });
             let queue = match (&args.queue_url, use_sqs) {
                 (Some(url), true) => sqs_queue(url, aws).await,
@@ -1171,7 +1223,7 @@ async fn run_once(
                     Fault::RedisRestart { .. } | Fault::KillReplica { .. } | Fault::SinkFail { .. }
                 )
         })
-        .map(|f| format!("{f:?}"))
+        .map(ToString::to_string)
         .collect();
     let mut flushed = false;
     let mut polls = 0u64;
@@ -1275,18 +1327,14 @@ async fn run_once(
             call.result = KILLED.to_owned();
             call
         }));
-        match output.report {
-            Some(r) => {
-                deferred.fetch_add(r.deferred, Ordering::Relaxed);
-                sink_failed += r.sink_failed;
-                for (k, n) in r.sink_writes {
-                    *sink_writes.entry(k).or_default() += n;
-                }
-            }
-            None if c.killed => {}
-            None => anyhow::bail!(
-                "replica process {i} ended ({status}) without its report: its calls cannot be counted"
-            ),
+        anyhow::ensure!(
+            output.done || c.killed,
+            "replica process {i} ended ({status}) without finishing its report: its calls cannot be counted"
+        );
+        deferred.fetch_add(output.deferred, Ordering::Relaxed);
+        sink_failed += output.sink_failed;
+        for (k, n) in output.sink_writes {
+            *sink_writes.entry(k).or_default() += n;
         }
     }
 
@@ -1480,17 +1528,6 @@ async fn run_once(
     Ok(report)
 }
 
-/// What a replica process hands back as its last line when its stdin closes (its calls
-/// went out line by line as they happened).
-#[derive(Serialize, Deserialize, Default)]
-struct ChildReport {
-    deferred: u64,
-    /// Image writes per key.
-    sink_writes: HashMap<String, u64>,
-    /// Image writes failed by `sink-fail`.
-    sink_failed: u64,
-}
-
 /// A replica process: serves the queue until stdin closes, streaming its calls on stdout.
 async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
     let (Some(redis), Some(queue_url), Some(base_url), Some(out)) = (
@@ -1506,7 +1543,10 @@ async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("--out: {e}"))?,
     );
-    let counted = Arc::new(FailingSink::new(store, args.child_sink_failures));
+    let counted = Arc::new(FailingSink {
+        stream: true,
+        ..FailingSink::new(store, args.child_sink_failures)
+    });
     let log = CallLog::streaming();
     let backend = Backend::Redis { url: redis.clone() };
     let handler = replica(
@@ -1522,6 +1562,7 @@ async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
     let processor = Arc::new(Counting {
         inner: handler,
         deferred: deferred.clone(),
+        stream: true,
     });
     let shutdown = CancellationToken::new();
     {
@@ -1541,11 +1582,7 @@ async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
         shutdown,
     )
     .await?;
-    CallLog::emit(&ChildLine::Done(ChildReport {
-        deferred: deferred.load(Ordering::Relaxed),
-        sink_writes: lock(&counted.writes).clone(),
-        sink_failed: counted.failed.load(Ordering::Relaxed),
-    }));
+    CallLog::emit(&ChildLine::Done);
     Ok(())
 }
 

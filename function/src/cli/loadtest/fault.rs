@@ -97,6 +97,28 @@ impl FromStr for Fault {
     }
 }
 
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::RedisRestart { at } => write!(f, "redis-restart@{}s", at.as_secs_f64()),
+            Fault::SinkFail { writes } => write!(f, "sink-fail={writes}"),
+            Fault::KillReplica { at } => write!(f, "kill-replica@{}s", at.as_secs_f64()),
+            Fault::Overload(p) => write!(f, "503={p}"),
+            Fault::ServerError(p) => write!(f, "500={p}"),
+            Fault::GatewayTimeout(p) => write!(f, "504={p}"),
+            Fault::Ghost429(p) => write!(f, "429={p}"),
+            Fault::Reset(p) => write!(f, "reset={p}"),
+            Fault::Slow(p, ms) => write!(f, "slow={p}:{ms}"),
+            Fault::OverloadBurst(s) => write!(
+                f,
+                "503-burst={}:{}",
+                s.every.as_secs_f64(),
+                s.length.as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// The simulator's faults for a run: the probability flags, then every `--fault` on top.
 pub fn simulator_faults(base: Faults, faults: &[Fault]) -> Faults {
     let mut f = base;
@@ -128,11 +150,14 @@ pub fn sink_failures(faults: &[Fault]) -> u64 {
 
 /// A sink whose first writes fail (a missing bucket, a denying policy), then recovers.
 /// Also counts writes per key, so a request stored twice shows.
+/// In a replica process every write and failure also streams to the parent (a killed
+/// replica's too).
 pub struct FailingSink {
     pub inner: Arc<dyn Sink>,
     pub remaining: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
     pub writes: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    pub stream: bool,
 }
 
 impl FailingSink {
@@ -142,6 +167,7 @@ impl FailingSink {
             remaining: Arc::new(AtomicU64::new(failures)),
             failed: Arc::default(),
             writes: Arc::default(),
+            stream: false,
         }
     }
 }
@@ -159,6 +185,9 @@ impl Sink for FailingSink {
             .is_ok();
         if fail {
             self.failed.fetch_add(1, Ordering::Relaxed);
+            if self.stream {
+                super::CallLog::emit(&super::ChildLine::SinkFailed(key.to_owned()));
+            }
             return Err(SinkError {
                 location: key.to_owned(),
                 message: "loadtest fault: sink-fail".to_owned(),
@@ -166,6 +195,9 @@ impl Sink for FailingSink {
         }
         let location = self.inner.put(key, data, mime_type).await?;
         *super::lock(&self.writes).entry(key.to_owned()).or_default() += 1;
+        if self.stream {
+            super::CallLog::emit(&super::ChildLine::Stored(key.to_owned()));
+        }
         Ok(location)
     }
 }
@@ -192,6 +224,15 @@ mod tests {
         assert_eq!("503=0.35".parse(), Ok(Fault::Overload(0.35)));
         assert_eq!("slow=0.1:30000".parse(), Ok(Fault::Slow(0.1, 30_000)));
         assert!("503=1.5".parse::<Fault>().is_err());
+        for text in [
+            "redis-restart@12s",
+            "kill-replica@8.5s",
+            "503=0.35",
+            "503-burst=30:5",
+        ] {
+            let fault: Fault = text.parse().expect(text);
+            assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault), "{text}");
+        }
         assert!("explode@3s".parse::<Fault>().is_err());
         let f = simulator_faults(
             Faults::default(),
