@@ -555,3 +555,334 @@ async fn redis_restart_mid_run_never_exceeds_the_limit() {
         .count();
     assert!(after > 0, "requests were admitted again after the restart");
 }
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn")
+}
+
+fn ticket_of(d: &Decision) -> pacer_core::limiter::Ticket {
+    d.ticket()
+        .unwrap_or_else(|| panic!("expected a ticket: {d:?}"))
+        .clone()
+}
+
+/// A booking belongs to one delivery: once its start has passed, the same id books afresh
+/// and both entries count; reconcile and release reach the entry they name.
+#[tokio::test]
+async fn same_request_id_books_afresh_once_its_start_has_passed() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("redeliver");
+    let window = Duration::from_secs(30);
+    let q = quota(Some(1), None, window, None);
+    let w = q.effective_window_us(Dim::Requests);
+    let a1 = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(120))
+        .await
+        .expect("a");
+    assert!(matches!(a1, Decision::Admitted { .. }), "{a1:?}");
+    let t1 = ticket_of(&a1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let a2 = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(120))
+        .await
+        .expect("a again");
+    let t2 = ticket_of(&a2);
+    assert_eq!(t2.start_us, t1.start_us + w, "a new entry: {a2:?}");
+    let mut conn = raw(&url).await;
+    let n: u64 = redis::cmd("ZCARD")
+        .arg(key.log_key())
+        .query_async(&mut conn)
+        .await
+        .expect("ZCARD");
+    assert_eq!(n, 2, "one log entry per booking");
+    // Releasing the first booking leaves the second in place.
+    l.release(&t1).await.expect("release");
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(120))
+        .await
+        .expect("b");
+    assert_eq!(ticket_of(&b).start_us, t2.start_us + w, "{b:?}");
+    let again = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(120))
+        .await
+        .expect("a replayed");
+    assert_eq!(
+        again.ticket(),
+        Some(&t2),
+        "replayed while its start is ahead"
+    );
+}
+
+async fn dump(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u8> {
+    redis::cmd("DUMP")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("DUMP")
+}
+
+async fn restore(conn: &mut redis::aio::MultiplexedConnection, key: &str, data: &[u8]) {
+    let _: () = redis::cmd("RESTORE")
+        .arg(key)
+        .arg(0)
+        .arg(data)
+        .arg("REPLACE")
+        .query_async(conn)
+        .await
+        .expect("RESTORE");
+}
+
+async fn del(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    let _: () = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(conn)
+        .await
+        .expect("DEL");
+}
+
+/// Limit 2 per minute; book A, snapshot, book B, restore the snapshot (same generation,
+/// B lost), book C: C must not start inside A and B's window.
+#[tokio::test]
+async fn rollback_to_an_older_snapshot_is_fenced() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("rollback");
+    let q = quota(Some(2), None, Duration::from_secs(60), None);
+    let w = q.effective_window_us(Dim::Requests);
+    let mut conn = raw(&url).await;
+    let a = l
+        .acquire(&key, &q, "A", req(1), Duration::ZERO)
+        .await
+        .expect("A");
+    let ta = ticket_of(&a);
+    let (log, st) = (
+        dump(&mut conn, &key.log_key()).await,
+        dump(&mut conn, &key.state_key()).await,
+    );
+    let b = l
+        .acquire(&key, &q, "B", req(1), Duration::ZERO)
+        .await
+        .expect("B");
+    let tb = ticket_of(&b);
+    restore(&mut conn, &key.log_key(), &log).await;
+    restore(&mut conn, &key.state_key(), &st).await;
+    let c = l
+        .acquire(&key, &q, "C", req(1), Duration::from_secs(120))
+        .await
+        .expect("C");
+    let tc = ticket_of(&c);
+    assert!(
+        tc.start_us >= ta.start_us.max(tb.start_us) + w,
+        "C starts inside A and B's window: {c:?} (A {}, B {})",
+        ta.start_us,
+        tb.start_us
+    );
+}
+
+/// Both keys lost (FLUSHALL, or a restart without persistence): a caller that saw the old
+/// state waits each limited dimension's own window from the latest start it saw, not the
+/// longest window of all.
+#[tokio::test]
+async fn flushall_fences_each_dimension_with_its_own_window() {
+    let port = free_port();
+    let redis = PrivateRedis::start(port);
+    let l = connect(&redis.url()).await;
+    let key = fresh_key("flushall");
+    let mut q = quota(Some(3), None, Duration::from_secs(10), None);
+    // A long, unlimited dimension must not hold anything back.
+    q.spend_micros = DimensionQuota {
+        limit: None,
+        window: Duration::from_secs(600),
+    };
+    let w = q.effective_window_us(Dim::Requests);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = ticket_of(&a);
+    let mut conn = raw(&redis.url()).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(30))
+        .await
+        .expect("b");
+    let tb = ticket_of(&b);
+    assert_eq!(
+        tb.start_us,
+        ta.start_us + w,
+        "fenced for the requests window only: {b:?}"
+    );
+}
+
+/// Two callers that saw the old state: the second, whose latest start is not later, does
+/// not push the fence out again.
+#[tokio::test]
+async fn stale_callers_do_not_extend_the_fence() {
+    let (url, first) = rig_limiter().await;
+    let second = connect(&url).await;
+    let key = fresh_key("stale");
+    let q = quota(Some(2), None, Duration::from_secs(3), None);
+    let w = q.effective_window_us(Dim::Requests);
+    let b1 = second
+        .acquire(&key, &q, "b1", req(1), Duration::ZERO)
+        .await
+        .expect("b1");
+    let a1 = first
+        .acquire(&key, &q, "a1", req(1), Duration::ZERO)
+        .await
+        .expect("a1");
+    let ta1 = ticket_of(&a1);
+    assert!(ticket_of(&b1).start_us <= ta1.start_us);
+    let mut conn = raw(&url).await;
+    del(&mut conn, &[key.log_key(), key.state_key()]).await;
+    let a2 = first
+        .acquire(&key, &q, "a2", req(1), Duration::from_secs(10))
+        .await
+        .expect("a2");
+    let ta2 = ticket_of(&a2);
+    assert_eq!(ta2.start_us, ta1.start_us + w, "{a2:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b2 = second
+        .acquire(&key, &q, "b2", req(1), Duration::from_secs(10))
+        .await
+        .expect("b2");
+    assert_eq!(
+        ticket_of(&b2).start_us,
+        ta2.start_us,
+        "the fence was not extended: {b2:?}"
+    );
+}
+
+/// Only the log lost (the hash still counts its bookings): detected, fenced once, and the
+/// limit is usable again right after the fence.
+#[tokio::test]
+async fn losing_only_the_log_is_detected() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("logloss");
+    let q = quota(Some(2), None, Duration::from_secs(2), None);
+    let w = q.effective_window_us(Dim::Requests);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = ticket_of(&a);
+    let mut conn = raw(&url).await;
+    del(&mut conn, &[key.log_key()]).await;
+    // A new process (no hints) sees it too: the hash says bookings exist, the log is empty.
+    let other = connect(&url).await;
+    let b = other
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(10))
+        .await
+        .expect("b");
+    let tb = ticket_of(&b);
+    assert_eq!(tb.start_us, ta.start_us + w, "fenced: {b:?}");
+    let c = l
+        .acquire(&key, &q, "c", req(1), Duration::from_secs(10))
+        .await
+        .expect("c");
+    assert_eq!(
+        ticket_of(&c).start_us,
+        tb.start_us,
+        "the limit is whole again after the fence: {c:?}"
+    );
+}
+
+/// Only the state hash lost: a caller that saw it waits the dimension's own window from the
+/// latest start, not the longest window.
+#[tokio::test]
+async fn losing_only_the_state_is_detected() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("stateloss");
+    let mut q = quota(Some(1), None, Duration::from_secs(2), None);
+    q.spend_micros = DimensionQuota {
+        limit: None,
+        window: Duration::from_secs(600),
+    };
+    let w = q.effective_window_us(Dim::Requests);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = ticket_of(&a);
+    let mut conn = raw(&url).await;
+    del(&mut conn, &[key.state_key()]).await;
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(10))
+        .await
+        .expect("b");
+    assert_eq!(ticket_of(&b).start_us, ta.start_us + w, "{b:?}");
+}
+
+/// A check that finds the state lost fences it, so a process that never saw the old state
+/// cannot book into the lost window either.
+#[tokio::test]
+async fn check_on_lost_state_reports_lost_and_fences() {
+    use pacer_core::limiter::Check;
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("checklost");
+    let q = quota(Some(1), None, Duration::from_secs(2), None);
+    let w = q.effective_window_us(Dim::Requests);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = ticket_of(&a);
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(10))
+        .await
+        .expect("b");
+    let tb = ticket_of(&b);
+    let mut conn = raw(&url).await;
+    del(&mut conn, &[key.log_key(), key.state_key()]).await;
+    let checked = l.check(&tb).await.expect("check");
+    assert!(
+        matches!(
+            checked,
+            Check::Cancelled {
+                blocking: Blocker::Lost,
+                ..
+            }
+        ),
+        "{checked:?}"
+    );
+    let newcomer = connect(&url).await;
+    let c = newcomer
+        .acquire(&key, &q, "c", req(1), Duration::from_secs(10))
+        .await
+        .expect("c");
+    assert!(
+        ticket_of(&c).start_us >= tb.start_us.max(ta.start_us) + w,
+        "fenced from the latest start the checker saw: {c:?} (b {})",
+        tb.start_us
+    );
+}
+
+/// Limiter keys carry no TTL: a `volatile-*` eviction policy can never take one of them
+/// alone.
+#[tokio::test]
+async fn limiter_keys_carry_no_ttl() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("ttl");
+    let q = quota(Some(5), None, Duration::from_secs(2), None);
+    l.acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    l.penalize(&key, Duration::from_millis(1), PenaltyScope::PerMinute)
+        .await
+        .expect("penalize");
+    let mut conn = raw(&url).await;
+    for k in [key.log_key(), key.state_key()] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert_eq!(ttl, -1, "{k} has a TTL");
+    }
+}

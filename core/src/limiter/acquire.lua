@@ -2,22 +2,26 @@
 -- (project, model). The algorithm is described in core/src/limiter/mod.rs; memory.rs is
 -- this script's twin and every branch here has one there.
 --
--- KEYS[1] log: sorted set, one member "c1,c2,c3,c4,<request id>" per booking, scored by
---              its start (µs, Redis clock).
+-- KEYS[1] log: sorted set, one member "c1,c2,c3,c4,<seq>,<request id>" per booking, scored
+--              by its start (µs, Redis clock). The sequence number keeps two bookings of
+--              one id with equal costs apart.
 -- KEYS[2] st:  hash of running sums (s1..s4) and cursors (k1..k4: entries scored at or
 --              below are outside the window), the windows they were built for (w1..w4),
 --              the monotonic now, state generation, latest start (ls) and what set it (lb),
 --              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
---              for this day and the next (dc, nc), and "t:<request id>" -> member.
+--              for this day and the next (dc, nc), the number of log entries (n), the
+--              member sequence (q), the fence (fs: the latest start a lost state had), and
+--              "t:<request id>" -> the id's latest member.
+-- Neither key carries a TTL: the script prunes the log, and eviction must never take one
+-- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
--- x (release), p (penalize), u (usage). Numbers are integers; they are formatted with %d, never tostring (which
--- turns µs times into floats with exponents).
+-- x (release), p (penalize), u (usage). Numbers are integers; they are formatted with %d,
+-- never tostring (which turns µs times into floats with exponents).
 local log, st = KEYS[1], KEYS[2]
 local op = ARGV[1]
 -- TIME once: on Redis 7.0 repeated calls differ within one script.
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local TTL_MS = 93600000 -- 26 h: a day's count outlives the longest Pacific day
 local DAY = 86400000000
 local CAP = 4000 -- the most log entries one walk reads
 
@@ -26,18 +30,30 @@ local function costs_of(m)
   local a, b, c, d = string.match(m, '^(%d+),(%d+),(%d+),(%d+),')
   return { tonumber(a), tonumber(b), tonumber(c), tonumber(d) }
 end
-local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,(.*)$') end
+local function seq_of(m) return tonumber(string.match(m, '^%d+,%d+,%d+,%d+,(%d+),')) end
+local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
-  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4' }
+  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'n', 'q', 'fs' }
 local raw = redis.call('HMGET', st, unpack(NAMES))
-local S = {}
-for i, n in ipairs(NAMES) do S[n] = tonumber(raw[i]) or 0 end
-local fresh = not raw[2]
+local S, has = {}, {}
+for i, n in ipairs(NAMES) do
+  S[n] = tonumber(raw[i]) or 0
+  has[n] = raw[i] ~= false
+end
+local fresh = not has.gen
 -- Redis time, kept monotonic across failovers and clock steps.
 local now = math.max(clock, S.now)
 S.now = now
-if fresh then S.gen = now end
+-- A new hash: sequence numbers start from now so they cannot repeat a lost hash's.
+if fresh then S.gen, S.q = now, now end
+local count = redis.call('ZCARD', log)
+if not fresh and not has.n and op ~= 'u' then
+  -- State written by a version that kept no entry count and set TTLs.
+  S.n = count
+  redis.call('PERSIST', st)
+  redis.call('PERSIST', log)
+end
 local sum = { S.s1, S.s2, S.s3, S.s4 }
 local cur = { S.k1, S.k2, S.k3, S.k4 }
 local win = { S.w1, S.w2, S.w3, S.w4 }
@@ -52,8 +68,6 @@ local function save()
     a[#a + 1] = fmt(S[n])
   end
   redis.call('HSET', st, unpack(a))
-  redis.call('PEXPIRE', st, TTL_MS)
-  redis.call('PEXPIRE', log, TTL_MS)
 end
 
 local function roll_day(b)
@@ -78,7 +92,7 @@ local function advance(d, target)
   cur[d] = target
 end
 
--- Recounts dimension d (its window changed, or the hash was lost but the log was not).
+-- Recounts dimension d (its window changed, or the hash and the log disagree).
 local function rebuild(d, target)
   local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(target), '+inf')
   local total = 0
@@ -128,28 +142,67 @@ local function earliest(d, need, s0, w)
   end
 end
 
-local function prune()
-  local lo = math.min(cur[1], cur[2], cur[3], cur[4])
+-- Removes entries outside every window that started at or before keep_from (bookings
+-- stay until their check and reconcile, even behind a queue longer than a window). An
+-- id's mapping goes with its entry only if it still names that entry (a later booking of
+-- the same id keeps its own).
+local function prune(keep_from)
+  local lo = math.min(cur[1], cur[2], cur[3], cur[4], keep_from)
   local old = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'LIMIT', 0, 1000)
-  if #old > 0 then
-    local fields = {}
-    for i, m in ipairs(old) do fields[i] = 't:' .. id_of(m) end
-    redis.call('HDEL', st, unpack(fields))
-    redis.call('ZREM', log, unpack(old))
+  if #old == 0 then return end
+  local fields, members = {}, {}
+  for _, m in ipairs(old) do
+    local id = id_of(m)
+    if id then
+      fields[#fields + 1] = 't:' .. id
+      members[#members + 1] = m
+    end
   end
+  if #fields > 0 then
+    local mapped = redis.call('HMGET', st, unpack(fields))
+    local gone = {}
+    for i, f in ipairs(fields) do
+      if mapped[i] == members[i] then gone[#gone + 1] = f end
+    end
+    if #gone > 0 then redis.call('HDEL', st, unpack(gone)) end
+  end
+  S.n = S.n - redis.call('ZREM', log, unpack(old))
 end
 
--- The booked entry of a request id if it still starts at start.
-local function booked(id, start)
-  local m = redis.call('HGET', st, 't:' .. id)
-  if not m then return nil end
-  local sc = redis.call('ZSCORE', log, m)
-  if not sc or tonumber(sc) ~= start then return nil end
+local function member(c, q, id)
+  return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ','
+    .. fmt(q) .. ',' .. id
+end
+
+-- Adds an entry (a new sequence number unless q is given) and counts it where it lies
+-- inside a window.
+local function add(start, c, id, q)
+  if not q then
+    S.q = S.q + 1
+    q = S.q
+  end
+  local m = member(c, q, id)
+  redis.call('ZADD', log, fmt(start), m)
+  S.n = S.n + 1
+  for d = 1, 4 do
+    if start > cur[d] then sum[d] = sum[d] + c[d] end
+  end
   return m
 end
 
-local function member(c, id)
-  return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ',' .. id
+-- The entry booked for request id with this start: the id's latest booking, or an earlier
+-- one (a later booking of the same id has taken the mapping since).
+local function booked(id, start)
+  local m = redis.call('HGET', st, 't:' .. id)
+  if m then
+    local sc = redis.call('ZSCORE', log, m)
+    if sc and tonumber(sc) == start then return m end
+  end
+  local items = redis.call('ZRANGEBYSCORE', log, fmt(start), fmt(start), 'LIMIT', 0, 1000)
+  for _, x in ipairs(items) do
+    if id_of(x) == id then return x end
+  end
+  return nil
 end
 
 -- Replaces booking m (request id, start) by the same booking with costs `new`, or
@@ -157,19 +210,44 @@ end
 local function replace(m, id, start, new)
   local old = costs_of(m)
   redis.call('ZREM', log, m)
+  S.n = S.n - 1
+  for d = 1, 4 do
+    if start > cur[d] then sum[d] = sum[d] - old[d] end
+  end
+  local mapped = redis.call('HGET', st, 't:' .. id) == m
   if new then
-    local nm = member(new, id)
-    redis.call('ZADD', log, fmt(start), nm)
-    redis.call('HSET', st, 't:' .. id, nm)
+    local nm = add(start, new, id, seq_of(m))
+    if mapped then redis.call('HSET', st, 't:' .. id, nm) end
   else
-    new = { 0, 0, 0, 0 }
-    redis.call('HDEL', st, 't:' .. id)
+    if mapped then redis.call('HDEL', st, 't:' .. id) end
     if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
     elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
   end
-  for d = 1, 4 do
-    if start > cur[d] then sum[d] = sum[d] + new[d] - old[d] end
+end
+
+-- Evidence that state was lost: the caller saw another generation (Redis restarted
+-- without persistence), or a later booking than the state holds (a rollback: a promoted
+-- lagging replica or an older snapshot keeps the generation), or the hash and the log
+-- disagree (one key lost). Then every limited dimension waits out its own window from the
+-- latest start anyone saw: fs, raised only by a later start, so later stale callers do
+-- not extend it. Returns whether there was evidence.
+local function fence(hint_gen, hint_last)
+  local broken = S.n ~= count
+  if not (broken or (hint_gen > 0 and hint_gen ~= S.gen) or hint_last > S.ls) then
+    return false
   end
+  local at = hint_last
+  if broken then
+    -- Count what the log still holds, and fence from its latest booking and the hash's.
+    local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+    if top[2] then at = math.max(at, tonumber(top[2])) end
+    at = math.max(at, S.ls)
+    for d = 1, 4 do rebuild(d, cur[d]) end
+    S.n = count
+  end
+  if at > S.fs then S.fs = at end
+  S.ls = math.max(S.ls, at)
+  return true
 end
 
 if op == 'a' then
@@ -182,26 +260,17 @@ if op == 'a' then
   local b = { tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20]) }
   local hint_gen, hint_last = tonumber(ARGV[21]), tonumber(ARGV[22])
   roll_day(b)
-  if fresh then
-    -- The hash is gone but the log may not be: never start before its latest booking.
-    local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
-    if top[2] then S.ls = tonumber(top[2]) end
-  end
-  if hint_gen > 0 and hint_gen ~= S.gen then
-    -- The caller saw an older state that is gone (Redis restarted without persistence):
-    -- bookings made on it may still be in flight, so nothing starts until both now and
-    -- the latest start the caller saw are a full window behind. Bookings other replicas
-    -- made after this caller's last call, starting later than now, are not covered.
-    S.cd = math.max(S.cd, math.max(hint_last, now) + math.max(W[1], W[2], W[3], W[4]))
-  end
+  fence(hint_gen, hint_last)
   local function reply(kind, v, blocker, costs)
     save()
     return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4] }
   end
+  -- A retried acquire of the same delivery gets its ticket back while the start is ahead;
+  -- once it has passed, the entry stays counted and the id books afresh.
   local m = redis.call('HGET', st, 't:' .. id)
   if m then
     local sc = redis.call('ZSCORE', log, m)
-    if sc then return reply(1, tonumber(sc), 0, costs_of(m)) end
+    if sc and tonumber(sc) > now then return reply(1, tonumber(sc), 0, costs_of(m)) end
   end
   for d = 1, 4 do
     if L[d] >= 0 and c[d] > L[d] then return reply(2, -1, 7, c) end
@@ -212,6 +281,7 @@ if op == 'a' then
   if S.ls > s then s, blocker = S.ls, (S.lb > 0 and S.lb or 1) end
   if S.cd > s then s, blocker = S.cd, 6 end
   local s0 = s
+  local keep_from = now - math.max(W[1], W[2], W[3], W[4])
   for d = 1, 4 do
     if win[d] ~= W[d] then
       win[d] = W[d]
@@ -221,39 +291,38 @@ if op == 'a' then
     end
   end
   if s0 - now > max_wait then
-    prune()
+    prune(keep_from)
     return reply(2, s0 - now, blocker, c)
   end
   for d = 1, 4 do
     if L[d] >= 0 then
       local e, exact = earliest(d, L[d] - c[d], s0, W[d])
       if not exact then
-        prune()
+        prune(keep_from)
         return reply(2, math.max(e, s) - now, d, c)
       end
       if e > s then s, blocker = e, d end
+      -- After lost state: this dimension's window from the latest start anyone saw.
+      if c[d] > 0 and S.fs + W[d] > s then s, blocker = S.fs + W[d], d end
     end
   end
   if S.db > s then s, blocker = S.db, 5 end
   if rpd >= 0 then
     if s < S.de and S.dc + c[1] > rpd then s, blocker = S.de, 5 end
     if s >= S.de and (s >= S.da or S.nc + c[1] > rpd) then
-      prune()
+      prune(keep_from)
       return reply(2, math.max(s, S.da) - now, 5, c)
     end
   end
   if s - now > max_wait then
-    prune()
+    prune(keep_from)
     return reply(2, s - now, blocker, c)
   end
-  local mem = member(c, id)
-  redis.call('ZADD', log, fmt(s), mem)
-  redis.call('HSET', st, 't:' .. id, mem)
-  for d = 1, 4 do sum[d] = sum[d] + c[d] end
+  redis.call('HSET', st, 't:' .. id, add(s, c, id))
   S.ls, S.lb = s, blocker
   for d = 1, 4 do advance(d, s - W[d]) end
   if s < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
-  prune()
+  prune(keep_from)
   return reply(1, s, 0, c)
 elseif op == 'r' or op == 'x' then
   local id, start = ARGV[2], tonumber(ARGV[3])
@@ -268,19 +337,30 @@ elseif op == 'r' or op == 'x' then
   save()
   return { 1 }
 elseif op == 'c' then
-  -- Just before a booked call: the booking must still be held, and no cooldown or day
-  -- block set since it was booked (a booking made under one starts after it) may forbid it.
+  -- Just before a booked call: the state must not have been lost, the booking must still
+  -- be held, and no cooldown or day block set since it was booked (a booking made under
+  -- one starts after it) may forbid it. Replies carry the generation and latest start.
   local id, start = ARGV[2], tonumber(ARGV[3])
-  if fresh then return { 2, -1, 8 } end
-  local m = booked(id, start)
-  if not m then return { 2, -1, 8 } end
+  local hint_gen, hint_last = tonumber(ARGV[4]) or 0, tonumber(ARGV[5]) or 0
+  if fence(hint_gen, hint_last) then
+    -- Fenced now, so nobody books into the lost window; this ticket is not used.
+    local m = booked(id, start)
+    if m then replace(m, id, start, nil) end
+    save()
+    return { 2, -1, 8, S.gen, S.ls }
+  end
+  local m = (not fresh) and booked(id, start)
+  if not m then
+    if fresh then return { 2, -1, 8 } end
+    return { 2, -1, 8, S.gen, S.ls }
+  end
   local until_, code = 0, 0
   if S.cd > now then until_, code = S.cd, 6 end
   if S.db > now and S.db > until_ then until_, code = S.db, 5 end
-  if code == 0 then return { 1 } end
+  if code == 0 then return { 1, 0, 0, S.gen, S.ls } end
   replace(m, id, start, nil)
   save()
-  return { 2, until_ - now, code }
+  return { 2, until_ - now, code, S.gen, S.ls }
 elseif op == 'p' then
   local delay, scope = tonumber(ARGV[2]), ARGV[3]
   roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })
@@ -292,12 +372,12 @@ elseif op == 'p' then
   save()
   return { 1 }
 elseif op == 'u' then
+  -- From the running sums, O(1): they cover the window ending at the latest booking (or
+  -- the latest decision); once that booking is a full window old, nothing is left.
   local out = { now }
   for d = 1, 4 do
-    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - tonumber(ARGV[1 + d])), '+inf')
-    local total = 0
-    for _, m in ipairs(items) do total = total + costs_of(m)[d] end
-    out[#out + 1] = total
+    local w = tonumber(ARGV[1 + d])
+    if fresh or S.ls <= now - w then out[#out + 1] = 0 else out[#out + 1] = math.max(0, sum[d]) end
   end
   local today = 0
   if now < S.de then today = S.dc end

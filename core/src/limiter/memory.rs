@@ -20,7 +20,11 @@ use crate::quota::{Costs, Dim, ModelQuota};
 
 const DAY_US: i64 = 86_400_000_000;
 
-#[derive(Debug)]
+/// What a caller last saw of a key's state: its generation and latest booked start. Sent
+/// with every acquire and check so lost state can be told (the Redis limiter's hint).
+pub(crate) type Hint = (i64, i64);
+
+#[derive(Debug, Clone)]
 struct Entry {
     start: i64,
     costs: [i64; 4],
@@ -28,10 +32,12 @@ struct Entry {
     id: Option<Arc<str>>,
 }
 
-/// One (project, model): the log and the running sums, as the Redis hash holds them.
-#[derive(Debug, Default)]
+/// One (project, model) as the two Redis keys hold it: the hash's fields and the log.
+#[derive(Debug, Default, Clone)]
 pub(crate) struct KeyState {
     now: i64,
+    /// When this state began (0: not yet, as a missing hash).
+    generation: i64,
     last_start: i64,
     last_blocker: i64,
     cooldown: i64,
@@ -41,6 +47,10 @@ pub(crate) struct KeyState {
     day_after: i64,
     day_count: i64,
     next_count: i64,
+    /// How many log entries the hash believes there are (`n` in the script).
+    entries: u64,
+    /// The latest start a lost state had: every limited dimension waits its window from it.
+    fence: i64,
     log: VecDeque<Entry>,
     /// Sequence number of `log[0]`.
     base: u64,
@@ -48,6 +58,7 @@ pub(crate) struct KeyState {
     cursor: [u64; 4],
     sums: [i64; 4],
     windows: [i64; 4],
+    /// Request id to its latest booking (the hash's `t:<id>` fields).
     tickets: HashMap<Arc<str>, u64>,
 }
 
@@ -73,6 +84,23 @@ impl KeyState {
 
     fn end_seq(&self) -> u64 {
         self.base + self.log.len() as u64
+    }
+
+    /// What a caller learns from a reply.
+    pub(crate) fn hint(&self) -> Hint {
+        (self.generation, self.last_start)
+    }
+
+    /// Starts an operation: the monotonic now, and whether the state is new (the script's
+    /// `fresh`: a missing hash).
+    fn begin(&mut self, clock_now: i64) -> (i64, bool) {
+        let now = clock_now.max(self.now);
+        self.now = now;
+        let fresh = self.generation == 0;
+        if fresh {
+            self.generation = now;
+        }
+        (now, fresh)
     }
 
     /// Moves dimension `d`'s cursor past every entry starting at or before `target`.
@@ -131,18 +159,57 @@ impl KeyState {
         self.day_after = da;
     }
 
-    fn prune(&mut self) {
+    /// Drops entries outside every window that started before `keep_from` (bookings stay
+    /// until their check and reconcile, even behind a queue longer than a window). An id's
+    /// mapping goes with its entry only if it still names that entry (a later booking of
+    /// the same id keeps its own).
+    fn prune(&mut self, keep_from: i64) {
         let min = self.cursor.iter().copied().min().unwrap_or(0);
-        while self.base < min {
-            if let Some(e) = self.log.pop_front()
-                && let Some(id) = e.id
-            {
-                self.tickets.remove(&id);
+        while self.base < min && self.log.front().is_some_and(|e| e.start <= keep_from) {
+            if let Some(e) = self.log.pop_front() {
+                self.entries = self.entries.saturating_sub(1);
+                if let Some(id) = e.id
+                    && self.tickets.get(&id) == Some(&self.base)
+                {
+                    self.tickets.remove(&id);
+                }
             }
             self.base += 1;
         }
     }
 
+    /// Evidence that state was lost: the caller saw another generation, or a later booking
+    /// than the state holds (a rollback), or the hash and the log disagree (one key lost).
+    /// Then every limited dimension waits out its own window from the latest start anyone
+    /// saw; the fence only moves to a later start, so later stale callers do not extend
+    /// it. Returns whether there was evidence.
+    fn fence(&mut self, (hint_gen, hint_last): Hint) -> bool {
+        let broken = self.entries != self.log.len() as u64;
+        if !(broken || (hint_gen > 0 && hint_gen != self.generation) || hint_last > self.last_start)
+        {
+            return false;
+        }
+        let mut at = hint_last;
+        if broken {
+            // Count what the log still holds, and fence from its latest booking and the
+            // hash's.
+            if let Some(e) = self.log.back() {
+                at = at.max(e.start);
+            }
+            at = at.max(self.last_start);
+            for d in 0..4 {
+                self.cursor[d] = self.cursor[d].max(self.base);
+                let skip = usize::try_from(self.cursor[d] - self.base).unwrap_or(usize::MAX);
+                self.sums[d] = self.log.iter().skip(skip).map(|e| e.costs[d]).sum();
+            }
+            self.entries = self.log.len() as u64;
+        }
+        self.fence = self.fence.max(at);
+        self.last_start = self.last_start.max(at);
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &mut self,
         clock_now: i64,
@@ -151,11 +218,16 @@ impl KeyState {
         request_id: &str,
         costs: [i64; 4],
         max_wait: i64,
+        hint: Hint,
     ) -> Outcome {
-        let now = clock_now.max(self.now);
-        self.now = now;
+        let (now, _) = self.begin(clock_now);
         self.roll_day(now, calendar);
-        if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s)) {
+        self.fence(hint);
+        // A retried acquire of the same delivery gets its ticket back while the start is
+        // ahead; once it has passed, the entry stays counted and the id books afresh.
+        if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
+            && e.start > now
+        {
             return Outcome::Start {
                 start: e.start,
                 now,
@@ -189,21 +261,28 @@ impl KeyState {
                 self.advance(d, s0 - w);
             }
         }
+        let keep_from = now - limits.window_us.iter().copied().max().unwrap_or(0);
         let reject = |s: i64, blocker| Outcome::Reject {
             retry_us: Some(s - now),
             blocker,
         };
         if s0 - now > max_wait {
-            self.prune();
+            self.prune(keep_from);
             return reject(s0, blocker);
         }
         for (d, cost) in costs.iter().enumerate() {
             if limits.limit[d] < 0 {
                 continue;
             }
-            let t = self.earliest(d, limits.limit[d] - cost, s0, limits.window_us[d]);
+            let w = limits.window_us[d];
+            let t = self.earliest(d, limits.limit[d] - cost, s0, w);
             if t > s {
                 s = t;
+                blocker = Blocker::Dimension(Dim::ALL[d]);
+            }
+            // After lost state: this dimension's window from the latest start anyone saw.
+            if *cost > 0 && self.fence + w > s {
+                s = self.fence + w;
                 blocker = Blocker::Dimension(Dim::ALL[d]);
             }
         }
@@ -219,12 +298,12 @@ impl KeyState {
             if s >= self.day_end
                 && (s >= self.day_after || self.next_count + costs[0] > limits.per_day)
             {
-                self.prune();
+                self.prune(keep_from);
                 return reject(s.max(self.day_after), Blocker::Daily);
             }
         }
         if s - now > max_wait {
-            self.prune();
+            self.prune(keep_from);
             return reject(s, blocker);
         }
         let id: Arc<str> = Arc::from(request_id);
@@ -234,6 +313,7 @@ impl KeyState {
             costs,
             id: Some(id.clone()),
         });
+        self.entries += 1;
         self.tickets.insert(id, seq);
         for (d, c) in costs.iter().enumerate() {
             self.sums[d] += c;
@@ -248,7 +328,7 @@ impl KeyState {
         } else {
             self.next_count += costs[0];
         }
-        self.prune();
+        self.prune(keep_from);
         Outcome::Start {
             start: s,
             now,
@@ -256,10 +336,22 @@ impl KeyState {
         }
     }
 
-    /// The booked entry of `request_id` if it still starts at `start`.
+    /// The entry booked for `request_id` with this start: the id's latest booking, or an
+    /// earlier one (a later booking of the same id has taken the mapping since).
     fn booked(&self, request_id: &str, start: i64) -> Option<u64> {
-        let seq = *self.tickets.get(request_id)?;
-        (self.entry(seq)?.start == start).then_some(seq)
+        if let Some(&seq) = self.tickets.get(request_id)
+            && self.entry(seq).is_some_and(|e| e.start == start)
+        {
+            return Some(seq);
+        }
+        let from = self.log.partition_point(|e| e.start < start);
+        self.log
+            .iter()
+            .enumerate()
+            .skip(from)
+            .take_while(|(_, e)| e.start == start)
+            .find(|(_, e)| e.id.as_deref() == Some(request_id))
+            .map(|(i, _)| self.base + i as u64)
     }
 
     fn set_costs(&mut self, seq: u64, new: [i64; 4]) -> Option<[i64; 4]> {
@@ -273,17 +365,33 @@ impl KeyState {
         Some(old)
     }
 
-    /// Just before a booked call: the booking must still be held, and no cooldown or day
-    /// block set since it was booked may forbid it (a booking made under one starts after
-    /// it). A ticket that may not run is released.
-    pub(crate) fn check(&mut self, clock_now: i64, request_id: &str, start: i64) -> Check {
-        let now = clock_now.max(self.now);
-        self.now = now;
+    /// Just before a booked call: the state must not have been lost, the booking must still
+    /// be held, and no cooldown or day block set since it was booked may forbid it (a
+    /// booking made under one starts after it). A ticket that may not run is released.
+    pub(crate) fn check(
+        &mut self,
+        clock_now: i64,
+        request_id: &str,
+        start: i64,
+        hint: Hint,
+    ) -> Check {
+        let (now, fresh) = self.begin(clock_now);
+        let lost = Check::Cancelled {
+            retry_after: None,
+            blocking: Blocker::Lost,
+        };
+        if self.fence(hint) {
+            // Fenced now, so nobody books into the lost window; this ticket is not used.
+            self.release(request_id, start);
+            return lost;
+        }
+        if fresh {
+            // Nothing to check against; the script does not create the hash here.
+            self.generation = 0;
+            return lost;
+        }
         if self.booked(request_id, start).is_none() {
-            return Check::Cancelled {
-                retry_after: None,
-                blocking: Blocker::Lost,
-            };
+            return lost;
         }
         let mut until = None;
         if self.cooldown > now {
@@ -303,19 +411,27 @@ impl KeyState {
     }
 
     pub(crate) fn reconcile(&mut self, request_id: &str, start: i64, actual: [i64; 4]) {
+        if self.generation == 0 {
+            return;
+        }
         if let Some(seq) = self.booked(request_id, start) {
             let _ = self.set_costs(seq, actual);
         }
     }
 
     pub(crate) fn release(&mut self, request_id: &str, start: i64) {
+        if self.generation == 0 {
+            return;
+        }
         let Some(seq) = self.booked(request_id, start) else {
             return;
         };
         let Some(old) = self.set_costs(seq, [0; 4]) else {
             return;
         };
-        self.tickets.remove(request_id);
+        if self.tickets.get(request_id) == Some(&seq) {
+            self.tickets.remove(request_id);
+        }
         let idx = usize::try_from(seq - self.base).unwrap_or(usize::MAX);
         if let Some(e) = self.log.get_mut(idx) {
             e.id = None;
@@ -334,8 +450,7 @@ impl KeyState {
         delay: i64,
         scope: PenaltyScope,
     ) {
-        let now = clock_now.max(self.now);
-        self.now = now;
+        let (now, _) = self.begin(clock_now);
         self.roll_day(now, calendar);
         match scope {
             PenaltyScope::PerMinute => self.cooldown = self.cooldown.max(now + delay),
@@ -343,6 +458,8 @@ impl KeyState {
         }
     }
 
+    /// From the running sums, O(1): they cover the window ending at the latest booking (or
+    /// the latest decision); once that booking is a full window old, nothing is left.
     pub(crate) fn usage(&self, clock_now: i64, quota: &ModelQuota) -> Usage {
         let now = clock_now.max(self.now);
         let limits = Limits::of(quota);
@@ -350,14 +467,11 @@ impl KeyState {
             .iter()
             .map(|&dim| {
                 let d = dim.index();
-                let from = now - limits.window_us[d];
-                let used: i64 = self
-                    .log
-                    .iter()
-                    .rev()
-                    .take_while(|e| e.start > from)
-                    .map(|e| e.costs[d])
-                    .sum();
+                let used = if self.generation == 0 || self.last_start <= now - limits.window_us[d] {
+                    0
+                } else {
+                    self.sums[d].max(0)
+                };
                 DimensionUsage {
                     dim,
                     used: u64::try_from(used).unwrap_or(0),
@@ -379,6 +493,23 @@ impl KeyState {
             daily_blocked_remaining: us_dur(self.day_blocked - now),
             queue: us_dur(self.last_start - now),
         }
+    }
+
+    /// Loses the log and keeps the hash (tests: one key evicted or deleted).
+    #[cfg(test)]
+    pub(crate) fn lose_log(&mut self) {
+        self.base = self.end_seq();
+        self.log.clear();
+    }
+
+    /// Loses the hash and keeps the log (tests: one key evicted or deleted).
+    #[cfg(test)]
+    pub(crate) fn lose_hash(&mut self) {
+        *self = KeyState {
+            log: std::mem::take(&mut self.log),
+            base: self.base,
+            ..KeyState::default()
+        };
     }
 }
 
@@ -438,7 +569,9 @@ pub struct MemoryLimiter {
     clock: Arc<dyn Clock>,
     calendar: Arc<dyn Calendar>,
     origin: Origin,
-    states: Mutex<HashMap<QuotaKey, KeyState>>,
+    /// Per key: the state, and what this limiter last saw of it (as a Redis client keeps
+    /// its hints; they only differ here when a test loses or rolls back the state).
+    states: Mutex<HashMap<QuotaKey, (KeyState, Hint)>>,
 }
 
 impl Default for MemoryLimiter {
@@ -470,14 +603,15 @@ impl MemoryLimiter {
         self
     }
 
-    fn with_state<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut KeyState) -> T) -> T {
+    fn with_state<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut KeyState, &mut Hint) -> T) -> T {
         // A poisoned lock only means another caller panicked mid-decision; the state is
         // still a valid log (every mutation keeps the sums consistent before returning).
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        match states.get_mut(key) {
-            Some(st) => f(st),
-            None => f(states.entry(key.clone()).or_default()),
-        }
+        let (st, hint) = match states.get_mut(key) {
+            Some(slot) => slot,
+            None => states.entry(key.clone()).or_default(),
+        };
+        f(st, hint)
     }
 
     /// Synchronous acquire (benchmarks and the failsafe's local path).
@@ -491,15 +625,18 @@ impl MemoryLimiter {
     ) -> Decision {
         let limits = Limits::of(quota);
         let now = self.clock.now_us();
-        let outcome = self.with_state(key, |st| {
-            st.acquire(
+        let outcome = self.with_state(key, |st, hint| {
+            let outcome = st.acquire(
                 now,
                 &*self.calendar,
                 &limits,
                 request_id,
                 costs_i64(&costs),
                 dur_us(max_wait),
-            )
+                *hint,
+            );
+            *hint = st.hint();
+            outcome
         });
         decision(key, request_id, outcome, self.origin)
     }
@@ -523,20 +660,24 @@ impl Limiter for MemoryLimiter {
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let now = self.clock.now_us();
-        Ok(self.with_state(&ticket.key, |st| {
-            st.check(now, &ticket.request_id, ticket.start_us)
+        Ok(self.with_state(&ticket.key, |st, hint| {
+            let check = st.check(now, &ticket.request_id, ticket.start_us, *hint);
+            if st.generation != 0 {
+                *hint = st.hint();
+            }
+            check
         }))
     }
 
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
-        self.with_state(&ticket.key, |st| {
+        self.with_state(&ticket.key, |st, _| {
             st.reconcile(&ticket.request_id, ticket.start_us, costs_i64(&actual))
         });
         Ok(())
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<()> {
-        self.with_state(&ticket.key, |st| {
+        self.with_state(&ticket.key, |st, _| {
             st.release(&ticket.request_id, ticket.start_us)
         });
         Ok(())
@@ -544,7 +685,7 @@ impl Limiter for MemoryLimiter {
 
     async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()> {
         let now = self.clock.now_us();
-        self.with_state(key, |st| {
+        self.with_state(key, |st, _| {
             st.penalize(now, &*self.calendar, dur_us(delay), scope)
         });
         Ok(())
@@ -552,7 +693,7 @@ impl Limiter for MemoryLimiter {
 
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
         let now = self.clock.now_us();
-        Ok(self.with_state(key, |st| st.usage(now, quota)))
+        Ok(self.with_state(key, |st, _| st.usage(now, quota)))
     }
 }
 

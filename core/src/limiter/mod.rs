@@ -11,7 +11,14 @@
 //!   overflow, and the earliest start that fits is found by walking the log forward from the
 //!   cursor, all dimensions at once, all or nothing;
 //! - the caller gets back `Admitted`, `Booked` (sleep exactly `wait`, then call) or
-//!   `Rejected` with the earliest time it could fit and what blocks it.
+//!   `Rejected` with the earliest time it could fit and what blocks it;
+//! - a booking belongs to one delivery: a retried acquire replays it only while its start
+//!   is ahead, and [`Limiter::check`] re-checks it just before the call;
+//! - lost state is fenced once, per dimension: every caller sends the generation and the
+//!   latest start it saw, and evidence of loss (another generation, a later start than the
+//!   state holds, the log and the hash disagreeing) makes every limited dimension wait out
+//!   its own window from the latest start anyone saw. The fence only moves to a later
+//!   start, so stale callers do not extend it.
 //!
 //! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
 //! - [`redis`]: the shared limiter, one Lua script per decision.
@@ -84,12 +91,12 @@ pub enum Blocker {
     /// The requests-per-day quota is spent (or a per-day 429 was seen) until the next
     /// Pacific midnight.
     Daily,
-    /// A shared cooldown set by [`Limiter::penalize`] (or after the limiter lost its state).
+    /// A shared cooldown set by [`Limiter::penalize`].
     Cooldown,
     /// The request costs more than a limit in some dimension: it can never be admitted.
     NeverFits,
-    /// The booking is gone: the limiter lost its state (restart, rollback, eviction) or a
-    /// lowered limit released it. Book afresh.
+    /// The booking is gone, or the limiter lost its state since it was booked (restart,
+    /// rollback, eviction): it may not be used. Book afresh.
     Lost,
 }
 
@@ -218,7 +225,9 @@ pub enum PenaltyScope {
 pub struct DimensionUsage {
     /// The dimension.
     pub dim: Dim,
-    /// Booked in the window ending now, including bookings that start later.
+    /// Booked in the window ending at the latest booking (so it includes bookings that
+    /// start later), read from the running sums in O(1); 0 once the latest booking is a
+    /// full window (with margin) old.
     pub used: u64,
     /// The limit (`None`: unlimited).
     pub limit: Option<u64>,
@@ -309,9 +318,11 @@ pub trait Limiter: Send + Sync {
 
     /// Re-checks a booked ticket just before its call: the booking must still be held at
     /// its start, and no cooldown or per-day block may have been set since it was booked.
-    /// A ticket that may not run is released and [`Check::Cancelled`] returned. Callers
-    /// check every ticket that waited ([`Decision::Booked`]); an admitted ticket was
-    /// checked by its own acquire.
+    /// A ticket that may not run is released and [`Check::Cancelled`] returned. When the
+    /// check finds evidence that the limiter lost its state, it fences it (as an acquire
+    /// would) and answers [`Blocker::Lost`]: the ticket is not used. Callers check every
+    /// ticket that waited ([`Decision::Booked`]); an admitted ticket was checked by its own
+    /// acquire.
     async fn check(&self, ticket: &Ticket) -> Result<Check>;
 
     /// Replaces a ticket's reserved costs by the actual ones (reserve an upper bound, so
@@ -500,6 +511,7 @@ mod tests {
             Blocker::Daily,
             Blocker::Cooldown,
             Blocker::NeverFits,
+            Blocker::Lost,
         ] {
             assert_eq!(Blocker::from_code(b.code()), Some(b));
         }

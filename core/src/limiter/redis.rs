@@ -115,6 +115,71 @@ impl RedisLimiter {
         *days
     }
 
+    /// What this process last saw of `key`'s state (`(0, 0)`: nothing yet).
+    fn hint(&self, key: &QuotaKey) -> Hint {
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or((0, 0))
+    }
+
+    fn set_hint(&self, key: &QuotaKey, hint: Hint) {
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), hint);
+    }
+
+    /// The Redis server's `maxmemory-policy`, or `None` where `CONFIG GET` is refused (as
+    /// on many managed services: check the provider's settings by hand there).
+    ///
+    /// # What Pacer needs from Redis
+    ///
+    /// - **Eviction must not take limiter keys one at a time.** Each (project, model) has
+    ///   two keys, a log and a state hash, and neither carries a TTL (the script prunes the
+    ///   log, so they stay small). `noeviction` is the right policy; the `volatile-*`
+    ///   policies are safe too, because they only evict keys with a TTL. `allkeys-*`
+    ///   policies can evict one key without the other: the limiter notices and fences (each
+    ///   limited dimension waits one window), but day counts and cooldowns kept in the hash
+    ///   are gone. See [`eviction_policy_is_safe`].
+    /// - **Persistence is a trade-off.** Without persistence (or with a replica promoted
+    ///   before it caught up, or a restore from an older snapshot) the state is lost or
+    ///   rolled back. Every replica sends the generation and the latest start it saw, so the
+    ///   script detects the loss and fences once: each limited dimension waits out its own
+    ///   window from the latest start anyone saw (about a minute for per-minute limits, ten
+    ///   for spend), and the per-day count restarts from zero. AOF (`appendfsync everysec`)
+    ///   avoids the pause and keeps the day count, at the cost of a disk write per decision.
+    pub async fn eviction_policy(&self) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        let reply = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<Vec<String>>(&mut conn),
+        )
+        .await
+        .map_err(|_| Error::Timeout(self.timeout))?;
+        match reply {
+            Ok(pair) => Ok(pair.get(1).cloned()),
+            // The server answered with an error (unknown or renamed command, no permission):
+            // the setting cannot be read from here.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
+                    ) | redis::ErrorKind::Extension
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn run(&self, key: &QuotaKey, args: Vec<String>) -> Result<Vec<i64>> {
         let mut inv = self.script.prepare_invoke();
         inv.key(key.log_key()).key(key.state_key());
@@ -156,13 +221,7 @@ impl Limiter for RedisLimiter {
         let l = Limits::of(quota);
         let c = costs_i64(&costs);
         let b = self.boundaries();
-        let (hint_gen, hint_last) = self
-            .hints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .copied()
-            .unwrap_or((0, 0));
+        let (hint_gen, hint_last) = self.hint(key);
         let reply = self
             .run(
                 key,
@@ -198,11 +257,7 @@ impl Limiter for RedisLimiter {
             get(&reply, 2)?,
             get(&reply, 3)?,
         );
-        let hint = (get(&reply, 4)?, get(&reply, 5)?);
-        self.hints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), hint);
+        self.set_hint(key, (get(&reply, 4)?, get(&reply, 5)?));
         match kind {
             1 => {
                 let mut booked = [0u64; 4];
@@ -236,9 +291,16 @@ impl Limiter for RedisLimiter {
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let rid = ticket.request_id.as_str();
+        let (hint_gen, hint_last) = self.hint(&ticket.key);
         let r = self
-            .run(&ticket.key, args(&[&"c", &rid, &ticket.start_us]))
+            .run(
+                &ticket.key,
+                args(&[&"c", &rid, &ticket.start_us, &hint_gen, &hint_last]),
+            )
             .await?;
+        if let (Some(gen_), Some(last)) = (r.get(3), r.get(4)) {
+            self.set_hint(&ticket.key, (*gen_, *last));
+        }
         match get(&r, 0)? {
             1 => Ok(Check::Go),
             2 => {
@@ -308,5 +370,42 @@ impl Limiter for RedisLimiter {
             daily_limit: quota.requests_per_day,
             queue: us_dur(get(&r, 8)?),
         })
+    }
+}
+
+/// Whether a `maxmemory-policy` keeps the limiter's state whole: `noeviction`, or a
+/// `volatile-*` policy (limiter keys carry no TTL, so those never evict them). `allkeys-*`
+/// policies may evict one limiter key without the other, and an unknown policy is not
+/// trusted. See [`RedisLimiter::eviction_policy`] for what Pacer needs from Redis.
+pub fn eviction_policy_is_safe(policy: &str) -> bool {
+    let p = policy.trim().to_ascii_lowercase();
+    p == "noeviction" || p.starts_with("volatile-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eviction_policy_is_safe;
+
+    #[test]
+    fn eviction_policies() {
+        for p in [
+            "noeviction",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-ttl",
+            "volatile-random",
+            "NoEviction",
+        ] {
+            assert!(eviction_policy_is_safe(p), "{p}");
+        }
+        for p in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "",
+            "something-new",
+        ] {
+            assert!(!eviction_policy_is_safe(p), "{p}");
+        }
     }
 }

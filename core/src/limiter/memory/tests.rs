@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 use proptest::prelude::*;
 
 use super::*;
-use crate::limiter::{FixedDays, ManualClock};
+use crate::limiter::{FixedDays, ManualClock, PacificCalendar};
 use crate::quota::DimensionQuota;
 
 const T0: i64 = 1_790_000_000_000_000; // 2026-09-21, µs
@@ -74,6 +74,77 @@ fn same_request_id_returns_same_ticket() {
     assert_eq!(b.ticket(), b2.ticket());
     assert_eq!(b2.wait(), Some(Duration::from_secs(50)));
     assert!(a.ticket().is_some());
+}
+
+/// A booking belongs to one delivery: once its start has passed, the same id books afresh
+/// (a redelivery must never call the provider on an entry already used).
+#[test]
+fn same_request_id_books_afresh_once_its_start_has_passed() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(1), None, 60, NO_MARGIN);
+    let a = l.acquire_now(&key(), &q, "a", req(1), LONG);
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    clock.advance(Duration::from_secs(1));
+    let a2 = l.acquire_now(&key(), &q, "a", req(1), LONG);
+    assert_eq!(
+        a2.wait(),
+        Some(Duration::from_secs(59)),
+        "a new entry: {a2:?}"
+    );
+    // Both entries count: the next request waits for the second one's window.
+    let b = l.acquire_now(&key(), &q, "b", req(1), LONG);
+    assert_eq!(b.wait(), Some(Duration::from_secs(119)), "{b:?}");
+    // While its start is ahead, the same id replays the second booking.
+    clock.advance(Duration::from_secs(1));
+    let a3 = l.acquire_now(&key(), &q, "a", req(1), LONG);
+    assert_eq!(a3.ticket(), a2.ticket());
+}
+
+/// Reconcile and release reach the booking they name, not a later one of the same id.
+#[tokio::test]
+async fn release_of_an_earlier_booking_leaves_the_later_one() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(1), Some(100), 60, NO_MARGIN);
+    let a1 = l.acquire_now(&key(), &q, "a", req(10), LONG);
+    let t1 = a1.ticket().expect("admitted").clone();
+    clock.advance(Duration::from_secs(1));
+    let a2 = l.acquire_now(&key(), &q, "a", req(10), LONG);
+    let t2 = a2.ticket().expect("booked").clone();
+    assert_ne!(t1.start_us, t2.start_us, "{a2:?}");
+    l.reconcile(&t1, req(5)).await.expect("ok");
+    l.release(&t1).await.expect("ok");
+    // The second booking still holds its place: b queues one window after it.
+    let b = l.acquire_now(&key(), &q, "b", req(10), LONG);
+    assert_eq!(b.wait(), Some(Duration::from_secs(119)), "{b:?}");
+    let again = l.acquire_now(&key(), &q, "a", req(10), LONG);
+    assert_eq!(again.ticket(), Some(&t2));
+}
+
+/// A queue longer than a window: bookings far ahead stay in the log until their start,
+/// so their check passes and a retried acquire still finds them.
+#[tokio::test]
+async fn bookings_behind_a_long_queue_survive_until_their_start() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(1), None, 60, NO_MARGIN);
+    let tickets: Vec<Ticket> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| {
+            l.acquire_now(&key(), &q, id, req(1), LONG)
+                .ticket()
+                .expect("booked")
+                .clone()
+        })
+        .collect();
+    assert_eq!(tickets[3].start_us, T0 + 180 * SEC);
+    let again = l.acquire_now(&key(), &q, "b", req(1), LONG);
+    assert_eq!(again.ticket(), Some(&tickets[1]));
+    clock.set(tickets[1].start_us);
+    assert_eq!(l.check(&tickets[1]).await.expect("ok"), Check::Go);
+    clock.set(tickets[2].start_us);
+    assert_eq!(l.check(&tickets[2]).await.expect("ok"), Check::Go);
 }
 
 #[test]
@@ -450,4 +521,211 @@ proptest! {
         let ev: Vec<(i64, i64)> = admitted.iter().map(|(s, c)| (*s, c.get(dim) as i64)).collect();
         prop_assert!(max_in_window(&ev, q.effective_window_us(dim)) <= limit as i64);
     }
+}
+
+/// One replica talking to a [`KeyState`] as a Redis client talks to the script: it sends
+/// what it last saw of the state and keeps what the reply says.
+#[derive(Debug, Default)]
+struct Caller {
+    hint: Hint,
+}
+
+impl Caller {
+    fn acquire(
+        &mut self,
+        st: &mut KeyState,
+        now: i64,
+        q: &ModelQuota,
+        id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Ticket {
+        let outcome = st.acquire(
+            now,
+            &PacificCalendar,
+            &Limits::of(q),
+            id,
+            costs_i64(&costs),
+            dur_us(max_wait),
+            self.hint,
+        );
+        self.hint = st.hint();
+        let d = decision(&key(), id, outcome, Origin::Shared);
+        d.ticket()
+            .unwrap_or_else(|| panic!("expected a ticket for {id}: {d:?}"))
+            .clone()
+    }
+
+    fn check(&mut self, st: &mut KeyState, now: i64, t: &Ticket) -> Check {
+        let c = st.check(now, &t.request_id, t.start_us, self.hint);
+        if st.generation != 0 {
+            self.hint = st.hint();
+        }
+        c
+    }
+}
+
+const MS: i64 = 1_000;
+
+/// Limit 2 per minute; book A, snapshot, book B, restore the snapshot (same generation, B
+/// lost), book C: C must not start inside A and B's window.
+#[test]
+fn rollback_to_an_older_snapshot_is_fenced() {
+    let q = quota(Some(2), None, 60, None);
+    let w = q.effective_window_us(Dim::Requests);
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    let a = me.acquire(&mut st, T0, &q, "A", req(1), Duration::ZERO);
+    let snapshot = st.clone();
+    let b = me.acquire(&mut st, T0 + MS, &q, "B", req(1), Duration::ZERO);
+    assert_eq!((a.start_us, b.start_us), (T0, T0 + MS));
+    st = snapshot;
+    let c = me.acquire(&mut st, T0 + 2 * MS, &q, "C", req(1), LONG);
+    assert_eq!(c.start_us, b.start_us + w);
+}
+
+/// Both keys lost (FLUSHALL, a restart without persistence): each limited dimension waits
+/// out its own window from the latest start the caller saw; long unlimited windows and
+/// dimensions the request does not use hold nothing back.
+#[test]
+fn lost_state_fences_each_dimension_with_its_own_window() {
+    let mut q = quota(Some(3), None, 10, None);
+    q.images = DimensionQuota {
+        limit: Some(5),
+        window: Duration::from_secs(60),
+    };
+    q.spend_micros = DimensionQuota {
+        limit: None,
+        window: Duration::from_secs(600),
+    };
+    let (w_req, w_img) = (
+        q.effective_window_us(Dim::Requests),
+        q.effective_window_us(Dim::Images),
+    );
+    let text = Costs::new(1, 10, 0, 0);
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    let a = me.acquire(&mut st, T0, &q, "a", text, Duration::ZERO);
+    st = KeyState::default();
+    let b = me.acquire(&mut st, T0 + SEC, &q, "b", text, LONG);
+    assert_eq!(b.start_us, a.start_us + w_req, "requests window only");
+    let c = me.acquire(&mut st, T0 + SEC, &q, "c", Costs::new(1, 10, 1, 0), LONG);
+    assert_eq!(
+        c.start_us,
+        a.start_us + w_img,
+        "images wait their own window"
+    );
+}
+
+/// Two callers that saw the old state: the second, whose latest start is not later, does
+/// not push the fence out again; a later one moves it to its own latest start.
+#[test]
+fn stale_callers_do_not_extend_the_fence() {
+    let q = quota(Some(2), None, 3, None);
+    let w = q.effective_window_us(Dim::Requests);
+    let mut st = KeyState::default();
+    let (mut early, mut late) = (Caller::default(), Caller::default());
+    early.acquire(&mut st, T0, &q, "e1", req(1), Duration::ZERO);
+    let l1 = late.acquire(&mut st, T0 + MS, &q, "l1", req(1), Duration::ZERO);
+    st = KeyState::default();
+    let l2 = late.acquire(&mut st, T0 + 2 * MS, &q, "l2", req(1), LONG);
+    assert_eq!(l2.start_us, l1.start_us + w);
+    let e2 = early.acquire(&mut st, T0 + 200 * MS, &q, "e2", req(1), LONG);
+    assert_eq!(e2.start_us, l2.start_us, "not extended");
+    // A third caller that saw nothing does not move it either.
+    let n = Caller::default().acquire(&mut st, T0 + 300 * MS, &q, "n", req(1), LONG);
+    assert_eq!(n.start_us, l2.start_us + w, "queued behind, as usual");
+}
+
+/// Only the log lost (the hash still counts its bookings): detected by a caller that saw
+/// nothing, fenced once, and the limit is whole again right after the fence.
+#[test]
+fn losing_only_the_log_is_detected() {
+    let q = quota(Some(2), None, 2, None);
+    let w = q.effective_window_us(Dim::Requests);
+    let mut st = KeyState::default();
+    let a = Caller::default().acquire(&mut st, T0, &q, "a", req(1), Duration::ZERO);
+    st.lose_log();
+    let b = Caller::default().acquire(&mut st, T0 + MS, &q, "b", req(1), LONG);
+    assert_eq!(b.start_us, a.start_us + w, "fenced");
+    let c = Caller::default().acquire(&mut st, T0 + 2 * MS, &q, "c", req(1), LONG);
+    assert_eq!(c.start_us, b.start_us, "the sums were recounted");
+}
+
+/// Only the hash lost: a caller that saw it, and one that did not, both wait the
+/// dimension's own window from the latest start.
+#[test]
+fn losing_only_the_state_is_detected() {
+    let mut q = quota(Some(1), None, 2, None);
+    q.spend_micros = DimensionQuota {
+        limit: None,
+        window: Duration::from_secs(600),
+    };
+    let w = q.effective_window_us(Dim::Requests);
+    for stale in [true, false] {
+        let mut st = KeyState::default();
+        let mut me = Caller::default();
+        let a = me.acquire(&mut st, T0, &q, "a", req(1), Duration::ZERO);
+        st.lose_hash();
+        let mut caller = if stale { me } else { Caller::default() };
+        let b = caller.acquire(&mut st, T0 + MS, &q, "b", req(1), LONG);
+        assert_eq!(b.start_us, a.start_us + w, "stale caller: {stale}");
+    }
+}
+
+/// A check that finds the state lost reports it and fences, so a caller that never saw
+/// the old state cannot book into the lost window either.
+#[test]
+fn check_on_lost_state_reports_lost_and_fences() {
+    let q = quota(Some(1), None, 2, None);
+    let w = q.effective_window_us(Dim::Requests);
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    me.acquire(&mut st, T0, &q, "a", req(1), Duration::ZERO);
+    let b = me.acquire(&mut st, T0 + MS, &q, "b", req(1), LONG);
+    st = KeyState::default();
+    let c = me.check(&mut st, b.start_us, &b);
+    assert_eq!(
+        c,
+        Check::Cancelled {
+            retry_after: None,
+            blocking: Blocker::Lost
+        }
+    );
+    let n = Caller::default().acquire(&mut st, b.start_us + MS, &q, "n", req(1), LONG);
+    assert_eq!(n.start_us, b.start_us + w);
+    // A rollback that still holds the ticket: reported lost too, and released.
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    let a = me.acquire(&mut st, T0, &q, "a", req(1), LONG);
+    let snapshot = st.clone();
+    let b = me.acquire(&mut st, T0 + MS, &q, "b", req(1), LONG);
+    st = snapshot;
+    assert!(matches!(
+        me.check(&mut st, a.start_us + MS, &a),
+        Check::Cancelled {
+            blocking: Blocker::Lost,
+            ..
+        }
+    ));
+    assert_eq!(me.check(&mut st, b.start_us + w, &b), c);
+}
+
+/// Usage comes from the running sums: the window ending at the latest booking, and
+/// nothing once that booking is a full window old.
+#[tokio::test]
+async fn usage_reads_the_running_sums() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(2), Some(1_000), 60, NO_MARGIN);
+    for id in ["a", "b", "c"] {
+        l.acquire_now(&key(), &q, id, req(100), LONG);
+    }
+    let u = l.usage(&key(), &q).await.expect("ok");
+    // c starts at T0 + 60 s: its window holds c alone (a and b left it).
+    assert_eq!((u.dimensions[0].used, u.dimensions[1].used), (1, 100));
+    assert_eq!(u.queue, Duration::from_secs(60));
+    clock.advance(Duration::from_secs(120));
+    let u = l.usage(&key(), &q).await.expect("ok");
+    assert_eq!((u.dimensions[0].used, u.dimensions[1].used), (0, 0));
 }
