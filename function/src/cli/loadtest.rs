@@ -45,8 +45,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::plot;
 
+mod calls;
+mod child;
 pub mod fault;
 pub mod judge;
+mod naive;
 
 use crate::{
     handler::{Handler, HandlerOptions, Limiters, Providers, backoff, estimate_costs},
@@ -58,7 +61,10 @@ use crate::{
     sink::{self, Sink},
     worker::{self, WorkerOptions},
 };
+use calls::{CUT_OFF, CallLog, Counting, KILLED, Recorded, lock, now_ms};
+use child::{ChildLine, ChildProc, aws_env, child, read_child};
 use fault::{FailingSink, Fault};
+use naive::Naive;
 
 /// `pacer loadtest` flags.
 #[derive(Args, Debug, Clone)]
@@ -213,161 +219,6 @@ pub struct Call {
     pub took_ms: u64,
     /// `ok` or the error's metric label.
     pub result: String,
-}
-
-/// Calls that left a replica as the rest of the run should know them. In a replica process
-/// every call is also streamed to the parent as it leaves and as it ends (one JSON line on
-/// stdout each), so a replica killed mid-call still leaves a record of what it sent.
-#[derive(Clone, Default)]
-struct CallLog {
-    calls: Arc<Mutex<Vec<Call>>>,
-    stream: bool,
-}
-
-/// One line of a replica process's stdout.
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum ChildLine {
-    /// A call left (its result is empty).
-    Sent(Call),
-    /// A call ended.
-    Call(Call),
-    /// A delivery went back to the queue.
-    Deferred,
-    /// An image was stored at this key.
-    Stored(String),
-    /// An image write failed by `sink-fail`.
-    SinkFailed(String),
-    /// The replica stopped cleanly: everything it did is above.
-    Done,
-}
-
-impl CallLog {
-    fn streaming() -> CallLog {
-        CallLog {
-            stream: true,
-            ..CallLog::default()
-        }
-    }
-
-    fn emit(line: &ChildLine) {
-        if let Ok(text) = serde_json::to_string(line) {
-            println!("{text}");
-        }
-    }
-
-    fn sent(&self, call: &Call) {
-        if self.stream {
-            CallLog::emit(&ChildLine::Sent(call.clone()));
-        }
-    }
-
-    fn record(&self, call: Call) {
-        if self.stream {
-            CallLog::emit(&ChildLine::Call(call.clone()));
-        }
-        lock(&self.calls).push(call);
-    }
-
-    fn take(&self) -> Vec<Call> {
-        std::mem::take(&mut *lock(&self.calls))
-    }
-}
-
-/// The result of a call whose answer the replica never read: its future was dropped (the
-/// handler's request timeout, an aborted replica). The provider may have counted it.
-const CUT_OFF: &str = "cut_off";
-/// The result of a call that left a replica process killed before it ended.
-const KILLED: &str = "killed";
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A provider that records every call (the request id is the prompt's first word).
-struct Recorded {
-    inner: Arc<dyn ImageProvider>,
-    replica: usize,
-    log: CallLog,
-}
-
-/// A call in flight: logged as cut off if its future is dropped before the answer.
-struct InFlight {
-    log: CallLog,
-    call: Option<Call>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if let Some(mut call) = self.call.take() {
-            call.took_ms = (now_ms() - call.start_ms).max(0) as u64;
-            call.result = CUT_OFF.to_owned();
-            self.log.record(call);
-        }
-    }
-}
-
-#[async_trait]
-impl ImageProvider for Recorded {
-    async fn generate(
-        &self,
-        model: &str,
-        req: &ImageRequest,
-    ) -> pacer_core::provider::Result<ImageResponse> {
-        let call = Call {
-            replica: self.replica,
-            model: model.to_owned(),
-            request: req
-                .prompt
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-            start_ms: now_ms(),
-            took_ms: 0,
-            result: String::new(),
-        };
-        self.log.sent(&call);
-        let mut in_flight = InFlight {
-            log: self.log.clone(),
-            call: Some(call),
-        };
-        let result = self.inner.generate(model, req).await;
-        if let Some(mut call) = in_flight.call.take() {
-            call.took_ms = (now_ms() - call.start_ms).max(0) as u64;
-            call.result = match &result {
-                Ok(_) => "ok".to_owned(),
-                Err(e) => e.metric_label().to_owned(),
-            };
-            self.log.record(call);
-        }
-        result
-    }
-}
-
-/// Counts deferrals (streamed to the parent from a replica process).
-struct Counting {
-    inner: Arc<dyn Process>,
-    deferred: Arc<AtomicU64>,
-    stream: bool,
-}
-
-#[async_trait]
-impl Process for Counting {
-    async fn process(&self, body: &str, receive_count: u32) -> Outcome {
-        let outcome = self.inner.process(body, receive_count).await;
-        if !outcome.is_final() {
-            self.deferred.fetch_add(1, Ordering::Relaxed);
-            if self.stream {
-                CallLog::emit(&ChildLine::Deferred);
-            }
-        }
-        outcome
-    }
 }
 
 /// What one run measured.
@@ -703,116 +554,6 @@ fn worker_options(concurrency: usize, visibility_seconds: u64) -> WorkerOptions 
     }
 }
 
-/// The naive processor: one local limiter per replica at the full limit, the provider's
-/// answers handled with exponential backoff and full jitter (RetryInfo ignored, as
-/// generic clients do), back to the queue after the attempts run out.
-struct Naive {
-    limiter: MemoryLimiter,
-    config: Arc<CompiledConfig>,
-    provider: Arc<dyn ImageProvider>,
-    sink: Arc<dyn Sink>,
-    records: Records,
-}
-
-const NAIVE_ATTEMPTS: u32 = 6;
-
-#[async_trait]
-impl Process for Naive {
-    async fn process(&self, body: &str, _receive_count: u32) -> Outcome {
-        let Ok(req) = GenerationRequest::parse(body) else {
-            return Outcome::Failed(ResultRecord::failed("", 0, "malformed"));
-        };
-        if let Ok(Some(done)) = self.records.get(&req.id).await {
-            return Outcome::AlreadyDone(done);
-        }
-        let Ok((chain, pool)) = self.config.chain(&req.chain_name()) else {
-            return Outcome::Failed(ResultRecord::failed(&req.id, 0, "unknown chain"));
-        };
-        let Some(step) = chain.steps.first() else {
-            return Outcome::Failed(ResultRecord::failed(&req.id, 0, "empty chain"));
-        };
-        let Some(quota) = pool.model_quota(&step.model) else {
-            return Outcome::Failed(ResultRecord::failed(&req.id, 0, "unknown model"));
-        };
-        let key = pool.key(&step.model);
-        let retry = RetryConfig {
-            attempts: NAIVE_ATTEMPTS,
-            base_delay_ms: 1_000,
-            max_delay_ms: 32_000,
-        };
-        let image_req = ImageRequest::new(&req.prompt);
-        for attempt in 1..=NAIVE_ATTEMPTS {
-            let booking = format!("{}:{attempt}:{}", req.id, rand::random::<u32>());
-            let costs = estimate_costs(&step.model, &req.prompt, req.image_size.as_deref());
-            match self
-                .limiter
-                .acquire(&key, &quota, &booking, costs, Duration::from_secs(3600))
-                .await
-            {
-                Ok(Decision::Admitted { .. }) => {}
-                Ok(Decision::Booked { wait, .. }) => tokio::time::sleep(wait).await,
-                Ok(Decision::Rejected { retry_after, .. }) => {
-                    tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
-                    continue;
-                }
-                Err(_) => {
-                    return Outcome::Defer {
-                        after: Duration::from_secs(1),
-                        reason: DeferReason::Infrastructure,
-                    };
-                }
-            }
-            match self.provider.generate(&step.model, &image_req).await {
-                Ok(resp) => {
-                    let Some(image) = resp.images.into_iter().next() else {
-                        return Outcome::Failed(ResultRecord::failed(&req.id, attempt, "no image"));
-                    };
-                    let location = match self
-                        .sink
-                        .put(&req.output_key(0), &image.data, &image.mime_type)
-                        .await
-                    {
-                        Ok(l) => l,
-                        Err(_) => {
-                            return Outcome::Defer {
-                                after: Duration::from_secs(1),
-                                reason: DeferReason::Infrastructure,
-                            };
-                        }
-                    };
-                    let mut record = ResultRecord::failed(&req.id, attempt, "");
-                    record.status = Status::Succeeded;
-                    record.error = None;
-                    record.model = Some(step.model.clone());
-                    record.images = vec![location];
-                    let _ = self.records.put(&record).await;
-                    return Outcome::Succeeded(record);
-                }
-                Err(
-                    e @ (ProviderError::RateLimited { .. }
-                    | ProviderError::RateLimitedBare { .. }
-                    | ProviderError::Overloaded { .. }
-                    | ProviderError::ServerError { .. }
-                    | ProviderError::Timeout { .. }
-                    | ProviderError::Transport { .. }),
-                ) => {
-                    tracing::debug!(error = %e, attempt, "naive: backing off");
-                    tokio::time::sleep(backoff(&retry, attempt)).await;
-                }
-                Err(e) => {
-                    let record = ResultRecord::failed(&req.id, attempt, e.to_string());
-                    let _ = self.records.put(&record).await;
-                    return Outcome::Failed(record);
-                }
-            }
-        }
-        Outcome::Defer {
-            after: Duration::from_secs(1),
-            reason: DeferReason::RateLimited,
-        }
-    }
-}
-
 /// Progress of a run, for `pacer demo`'s progress line.
 pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
@@ -873,94 +614,6 @@ async fn restart_redis(url: &str, config: &CompiledConfig) -> anyhow::Result<()>
         .await
         .context("FLUSHALL")?;
     write_config(url, config).await
-}
-
-/// The AWS settings of an in-process caller (tests build theirs from the rig) as the
-/// environment of replica processes, which load theirs from it; nothing when the parent
-/// loaded its own from the environment too.
-async fn aws_env(
-    aws: Option<&aws_config::SdkConfig>,
-) -> anyhow::Result<Vec<(&'static str, String)>> {
-    use aws_sdk_sqs::config::ProvideCredentials as _;
-    let Some(conf) = aws else {
-        return Ok(Vec::new());
-    };
-    let mut env = Vec::new();
-    if let Some(url) = conf.endpoint_url() {
-        env.push(("AWS_ENDPOINT_URL", url.to_owned()));
-    }
-    if let Some(region) = conf.region() {
-        env.push(("AWS_REGION", region.to_string()));
-    }
-    if let Some(provider) = conf.credentials_provider() {
-        let c = provider
-            .provide_credentials()
-            .await
-            .context("AWS credentials for the replica processes")?;
-        env.push(("AWS_ACCESS_KEY_ID", c.access_key_id().to_owned()));
-        env.push(("AWS_SECRET_ACCESS_KEY", c.secret_access_key().to_owned()));
-        if let Some(token) = c.session_token() {
-            env.push(("AWS_SESSION_TOKEN", token.to_owned()));
-        }
-    }
-    Ok(env)
-}
-
-/// A replica process as the parent sees it.
-struct ChildProc {
-    child: tokio::process::Child,
-    output: tokio::task::JoinHandle<anyhow::Result<ChildOutput>>,
-    killed: bool,
-}
-
-/// What a replica process streamed on stdout.
-#[derive(Default)]
-struct ChildOutput {
-    /// Calls that left and have not ended (yet).
-    open: Vec<Call>,
-    calls: Vec<Call>,
-    deferred: u64,
-    /// Image writes per key.
-    sink_writes: HashMap<String, u64>,
-    sink_failed: u64,
-    /// It stopped cleanly.
-    done: bool,
-}
-
-/// Reads a replica process's stdout to its end; a line that is not part of its report
-/// fails the run (a report that cannot be read cannot be trusted in part).
-async fn read_child(
-    index: usize,
-    stdout: tokio::process::ChildStdout,
-) -> anyhow::Result<ChildOutput> {
-    let mut out = ChildOutput::default();
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    while let Some(line) = lines
-        .next_line()
-        .await
-        .with_context(|| format!("reading replica process {index}'s report"))?
-    {
-        let parsed: ChildLine = serde_json::from_str(&line).with_context(|| {
-            format!("replica process {index} wrote a line that is not part of its report: {line:?}")
-        })?;
-        match parsed {
-            ChildLine::Sent(call) => out.open.push(call),
-            ChildLine::Call(call) => {
-                if let Some(i) = out.open.iter().position(|c| {
-                    (c.request.as_str(), c.start_ms, c.model.as_str())
-                        == (call.request.as_str(), call.start_ms, call.model.as_str())
-                }) {
-                    out.open.swap_remove(i);
-                }
-                out.calls.push(call);
-            }
-            ChildLine::Deferred => out.deferred += 1,
-            ChildLine::Stored(key) => *out.sink_writes.entry(key).or_default() += 1,
-            ChildLine::SinkFailed(_) => out.sink_failed += 1,
-            ChildLine::Done => out.done = true,
-        }
-    }
-    Ok(out)
 }
 
 #[allow(clippy::too_many_lines)]
@@ -1526,64 +1179,6 @@ async fn run_once(
         }
     }
     Ok(report)
-}
-
-/// A replica process: serves the queue until stdin closes, streaming its calls on stdout.
-async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
-    let (Some(redis), Some(queue_url), Some(base_url), Some(out)) = (
-        &args.redis_url,
-        &args.queue_url,
-        &args.gemini_base_url,
-        &args.out,
-    ) else {
-        anyhow::bail!("a replica process needs --redis-url, --queue-url, --gemini-base-url, --out");
-    };
-    let store: Arc<dyn Sink> = Arc::from(
-        sink::from_url(out)
-            .await
-            .map_err(|e| anyhow::anyhow!("--out: {e}"))?,
-    );
-    let counted = Arc::new(FailingSink {
-        stream: true,
-        ..FailingSink::new(store, args.child_sink_failures)
-    });
-    let log = CallLog::streaming();
-    let backend = Backend::Redis { url: redis.clone() };
-    let handler = replica(
-        index,
-        &backend,
-        base_url,
-        args.gemini_api_key.as_deref(),
-        counted.clone(),
-        log.clone(),
-    )
-    .await?;
-    let deferred = Arc::new(AtomicU64::new(0));
-    let processor = Arc::new(Counting {
-        inner: handler,
-        deferred: deferred.clone(),
-        stream: true,
-    });
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(_)) = lines.next_line().await {}
-            shutdown.cancel();
-        });
-    }
-    let _ = &args.child_chain;
-    worker::run(
-        sqs_queue(queue_url, None).await,
-        worker_options(args.concurrency, args.visibility_seconds),
-        processor,
-        Arc::new(Metrics::default()),
-        shutdown,
-    )
-    .await?;
-    CallLog::emit(&ChildLine::Done);
-    Ok(())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
