@@ -886,3 +886,42 @@ async fn limiter_keys_carry_no_ttl() {
         assert_eq!(ttl, -1, "{k} has a TTL");
     }
 }
+
+/// A queue longer than a window: a booking far ahead stays in the log until its start, so
+/// its check passes.
+#[tokio::test]
+async fn bookings_behind_a_long_queue_survive_until_their_start() {
+    use pacer_core::limiter::Check;
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("longqueue");
+    let q = quota(
+        Some(1),
+        None,
+        Duration::from_millis(500),
+        Some(Duration::ZERO),
+    );
+    let mut tickets = Vec::new();
+    for id in ["a", "b", "c", "d"] {
+        let d = l
+            .acquire(&key, &q, id, req(1), Duration::from_secs(10))
+            .await
+            .expect("acquire");
+        tickets.push(ticket_of(&d));
+    }
+    assert_eq!(tickets[3].start_us, tickets[0].start_us + 1_500_000);
+    let c = &tickets[2];
+    tokio::time::sleep(Duration::from_micros((c.start_us - now_us()).max(0) as u64)).await;
+    assert_eq!(l.check(c).await.expect("check"), Check::Go);
+}
+
+/// The rig's Redis runs with the default policy, which keeps limiter state whole.
+#[tokio::test]
+async fn eviction_policy_is_read_and_judged() {
+    use pacer_core::limiter::redis::eviction_policy_is_safe;
+    let (_, l) = rig_limiter().await;
+    let policy = l.eviction_policy().await.expect("CONFIG GET");
+    assert_eq!(policy.as_deref(), Some("noeviction"));
+    assert!(eviction_policy_is_safe("noeviction"));
+    assert!(eviction_policy_is_safe("volatile-lru"));
+    assert!(!eviction_policy_is_safe("allkeys-lru"));
+}
