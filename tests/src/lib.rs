@@ -241,3 +241,312 @@ impl Rig {
         }
     }
 }
+
+impl Rig {
+    /// Compiles QuotaPool and ModelChain YAML and writes it to the Redis at `url`, as
+    /// `pacer apply` does (for tests that run their own Redis, or re-apply after a loss).
+    pub async fn apply_config_at(url: &str, yaml: &str) {
+        let compiled = pacer_crds::compile::compile_documents(yaml, "default", &Default::default())
+            .unwrap_or_else(|e| panic!("test config does not compile: {e}"));
+        let store = pacer_core::config::ConfigStore::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("config store on {url}: {e}"));
+        for pool in &compiled.pools {
+            store.put_pool(pool).await.expect("write pool");
+        }
+        for chain in &compiled.chains {
+            store.put_chain(chain).await.expect("write chain");
+        }
+    }
+}
+
+/// The `pacer` binary built next to this test (`cargo build -p pacer --bin pacer`;
+/// `cargo test --workspace` builds it), or `$PACER_BIN`.
+pub fn pacer_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PACER_BIN") {
+        return PathBuf::from(bin);
+    }
+    // Test executables live in target/<profile>/deps; binaries one folder up.
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join(format!("pacer{}", std::env::consts::EXE_SUFFIX)))
+        .expect("target folder");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p pacer --bin pacer` (tests/run does), \
+         or point PACER_BIN at one",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A `redis-server` a test owns: its own port and folder, so the test can kill it, restart
+/// it empty or from an older snapshot at the same address, or make it a replica, without
+/// touching the rig's Redis. Killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    binary: String,
+    extra: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port, persisting nothing on its own (`SAVE` still writes
+    /// `dump.rdb` in `dir`, and a restart loads it). Waits until it answers PING.
+    pub fn start(rig: &Rig, dir: &std::path::Path, extra: &[&str]) -> RedisServer {
+        std::fs::create_dir_all(dir).expect("redis folder");
+        let binary = rig
+            .vars
+            .get("REDIS_SERVER")
+            .cloned()
+            .unwrap_or_else(|| "redis-server".to_owned());
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: dir.to_owned(),
+            binary,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The folder holding its `dump.rdb`.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Kills the server (SIGKILL: nothing is saved on the way out).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again at the same port and folder (loading `dump.rdb` if there
+    /// is one) and waits until it answers PING with its data loaded.
+    pub fn start_again(&mut self) {
+        self.kill();
+        let mut cmd = std::process::Command::new(&self.binary);
+        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} (run tests/rig/install): {e}", self.binary));
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let pong = client
+                .get_connection()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("redis-server on port {} exited: {status}", self.port);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {} did not answer within 20 s",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The rig's toxiproxy (`TOXIPROXY_URL`): proxies whose faults a test controls.
+#[derive(Debug, Clone)]
+pub struct Toxiproxy {
+    api: String,
+    http: reqwest::Client,
+}
+
+/// One toxiproxy proxy: clients connect to `listen`, toxiproxy forwards to the upstream.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    api: String,
+    http: reqwest::Client,
+    pub name: String,
+    /// `host:port` clients connect to.
+    pub listen: String,
+}
+
+async fn toxiproxy_call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let mut req = http.request(method.clone(), url);
+    if let Some(b) = &body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| {
+        panic!("toxiproxy at {url} unreachable ({e}); is the rig up? run `tests/rig/up`")
+    });
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(
+        status.is_success(),
+        "toxiproxy {method} {url} {body:?}: {status} {text}"
+    );
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+impl Toxiproxy {
+    /// The rig's toxiproxy, or a panic saying how to start it.
+    pub fn from_rig(rig: &Rig) -> Toxiproxy {
+        Toxiproxy {
+            api: rig.get("TOXIPROXY_URL"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A new proxy to `upstream` (`host:port`) on a free loopback port.
+    pub async fn create(&self, name: &str, upstream: &str) -> Proxy {
+        let created = toxiproxy_call(
+            &self.http,
+            reqwest::Method::POST,
+            &format!("{}/proxies", self.api),
+            Some(serde_json::json!({
+                "name": name, "listen": "127.0.0.1:0", "upstream": upstream, "enabled": true
+            })),
+        )
+        .await;
+        let listen = created["listen"]
+            .as_str()
+            .unwrap_or_else(|| panic!("toxiproxy answered without a listen address: {created}"))
+            .to_owned();
+        Proxy {
+            api: self.api.clone(),
+            http: self.http.clone(),
+            name: name.to_owned(),
+            listen,
+        }
+    }
+
+    /// An existing proxy by name (e.g. the rig's `TOXIPROXY_REDIS_PROXY`).
+    pub async fn get(&self, name: &str) -> Proxy {
+        let got = toxiproxy_call(
+            &self.http,
+            reqwest::Method::GET,
+            &format!("{}/proxies/{name}", self.api),
+            None,
+        )
+        .await;
+        Proxy {
+            api: self.api.clone(),
+            http: self.http.clone(),
+            name: name.to_owned(),
+            listen: got["listen"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+impl Proxy {
+    fn url(&self) -> String {
+        format!("{}/proxies/{}", self.api, self.name)
+    }
+
+    /// Enabled: forwards. Disabled: closes every connection and refuses new ones.
+    pub async fn set_enabled(&self, enabled: bool) {
+        toxiproxy_call(
+            &self.http,
+            reqwest::Method::POST,
+            &self.url(),
+            Some(serde_json::json!({ "enabled": enabled })),
+        )
+        .await;
+    }
+
+    /// Points the proxy at another upstream (existing connections are closed).
+    pub async fn set_upstream(&self, upstream: &str) {
+        toxiproxy_call(
+            &self.http,
+            reqwest::Method::POST,
+            &self.url(),
+            Some(serde_json::json!({ "upstream": upstream })),
+        )
+        .await;
+    }
+
+    /// Adds a toxic (`latency`, `timeout`, `bandwidth`, ...) on `stream` (`upstream` is
+    /// client to server, `downstream` server to client).
+    pub async fn add_toxic(
+        &self,
+        name: &str,
+        kind: &str,
+        stream: &str,
+        attributes: serde_json::Value,
+    ) {
+        toxiproxy_call(
+            &self.http,
+            reqwest::Method::POST,
+            &format!("{}/toxics", self.url()),
+            Some(serde_json::json!({
+                "name": name, "type": kind, "stream": stream, "toxicity": 1.0,
+                "attributes": attributes
+            })),
+        )
+        .await;
+    }
+
+    /// Removes a toxic.
+    pub async fn remove_toxic(&self, name: &str) {
+        toxiproxy_call(
+            &self.http,
+            reqwest::Method::DELETE,
+            &format!("{}/toxics/{name}", self.url()),
+            None,
+        )
+        .await;
+    }
+
+    /// Deletes the proxy.
+    pub async fn delete(&self) {
+        toxiproxy_call(&self.http, reqwest::Method::DELETE, &self.url(), None).await;
+    }
+}

@@ -1,0 +1,1174 @@
+//! The fault suite (issue 10): a fleet of `pacer worker` processes, more eager than the
+//! limit, runs a deep backlog from moto's SQS into moto's S3 against the Gemini simulator
+//! while one fault is injected with real tools: a missing bucket, 503 bursts, hung calls,
+//! SIGKILL and SIGTERM, Redis restarted empty or from an older snapshot, a lagging replica
+//! promoted behind the same address (toxiproxy), one limiter key deleted, a network
+//! blackhole and added latency (toxiproxy), a 429 cooldown while tickets are booked.
+//!
+//! The fleet is judged only by what the simulator counted at arrival (`/_sim/stats`) and
+//! by what reached the sink and the result queue, never by Pacer's own view. For every case:
+//!
+//! - no window holds more arrivals than the limit, in any dimension the simulator limits;
+//! - every call the simulator saw carries its own limiter ticket (`x-pacer-ticket`: no
+//!   untagged call, no ticket used twice), so no call went uncounted;
+//! - every request ends with a final result record on the result queue (0 lost), and
+//!   none of them failed: every fault here is transient;
+//! - every image was stored once (the bucket is versioned: a second write of an id shows);
+//! - after a loss of limiter state, throughput is back to the limit within one window.
+//!
+//! Each case owns its Redis (a `redis-server` on its own port and folder, behind its own
+//! toxiproxy proxy), its simulator, queues and bucket, so cases run in parallel and can
+//! restart their Redis without touching the rig's. One line per case is printed (and
+//! appended to `$PACER_FAULTS_REPORT` when set).
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator, config::Schedule};
+use pacer_tests::{Children, Proxy, RedisServer, Rig, Toxiproxy, pacer_bin};
+use serde_json::Value;
+
+const MODEL: &str = "gemini-3.1-flash-image";
+
+/// The shape of one case: small limits and short windows so the suite runs in minutes.
+#[derive(Clone)]
+struct Plan {
+    name: &'static str,
+    /// Requests per window (the `rpm` dimension), the same at the simulator and in the pool.
+    limit: u64,
+    window_s: u32,
+    requests: usize,
+    replicas: usize,
+    /// Messages each replica works on at once: replicas x concurrency is well above the
+    /// limit, so the backlog is deep and messages are deferred and redelivered.
+    concurrency: usize,
+    max_wait_s: u32,
+    retry_attempts: u32,
+    request_timeout_s: u32,
+    latency_ms: u64,
+    faults: Faults,
+    shutdown_grace_s: u64,
+    /// Start with the sink's bucket missing (the sink-failure case creates it later).
+    bucket_missing: bool,
+    /// How long the whole case may take before unfinished requests count as lost.
+    bound: Duration,
+}
+
+impl Plan {
+    fn new(name: &'static str) -> Plan {
+        Plan {
+            name,
+            limit: 10,
+            window_s: 5,
+            requests: 40,
+            replicas: 3,
+            concurrency: 8,
+            max_wait_s: 3,
+            retry_attempts: 3,
+            request_timeout_s: 30,
+            latency_ms: 300,
+            faults: Faults::default(),
+            shutdown_grace_s: 10,
+            bucket_missing: false,
+            bound: Duration::from_secs(150),
+        }
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_secs(u64::from(self.window_s))
+    }
+
+    /// The pool and chain, as `pacer apply` would write them. The window margin is set to
+    /// half a second: processes on a loaded two-core machine reach the simulator with more
+    /// jitter than the default margin (1/60 of 5 s) absorbs.
+    fn config(&self, ns: &str) -> String {
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {ns}}}\n\
+             spec:\n  project: {ns}\n  tier: Tier2\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {}, windowSeconds: {}}}\n\
+             ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {ns}}}\n\
+             spec:\n  pool: pool\n  requestTimeoutSeconds: {}\n  retry: {{attempts: {}, baseDelayMs: 100, maxDelayMs: 400}}\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: {}}}\n",
+            self.limit, self.window_s, self.request_timeout_s, self.retry_attempts, self.max_wait_s
+        )
+    }
+}
+
+/// When limiter state was lost, on the simulator's clock and the wall clock, to measure
+/// the recovery from `accepted_at_ms` whichever clock it uses.
+#[derive(Clone, Copy)]
+struct Mark {
+    uptime_ms: f64,
+    epoch_ms: f64,
+}
+
+/// A running case: its services, its fleet and what it has seen.
+struct Case {
+    plan: Plan,
+    rig: Rig,
+    ns: String,
+    dir: PathBuf,
+    redis: RedisServer,
+    proxy: Proxy,
+    sim: Simulator,
+    sim_url: String,
+    /// The quota-429 front before the simulator (see [`QuotaFault`]).
+    quota_fault: Arc<Mutex<Option<QuotaFault>>>,
+    _sim_task: AbortOnDrop,
+    sqs: aws_sdk_sqs::Client,
+    s3: aws_sdk_s3::Client,
+    queue_url: String,
+    result_url: String,
+    workers: Children,
+    spawned: usize,
+    ids: Vec<String>,
+    /// Final records by id, as read from the result queue.
+    records: BTreeMap<String, Vec<Value>>,
+    lost_state_at: Option<Mark>,
+    notes: Vec<String>,
+    started: Instant,
+}
+
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+impl Case {
+    async fn start(plan: Plan) -> Case {
+        let rig = Rig::load();
+        let ns = Rig::unique(&format!("f-{}", plan.name)).to_lowercase();
+        let dir = std::env::temp_dir().join(&ns);
+        let redis = RedisServer::start(&rig, &dir.join("redis"), &[]);
+        let proxy = Toxiproxy::from_rig(&rig).create(&ns, &redis.addr()).await;
+        Rig::apply_config_at(&redis.url(), &plan.config(&ns)).await;
+
+        let mut limit = LimitSpec::new(MODEL);
+        limit.rpm = Some(plan.limit);
+        limit.window = plan.window();
+        let sim = Simulator::new(SimConfig {
+            limits: vec![limit],
+            latency: Duration::from_millis(plan.latency_ms),
+            faults: plan.faults.clone(),
+            ..SimConfig::default()
+        });
+        let quota_fault: Arc<Mutex<Option<QuotaFault>>> = Arc::default();
+        let app = sim.router().layer(axum::middleware::from_fn_with_state(
+            quota_fault.clone(),
+            quota_fault_front,
+        ));
+        let listener = Simulator::bind(([127, 0, 0, 1], 0).into()).expect("bind the simulator");
+        let sim_url = format!(
+            "http://{}",
+            listener.local_addr().expect("simulator address")
+        );
+        let sim_task = AbortOnDrop(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+
+        let sqs = rig.sqs().await;
+        let s3 = rig.s3().await;
+        let queue_url = create_queue(&sqs, &ns).await;
+        let result_url = create_queue(&sqs, &format!("{ns}-results")).await;
+        if !plan.bucket_missing {
+            create_bucket(&s3, &ns).await;
+        }
+        let ids: Vec<String> = (0..plan.requests).map(|i| format!("{ns}-r{i}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let body = serde_json::json!({
+                "id": id, "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")
+            });
+            sqs.send_message()
+                .queue_url(&queue_url)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .expect("send a request");
+        }
+        let mut case = Case {
+            plan,
+            rig,
+            ns,
+            dir,
+            redis,
+            proxy,
+            sim,
+            sim_url,
+            quota_fault,
+            _sim_task: sim_task,
+            sqs,
+            s3,
+            queue_url,
+            result_url,
+            workers: Children::default(),
+            spawned: 0,
+            ids,
+            records: BTreeMap::new(),
+            lost_state_at: None,
+            notes: Vec::new(),
+            started: Instant::now(),
+        };
+        for _ in 0..case.plan.replicas {
+            case.spawn_worker();
+        }
+        case
+    }
+
+    /// Starts one more `pacer worker`, named `w<n>` (its claims carry the name).
+    fn spawn_worker(&mut self) {
+        let name = format!("w{}", self.spawned);
+        self.spawned += 1;
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        let child = Command::new(pacer_bin())
+            .arg("worker")
+            .env("PACER_QUEUE_URL", &self.queue_url)
+            .env("PACER_RESULT_QUEUE_URL", &self.result_url)
+            .env("PACER_REDIS_URL", format!("redis://{}", self.proxy.listen))
+            .env("PACER_GEMINI_BASE_URL", &self.sim_url)
+            .env("PACER_GEMINI_API_KEY", "test-key")
+            .env("PACER_SINK", format!("s3://{}/images", self.ns))
+            .env("PACER_CONCURRENCY", self.plan.concurrency.to_string())
+            .env("PACER_VISIBILITY_SECONDS", "4")
+            .env("PACER_WAIT_SECONDS", "1")
+            .env("PACER_CLAIM_LEASE_SECONDS", "3")
+            .env(
+                "PACER_SHUTDOWN_GRACE_SECONDS",
+                self.plan.shutdown_grace_s.to_string(),
+            )
+            .env("PACER_METRICS_ADDR", "127.0.0.1:0")
+            .env("PACER_REPLICA_ID", &name)
+            .env("AWS_ENDPOINT_URL", self.rig.get("AWS_ENDPOINT_URL"))
+            .env("AWS_ACCESS_KEY_ID", self.rig.get("AWS_ACCESS_KEY_ID"))
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                self.rig.get("AWS_SECRET_ACCESS_KEY"),
+            )
+            .env("AWS_REGION", self.rig.get("AWS_REGION"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pacer worker");
+        self.workers.0.push(child);
+    }
+
+    fn model_stats(&self) -> Value {
+        self.sim.stats()["models"][MODEL].clone()
+    }
+
+    /// Calls the simulator accepted so far.
+    fn accepted(&self) -> u64 {
+        self.model_stats()["accepted"].as_u64().unwrap_or(0)
+    }
+
+    /// Calls that reached the simulator so far (accepted, refused or faulted).
+    fn arrivals(&self) -> u64 {
+        let m = self.model_stats();
+        m["arrivals"].as_u64().unwrap_or_else(|| {
+            // Before the simulator reported arrivals: everything it answered.
+            let sum = |v: &Value| {
+                v.as_object()
+                    .map(|o| o.values().filter_map(Value::as_u64).sum::<u64>())
+                    .unwrap_or(0)
+            };
+            m["accepted"].as_u64().unwrap_or(0) + sum(&m["rejected"]) + sum(&m["faults"])
+        })
+    }
+
+    /// Waits (bounded) until `cond` holds, polling; panics naming `what` otherwise.
+    async fn wait_for(&mut self, what: &str, limit: Duration, mut cond: impl FnMut(&Case) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what} did not happen within {limit:?}",
+                self.plan.name
+            );
+            self.drain_results().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the simulator has accepted at least `n` calls.
+    async fn wait_accepted(&mut self, n: u64) {
+        self.wait_for(
+            &format!("{n} accepted calls"),
+            Duration::from_secs(60),
+            |c| c.accepted() >= n,
+        )
+        .await;
+    }
+
+    /// Records the moment limiter state was lost.
+    fn mark_state_lost(&mut self) {
+        let uptime_ms = self.sim.stats()["uptime_s"].as_f64().unwrap_or(0.0) * 1000.0;
+        self.lost_state_at = Some(Mark {
+            uptime_ms,
+            epoch_ms: epoch_ms(),
+        });
+    }
+
+    async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the case's Redis")
+    }
+
+    /// Which worker names hold claims right now (`pacer:claim:<id>` = `<owner>:<token>`).
+    async fn claim_holders(&self) -> BTreeMap<String, usize> {
+        let mut conn = self.redis_conn().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("pacer:claim:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let mut holders = BTreeMap::new();
+        for key in keys {
+            let owner: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            if let Some(owner) = owner.and_then(|o| o.split(':').next().map(str::to_owned)) {
+                *holders.entry(owner).or_insert(0) += 1;
+            }
+        }
+        holders
+    }
+
+    /// Reads what arrived on the result queue.
+    async fn drain_results(&mut self) {
+        let got = self
+            .sqs
+            .receive_message()
+            .queue_url(&self.result_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(0)
+            .send()
+            .await
+            .expect("receive results");
+        for m in got.messages.unwrap_or_default() {
+            let record: Value =
+                serde_json::from_str(m.body.as_deref().unwrap_or_default()).expect("result JSON");
+            let id = record["id"].as_str().unwrap_or_default().to_owned();
+            self.records.entry(id).or_default().push(record);
+            if let Some(receipt) = m.receipt_handle {
+                let _ = self
+                    .sqs
+                    .delete_message()
+                    .queue_url(&self.result_url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await;
+            }
+        }
+    }
+
+    /// Waits (bounded by the plan) for a final record of every request, stops the fleet,
+    /// and gathers the figures.
+    async fn finish(mut self) -> Figures {
+        let deadline = self.started + self.plan.bound;
+        loop {
+            self.drain_results().await;
+            if self.ids.iter().all(|id| self.records.contains_key(id)) || Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let elapsed = self.started.elapsed();
+        // Stop the fleet before reading the counts, so calls in flight are counted.
+        drop(std::mem::take(&mut self.workers));
+        let stats = self.model_stats();
+        let mut figures = Figures::new(&self.plan, &stats, elapsed);
+        figures.notes = std::mem::take(&mut self.notes);
+        for id in &self.ids {
+            match self.records.get(id).and_then(|r| r.last()) {
+                None => figures.lost.push(id.clone()),
+                Some(r) if r["status"] == "succeeded" => figures.succeeded += 1,
+                Some(r) => figures.failed.push(format!("{id}: {}", r["error"])),
+            }
+        }
+        figures.stored = self.stored_versions().await;
+        if let Some(mark) = self.lost_state_at {
+            figures.state_lost = true;
+            figures.recovery_ms = recovery_ms(&stats, mark, self.plan.limit, self.plan.window());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.proxy.delete().await;
+        figures
+    }
+
+    /// How many times each image key was written (the bucket is versioned).
+    async fn stored_versions(&self) -> BTreeMap<String, usize> {
+        let mut versions = BTreeMap::new();
+        let out = self
+            .s3
+            .list_object_versions()
+            .bucket(&self.ns)
+            .max_keys(1000)
+            .send()
+            .await;
+        match out {
+            Ok(out) => {
+                for v in out.versions.unwrap_or_default() {
+                    *versions.entry(v.key.unwrap_or_default()).or_insert(0) += 1;
+                }
+            }
+            Err(e) => panic!(
+                "{}: listing the bucket: {}",
+                self.plan.name,
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            ),
+        }
+        versions
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A quota 429 that Google sends while a project's quota is taken by traffic Pacer does
+/// not see (another client, a lowered quota). The simulator has no such fault, so a thin
+/// front before it turns every answer to a call that *arrives* in the period into
+/// Google's quota 429 with `RetryInfo` (the time left). The simulator still counts each
+/// of those arrivals and its ticket: the front changes answers, never counts.
+struct QuotaFault {
+    from: Instant,
+    until: Instant,
+    /// Calls that arrived in the period (the front's own tally, printed only).
+    answered: u64,
+}
+
+async fn quota_fault_front(
+    axum::extract::State(fault): axum::extract::State<Arc<Mutex<Option<QuotaFault>>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let arrived = Instant::now();
+    let left = {
+        let mut f = fault.lock().unwrap_or_else(|p| p.into_inner());
+        match f.as_mut() {
+            Some(f)
+                if req.uri().path().contains(":generateContent")
+                    && arrived >= f.from
+                    && arrived < f.until =>
+            {
+                f.answered += 1;
+                Some(f.until - arrived)
+            }
+            _ => None,
+        }
+    };
+    let answer = next.run(req).await;
+    let Some(left) = left else { return answer };
+    let body = serde_json::json!({"error": {
+        "code": 429,
+        "message": format!(
+            "You exceeded your current quota, please check your plan and billing details.\n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_requests_per_model, limit: 10, model: {MODEL}\nPlease retry in {:.3}s.",
+            left.as_secs_f64()
+        ),
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_requests_per_model",
+                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+                "quotaDimensions": {"location": "global", "model": MODEL},
+                "quotaValue": "10"
+            }]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{}s", left.as_secs())}
+        ]
+    }});
+    axum::response::IntoResponse::into_response((
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(body),
+    ))
+}
+
+async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .expect("create a queue")
+        .queue_url
+        .expect("queue url")
+}
+
+/// A versioned bucket: every write of a key is a version, so a second write shows.
+async fn create_bucket(s3: &aws_sdk_s3::Client, name: &str) {
+    s3.create_bucket()
+        .bucket(name)
+        .send()
+        .await
+        .expect("bucket");
+    s3.put_bucket_versioning()
+        .bucket(name)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("bucket versioning");
+}
+
+/// The time from the loss of limiter state until a full window's worth of calls (the
+/// limit) was accepted within one window, all of them after the loss. A limiter that
+/// fences the lost dimension for one window and then admits the backlog at once gets
+/// there in about one window; one that fences longer (or stalls) takes longer.
+fn recovery_ms(stats: &Value, mark: Mark, limit: u64, window: Duration) -> Option<u64> {
+    let times = stats["accepted_at_ms"].as_array()?;
+    let mut times: Vec<f64> = times.iter().filter_map(Value::as_f64).collect();
+    times.sort_by(f64::total_cmp);
+    // Epoch milliseconds, or milliseconds since the simulator started.
+    let lost = if times.first().is_some_and(|t| *t > 1e12) {
+        mark.epoch_ms
+    } else {
+        mark.uptime_ms
+    };
+    let after: Vec<f64> = times.into_iter().filter(|t| *t >= lost).collect();
+    let n = limit as usize;
+    let w = window.as_secs_f64() * 1000.0;
+    (n.saturating_sub(1)..after.len())
+        .find(|&k| after[k] - after[k + 1 - n] <= w)
+        .map(|k| (after[k] - lost) as u64)
+        .or(Some(u64::MAX))
+}
+
+/// What one case measured.
+#[derive(Default)]
+struct Figures {
+    case: String,
+    requests: usize,
+    window: Duration,
+    elapsed: Duration,
+    arrivals: Option<u64>,
+    accepted: u64,
+    rejected: BTreeMap<String, u64>,
+    faults: BTreeMap<String, u64>,
+    /// Per limited dimension: (max arrivals in any window, or None when the simulator does
+    /// not report arrivals; limit).
+    windows: BTreeMap<String, (Option<u64>, u64)>,
+    /// (tagged, untagged, duplicates), None when the simulator does not report tickets.
+    tickets: Option<(u64, u64, u64)>,
+    succeeded: usize,
+    failed: Vec<String>,
+    lost: Vec<String>,
+    stored: BTreeMap<String, usize>,
+    /// Limiter state was lost in this case; the recovery, if the simulator reports the
+    /// times of accepted calls.
+    state_lost: bool,
+    recovery_ms: Option<u64>,
+    notes: Vec<String>,
+    /// Extra failures a case found (its own property).
+    broken: Vec<String>,
+}
+
+fn counts(v: &Value) -> BTreeMap<String, u64> {
+    v.as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Figures {
+    fn new(plan: &Plan, m: &Value, elapsed: Duration) -> Figures {
+        let limits = counts(&m["limits"]);
+        let max_arrivals = m["max_arrivals_in_any_window"]
+            .as_object()
+            .map(|_| counts(&m["max_arrivals_in_any_window"]));
+        let windows = limits
+            .iter()
+            .map(|(dim, limit)| {
+                let seen = max_arrivals
+                    .as_ref()
+                    .map(|a| a.get(dim).copied().unwrap_or(0));
+                (dim.clone(), (seen, *limit))
+            })
+            .collect();
+        let t = &m["tickets"];
+        let tickets = match (
+            t["tagged"].as_u64(),
+            t["untagged"].as_u64(),
+            t["duplicates"].as_u64(),
+        ) {
+            (Some(a), Some(b), Some(c)) => Some((a, b, c)),
+            _ => None,
+        };
+        Figures {
+            case: plan.name.to_owned(),
+            requests: plan.requests,
+            window: plan.window(),
+            elapsed,
+            arrivals: m["arrivals"].as_u64(),
+            accepted: m["accepted"].as_u64().unwrap_or(0),
+            rejected: counts(&m["rejected"]),
+            faults: counts(&m["faults"]),
+            windows,
+            tickets,
+            ..Figures::default()
+        }
+    }
+
+    /// Windows over a limit: from the arrival counts, or, when the simulator does not
+    /// report them, from its quota refusals (a refusal means the window was full).
+    fn over_limit(&self) -> Vec<String> {
+        self.windows
+            .iter()
+            .filter_map(|(dim, (seen, limit))| match seen {
+                Some(s) if s > limit => Some(format!("{dim}: {s} arrivals in one window, limit {limit}")),
+                Some(_) => None,
+                None => self
+                    .rejected
+                    .get(dim)
+                    .filter(|n| **n > 0)
+                    .map(|n| format!("{dim}: {n} calls refused over the limit {limit} (arrival counts not reported)")),
+            })
+            .collect()
+    }
+
+    fn stored_twice(&self) -> Vec<String> {
+        self.stored
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect()
+    }
+
+    fn line(&self) -> String {
+        let windows: Vec<String> = self
+            .windows
+            .iter()
+            .map(|(d, (s, l))| match s {
+                Some(s) => format!("{d} {s}/{l}"),
+                None => format!(
+                    "{d} ?/{l} (refused {})",
+                    self.rejected.get(d).copied().unwrap_or(0)
+                ),
+            })
+            .collect();
+        let tickets = match self.tickets {
+            Some((t, u, d)) => format!("tagged {t} uncounted {} (untagged {u}, reused {d})", u + d),
+            None => "uncounted ? (no ticket counts)".to_owned(),
+        };
+        let recovery = match self.recovery_ms {
+            None if self.state_lost => "? (no accepted_at_ms)".to_owned(),
+            None => "-".to_owned(),
+            Some(u64::MAX) => "never".to_owned(),
+            Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
+        };
+        format!(
+            "FAULT {:<24} requests {} arrivals {} accepted {} (extra {}) rejected {:?} faults {:?} max-window {} | {} | succeeded {} failed {} lost {} stored-twice {} | recovery {} (window {} s) | {:.0} s{}",
+            self.case,
+            self.requests,
+            self.arrivals.map_or("?".to_owned(), |a| a.to_string()),
+            self.accepted,
+            self.accepted as i64 - self.requests as i64,
+            self.rejected,
+            self.faults,
+            windows.join(", "),
+            tickets,
+            self.succeeded,
+            self.failed.len(),
+            self.lost.len(),
+            self.stored_twice().len(),
+            recovery,
+            self.window.as_secs(),
+            self.elapsed.as_secs_f64(),
+            if self.notes.is_empty() {
+                String::new()
+            } else {
+                format!(" | {}", self.notes.join("; "))
+            },
+        )
+    }
+
+    /// Prints the case's line and fails with every property that did not hold.
+    fn check(&self) {
+        let line = self.line();
+        println!("{line}");
+        if let Some(path) = std::env::var_os("PACER_FAULTS_REPORT") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        let mut broken = self.broken.clone();
+        if self.state_lost && self.recovery_ms.is_none() {
+            broken.push("the simulator reports no accepted_at_ms: recovery not measurable".into());
+        }
+        for over in self.over_limit() {
+            broken.push(format!("over the limit: {over}"));
+        }
+        match self.tickets {
+            Some((_, 0, 0)) => {}
+            Some((_, u, d)) => broken.push(format!(
+                "uncounted calls: {u} without a ticket, {d} reusing another call's ticket"
+            )),
+            None => broken.push(
+                "the simulator reports no ticket counts (tickets.tagged/untagged/duplicates)"
+                    .into(),
+            ),
+        }
+        if !self.lost.is_empty() {
+            broken.push(format!(
+                "{} lost (no final record): {:?}",
+                self.lost.len(),
+                self.lost
+            ));
+        }
+        if !self.failed.is_empty() {
+            broken.push(format!(
+                "{} failed, though every fault here is transient: {:?}",
+                self.failed.len(),
+                self.failed
+            ));
+        }
+        let twice = self.stored_twice();
+        if !twice.is_empty() {
+            broken.push(format!("images stored more than once: {twice:?}"));
+        }
+        let stored_images = self.stored.len();
+        if stored_images != self.succeeded {
+            broken.push(format!(
+                "{stored_images} images in the sink for {} succeeded requests",
+                self.succeeded
+            ));
+        }
+        if let Some(ms) = self.recovery_ms {
+            // The limiter waits out the lost window once (one window), then admits the
+            // backlog at once. On top of that: deferred messages come back through SQS
+            // (visibility in whole seconds, 1 s long polls) and the workers are debug
+            // processes on a shared two-core machine, so allow 3 s more. A fence on the
+            // wrong (10-minute spend) window, or re-extended by stale callers, is far above.
+            let bound = self.window + Duration::from_secs(3);
+            if ms > bound.as_millis() as u64 {
+                broken.push(format!(
+                    "throughput not back to the limit within one window after the loss: {} (bound {:?})",
+                    if ms == u64::MAX { "never".to_owned() } else { format!("{ms} ms") },
+                    bound
+                ));
+            }
+        }
+        assert!(broken.is_empty(), "{}\n  - {}", line, broken.join("\n  - "));
+    }
+}
+
+// --- The cases ------------------------------------------------------------------------
+
+/// No fault: a backlog deeper than the step's max wait, so messages are deferred and
+/// redelivered (the ordinary production path, and where redelivered bookings replayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_backlog() {
+    let case = Case::start(Plan::new("deep-backlog")).await;
+    case.finish().await.check();
+}
+
+/// The sink's bucket is missing until a window's worth of images failed to store, then
+/// created: the generated-but-unstored requests come back and are counted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_fails_then_recovers() {
+    let mut plan = Plan::new("sink-fails");
+    plan.bucket_missing = true;
+    let mut case = Case::start(plan).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    // The calls were counted on arrival; wait until their answers came back and the
+    // writes failed (the workers log each), not a fixed time.
+    let dir = case.dir.clone();
+    let failed_stores = move || {
+        std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .matches("storing the image failed")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let want = limit as usize / 2;
+    case.wait_for(
+        &format!("{want} failed sink writes in the workers' logs"),
+        Duration::from_secs(30),
+        |_| failed_stores() >= want,
+    )
+    .await;
+    create_bucket(&case.s3, &case.ns).await;
+    case.notes.push(format!(
+        "{} sink writes failed before the bucket existed ({} calls accepted)",
+        failed_stores(),
+        case.accepted()
+    ));
+    case.finish().await.check();
+}
+
+/// 503 bursts (the first 4 s of every 8 s) much longer than the retry budget (2 attempts,
+/// backoff under 0.5 s): requests are deferred, then complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_bursts_longer_than_the_retry_budget() {
+    let mut plan = Plan::new("503-bursts");
+    plan.retry_attempts = 2;
+    plan.faults.overload_burst = Some(Schedule {
+        every: Duration::from_secs(8),
+        length: Duration::from_secs(4),
+    });
+    let case = Case::start(plan).await;
+    case.finish().await.check();
+}
+
+/// A third of the calls hang for 5 s, past the chain's 1 s request timeout: the provider
+/// counted them, so each retry must book its own entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_hangs_past_the_request_timeout() {
+    let mut plan = Plan::new("provider-hangs");
+    plan.request_timeout_s = 1;
+    plan.faults.slow = 0.3;
+    plan.faults.slow_ms = 5000;
+    let case = Case::start(plan).await;
+    case.finish().await.check();
+}
+
+/// Waits until the simulator is answering calls and a worker holds claims (calls take
+/// 1.5 s, so its calls are in flight), and returns that worker's index.
+async fn busy_worker(case: &mut Case) -> usize {
+    case.wait_for(
+        "the simulator's first arrival",
+        Duration::from_secs(60),
+        |c| c.arrivals() >= 1,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holders = case.claim_holders().await;
+        if let Some((name, _)) = holders.iter().max_by_key(|(_, n)| **n)
+            && let Some(i) = name.strip_prefix('w').and_then(|n| n.parse::<usize>().ok())
+        {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker held a claim within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A worker is killed with SIGKILL while its calls are in flight; a replacement starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_call() {
+    let mut plan = Plan::new("sigkill-mid-call");
+    plan.latency_ms = 1500;
+    let mut case = Case::start(plan).await;
+    let victim = busy_worker(&mut case).await;
+    let claims = case.claim_holders().await;
+    let child: &mut Child = &mut case.workers.0[victim];
+    child.kill().expect("SIGKILL a worker");
+    child.wait().expect("reap it");
+    case.notes.push(format!(
+        "killed w{victim} holding {:?} claims",
+        claims.get(&format!("w{victim}"))
+    ));
+    case.spawn_worker();
+    case.finish().await.check();
+}
+
+/// A worker gets SIGTERM while its calls are in flight, with a 1 s grace shorter than the
+/// 1.5 s calls: the drain cuts calls the provider already counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_stopped_mid_call() {
+    let mut plan = Plan::new("sigterm-mid-call");
+    plan.latency_ms = 1500;
+    plan.shutdown_grace_s = 1;
+    let mut case = Case::start(plan).await;
+    let victim = busy_worker(&mut case).await;
+    let claims = case.claim_holders().await;
+    let child: &mut Child = &mut case.workers.0[victim];
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "w{victim} did not stop within 20 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    case.notes.push(format!(
+        "stopped w{victim} holding {:?} claims",
+        claims.get(&format!("w{victim}"))
+    ));
+    case.spawn_worker();
+    case.finish().await.check();
+}
+
+/// Redis restarts empty (no persistence) once a window is full; the config is applied
+/// again at once, as `pacer apply` or the operator would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarts_empty() {
+    let mut case = Case::start(Plan::new("redis-restart-empty")).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    let _ = std::fs::remove_file(case.redis.dir().join("dump.rdb"));
+    case.redis.start_again();
+    case.mark_state_lost();
+    Rig::apply_config_at(&case.redis.url(), &case.plan.config(&case.ns)).await;
+    case.finish().await.check();
+}
+
+/// Redis restarts from an older snapshot: SAVE, a window's worth of calls, then a
+/// restart on that dump.rdb at the same port (the bookings since the SAVE are gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rolls_back_to_an_older_snapshot() {
+    let mut case = Case::start(Plan::new("redis-rollback")).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit / 2).await;
+    let mut conn = case.redis_conn().await;
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn)
+        .await
+        .expect("SAVE");
+    let saved_at = case.accepted();
+    case.wait_accepted(saved_at + limit).await;
+    case.redis.start_again();
+    case.mark_state_lost();
+    case.notes.push(format!(
+        "snapshot at {saved_at} accepted, rolled back at {}",
+        case.accepted()
+    ));
+    case.finish().await.check();
+}
+
+/// A lagging replica is promoted behind the same address: the replica follows the
+/// primary through a toxiproxy link, the link is cut while a window's worth of calls is
+/// booked, then the workers' proxy is switched to the replica and `REPLICAOF NO ONE` run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_promoted() {
+    let mut case = Case::start(Plan::new("replica-promoted")).await;
+    let rig = case.rig.clone();
+    let link = Toxiproxy::from_rig(&rig)
+        .create(&format!("{}-link", case.ns), &case.redis.addr())
+        .await;
+    let (host, port) = link.listen.rsplit_once(':').expect("host:port");
+    let replica = RedisServer::start(
+        &rig,
+        &case.dir.join("replica"),
+        &["--replicaof", host, port],
+    );
+    let replica_url = replica.url();
+    let synced = || async {
+        let mut c = redis::Client::open(replica_url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("replica");
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await
+            .expect("INFO");
+        info.contains("master_link_status:up")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !synced().await {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let limit = case.plan.limit;
+    case.wait_accepted(limit / 2).await;
+    link.set_enabled(false).await;
+    let cut_at = case.accepted();
+    case.wait_accepted(cut_at + limit).await;
+    let mut c = redis::Client::open(replica.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("replica");
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut c)
+        .await
+        .expect("promote");
+    case.proxy.set_upstream(&replica.addr()).await;
+    case.mark_state_lost();
+    case.redis.kill();
+    case.notes.push(format!(
+        "link cut at {cut_at} accepted, promoted at {}",
+        case.accepted()
+    ));
+    let figures = case.finish().await;
+    let _ = link.delete().await;
+    drop(replica);
+    figures.check();
+}
+
+async fn delete_limiter_key(case: &mut Case, suffix: &str) {
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    let key = format!("{{pacer:{}:{MODEL}}}:{suffix}", case.ns);
+    let mut conn = case.redis_conn().await;
+    let n: u64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert_eq!(
+        n, 1,
+        "{key} did not exist: the limiter's key layout changed?"
+    );
+    case.mark_state_lost();
+}
+
+/// The limiter's log (its sorted set of bookings) is deleted alone, as a `volatile-*`
+/// eviction could.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_log_deleted() {
+    let mut case = Case::start(Plan::new("limiter-log-deleted")).await;
+    delete_limiter_key(&mut case, "log").await;
+    case.finish().await.check();
+}
+
+/// The limiter's state hash (running sums, cooldown, latest start) is deleted alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_state_deleted() {
+    let mut case = Case::start(Plan::new("limiter-state-deleted")).await;
+    delete_limiter_key(&mut case, "st").await;
+    case.finish().await.check();
+}
+
+/// The network between the workers and Redis drops everything, both ways, for 4 s
+/// (toxiproxy `timeout` toxics with no timeout: data vanishes, connections stay open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_network_blackhole() {
+    let mut case = Case::start(Plan::new("redis-blackhole")).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit / 2).await;
+    for stream in ["upstream", "downstream"] {
+        case.proxy
+            .add_toxic(
+                &format!("hole-{stream}"),
+                "timeout",
+                stream,
+                serde_json::json!({"timeout": 0}),
+            )
+            .await;
+    }
+    // The fault's length is the scenario, not a wait for correctness.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for stream in ["upstream", "downstream"] {
+        case.proxy.remove_toxic(&format!("hole-{stream}")).await;
+    }
+    case.finish().await.check();
+}
+
+/// 150 ms (plus up to 50 ms jitter) each way between the workers and Redis, all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_network_latency() {
+    let plan = Plan::new("redis-latency");
+    let case = Case::start(plan).await;
+    for stream in ["upstream", "downstream"] {
+        case.proxy
+            .add_toxic(
+                &format!("slow-{stream}"),
+                "latency",
+                stream,
+                serde_json::json!({"latency": 150, "jitter": 50}),
+            )
+            .await;
+    }
+    case.finish().await.check();
+}
+
+/// A quota 429 with `RetryInfo` lands while a backlog of tickets is booked (max wait two
+/// windows): for 12 s (more than two windows) every call is answered 429 (see
+/// [`QuotaFault`]). The first 429 sets
+/// the shared cooldown; tickets booked before it must be re-checked and deferred, not
+/// fired into the cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_429_while_tickets_are_booked() {
+    let mut plan = Plan::new("429-cooldown-booked");
+    plan.max_wait_s = 10;
+    let mut case = Case::start(plan).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    let length = Duration::from_secs(12);
+    let from = Instant::now();
+    let from_ms = epoch_ms();
+    *case.quota_fault.lock().expect("lock") = Some(QuotaFault {
+        from,
+        until: from + length,
+        answered: 0,
+    });
+    case.wait_for(
+        "the end of the 429 period",
+        length + Duration::from_secs(1),
+        |_| from.elapsed() > length,
+    )
+    .await;
+    let answered = case
+        .quota_fault
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map_or(0, |f| f.answered);
+    // The simulator's count of calls that arrived during the period.
+    let until_ms = from_ms + length.as_secs_f64() * 1000.0;
+    let in_period = case.model_stats()["accepted_at_ms"].as_array().map(|t| {
+        t.iter()
+            .filter_map(Value::as_f64)
+            .filter(|t| *t >= from_ms && *t < until_ms)
+            .count()
+    });
+    let mut figures = case.finish().await;
+    figures.notes.push(format!(
+        "calls during the 12 s of 429s: {} (front answered {answered})",
+        in_period.map_or("?".to_owned(), |n| n.to_string())
+    ));
+    // Once the first 429 has set the cooldown, booked tickets are re-checked and
+    // deferred. Tickets that start at the same instant as the first 429'd call (the
+    // limiter admits a window's worth at once) can pass their check before the cooldown
+    // lands, so up to one window's worth may still arrive; a fleet that fires its whole
+    // booked backlog into the cooldown sends a window's worth per window of the period
+    // (about twice the limit here).
+    match in_period {
+        Some(n) if n as u64 > limit => figures.broken.push(format!(
+            "{n} calls fired into the 429 cooldown (at most {limit}, one burst, may)"
+        )),
+        Some(_) => {}
+        None => figures
+            .broken
+            .push("the simulator reports no accepted_at_ms".into()),
+    }
+    figures.check();
+}
