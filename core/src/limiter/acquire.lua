@@ -229,19 +229,24 @@ end
 -- without persistence), or a later booking than the state holds (a rollback: a promoted
 -- lagging replica or an older snapshot keeps the generation), or the hash and the log
 -- disagree (one key lost). Then every limited dimension waits out its own window from the
--- latest start anyone saw: fs, raised only by a later start, so later stale callers do
--- not extend it. Returns whether there was evidence.
+-- latest start anyone saw (fs, raised only by a later start, so later stale callers do
+-- not extend it). A lost booking that had started by the time of the loss may have been
+-- called, so the fence also covers that time: the generation's start after a restart,
+-- now for a lost key or a rollback found by this call; a lost booking that starts later
+-- is never called, as its check finds it gone. Returns whether there was evidence.
 local function fence(hint_gen, hint_last)
   local broken = S.n ~= count
-  if not (broken or (hint_gen > 0 and hint_gen ~= S.gen) or hint_last > S.ls) then
-    return false
-  end
+  local other_gen = hint_gen > 0 and hint_gen ~= S.gen
+  local rolled_back = hint_last > S.ls
+  if not (broken or other_gen or rolled_back) then return false end
   local at = hint_last
+  if other_gen then at = math.max(at, S.gen) end
+  if rolled_back then at = math.max(at, now) end
   if broken then
     -- Count what the log still holds, and fence from its latest booking and the hash's.
     local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
     if top[2] then at = math.max(at, tonumber(top[2])) end
-    at = math.max(at, S.ls)
+    at = math.max(at, S.ls, now)
     for d = 1, 4 do rebuild(d, cur[d]) end
     S.n = count
   end

@@ -182,21 +182,32 @@ impl KeyState {
     /// than the state holds (a rollback), or the hash and the log disagree (one key lost).
     /// Then every limited dimension waits out its own window from the latest start anyone
     /// saw; the fence only moves to a later start, so later stale callers do not extend
-    /// it. Returns whether there was evidence.
+    /// it. A lost booking that had started by the time of the loss may have been called,
+    /// so the fence also covers that time (the generation's start after a restart, now for
+    /// a lost key or a rollback found by this call); one that starts later is never
+    /// called, as its check finds it gone.
+    /// Returns whether there was evidence.
     fn fence(&mut self, (hint_gen, hint_last): Hint) -> bool {
         let broken = self.entries != self.log.len() as u64;
-        if !(broken || (hint_gen > 0 && hint_gen != self.generation) || hint_last > self.last_start)
-        {
+        let other_gen = hint_gen > 0 && hint_gen != self.generation;
+        let rolled_back = hint_last > self.last_start;
+        if !(broken || other_gen || rolled_back) {
             return false;
         }
         let mut at = hint_last;
+        if other_gen {
+            at = at.max(self.generation);
+        }
+        if rolled_back {
+            at = at.max(self.now);
+        }
         if broken {
             // Count what the log still holds, and fence from its latest booking and the
             // hash's.
             if let Some(e) = self.log.back() {
                 at = at.max(e.start);
             }
-            at = at.max(self.last_start);
+            at = at.max(self.last_start).max(self.now);
             for d in 0..4 {
                 self.cursor[d] = self.cursor[d].max(self.base);
                 let skip = usize::try_from(self.cursor[d] - self.base).unwrap_or(usize::MAX);

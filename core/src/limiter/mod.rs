@@ -17,8 +17,10 @@
 //! - lost state is fenced once, per dimension: every caller sends the generation and the
 //!   latest start it saw, and evidence of loss (another generation, a later start than the
 //!   state holds, the log and the hash disagreeing) makes every limited dimension wait out
-//!   its own window from the latest start anyone saw. The fence only moves to a later
-//!   start, so stale callers do not extend it.
+//!   its own window from the latest start anyone saw (and from when the loss was found:
+//!   what had started by then may have been called; a lost booking that starts later is
+//!   stopped by its check). The fence only moves to a later start, so stale callers do
+//!   not extend it.
 //!
 //! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
 //! - [`redis`]: the shared limiter, one Lua script per decision.
