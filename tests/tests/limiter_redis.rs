@@ -936,3 +936,64 @@ async fn eviction_policy_is_read_and_judged() {
     assert!(eviction_policy_is_safe("volatile-lru"));
     assert!(!eviction_policy_is_safe("allkeys-lru"));
 }
+
+/// After a loss, what only the callers still know of the day comes back with them: the
+/// day's count and a per-day block.
+#[tokio::test]
+async fn lost_state_keeps_the_day_count_and_block_the_callers_saw() {
+    let (url, l) = rig_limiter().await;
+    let l = l.with_calendar(Arc::new(FixedDays {
+        origin_us: now_us() - 1_000_000,
+        day_us: 3_600_000_000,
+    }));
+    let mut conn = raw(&url).await;
+    let mut q = quota(Some(100), None, Duration::from_secs(1), None);
+    q.requests_per_day = Some(3);
+    let key = fresh_key("daycount");
+    for id in ["a", "b", "c"] {
+        l.acquire(&key, &q, id, req(1), Duration::ZERO)
+            .await
+            .expect("acquire");
+    }
+    del(&mut conn, &[key.log_key(), key.state_key()]).await;
+    let d = l
+        .acquire(&key, &q, "d", req(1), Duration::from_secs(10))
+        .await
+        .expect("d");
+    assert!(
+        matches!(
+            d,
+            Decision::Rejected {
+                blocking: Blocker::Daily,
+                ..
+            }
+        ),
+        "the day is spent: {d:?}"
+    );
+    let key = fresh_key("dayblock");
+    l.acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    l.penalize(&key, Duration::ZERO, PenaltyScope::PerDay)
+        .await
+        .expect("penalize");
+    let _ = l
+        .acquire(&key, &q, "b", req(1), Duration::ZERO)
+        .await
+        .expect("b");
+    del(&mut conn, &[key.log_key(), key.state_key()]).await;
+    let c = l
+        .acquire(&key, &q, "c", req(1), Duration::from_secs(10))
+        .await
+        .expect("c");
+    assert!(
+        matches!(
+            c,
+            Decision::Rejected {
+                blocking: Blocker::Daily,
+                ..
+            }
+        ),
+        "still blocked for the day: {c:?}"
+    );
+}

@@ -233,12 +233,18 @@ end
 -- not extend it). A lost booking that had started by the time of the loss may have been
 -- called, so the fence also covers that time: the generation's start after a restart,
 -- now for a lost key or a rollback found by this call; a lost booking that starts later
--- is never called, as its check finds it gone. Returns whether there was evidence.
-local function fence(hint_gen, hint_last)
+-- is never called, as its check finds it gone. What only the callers still know of the
+-- day comes back from their hints: the day's count (the most any of them saw, a lower
+-- bound of the lost one) and a per-day block. h is the caller's hint (gen, latest start,
+-- day end, day count, day block). Returns whether there was evidence.
+local function fence(h)
+  local hint_gen, hint_last = h[1], h[2]
   local broken = S.n ~= count
   local other_gen = hint_gen > 0 and hint_gen ~= S.gen
   local rolled_back = hint_last > S.ls
   if not (broken or other_gen or rolled_back) then return false end
+  if h[3] == S.de then S.dc = math.max(S.dc, h[4]) end
+  S.db = math.max(S.db, h[5])
   local at = hint_last
   if other_gen then at = math.max(at, S.gen) end
   if rolled_back then at = math.max(at, now) end
@@ -263,12 +269,14 @@ if op == 'a' then
   local W = { tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15]) }
   local rpd = tonumber(ARGV[16])
   local b = { tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20]) }
-  local hint_gen, hint_last = tonumber(ARGV[21]), tonumber(ARGV[22])
+  local h = {}
+  for i = 1, 5 do h[i] = tonumber(ARGV[20 + i]) or 0 end
   roll_day(b)
-  fence(hint_gen, hint_last)
+  fence(h)
   local function reply(kind, v, blocker, costs)
     save()
-    return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4] }
+    return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4],
+      S.de, S.dc, S.db }
   end
   -- A retried acquire of the same delivery gets its ticket back while the start is ahead;
   -- once it has passed, the entry stays counted and the id books afresh.
@@ -345,27 +353,35 @@ elseif op == 'c' then
   -- Just before a booked call: the state must not have been lost, the booking must still
   -- be held, and no cooldown or day block set since it was booked (a booking made under
   -- one starts after it) may forbid it. Replies carry the generation and latest start.
+  -- ARGV: id, start, the hint (4..8), the day boundaries (9..12).
   local id, start = ARGV[2], tonumber(ARGV[3])
-  local hint_gen, hint_last = tonumber(ARGV[4]) or 0, tonumber(ARGV[5]) or 0
-  if fence(hint_gen, hint_last) then
+  local h = {}
+  for i = 1, 5 do h[i] = tonumber(ARGV[3 + i]) or 0 end
+  if ARGV[9] then
+    roll_day({ tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) })
+  end
+  local function answer(kind, v, code)
+    return { kind, v, code, S.gen, S.ls, S.de, S.dc, S.db }
+  end
+  if fence(h) then
     -- Fenced now, so nobody books into the lost window; this ticket is not used.
     local m = booked(id, start)
     if m then replace(m, id, start, nil) end
     save()
-    return { 2, -1, 8, S.gen, S.ls }
+    return answer(2, -1, 8)
   end
   local m = (not fresh) and booked(id, start)
   if not m then
     if fresh then return { 2, -1, 8 } end
-    return { 2, -1, 8, S.gen, S.ls }
+    return answer(2, -1, 8)
   end
   local until_, code = 0, 0
   if S.cd > now then until_, code = S.cd, 6 end
   if S.db > now and S.db > until_ then until_, code = S.db, 5 end
-  if code == 0 then return { 1, 0, 0, S.gen, S.ls } end
+  if code == 0 then return answer(1, 0, 0) end
   replace(m, id, start, nil)
   save()
-  return { 2, until_ - now, code, S.gen, S.ls }
+  return answer(2, until_ - now, code)
 elseif op == 'p' then
   local delay, scope = tonumber(ARGV[2]), ARGV[3]
   roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })

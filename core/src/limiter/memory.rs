@@ -12,17 +12,13 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Limiter, Limits, Origin,
+    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Hint, Limiter, Limits, Origin,
     PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
     us_dur,
 };
 use crate::quota::{Costs, Dim, ModelQuota};
 
 const DAY_US: i64 = 86_400_000_000;
-
-/// What a caller last saw of a key's state: its generation and latest booked start. Sent
-/// with every acquire and check so lost state can be told (the Redis limiter's hint).
-pub(crate) type Hint = (i64, i64);
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -88,7 +84,13 @@ impl KeyState {
 
     /// What a caller learns from a reply.
     pub(crate) fn hint(&self) -> Hint {
-        (self.generation, self.last_start)
+        Hint {
+            generation: self.generation,
+            last_start: self.last_start,
+            day_end: self.day_end,
+            day_count: self.day_count,
+            day_blocked: self.day_blocked,
+        }
     }
 
     /// Starts an operation: the monotonic now, and whether the state is new (the script's
@@ -185,16 +187,21 @@ impl KeyState {
     /// it. A lost booking that had started by the time of the loss may have been called,
     /// so the fence also covers that time (the generation's start after a restart, now for
     /// a lost key or a rollback found by this call); one that starts later is never
-    /// called, as its check finds it gone.
-    /// Returns whether there was evidence.
-    fn fence(&mut self, (hint_gen, hint_last): Hint) -> bool {
+    /// called, as its check finds it gone. What only the callers still know of the day
+    /// comes back from their hints: the day's count (the most any of them saw, a lower
+    /// bound of the lost one) and a per-day block. Returns whether there was evidence.
+    fn fence(&mut self, h: Hint) -> bool {
         let broken = self.entries != self.log.len() as u64;
-        let other_gen = hint_gen > 0 && hint_gen != self.generation;
-        let rolled_back = hint_last > self.last_start;
+        let other_gen = h.generation > 0 && h.generation != self.generation;
+        let rolled_back = h.last_start > self.last_start;
         if !(broken || other_gen || rolled_back) {
             return false;
         }
-        let mut at = hint_last;
+        if h.day_end == self.day_end {
+            self.day_count = self.day_count.max(h.day_count);
+        }
+        self.day_blocked = self.day_blocked.max(h.day_blocked);
+        let mut at = h.last_start;
         if other_gen {
             at = at.max(self.generation);
         }
@@ -382,11 +389,13 @@ impl KeyState {
     pub(crate) fn check(
         &mut self,
         clock_now: i64,
+        calendar: &dyn Calendar,
         request_id: &str,
         start: i64,
         hint: Hint,
     ) -> Check {
         let (now, fresh) = self.begin(clock_now);
+        self.roll_day(now, calendar);
         let lost = Check::Cancelled {
             retry_after: None,
             blocking: Blocker::Lost,
@@ -672,7 +681,13 @@ impl Limiter for MemoryLimiter {
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let now = self.clock.now_us();
         Ok(self.with_state(&ticket.key, |st, hint| {
-            let check = st.check(now, &ticket.request_id, ticket.start_us, *hint);
+            let check = st.check(
+                now,
+                &*self.calendar,
+                &ticket.request_id,
+                ticket.start_us,
+                *hint,
+            );
             if st.generation != 0 {
                 *hint = st.hint();
             }

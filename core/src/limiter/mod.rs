@@ -342,6 +342,48 @@ pub trait Limiter: Send + Sync {
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage>;
 }
 
+/// What a caller last saw of one key's state. Sent with every acquire and check, so the
+/// limiter can tell that it lost its state (another generation, an earlier latest start)
+/// and restore what only the callers still know of the day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Hint {
+    /// When the state began (0: never seen).
+    pub generation: i64,
+    /// The latest booked start.
+    pub last_start: i64,
+    /// The end of the quota day `day_count` is for.
+    pub day_end: i64,
+    /// Requests counted in that day.
+    pub day_count: i64,
+    /// When a per-day block ends.
+    pub day_blocked: i64,
+}
+
+impl Hint {
+    /// As the script reads them.
+    pub(crate) fn to_array(self) -> [i64; 5] {
+        [
+            self.generation,
+            self.last_start,
+            self.day_end,
+            self.day_count,
+            self.day_blocked,
+        ]
+    }
+
+    /// From the script's reply, at `at` (generation, latest start, day end, day count,
+    /// day block), if it is long enough.
+    pub(crate) fn from_reply(reply: &[i64], at: [usize; 5]) -> Option<Hint> {
+        Some(Hint {
+            generation: *reply.get(at[0])?,
+            last_start: *reply.get(at[1])?,
+            day_end: *reply.get(at[2])?,
+            day_count: *reply.get(at[3])?,
+            day_blocked: *reply.get(at[4])?,
+        })
+    }
+}
+
 /// Time for the in-memory limiter and the circuit breaker: injected so tests never sleep.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// Now, in µs since the Unix epoch.

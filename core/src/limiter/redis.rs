@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use redis::{Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::{
-    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Limiter, Limits, Origin,
-    PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
-    us_dur,
+    Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Hint, Limiter, Limits,
+    Origin, PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64,
+    dur_us, us_dur,
 };
 use crate::quota::{Costs, Dim, ModelQuota};
 
@@ -41,10 +41,6 @@ impl Default for RedisOptions {
         }
     }
 }
-
-/// What this process last saw of a key's state: its generation and latest booked start.
-/// Sent with every acquire so the script can tell when Redis lost the state.
-type Hint = (i64, i64);
 
 /// The shared limiter on Redis (standalone or Cluster: a pair's keys share one slot).
 #[derive(Clone)]
@@ -115,14 +111,14 @@ impl RedisLimiter {
         *days
     }
 
-    /// What this process last saw of `key`'s state (`(0, 0)`: nothing yet).
+    /// What this process last saw of `key`'s state (all zero: nothing yet).
     fn hint(&self, key: &QuotaKey) -> Hint {
         self.hints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .copied()
-            .unwrap_or((0, 0))
+            .unwrap_or_default()
     }
 
     fn set_hint(&self, key: &QuotaKey, hint: Hint) {
@@ -221,7 +217,7 @@ impl Limiter for RedisLimiter {
         let l = Limits::of(quota);
         let c = costs_i64(&costs);
         let b = self.boundaries();
-        let (hint_gen, hint_last) = self.hint(key);
+        let h = self.hint(key).to_array();
         let reply = self
             .run(
                 key,
@@ -246,8 +242,11 @@ impl Limiter for RedisLimiter {
                     &b[1],
                     &b[2],
                     &b[3],
-                    &hint_gen,
-                    &hint_last,
+                    &h[0],
+                    &h[1],
+                    &h[2],
+                    &h[3],
+                    &h[4],
                 ]),
             )
             .await?;
@@ -257,7 +256,9 @@ impl Limiter for RedisLimiter {
             get(&reply, 2)?,
             get(&reply, 3)?,
         );
-        self.set_hint(key, (get(&reply, 4)?, get(&reply, 5)?));
+        let hint = Hint::from_reply(&reply, [4, 5, 10, 11, 12])
+            .ok_or_else(|| Error::Protocol(format!("reply too short: {reply:?}")))?;
+        self.set_hint(key, hint);
         match kind {
             1 => {
                 let mut booked = [0u64; 4];
@@ -291,15 +292,31 @@ impl Limiter for RedisLimiter {
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let rid = ticket.request_id.as_str();
-        let (hint_gen, hint_last) = self.hint(&ticket.key);
+        let h = self.hint(&ticket.key).to_array();
+        let b = self.boundaries();
         let r = self
             .run(
                 &ticket.key,
-                args(&[&"c", &rid, &ticket.start_us, &hint_gen, &hint_last]),
+                args(&[
+                    &"c",
+                    &rid,
+                    &ticket.start_us,
+                    &h[0],
+                    &h[1],
+                    &h[2],
+                    &h[3],
+                    &h[4],
+                    &b[0],
+                    &b[1],
+                    &b[2],
+                    &b[3],
+                ]),
             )
             .await?;
-        if let (Some(gen_), Some(last)) = (r.get(3), r.get(4)) {
-            self.set_hint(&ticket.key, (*gen_, *last));
+        // A check on a state that is gone (and was not fenced) leaves the hint alone, so
+        // the next acquire still sees the loss.
+        if let Some(hint) = Hint::from_reply(&r, [3, 4, 5, 6, 7]) {
+            self.set_hint(&ticket.key, hint);
         }
         match get(&r, 0)? {
             1 => Ok(Check::Go),

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 use proptest::prelude::*;
 
 use super::*;
-use crate::limiter::{FixedDays, ManualClock, PacificCalendar};
+use crate::limiter::{FixedDays, Hint, ManualClock, PacificCalendar};
 use crate::quota::DimensionQuota;
 
 const T0: i64 = 1_790_000_000_000_000; // 2026-09-21, µs
@@ -531,7 +531,7 @@ struct Caller {
 }
 
 impl Caller {
-    fn acquire(
+    fn decide(
         &mut self,
         st: &mut KeyState,
         now: i64,
@@ -539,7 +539,7 @@ impl Caller {
         id: &str,
         costs: Costs,
         max_wait: Duration,
-    ) -> Ticket {
+    ) -> Decision {
         let outcome = st.acquire(
             now,
             &PacificCalendar,
@@ -550,14 +550,26 @@ impl Caller {
             self.hint,
         );
         self.hint = st.hint();
-        let d = decision(&key(), id, outcome, Origin::Shared);
+        decision(&key(), id, outcome, Origin::Shared)
+    }
+
+    fn acquire(
+        &mut self,
+        st: &mut KeyState,
+        now: i64,
+        q: &ModelQuota,
+        id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Ticket {
+        let d = self.decide(st, now, q, id, costs, max_wait);
         d.ticket()
             .unwrap_or_else(|| panic!("expected a ticket for {id}: {d:?}"))
             .clone()
     }
 
     fn check(&mut self, st: &mut KeyState, now: i64, t: &Ticket) -> Check {
-        let c = st.check(now, &t.request_id, t.start_us, self.hint);
+        let c = st.check(now, &PacificCalendar, &t.request_id, t.start_us, self.hint);
         if st.generation != 0 {
             self.hint = st.hint();
         }
@@ -720,6 +732,48 @@ fn check_on_lost_state_reports_lost_and_fences() {
         }
     ));
     assert_eq!(me.check(&mut st, b.start_us + w, &b), c);
+}
+
+/// What only the callers still know of the day comes back with them after a loss: the
+/// day's count and a per-day block.
+#[test]
+fn lost_state_keeps_the_day_count_and_block_the_callers_saw() {
+    let mut q = quota(Some(100), None, 2, None);
+    q.requests_per_day = Some(3);
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    for id in ["a", "b", "c"] {
+        me.acquire(&mut st, T0, &q, id, req(1), Duration::ZERO);
+    }
+    st = KeyState::default();
+    let d = me.decide(&mut st, T0 + MS, &q, "d", req(1), LONG);
+    assert!(
+        matches!(
+            d,
+            Decision::Rejected {
+                blocking: Blocker::Daily,
+                ..
+            }
+        ),
+        "the day is spent: {d:?}"
+    );
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    me.acquire(&mut st, T0, &q, "a", req(1), Duration::ZERO);
+    st.penalize(T0, &PacificCalendar, 0, PenaltyScope::PerDay);
+    me.decide(&mut st, T0, &q, "b", req(1), Duration::ZERO);
+    st = KeyState::default();
+    let d = me.decide(&mut st, T0 + MS, &q, "c", req(1), LONG);
+    assert!(
+        matches!(
+            d,
+            Decision::Rejected {
+                blocking: Blocker::Daily,
+                ..
+            }
+        ),
+        "still blocked for the day: {d:?}"
+    );
 }
 
 /// Usage comes from the running sums: the window ending at the latest booking, and
