@@ -71,6 +71,10 @@ pub struct ModelLimits {
     pub rpd: Option<u64>,
     /// The per-minute windows' length in milliseconds (60 000 in production).
     pub window_ms: u64,
+    /// The price of one image in micro-dollars, when the pool sets one (required for a
+    /// model the built-in table does not know; otherwise the table's price by size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_micros_per_image: Option<u64>,
 }
 
 /// A provider project's quota, compiled from a `QuotaPool`.

@@ -552,10 +552,14 @@ impl QuotaPool {
 }
 
 impl crate::config::CompiledPool {
-    /// The price of one image of `model` at `size`, in micro-dollars: the built-in table's
-    /// (its most expensive size when the size is unknown); `None` when the model is unknown.
+    /// The price of one image of `model` at `size`, in micro-dollars: the pool's configured
+    /// price when it sets one, else the built-in table's (its most expensive size when the
+    /// size is unknown); `None` when neither knows the model.
     pub fn image_price_micros(&self, model: &str, size: Option<&str>) -> Option<u64> {
-        model_info(model).map(|m| m.image_price_micros(size))
+        self.models
+            .get(model)
+            .and_then(|m| m.price_micros_per_image)
+            .or_else(|| model_info(model).map(|m| m.image_price_micros(size)))
     }
 
     /// What the limiter enforces for `model` of this pool (`None`: not one of its models):

@@ -3,7 +3,8 @@
 //!
 //! The schema and CEL rules catch most mistakes at `kubectl apply` time; this step checks
 //! again (for `pacer apply`, which has no apiserver) and checks what a schema cannot see,
-//! such as a chain naming a model its pool does not declare. Errors name the field.
+//! such as a chain naming a model its pool does not declare, a model without limits or a
+//! price, or two pools for one provider project. Errors name the field and the fix.
 use std::collections::BTreeMap;
 
 use pacer_core::{
@@ -124,10 +125,45 @@ pub fn compile_pool(
                 _ => window = Some((w, i)),
             }
         }
+        let price = match m.price_usd_per_image {
+            Some(usd) if !(usd.is_finite() && usd >= 0.0) => {
+                return Err(err(
+                    &at("priceUsdPerImage"),
+                    "must be a non-negative number of US dollars".into(),
+                ));
+            }
+            Some(usd) => Some((usd * 1_000_000.0).round() as u64),
+            None => None,
+        };
+        let known = quota::model_info(&m.name);
+        // A model the table does not know has no default limits and no price: left out, it
+        // would run unlimited and free. Its limits and price must be given.
+        if known.is_none() {
+            if m.rpm.is_none() {
+                return Err(err(
+                    &at("rpm"),
+                    format!(
+                        "is required: {:?} is not in Pacer's built-in model table, so it has no \
+                         default limits; set rpm (and tpm, ipm, rpd wherever the provider limits \
+                         them) from the provider's quota page, or fix the model name",
+                        m.name
+                    ),
+                ));
+            }
+            if price.is_none() {
+                return Err(err(
+                    &at("priceUsdPerImage"),
+                    format!(
+                        "is required: {:?} is not in Pacer's built-in model table, so it has no \
+                         price and the spend limit could not count it; set priceUsdPerImage (US \
+                         dollars per image, from the provider's pricing page)",
+                        m.name
+                    ),
+                ));
+            }
+        }
         // Limits not given take the tier's published default for the model.
-        let defaults = quota::model_info(&m.name)
-            .map(|info| info.limits(tier))
-            .unwrap_or_default();
+        let defaults = known.map(|info| info.limits(tier)).unwrap_or_default();
         models.insert(
             m.name.clone(),
             config::ModelLimits {
@@ -136,6 +172,7 @@ pub fn compile_pool(
                 ipm: m.ipm.or(defaults.ipm),
                 rpd: m.rpd.or(defaults.rpd),
                 window_ms: 0, // set below, once the pool's window is known
+                price_micros_per_image: price,
             },
         );
     }
@@ -170,6 +207,43 @@ pub fn compile_pool(
         window_margin_ms: spec.window_margin_ms.map(u64::from),
         base_url: None,
     })
+}
+
+/// Checks that no two pools name one provider project: the limiter keeps one state per
+/// (project, model), and two pools would each allow the project's whole quota (and its
+/// spend twice). `pools` are the ones being compiled; `existing` the ones already
+/// configured (a pool of the same name is being replaced, not duplicated).
+pub fn check_distinct_projects(
+    pools: &[CompiledPool],
+    existing: &BTreeMap<String, CompiledPool>,
+) -> Result<(), CompileError> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    // Pools already configured are only compared with the new ones: a conflict among them
+    // alone is not this compile's to report.
+    for pool in existing
+        .values()
+        .filter(|e| !pools.iter().any(|p| p.name == e.name))
+    {
+        seen.entry(pool.project.as_str())
+            .or_insert(pool.name.as_str());
+    }
+    for pool in pools {
+        if let Some(first) = seen.insert(pool.project.as_str(), pool.name.as_str())
+            && first != pool.name
+        {
+            return Err(CompileError {
+                resource: format!("QuotaPool {}", pool.name),
+                field: "spec.project".into(),
+                problem: format!(
+                    "{:?} is also the project of QuotaPool {first}: quotas are per project, and \
+                     two pools would each allow its whole quota; declare every model of the \
+                     project in one pool",
+                    pool.project
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Compiles a `ModelChain`'s spec; with its pool, checks that every step's model is in it.
@@ -338,6 +412,7 @@ pub fn compile_documents(
             }
         }
     }
+    check_distinct_projects(&out.pools, existing)?;
     for (namespace, name, generation, spec) in chains {
         let pool_name = format!("{namespace}/{}", spec.pool);
         let pool = out
@@ -488,5 +563,103 @@ spec:
         assert_eq!(e.field, "spec.pool");
         let e = compile(&POOL.replace("kind: QuotaPool", "kind: Pool")).unwrap_err();
         assert_eq!(e.field, "kind");
+    }
+
+    const UNKNOWN: &str = r#"
+apiVersion: pacer.dev/v1alpha1
+kind: QuotaPool
+metadata: {name: gateway, namespace: team}
+spec:
+  project: other-project
+  models:
+    - name: gemini-3-pro-image
+    - name: imagen-5
+      rpm: 30
+      priceUsdPerImage: 0.04
+"#;
+
+    #[test]
+    fn a_model_outside_the_table_needs_limits_and_a_price() {
+        let c = compile(UNKNOWN).unwrap();
+        let pool = &c.pools[0];
+        assert_eq!(pool.models["imagen-5"].rpm, Some(30));
+        assert_eq!(pool.image_price_micros("imagen-5", None), Some(40_000));
+        assert_eq!(
+            pool.image_price_micros("imagen-5", Some("4K")),
+            Some(40_000)
+        );
+        // Known models keep the table's price by size.
+        assert_eq!(
+            pool.image_price_micros("gemini-3-pro-image", Some("4K")),
+            Some(240_000)
+        );
+
+        let e = compile(&UNKNOWN.replace("      rpm: 30\n", "")).unwrap_err();
+        assert_eq!(e.field, "spec.models[1].rpm");
+        assert!(e.problem.contains("built-in model table"), "{e}");
+        let e = compile(&UNKNOWN.replace("      priceUsdPerImage: 0.04\n", "")).unwrap_err();
+        assert_eq!(e.field, "spec.models[1].priceUsdPerImage");
+        assert!(e.problem.contains("set priceUsdPerImage"), "{e}");
+        let e = compile(&UNKNOWN.replace("0.04", "-1")).unwrap_err();
+        assert_eq!(e.field, "spec.models[1].priceUsdPerImage");
+    }
+
+    #[test]
+    fn a_price_replaces_the_tables_for_a_known_model() {
+        let c =
+            compile(&POOL.replace("rpm: 100", "rpm: 100\n      priceUsdPerImage: 0.05")).unwrap();
+        let pool = &c.pools[0];
+        assert_eq!(
+            pool.image_price_micros("gemini-3.1-flash-image", Some("4K")),
+            Some(50_000)
+        );
+    }
+
+    #[test]
+    fn every_example_compiles_together() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        // Pools first: chains name them.
+        files.sort_by_key(|p| !p.file_name().unwrap().to_string_lossy().starts_with("pool"));
+        let stream: Vec<String> = files
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        let c = compile(&stream.join("\n---\n")).unwrap();
+        let gateway = c
+            .pools
+            .iter()
+            .find(|p| p.name == "default/images-gateway")
+            .unwrap();
+        assert_eq!(
+            gateway.image_price_micros("gpt-image-1", None),
+            Some(42_000)
+        );
+        assert!(c.chains.len() >= 2);
+    }
+
+    #[test]
+    fn two_pools_for_one_project_are_rejected() {
+        let second = POOL.replace("name: images", "name: more-images");
+        let e = compile(&format!("{POOL}---{second}")).unwrap_err();
+        assert_eq!(e.resource, "QuotaPool team/more-images");
+        assert_eq!(e.field, "spec.project");
+        assert!(e.problem.contains("QuotaPool team/images"), "{e}");
+
+        // Against the pools already configured too; re-applying the same pool is fine.
+        let existing: BTreeMap<String, CompiledPool> = compile(POOL)
+            .unwrap()
+            .pools
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        assert!(compile_documents(POOL, "default", &existing).is_ok());
+        let e = compile_documents(&second, "default", &existing).unwrap_err();
+        assert!(e.problem.contains("QuotaPool team/images"), "{e}");
     }
 }

@@ -119,6 +119,12 @@ pub struct ModelLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub window_seconds: Option<u32>,
+    /// The price of one image on this model, in US dollars: what the spend limit charges
+    /// per image. Required (with `rpm`) for a model Pacer's built-in table does not know;
+    /// for a known model it replaces the table's price at every size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub price_usd_per_image: Option<f64>,
 }
 
 /// The provider API.

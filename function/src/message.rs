@@ -17,8 +17,9 @@ pub const MAX_ID_LEN: usize = 128;
 pub const ASPECT_RATIOS: &[&str] = &[
     "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
 ];
-/// Image sizes Gemini image models accept (0.5K on gemini-3.1-flash-image only).
-pub const IMAGE_SIZES: &[&str] = &["0.5K", "1K", "2K", "4K"];
+/// Image sizes Gemini image models accept (512 on gemini-3.1-flash-image only; `0.5K` is
+/// accepted as its older name and sent as `512`).
+pub const IMAGE_SIZES: &[&str] = &["512", "0.5K", "1K", "2K", "4K"];
 
 /// One request to generate images.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -33,7 +34,7 @@ pub struct GenerationRequest {
     /// For example `16:9`; the model's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<String>,
-    /// `0.5K`, `1K`, `2K` or `4K`; the model's default (1K) when absent.
+    /// `512` (or `0.5K`), `1K`, `2K` or `4K`; the model's default (1K) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<String>,
     /// How many images (each is one provider request).
@@ -264,6 +265,17 @@ mod tests {
         let e = err(&format!(r#"{{"id":"a","chain":"c","prompt":"{long}"}}"#));
         assert_eq!(e.field, "prompt");
         assert!(e.problem.contains("30000"), "{e}");
+    }
+
+    #[test]
+    fn both_spellings_of_the_smallest_size_parse() {
+        for size in ["512", "0.5K"] {
+            let r = GenerationRequest::parse(&format!(
+                r#"{{"id":"a","chain":"c","prompt":"p","imageSize":"{size}"}}"#
+            ))
+            .unwrap();
+            assert_eq!(r.image_size.as_deref(), Some(size));
+        }
     }
 
     #[test]

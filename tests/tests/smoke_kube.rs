@@ -32,6 +32,7 @@ async fn quota_pool_crd_applies_and_round_trips() {
                 ipm: None,
                 rpd: Some(250),
                 window_seconds: None,
+                price_usd_per_image: None,
             }],
             spend_per_10_minutes_usd: Some(10.0),
             headroom_percent: 5,

@@ -346,6 +346,7 @@ pub fn plan_from_limits(
                 ipm: l.ipm,
                 rpd: l.rpd,
                 window_ms: window.as_millis() as u64,
+                price_micros_per_image: None,
             },
         );
         steps.push(CompiledStep {

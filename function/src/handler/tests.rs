@@ -195,6 +195,7 @@ fn limits(rpm: u64, window_ms: u64) -> ModelLimits {
         ipm: None,
         rpd: None,
         window_ms,
+        price_micros_per_image: None,
     }
 }
 
@@ -602,6 +603,29 @@ async fn an_overrun_is_charged_to_later_bookings() {
     let (_, reason) = deferred(&rig.handle(&body("r2")).await);
     assert_eq!(reason, DeferReason::Capacity);
     assert_eq!(rig.provider.calls().len(), 1);
+}
+
+/// A model outside the built-in table is booked and charged at its configured price, not 0.
+#[tokio::test(start_paused = true)]
+async fn a_configured_price_is_booked_and_charged() {
+    let mut l = limits(100, 1000);
+    l.price_micros_per_image = Some(40_000);
+    let rig = Rig::new(
+        config(&[(A, l)], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    let pool = &rig.config.pools["default/pool"];
+    assert_eq!(image_price(pool, A, None), 40_000);
+    assert_eq!(booking_costs(pool, A, "p", Some("4K")).spend_micros, 40_000);
+    let out = rig.handle(&body("r1")).await;
+    let Outcome::Succeeded(record) = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(record.cost_micros, 40_000);
+    assert_eq!(
+        rig.usage(A).await.dimensions[Dim::SpendMicros.index()].used,
+        40_000
+    );
 }
 
 /// The input-token estimate is an upper bound in every script: a byte-fallback tokenizer

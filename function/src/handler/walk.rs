@@ -352,6 +352,7 @@ mod tests {
             ipm: None,
             rpd: None,
             window_ms: 60_000,
+            price_micros_per_image: None,
         };
         let pool = CompiledPool {
             name: "ns/p".into(),
