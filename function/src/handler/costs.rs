@@ -100,3 +100,47 @@ pub(super) fn next_pacific_midnight() -> Duration {
         .map(|m| Duration::try_from(m.duration_since(now)).unwrap_or(Duration::from_secs(3600)))
         .unwrap_or(Duration::from_secs(3600))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreported_dimensions_keep_the_booking_and_overruns_are_charged() {
+        let booked = Costs::new(1, 100, 1, 39_000);
+        // No usageMetadata, or one without a prompt count: the estimate stands.
+        assert_eq!(actual_costs(&booked, None, 1, 39_000), booked);
+        let empty = Usage::default();
+        assert_eq!(actual_costs(&booked, Some(&empty), 1, 39_000), booked);
+        // Reported: below the booking frees tokens, above it charges the overrun.
+        let usage = |prompt_tokens| Usage {
+            prompt_tokens,
+            ..Usage::default()
+        };
+        assert_eq!(
+            actual_costs(&booked, Some(&usage(40)), 1, 39_000).input_tokens,
+            40
+        );
+        assert_eq!(
+            actual_costs(&booked, Some(&usage(400)), 1, 39_000).input_tokens,
+            400
+        );
+        // Spend follows the images generated.
+        assert_eq!(actual_costs(&booked, None, 2, 39_000).spend_micros, 78_000);
+    }
+
+    #[test]
+    fn the_ticket_tag_names_one_log_entry() {
+        let ticket = Ticket {
+            key: pacer_core::limiter::QuotaKey::new("p", "m"),
+            request_id: "r1:0:m:replica:00ff:1".into(),
+            start_us: 1_800_000_000_123_456,
+            costs: Costs::default(),
+            origin: pacer_core::limiter::Origin::Shared,
+        };
+        assert_eq!(
+            ticket_tag(&ticket),
+            "r1:0:m:replica:00ff:1@1800000000123456"
+        );
+    }
+}
