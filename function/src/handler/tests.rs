@@ -255,6 +255,8 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
 struct Losing {
     inner: Arc<MemoryLimiter>,
     lose: AtomicU32,
+    /// Checks that fail as if Redis did not answer.
+    fail_checks: AtomicU32,
     acquires: AtomicU32,
     checks: AtomicU32,
 }
@@ -277,6 +279,13 @@ impl Limiter for Losing {
 
     async fn check(&self, ticket: &Ticket) -> pacer_core::limiter::Result<Check> {
         self.checks.fetch_add(1, Ordering::SeqCst);
+        let failing = self.fail_checks.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.fail_checks.store(failing - 1, Ordering::SeqCst);
+            return Err(pacer_core::limiter::Error::Timeout(Duration::from_millis(
+                500,
+            )));
+        }
         let left = self.lose.load(Ordering::SeqCst);
         if left > 0 {
             self.lose.store(left - 1, Ordering::SeqCst);
@@ -351,6 +360,7 @@ impl Rig {
         let losing = Arc::new(Losing {
             inner: limiter.clone(),
             lose: AtomicU32::new(0),
+            fail_checks: AtomicU32::new(0),
             acquires: AtomicU32::new(0),
             checks: AtomicU32::new(0),
         });
@@ -538,6 +548,61 @@ async fn cooldown_set_after_booking_cancels_booked_tickets() {
         "a booked ticket fired into the cooldown"
     );
     assert_eq!(rig.losing.checks.load(Ordering::SeqCst), 2);
+}
+
+/// A per-day 429 seen while tickets wait blocks them until Pacific midnight.
+#[tokio::test(start_paused = true)]
+async fn a_day_block_set_after_booking_cancels_booked_tickets() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_secs(10))]),
+        always_image(),
+    );
+    assert!(matches!(
+        rig.handle(&body("r0")).await,
+        Outcome::Succeeded(_)
+    ));
+    let waiting = tokio::spawn({
+        let h = rig.handler.clone();
+        async move { h.handle(&body("r1")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    rig.limiter
+        .penalize(&rig.key(A), Duration::ZERO, PenaltyScope::PerDay)
+        .await
+        .unwrap();
+    let (after, reason) = deferred(&waiting.await.unwrap());
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert!(after > Duration::from_secs(1), "{after:?}");
+    assert_eq!(rig.provider.calls().len(), 1);
+}
+
+/// A check the limiter cannot answer sends nothing: the message is deferred and the
+/// booking given back.
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_check_defers_without_a_call() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 1000))], &[(A, Duration::from_secs(10))]),
+        always_image(),
+    );
+    assert!(matches!(
+        rig.handle(&body("r0")).await,
+        Outcome::Succeeded(_)
+    ));
+    rig.losing.fail_checks.store(1, Ordering::SeqCst);
+    let (_, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::Infrastructure);
+    assert_eq!(rig.provider.calls().len(), 1);
+    // Released: the next request books the slot it held, not the one after.
+    let started = Instant::now();
+    assert!(matches!(
+        rig.handle(&body("r2")).await,
+        Outcome::Succeeded(_)
+    ));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A booking lost while it waited (the limiter's state went away) is booked afresh once,
