@@ -997,3 +997,42 @@ async fn lost_state_keeps_the_day_count_and_block_the_callers_saw() {
         "still blocked for the day: {c:?}"
     );
 }
+
+/// Keys that carry a TTL (written by an earlier version, or by one still running during a
+/// rollout) lose it at the next decision, and that is no evidence of a loss: nothing is
+/// fenced.
+#[tokio::test]
+async fn keys_with_a_ttl_are_persisted_without_a_fence() {
+    let (url, l) = rig_limiter().await;
+    let key = fresh_key("persist");
+    let q = quota(Some(1), None, Duration::from_secs(2), None);
+    let w = q.effective_window_us(Dim::Requests);
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::ZERO)
+        .await
+        .expect("a");
+    let ta = ticket_of(&a);
+    let mut conn = raw(&url).await;
+    for k in [key.log_key(), key.state_key()] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&k)
+            .arg(93_600_000)
+            .query_async(&mut conn)
+            .await
+            .expect("PEXPIRE");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(10))
+        .await
+        .expect("b");
+    assert_eq!(ticket_of(&b).start_us, ta.start_us + w, "not fenced: {b:?}");
+    for k in [key.log_key(), key.state_key()] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert_eq!(ttl, -1, "{k} still has a TTL");
+    }
+}

@@ -9,8 +9,7 @@
 --              below are outside the window), the windows they were built for (w1..w4),
 --              the monotonic now, state generation, latest start (ls) and what set it (lb),
 --              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
---              for this day and the next (dc, nc), the number of log entries (n), the
---              member sequence (q), the fence (fs: the latest start a lost state had), and
+--              for this day and the next (dc, nc), the member sequence (q), the fence (fs: the latest start a lost state had), and
 --              "t:<request id>" -> the id's latest member.
 -- Neither key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
@@ -34,7 +33,7 @@ local function seq_of(m) return tonumber(string.match(m, '^%d+,%d+,%d+,%d+,(%d+)
 local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
-  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'n', 'q', 'fs' }
+  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs' }
 local raw = redis.call('HMGET', st, unpack(NAMES))
 local S, has = {}, {}
 for i, n in ipairs(NAMES) do
@@ -48,12 +47,6 @@ S.now = now
 -- A new hash: sequence numbers start from now so they cannot repeat a lost hash's.
 if fresh then S.gen, S.q = now, now end
 local count = redis.call('ZCARD', log)
-if not fresh and not has.n and op ~= 'u' then
-  -- State written by a version that kept no entry count and set TTLs.
-  S.n = count
-  redis.call('PERSIST', st)
-  redis.call('PERSIST', log)
-end
 local sum = { S.s1, S.s2, S.s3, S.s4 }
 local cur = { S.k1, S.k2, S.k3, S.k4 }
 local win = { S.w1, S.w2, S.w3, S.w4 }
@@ -68,6 +61,12 @@ local function save()
     a[#a + 1] = fmt(S[n])
   end
   redis.call('HSET', st, unpack(a))
+  -- Keys written by a version that set TTLs (or by one still running during a rollout)
+  -- lose them: eviction must never take one key without the other.
+  if redis.call('PTTL', st) >= 0 then
+    redis.call('PERSIST', st)
+    redis.call('PERSIST', log)
+  end
 end
 
 local function roll_day(b)
@@ -166,7 +165,7 @@ local function prune(keep_from)
     end
     if #gone > 0 then redis.call('HDEL', st, unpack(gone)) end
   end
-  S.n = S.n - redis.call('ZREM', log, unpack(old))
+  redis.call('ZREM', log, unpack(old))
 end
 
 local function member(c, q, id)
@@ -183,7 +182,6 @@ local function add(start, c, id, q)
   end
   local m = member(c, q, id)
   redis.call('ZADD', log, fmt(start), m)
-  S.n = S.n + 1
   for d = 1, 4 do
     if start > cur[d] then sum[d] = sum[d] + c[d] end
   end
@@ -210,7 +208,6 @@ end
 local function replace(m, id, start, new)
   local old = costs_of(m)
   redis.call('ZREM', log, m)
-  S.n = S.n - 1
   for d = 1, 4 do
     if start > cur[d] then sum[d] = sum[d] - old[d] end
   end
@@ -239,7 +236,11 @@ end
 -- day end, day count, day block). Returns whether there was evidence.
 local function fence(h)
   local hint_gen, hint_last = h[1], h[2]
-  local broken = S.n ~= count
+  -- One key lost: the hash is gone but the log is not, or the log is gone while the hash
+  -- still counts bookings in a window. (Both judged from what any version of the script
+  -- writes, so replicas mid-rollout do not look like a loss.)
+  local broken = (fresh and count > 0)
+    or (not fresh and count == 0 and (sum[1] > 0 or sum[2] > 0 or sum[3] > 0 or sum[4] > 0))
   local other_gen = hint_gen > 0 and hint_gen ~= S.gen
   local rolled_back = hint_last > S.ls
   if not (broken or other_gen or rolled_back) then return false end
@@ -254,7 +255,6 @@ local function fence(h)
     if top[2] then at = math.max(at, tonumber(top[2])) end
     at = math.max(at, S.ls, now)
     for d = 1, 4 do rebuild(d, cur[d]) end
-    S.n = count
   end
   if at > S.fs then S.fs = at end
   S.ls = math.max(S.ls, at)

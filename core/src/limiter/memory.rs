@@ -43,8 +43,6 @@ pub(crate) struct KeyState {
     day_after: i64,
     day_count: i64,
     next_count: i64,
-    /// How many log entries the hash believes there are (`n` in the script).
-    entries: u64,
     /// The latest start a lost state had: every limited dimension waits its window from it.
     fence: i64,
     log: VecDeque<Entry>,
@@ -168,13 +166,11 @@ impl KeyState {
     fn prune(&mut self, keep_from: i64) {
         let min = self.cursor.iter().copied().min().unwrap_or(0);
         while self.base < min && self.log.front().is_some_and(|e| e.start <= keep_from) {
-            if let Some(e) = self.log.pop_front() {
-                self.entries = self.entries.saturating_sub(1);
-                if let Some(id) = e.id
-                    && self.tickets.get(&id) == Some(&self.base)
-                {
-                    self.tickets.remove(&id);
-                }
+            if let Some(e) = self.log.pop_front()
+                && let Some(id) = e.id
+                && self.tickets.get(&id) == Some(&self.base)
+            {
+                self.tickets.remove(&id);
             }
             self.base += 1;
         }
@@ -190,8 +186,15 @@ impl KeyState {
     /// called, as its check finds it gone. What only the callers still know of the day
     /// comes back from their hints: the day's count (the most any of them saw, a lower
     /// bound of the lost one) and a per-day block. Returns whether there was evidence.
-    fn fence(&mut self, h: Hint) -> bool {
-        let broken = self.entries != self.log.len() as u64;
+    fn fence(&mut self, h: Hint, fresh: bool) -> bool {
+        // One key lost: the hash is gone but the log still holds bookings, or the log is
+        // gone while the hash still counts bookings in a window (released entries, kept
+        // here as zero-cost placeholders, are gone from the script's log).
+        let broken = if fresh {
+            self.log.iter().any(|e| e.id.is_some())
+        } else {
+            self.log.is_empty() && self.sums.iter().any(|s| *s > 0)
+        };
         let other_gen = h.generation > 0 && h.generation != self.generation;
         let rolled_back = h.last_start > self.last_start;
         if !(broken || other_gen || rolled_back) {
@@ -211,7 +214,7 @@ impl KeyState {
         if broken {
             // Count what the log still holds, and fence from its latest booking and the
             // hash's.
-            if let Some(e) = self.log.back() {
+            if let Some(e) = self.log.iter().rev().find(|e| e.id.is_some()) {
                 at = at.max(e.start);
             }
             at = at.max(self.last_start).max(self.now);
@@ -220,7 +223,6 @@ impl KeyState {
                 let skip = usize::try_from(self.cursor[d] - self.base).unwrap_or(usize::MAX);
                 self.sums[d] = self.log.iter().skip(skip).map(|e| e.costs[d]).sum();
             }
-            self.entries = self.log.len() as u64;
         }
         self.fence = self.fence.max(at);
         self.last_start = self.last_start.max(at);
@@ -238,9 +240,9 @@ impl KeyState {
         max_wait: i64,
         hint: Hint,
     ) -> Outcome {
-        let (now, _) = self.begin(clock_now);
+        let (now, fresh) = self.begin(clock_now);
         self.roll_day(now, calendar);
-        self.fence(hint);
+        self.fence(hint, fresh);
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
         if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
@@ -331,7 +333,6 @@ impl KeyState {
             costs,
             id: Some(id.clone()),
         });
-        self.entries += 1;
         self.tickets.insert(id, seq);
         for (d, c) in costs.iter().enumerate() {
             self.sums[d] += c;
@@ -400,7 +401,7 @@ impl KeyState {
             retry_after: None,
             blocking: Blocker::Lost,
         };
-        if self.fence(hint) {
+        if self.fence(hint, fresh) {
             // Fenced now, so nobody books into the lost window; this ticket is not used.
             self.release(request_id, start);
             return lost;
