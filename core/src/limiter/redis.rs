@@ -138,15 +138,19 @@ impl RedisLimiter {
     ///   log, so they stay small). `noeviction` is the right policy; the `volatile-*`
     ///   policies are safe too, because they only evict keys with a TTL. `allkeys-*`
     ///   policies can evict one key without the other: the limiter notices and fences (each
-    ///   limited dimension waits one window), but day counts and cooldowns kept in the hash
-    ///   are gone. See [`eviction_policy_is_safe`].
+    ///   limited dimension waits one window), but what only the hash knew (cooldowns, the
+    ///   exact day count) is gone. See [`eviction_policy_is_safe`].
     /// - **Persistence is a trade-off.** Without persistence (or with a replica promoted
     ///   before it caught up, or a restore from an older snapshot) the state is lost or
-    ///   rolled back. Every replica sends the generation and the latest start it saw, so the
-    ///   script detects the loss and fences once: each limited dimension waits out its own
-    ///   window from the latest start anyone saw (about a minute for per-minute limits, ten
-    ///   for spend), and the per-day count restarts from zero. AOF (`appendfsync everysec`)
-    ///   avoids the pause and keeps the day count, at the cost of a disk write per decision.
+    ///   rolled back. Every replica sends what it last saw (the generation, the latest
+    ///   start, the day's count and a per-day block), so the script detects the loss and
+    ///   fences once: each limited dimension waits out its own window from the latest start
+    ///   anyone saw, or from when the loss was found if that is later (about a minute for
+    ///   per-minute limits, ten for spend); the day's count comes back as the most any
+    ///   replica saw (a lower bound), and a shared cooldown is lost. A process that never
+    ///   talked to the old state cannot tell a wiped Redis from a new one. AOF
+    ///   (`appendfsync everysec`) avoids the pause and keeps the state, at the cost of a
+    ///   disk write per second.
     pub async fn eviction_policy(&self) -> Result<Option<String>> {
         let mut conn = self.conn.clone();
         let reply = tokio::time::timeout(
