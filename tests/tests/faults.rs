@@ -114,8 +114,8 @@ struct Case {
     proxy: Proxy,
     sim: Simulator,
     sim_url: String,
-    /// The quota-429 front before the simulator (see [`QuotaFault`]).
-    quota_fault: Arc<Mutex<Option<QuotaFault>>>,
+    /// The thin front before the simulator (see [`Front`]).
+    front: Arc<Front>,
     _sim_task: AbortOnDrop,
     sqs: aws_sdk_sqs::Client,
     s3: aws_sdk_s3::Client,
@@ -156,10 +156,10 @@ impl Case {
             faults: plan.faults.clone(),
             ..SimConfig::default()
         });
-        let quota_fault: Arc<Mutex<Option<QuotaFault>>> = Arc::default();
+        let front: Arc<Front> = Arc::default();
         let app = sim.router().layer(axum::middleware::from_fn_with_state(
-            quota_fault.clone(),
-            quota_fault_front,
+            front.clone(),
+            front_of_the_simulator,
         ));
         let listener = Simulator::bind(([127, 0, 0, 1], 0).into()).expect("bind the simulator");
         let sim_url = format!(
@@ -198,7 +198,7 @@ impl Case {
             proxy,
             sim,
             sim_url,
-            quota_fault,
+            front,
             _sim_task: sim_task,
             sqs,
             s3,
@@ -263,20 +263,6 @@ impl Case {
     /// Calls the simulator accepted so far.
     fn accepted(&self) -> u64 {
         self.model_stats()["accepted"].as_u64().unwrap_or(0)
-    }
-
-    /// Calls that reached the simulator so far (accepted, refused or faulted).
-    fn arrivals(&self) -> u64 {
-        let m = self.model_stats();
-        m["arrivals"].as_u64().unwrap_or_else(|| {
-            // Before the simulator reported arrivals: everything it answered.
-            let sum = |v: &Value| {
-                v.as_object()
-                    .map(|o| o.values().filter_map(Value::as_u64).sum::<u64>())
-                    .unwrap_or(0)
-            };
-            m["accepted"].as_u64().unwrap_or(0) + sum(&m["rejected"]) + sum(&m["faults"])
-        })
     }
 
     /// Waits (bounded) until `cond` holds, polling; panics naming `what` otherwise.
@@ -445,6 +431,20 @@ impl Drop for AbortOnDrop {
 /// front before it turns every answer to a call that *arrives* in the period into
 /// Google's quota 429 with `RetryInfo` (the time left). The simulator still counts each
 /// of those arrivals and its ticket: the front changes answers, never counts.
+/// What the front before the simulator does: the quota fault, and which workers have a
+/// call in flight (from the `x-pacer-ticket` tag, whose claim token names the replica),
+/// so a kill can wait for a worker that is surely mid-call.
+#[derive(Default)]
+struct Front {
+    fault: Mutex<Option<QuotaFault>>,
+    in_flight: Mutex<BTreeMap<String, usize>>,
+}
+
+/// The replica named in a ticket tag `{id}:{image}:{model}:{replica}:{token}:{n}@{start}`.
+fn replica_of(ticket: &str) -> Option<String> {
+    ticket.split(':').nth(3).map(str::to_owned)
+}
+
 struct QuotaFault {
     from: Instant,
     until: Instant,
@@ -452,14 +452,19 @@ struct QuotaFault {
     answered: u64,
 }
 
-async fn quota_fault_front(
-    axum::extract::State(fault): axum::extract::State<Arc<Mutex<Option<QuotaFault>>>>,
+async fn front_of_the_simulator(
+    axum::extract::State(front): axum::extract::State<Arc<Front>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let arrived = Instant::now();
+    let replica = req
+        .headers()
+        .get("x-pacer-ticket")
+        .and_then(|v| v.to_str().ok())
+        .and_then(replica_of);
     let left = {
-        let mut f = fault.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = front.fault.lock().unwrap_or_else(|p| p.into_inner());
         match f.as_mut() {
             Some(f)
                 if req.uri().path().contains(":generateContent")
@@ -472,7 +477,16 @@ async fn quota_fault_front(
             _ => None,
         }
     };
+    let in_flight = |delta: isize| {
+        if let Some(r) = &replica {
+            let mut m = front.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(r.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+        }
+    };
+    in_flight(1);
     let answer = next.run(req).await;
+    in_flight(-1);
     let Some(left) = left else { return answer };
     let body = serde_json::json!({"error": {
         "code": 429,
@@ -765,9 +779,13 @@ impl Figures {
             let bound = self.window + Duration::from_secs(3);
             if ms > bound.as_millis() as u64 {
                 broken.push(format!(
-                    "throughput not back to the limit within one window after the loss: {} (bound {:?})",
+                    "throughput not back to the limit within one window after the loss: {} (bound {:?}; \
+                     the request window is {:?}, the pool's spend window {:?}: a fence on the spend \
+                     window stops every priced call that long)",
                     if ms == u64::MAX { "never".to_owned() } else { format!("{ms} ms") },
-                    bound
+                    bound,
+                    self.window,
+                    self.window * 10,
                 ));
             }
         }
@@ -853,28 +871,36 @@ async fn provider_hangs_past_the_request_timeout() {
     case.finish().await.check();
 }
 
-/// Waits until the simulator is answering calls and a worker holds claims (calls take
-/// 1.5 s, so its calls are in flight), and returns that worker's index.
+/// Waits until a worker has a call in flight at the simulator (calls take 1.5 s) and
+/// holds claims, and returns its index.
 async fn busy_worker(case: &mut Case) -> usize {
-    case.wait_for(
-        "the simulator's first arrival",
-        Duration::from_secs(60),
-        |c| c.arrivals() >= 1,
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        let calling: Vec<String> = {
+            let m = case
+                .front
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            m.iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(r, _)| r.clone())
+                .collect()
+        };
         let holders = case.claim_holders().await;
-        if let Some((name, _)) = holders.iter().max_by_key(|(_, n)| **n)
-            && let Some(i) = name.strip_prefix('w').and_then(|n| n.parse::<usize>().ok())
+        if let Some(i) = calling
+            .iter()
+            .filter(|r| holders.contains_key(*r))
+            .find_map(|r| r.strip_prefix('w').and_then(|n| n.parse::<usize>().ok()))
         {
             return i;
         }
         assert!(
             Instant::now() < deadline,
-            "no worker held a claim within 30 s"
+            "no worker had a call in flight at the simulator within 60 s (calls in flight by \
+             replica come from the x-pacer-ticket tag; has its format changed?)"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1125,7 +1151,7 @@ async fn quota_429_while_tickets_are_booked() {
     let length = Duration::from_secs(12);
     let from = Instant::now();
     let from_ms = epoch_ms();
-    *case.quota_fault.lock().expect("lock") = Some(QuotaFault {
+    *case.front.fault.lock().expect("lock") = Some(QuotaFault {
         from,
         until: from + length,
         answered: 0,
@@ -1137,7 +1163,8 @@ async fn quota_429_while_tickets_are_booked() {
     )
     .await;
     let answered = case
-        .quota_fault
+        .front
+        .fault
         .lock()
         .expect("lock")
         .as_ref()
