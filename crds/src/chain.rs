@@ -64,7 +64,8 @@ pub struct ChainStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]{1,2}:[0-9]{1,2}$"))]
     pub aspect_ratio: Option<String>,
-    /// The image size a request gets when it names none: `0.5K`, `1K`, `2K` or `4K`.
+    /// The image size a request gets when it names none: `512` (gemini-3.1-flash-image
+    /// only; `0.5K` is read as an alias), `1K`, `2K` or `4K`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<ImageSize>,
 }
@@ -76,8 +77,8 @@ fn default_max_wait() -> u32 {
 /// Output image sizes.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ImageSize {
-    /// 512 px (gemini-3.1-flash-image only).
-    #[serde(rename = "0.5K")]
+    /// 512 px (gemini-3.1-flash-image only), spelled as Google's API spells it.
+    #[serde(rename = "512", alias = "0.5K")]
     HalfK,
     /// 1024 px.
     #[serde(rename = "1K")]
@@ -132,4 +133,18 @@ pub struct ModelChainStatus {
     /// Ready (with a reason when the pool or a model is missing).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ImageSize;
+
+    #[test]
+    fn half_size_is_spelled_512_and_reads_the_old_alias() {
+        let half: ImageSize = serde_json::from_str("\"0.5K\"").expect("alias");
+        assert_eq!(half, ImageSize::HalfK);
+        assert_eq!(serde_json::from_str::<ImageSize>("\"512\"").expect("512"), half);
+        assert_eq!(serde_json::to_string(&half).expect("json"), "\"512\"");
+        assert!(serde_json::from_str::<ImageSize>("\"8K\"").is_err());
+    }
 }

@@ -169,6 +169,7 @@ pub async fn build(
             let limiter = RedisLimiter::connect(url, options)
                 .await
                 .context("connecting the limiter to Redis")?;
+            warn_if_evictable(&limiter).await;
             let conn = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
                 .await
                 .context("connecting the result store to Redis")?;
@@ -242,4 +243,22 @@ pub async fn build(
         metrics,
         config,
     })
+}
+
+/// Limiter state must not be evicted piecemeal: its keys carry no TTL, so `noeviction` and
+/// the `volatile-*` policies keep them; an `allkeys-*` policy can take one key of a pair
+/// under memory pressure and the limiter then fences (safe, but it pauses the model for a
+/// window). Managed services that refuse `CONFIG` are not judged.
+async fn warn_if_evictable(limiter: &RedisLimiter) {
+    match limiter.eviction_policy().await {
+        Ok(Some(policy)) if !pacer_core::limiter::redis::eviction_policy_is_safe(&policy) => {
+            tracing::warn!(
+                %policy,
+                "Redis may evict limiter state (maxmemory-policy {policy}); set \
+                 maxmemory-policy to noeviction or a volatile-* policy"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "could not read Redis's eviction policy"),
+    }
 }

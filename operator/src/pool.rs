@@ -77,6 +77,19 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
         }
     };
 
+    // Quotas are per project: a second pool for the same project would allow its quota
+    // twice. Checked against the pools already in Redis (unreadable Redis is handled below).
+    if let Ok(current) = ctx.store.load().await
+        && let Err(e) = pacer_crds::compile::check_distinct_projects(
+            std::slice::from_ref(&compiled),
+            &current.pools,
+        )
+    {
+        conditions.set("Ready", false, "InvalidSpec", &e.to_string());
+        finish(pool, ctx, status, conditions).await?;
+        return Ok(Action::requeue(ctx.resync));
+    }
+
     let mut ready = (
         true,
         "Compiled",
