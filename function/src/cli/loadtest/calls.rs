@@ -139,3 +139,50 @@ impl Process for Counting {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider that answers after a while.
+    struct Slow(Duration);
+
+    #[async_trait]
+    impl ImageProvider for Slow {
+        async fn generate(
+            &self,
+            _model: &str,
+            _req: &ImageRequest,
+        ) -> pacer_core::provider::Result<ImageResponse> {
+            tokio::time::sleep(self.0).await;
+            Err(ProviderError::Overloaded {
+                message: "slow".into(),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_cut_off_by_a_timeout_is_logged() {
+        let log = CallLog::default();
+        let provider = Recorded {
+            inner: Arc::new(Slow(Duration::from_secs(10))),
+            replica: 3,
+            log: log.clone(),
+        };
+        let req = ImageRequest::new("req-1 a fox");
+        let cut = tokio::time::timeout(Duration::from_secs(1), provider.generate("m", &req)).await;
+        assert!(cut.is_err(), "the timeout fired");
+        let answered = provider.generate("m", &req).await;
+        assert!(answered.is_err());
+        let calls = log.take();
+        let results: Vec<(&str, &str, usize)> = calls
+            .iter()
+            .map(|c| (c.request.as_str(), c.result.as_str(), c.replica))
+            .collect();
+        assert_eq!(
+            results,
+            [("req-1", CUT_OFF, 3), ("req-1", "overloaded", 3)],
+            "{calls:?}"
+        );
+    }
+}
