@@ -1136,15 +1136,20 @@ async fn redis_network_latency() {
     case.finish().await.check();
 }
 
-/// A quota 429 with `RetryInfo` lands while a backlog of tickets is booked (max wait two
-/// windows): for 12 s (more than two windows) every call is answered 429 (see
+/// A quota 429 with `RetryInfo` lands while a backlog of tickets is booked (three
+/// windows' worth): for 12 s (more than two windows) every call is answered 429 (see
 /// [`QuotaFault`]). The first 429 sets
 /// the shared cooldown; tickets booked before it must be re-checked and deferred, not
 /// fired into the cooldown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_429_while_tickets_are_booked() {
     let mut plan = Plan::new("429-cooldown-booked");
-    plan.max_wait_s = 10;
+    // The limiter books a window's worth at each window start; with 36 messages in
+    // flight and a 12 s max wait, three windows' worth are booked at once (now, +5 s,
+    // +10 s). The 429s begin just after the first burst: the second burst meets them and
+    // sets the cooldown; the third, booked before it, must not fire into it.
+    plan.max_wait_s = 12;
+    plan.concurrency = 12;
     let mut case = Case::start(plan).await;
     let limit = case.plan.limit;
     case.wait_accepted(limit).await;
@@ -1185,9 +1190,8 @@ async fn quota_429_while_tickets_are_booked() {
     // Once the first 429 has set the cooldown, booked tickets are re-checked and
     // deferred. Tickets that start at the same instant as the first 429'd call (the
     // limiter admits a window's worth at once) can pass their check before the cooldown
-    // lands, so up to one window's worth may still arrive; a fleet that fires its whole
-    // booked backlog into the cooldown sends a window's worth per window of the period
-    // (about twice the limit here).
+    // lands, so up to one window's worth may still arrive; a fleet that fires its booked
+    // tickets into the cooldown sends the next window's worth too (twice the limit).
     match in_period {
         Some(n) if n as u64 > limit => figures.broken.push(format!(
             "{n} calls fired into the 429 cooldown (at most {limit}, one burst, may)"
