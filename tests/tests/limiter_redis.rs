@@ -1036,3 +1036,162 @@ async fn keys_with_a_ttl_are_persisted_without_a_fence() {
         assert_eq!(ttl, -1, "{k} still has a TTL");
     }
 }
+
+/// Books `n` requests of one request each, ids `<prefix><i>`, now.
+async fn book_many(
+    l: &RedisLimiter,
+    key: &QuotaKey,
+    q: &ModelQuota,
+    prefix: &str,
+    n: usize,
+) -> Vec<pacer_core::limiter::Ticket> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let d = l
+            .acquire(
+                key,
+                q,
+                &format!("{prefix}{i}"),
+                req(1),
+                Duration::from_secs(120),
+            )
+            .await
+            .expect("acquire");
+        out.extend(d.ticket().cloned());
+    }
+    out
+}
+
+/// Checks every ticket (the check before the call; a booking still held passes whether or
+/// not its start has come) and returns the starts of those that may go ahead and the ids
+/// of those lost.
+async fn check_all(
+    l: &RedisLimiter,
+    tickets: &[pacer_core::limiter::Ticket],
+) -> (Vec<(i64, i64)>, Vec<String>) {
+    use pacer_core::limiter::Check;
+    let (mut called, mut lost) = (Vec::new(), Vec::new());
+    for t in tickets {
+        match l.check(t).await.expect("check") {
+            Check::Go => called.push((t.start_us, 1)),
+            Check::Cancelled {
+                blocking: Blocker::Lost,
+                ..
+            } => lost.push(t.request_id.clone()),
+            other => panic!("unexpected check answer for {}: {other:?}", t.request_id),
+        }
+    }
+    (called, lost)
+}
+
+/// Issue 18: limit 20 per 10 s, 60 bookings queued over 3 windows, the limit lowered to 10
+/// (by another replica, which has the new config first). The bookings beyond the new limit
+/// that have not started are released at once, latest first; their holders see Lost at
+/// check, and no window from the change on holds more than 10.
+#[tokio::test]
+async fn lowering_a_limit_releases_the_bookings_beyond_it() {
+    let (url, l) = rig_limiter().await;
+    let other = connect(&url).await;
+    let key = fresh_key("lowered");
+    let w = 10_000_000;
+    let q20 = quota(
+        Some(20),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&l, &key, &q20, "old", 60).await;
+    assert_eq!(old.len(), 60);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let change = now_us();
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let new = book_many(&other, &key, &q10, "new", 20).await;
+    assert_eq!(new.len(), 20);
+    let mut all = old.clone();
+    all.extend(new);
+    let (mut called, lost) = check_all(&l, &all).await;
+    // Bookings made one after another start a few µs apart, so each window of the new
+    // limit still holds some of those that had started: 10 of each later window go.
+    assert_eq!(lost.len(), 20, "released: {lost:?}");
+    assert!(lost.iter().all(|id| id.starts_with("old")), "{lost:?}");
+    // A retried acquire of a released booking books afresh, under the new limit.
+    let again = l
+        .acquire(&key, &q10, &lost[0], req(1), Duration::from_secs(120))
+        .await
+        .expect("acquire again");
+    let first = old.iter().find(|t| t.request_id == lost[0]).expect("old");
+    assert!(
+        again.ticket().is_some_and(|t| t.start_us > first.start_us),
+        "booked afresh: {again:?}"
+    );
+    let (more, none) = check_all(&l, &[ticket_of(&again)]).await;
+    assert!(none.is_empty());
+    called.extend(more);
+    called.retain(|(s, _)| *s >= change);
+    assert_eq!(max_in_window(&mut called, w), 10);
+}
+
+/// Raised from 10 to 20: the bookings already made stay, and new bookings fill every
+/// window up to the new limit, never past it.
+#[tokio::test]
+async fn raising_a_limit_fills_windows_up_to_it() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("raised");
+    let w = 10_000_000;
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&l, &key, &q10, "old", 30).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let q20 = quota(
+        Some(20),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let new = book_many(&l, &key, &q20, "new", 30).await;
+    assert_eq!(new[9].start_us, old[29].start_us, "{:?}", new[9]);
+    assert!(new[10].start_us > old[29].start_us, "{:?}", new[10]);
+    let mut all = old.clone();
+    all.extend(new);
+    let (mut called, lost) = check_all(&l, &all).await;
+    assert!(lost.is_empty(), "nothing released: {lost:?}");
+    assert_eq!(max_in_window(&mut called, w), 20);
+}
+
+/// A longer window is a lower limit too: bookings that no longer fit are released.
+#[tokio::test]
+async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("longer");
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&l, &key, &q10, "old", 30).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let change = now_us();
+    let q20s = quota(
+        Some(10),
+        None,
+        Duration::from_secs(20),
+        Some(Duration::ZERO),
+    );
+    let new = book_many(&l, &key, &q20s, "new", 10).await;
+    let mut all = old.clone();
+    all.extend(new);
+    let (mut called, lost) = check_all(&l, &all).await;
+    assert_eq!(lost.len(), 10, "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    assert!(max_in_window(&mut called, 20_000_000) <= 10, "{called:?}");
+}

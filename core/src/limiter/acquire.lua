@@ -9,8 +9,10 @@
 --              below are outside the window), the windows they were built for (w1..w4),
 --              the monotonic now, state generation, latest start (ls) and what set it (lb),
 --              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
---              for this day and the next (dc, nc), the member sequence (q), the fence (fs: the latest start a lost state had), and
---              "t:<request id>" -> the id's latest member.
+--              for this day and the next (dc, nc), the member sequence (q), the fence (fs: the latest start a lost state had), the
+--              limits the bookings were made under (l1..l4, -1: unlimited; absent in a
+--              hash written before they were), and "t:<request id>" -> the id's latest
+--              member.
 -- Neither key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
@@ -33,11 +35,15 @@ local function seq_of(m) return tonumber(string.match(m, '^%d+,%d+,%d+,%d+,(%d+)
 local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
-  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs' }
+  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
+  'l1', 'l2', 'l3', 'l4' }
+-- Fields that stay absent until known (everything else reads 0 when absent).
+local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
 local raw = redis.call('HMGET', st, unpack(NAMES))
 local S, has = {}, {}
 for i, n in ipairs(NAMES) do
-  S[n] = tonumber(raw[i]) or 0
+  S[n] = tonumber(raw[i])
+  if S[n] == nil and not OPTIONAL[n] then S[n] = 0 end
   has[n] = raw[i] ~= false
 end
 local fresh = not has.gen
@@ -57,8 +63,10 @@ local function save()
   S.w1, S.w2, S.w3, S.w4 = win[1], win[2], win[3], win[4]
   local a = {}
   for _, n in ipairs(NAMES) do
-    a[#a + 1] = n
-    a[#a + 1] = fmt(S[n])
+    if S[n] ~= nil then
+      a[#a + 1] = n
+      a[#a + 1] = fmt(S[n])
+    end
   end
   redis.call('HSET', st, unpack(a))
   -- Keys written by a version that set TTLs (or by one still running during a rollout)
@@ -261,6 +269,60 @@ local function fence(h)
   return true
 end
 
+-- The limits changed (a lower limit, a longer window or margin, more headroom, or a
+-- raise): the bookings that have not started are fitted again under the new limits, in
+-- start order, each kept at its start if every window ending there still holds at most the
+-- limit (counting what has started and what was kept before it), released otherwise, so
+-- the latest go first. Their holders' check finds them gone (Lost). The latest start (ls)
+-- stays: it is every caller's rollback hint, and new bookings still queue behind it.
+local function refit(L, W)
+  local known = S.l1 ~= nil
+  local before = { S.l1, S.l2, S.l3, S.l4 }
+  S.l1, S.l2, S.l3, S.l4 = L[1], L[2], L[3], L[4]
+  if not known then return end
+  local same = true
+  for d = 1, 4 do
+    if before[d] ~= L[d] or win[d] ~= W[d] then same = false end
+  end
+  if same then return end
+  local reach = nil
+  for d = 1, 4 do
+    if L[d] >= 0 and (reach == nil or W[d] > reach) then reach = W[d] end
+  end
+  if reach == nil then return end
+  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - reach), '+inf', 'WITHSCORES')
+  local list = {}
+  for i = 1, #items / 2 do
+    local m = items[2 * i - 1]
+    list[#list + 1] = { m = m, s = tonumber(items[2 * i]), q = seq_of(m) or 0, c = costs_of(m) }
+  end
+  -- Members with one start sort by their text; bookings sort by when they were made.
+  table.sort(list, function(x, y)
+    if x.s ~= y.s then return x.s < y.s end
+    return x.q < y.q
+  end)
+  local kept, lo, held, gone = {}, { 1, 1, 1, 1 }, { 0, 0, 0, 0 }, {}
+  for _, e in ipairs(list) do
+    local fits = true
+    for d = 1, 4 do
+      if L[d] >= 0 then
+        while lo[d] <= #kept and kept[lo[d]].s <= e.s - W[d] do
+          held[d] = held[d] - kept[lo[d]].c[d]
+          lo[d] = lo[d] + 1
+        end
+        if held[d] + e.c[d] > L[d] then fits = false end
+      end
+    end
+    if e.s <= now or fits then
+      kept[#kept + 1] = e
+      for d = 1, 4 do held[d] = held[d] + e.c[d] end
+    else
+      gone[#gone + 1] = e
+    end
+  end
+  for _, e in ipairs(gone) do replace(e.m, id_of(e.m) or '', e.s, nil) end
+end
+
 if op == 'a' then
   local id = ARGV[2]
   local c = { tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) }
@@ -273,6 +335,7 @@ if op == 'a' then
   for i = 1, 5 do h[i] = tonumber(ARGV[20 + i]) or 0 end
   roll_day(b)
   fence(h)
+  refit(L, W)
   local function reply(kind, v, blocker, costs)
     save()
     return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4],

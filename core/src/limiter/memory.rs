@@ -52,6 +52,9 @@ pub(crate) struct KeyState {
     cursor: [u64; 4],
     sums: [i64; 4],
     windows: [i64; 4],
+    /// The limits the bookings were made under (the hash's `l1..l4`; `None`: not yet
+    /// recorded, as a hash written before they were).
+    limits: Option<[i64; 4]>,
     /// Request id to its latest booking (the hash's `t:<id>` fields).
     tickets: HashMap<Arc<str>, u64>,
 }
@@ -229,6 +232,59 @@ impl KeyState {
         true
     }
 
+    /// The limits changed (a lower limit, a longer window or margin, more headroom, or a
+    /// raise): the bookings that have not started are fitted again under the new limits,
+    /// in start order, each kept at its start if every window ending there still holds at
+    /// most the limit (counting what has started and what was kept before it), released
+    /// otherwise, so the latest go first. Their holders' check answers [`Blocker::Lost`].
+    /// The latest start (`last_start`) stays: it is every caller's rollback hint, and new
+    /// bookings still queue behind it.
+    fn refit(&mut self, now: i64, limits: &Limits) {
+        let before = self.limits.replace(limits.limit);
+        let Some(before) = before else { return };
+        if before == limits.limit && self.windows == limits.window_us {
+            return;
+        }
+        let limited: Vec<usize> = (0..4).filter(|&d| limits.limit[d] >= 0).collect();
+        let Some(reach) = limited.iter().map(|&d| limits.window_us[d]).max() else {
+            return;
+        };
+        let from = self.log.partition_point(|e| e.start <= now - reach);
+        // Per dimension: what the kept entries hold in the window ending at the entry
+        // being fitted (a sliding sum over `kept`, from `lo`).
+        let mut kept: Vec<(i64, [i64; 4])> = Vec::new();
+        let mut lo = [0usize; 4];
+        let mut held = [0i64; 4];
+        let mut gone = Vec::new();
+        for (i, e) in self.log.iter().enumerate().skip(from) {
+            if e.id.is_none() {
+                continue;
+            }
+            for &d in &limited {
+                while let Some((s, c)) = kept.get(lo[d])
+                    && *s <= e.start - limits.window_us[d]
+                {
+                    held[d] -= c[d];
+                    lo[d] += 1;
+                }
+            }
+            let fits = limited
+                .iter()
+                .all(|&d| held[d] + e.costs[d] <= limits.limit[d]);
+            if e.start <= now || fits {
+                kept.push((e.start, e.costs));
+                for (h, c) in held.iter_mut().zip(e.costs) {
+                    *h += c;
+                }
+            } else {
+                gone.push(self.base + i as u64);
+            }
+        }
+        for seq in gone {
+            self.release_seq(seq);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &mut self,
@@ -243,6 +299,7 @@ impl KeyState {
         let (now, fresh) = self.begin(clock_now);
         self.roll_day(now, calendar);
         self.fence(hint, fresh);
+        self.refit(now, limits);
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
         if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
@@ -444,18 +501,26 @@ impl KeyState {
         if self.generation == 0 {
             return;
         }
-        let Some(seq) = self.booked(request_id, start) else {
-            return;
-        };
+        if let Some(seq) = self.booked(request_id, start) {
+            self.release_seq(seq);
+        }
+    }
+
+    /// Releases the entry `seq`: a placeholder without costs or id stays in its place (the
+    /// script removes the member), and it no longer counts against its day.
+    fn release_seq(&mut self, seq: u64) {
         let Some(old) = self.set_costs(seq, [0; 4]) else {
             return;
         };
-        if self.tickets.get(request_id) == Some(&seq) {
-            self.tickets.remove(request_id);
-        }
         let idx = usize::try_from(seq - self.base).unwrap_or(usize::MAX);
-        if let Some(e) = self.log.get_mut(idx) {
-            e.id = None;
+        let Some(e) = self.log.get_mut(idx) else {
+            return;
+        };
+        let start = e.start;
+        if let Some(id) = e.id.take()
+            && self.tickets.get(&id) == Some(&seq)
+        {
+            self.tickets.remove(&id);
         }
         if start >= self.day_start && start < self.day_end {
             self.day_count = (self.day_count - old[0]).max(0);

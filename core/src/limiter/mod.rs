@@ -21,6 +21,23 @@
 //!   what had started by then may have been called; a lost booking that starts later is
 //!   stopped by its check). The fence only moves to a later start, so stale callers do
 //!   not extend it.
+//! - a limit change takes effect at once, bookings already made included: the state
+//!   records the limits and windows its bookings were made under, and the first acquire
+//!   that brings others (a lower or higher limit, another window or margin, more headroom:
+//!   callers pass the compiled config's limits every time) fits the bookings that have not
+//!   started again under the new ones, in start order, in the same atomic step. Each is kept
+//!   at its start if every window ending there holds at most the new limit (counting what
+//!   has started), and released otherwise, so the latest go first; its holder's
+//!   [`Limiter::check`] answers [`Blocker::Lost`] and it books afresh under the new limits
+//!   or defers. A raise keeps every booking where it is and lets new ones fill each window
+//!   up to the new limit. `check` takes no limits on purpose: its caller holds the quota
+//!   from when it booked, up to `max_wait` old, exactly the config a change replaces; the
+//!   acquiring callers hold the freshest config, and with a busy fleet the next acquire
+//!   comes within milliseconds. (If no acquire comes at all, the bookings already queued
+//!   run under the old limits until the queue drains.) A caller still on the old config
+//!   (a replica within its refresh interval) moves the limits back for its own acquire:
+//!   a raise releases nothing, and the next caller on the new config fits its booking
+//!   again, so such bookings last only until then.
 //!
 //! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
 //! - [`redis`]: the shared limiter, one Lua script per decision.

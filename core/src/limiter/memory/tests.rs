@@ -868,3 +868,123 @@ proptest! {
         prop_assert!(max <= rpm as i64, "{max} calls in one window, limit {rpm}");
     }
 }
+
+/// Books `n` requests of one request each, ids `<prefix><i>`, at the current clock.
+fn book_many(l: &MemoryLimiter, q: &ModelQuota, prefix: &str, n: usize) -> Vec<Ticket> {
+    (0..n)
+        .filter_map(|i| {
+            l.acquire_now(&key(), q, &format!("{prefix}{i}"), req(1), LONG)
+                .ticket()
+                .cloned()
+        })
+        .collect()
+}
+
+/// Checks every ticket at its start, in start order (as the handler does just before its
+/// call), and returns the starts of those that may go ahead and the ids of those lost.
+async fn check_all(
+    l: &MemoryLimiter,
+    clock: &ManualClock,
+    tickets: &[Ticket],
+) -> (Vec<(i64, i64)>, Vec<String>) {
+    let mut sorted = tickets.to_vec();
+    sorted.sort_by_key(|t| t.start_us);
+    let (mut called, mut lost) = (Vec::new(), Vec::new());
+    for t in &sorted {
+        clock.set(t.start_us.max(clock.now_us()));
+        match l.check(t).await.expect("check") {
+            Check::Go => called.push((t.start_us, 1)),
+            Check::Cancelled {
+                blocking: Blocker::Lost,
+                ..
+            } => lost.push(t.request_id.clone()),
+            other => panic!("unexpected check answer for {}: {other:?}", t.request_id),
+        }
+    }
+    (called, lost)
+}
+
+/// Issue 18: limit 20 per 10 s, 60 bookings queued over 3 windows, the limit lowered to
+/// 10. The first acquire that sees the new limit releases the bookings beyond it that have
+/// not started (latest first in each window); their holders see Lost at check, and no
+/// window from the change on holds more than 10 of what remains plus the new bookings.
+#[tokio::test]
+async fn lowering_a_limit_releases_the_bookings_beyond_it() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let w = 10 * SEC;
+    let q20 = quota(Some(20), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q20, "old", 60);
+    assert_eq!(old.len(), 60);
+    assert_eq!(old[59].start_us, T0 + 2 * w, "three windows queued");
+    clock.advance(Duration::from_secs(1));
+    let change = clock.now_us();
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let new = book_many(&l, &q10, "new", 20);
+    assert_eq!(new.len(), 20);
+    // A retried acquire of a released booking books afresh, under the new limit.
+    let again = l.acquire_now(&key(), &q10, "old59", req(1), LONG);
+    assert_ne!(again.ticket(), Some(&old[59]), "{again:?}");
+    let mut all = old.clone();
+    all.extend(new);
+    all.extend(again.ticket().cloned());
+    let (mut called, lost) = check_all(&l, &clock, &all).await;
+    // The 20 that had started stay; 10 of each later window are released, the latest.
+    assert_eq!(lost.len(), 20, "released: {lost:?}");
+    for i in (30..40).chain(50..60) {
+        assert!(
+            lost.contains(&format!("old{i}")),
+            "old{i} released: {lost:?}"
+        );
+    }
+    called.retain(|(s, _)| *s >= change);
+    called.sort();
+    assert_eq!(max_in_window(&called, w), 10, "{called:?}");
+}
+
+/// Raised from 10 to 20: the bookings already made stay where they are, and new bookings
+/// fill every window up to the new limit, never past it.
+#[tokio::test]
+async fn raising_a_limit_fills_windows_up_to_it() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let w = 10 * SEC;
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q10, "old", 30);
+    assert_eq!(old[29].start_us, T0 + 2 * w);
+    clock.advance(Duration::from_secs(1));
+    let q20 = quota(Some(20), None, 10, NO_MARGIN);
+    let new = book_many(&l, &q20, "new", 30);
+    // The last queued window takes 10 more, the next one 20.
+    assert_eq!(new[9].start_us, T0 + 2 * w, "{:?}", new[9]);
+    assert_eq!(new[10].start_us, T0 + 3 * w, "{:?}", new[10]);
+    assert_eq!(new[29].start_us, T0 + 3 * w, "{:?}", new[29]);
+    let mut all = old.clone();
+    all.extend(new);
+    let (mut called, lost) = check_all(&l, &clock, &all).await;
+    assert!(lost.is_empty(), "nothing released: {lost:?}");
+    called.sort();
+    assert_eq!(max_in_window(&called, w), 20);
+}
+
+/// A longer window (or a larger margin) is a lower limit too: bookings that no longer fit
+/// in the new window are released.
+#[tokio::test]
+async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q10, "old", 30);
+    clock.advance(Duration::from_secs(1));
+    let change = clock.now_us();
+    let q20s = quota(Some(10), None, 20, NO_MARGIN);
+    let new = book_many(&l, &q20s, "new", 10);
+    let mut all = old.clone();
+    all.extend(new);
+    let (mut called, lost) = check_all(&l, &clock, &all).await;
+    // T0 + 10 s lies inside a 20 s window with the 10 that started at T0.
+    assert_eq!(lost.len(), 10, "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    called.sort();
+    assert!(max_in_window(&called, 20 * SEC) <= 10, "{called:?}");
+}
