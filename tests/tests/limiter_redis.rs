@@ -1195,3 +1195,86 @@ async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
     called.retain(|(s, _)| *s >= change);
     assert!(max_in_window(&mut called, 20_000_000) <= 10, "{called:?}");
 }
+
+/// A replica still on the old config books under the old, higher limit after the change;
+/// the next acquire on the new config releases that booking too.
+#[tokio::test]
+async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new() {
+    let (url, stale) = rig_limiter().await;
+    let current = connect(&url).await;
+    let key = fresh_key("staleconfig");
+    let w = 10_000_000;
+    let q20 = quota(
+        Some(20),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&stale, &key, &q20, "old", 20).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let change = now_us();
+    let fresh = book_many(&current, &key, &q10, "new", 10).await;
+    let late = book_many(&stale, &key, &q20, "stale", 5).await;
+    assert_eq!(late.len(), 5);
+    let next = book_many(&current, &key, &q10, "next", 1).await;
+    let mut all = old;
+    all.extend(fresh);
+    all.extend(late);
+    all.extend(next);
+    let (mut called, lost) = check_all(&current, &all).await;
+    assert_eq!(lost.len(), 5, "{lost:?}");
+    assert!(lost.iter().all(|id| id.starts_with("stale")), "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    assert_eq!(max_in_window(&mut called, w), 10);
+}
+
+/// A window that grows past entries already pruned from the log cannot recount them: they
+/// are taken as full, so nothing starts inside a new window with them.
+#[tokio::test]
+async fn a_window_grown_past_pruned_bookings_waits_for_them() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("grown");
+    let short = quota(
+        Some(2),
+        None,
+        Duration::from_millis(300),
+        Some(Duration::ZERO),
+    );
+    let long = quota(Some(2), None, Duration::from_secs(2), Some(Duration::ZERO));
+    let mut starts = Vec::new();
+    for id in ["a", "b"] {
+        let d = l
+            .acquire(&key, &short, id, req(1), Duration::ZERO)
+            .await
+            .expect("acquire");
+        starts.push(ticket_of(&d).start_us);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Prunes a and b (outside every window).
+    let c = l
+        .acquire(&key, &short, "c", req(1), Duration::ZERO)
+        .await
+        .expect("c");
+    starts.push(ticket_of(&c).start_us);
+    let d = l
+        .acquire(&key, &long, "d", req(1), Duration::from_secs(10))
+        .await
+        .expect("d");
+    let td = ticket_of(&d);
+    assert!(
+        td.start_us >= starts[1] + 2_000_000,
+        "d starts inside a 2 s window with a, b and c: {d:?} ({starts:?})"
+    );
+    // The window of the new length ending at d holds c and d only.
+    let held = starts
+        .iter()
+        .filter(|s| **s > td.start_us - 2_000_000)
+        .count();
+    assert_eq!(held, 1, "{starts:?}");
+}

@@ -11,7 +11,8 @@
 --              cooldown (cd), per-day block (db), day start/end/after (ds, de, da), counts
 --              for this day and the next (dc, nc), the member sequence (q), the fence (fs: the latest start a lost state had), the
 --              limits the bookings were made under (l1..l4, -1: unlimited; absent in a
---              hash written before they were), and "t:<request id>" -> the id's latest
+--              hash written before they were), the latest start pruned from the log (pr: a
+--              window that grows past it cannot be recounted), and "t:<request id>" -> the id's latest
 --              member.
 -- Neither key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
@@ -36,7 +37,7 @@ local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
   's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-  'l1', 'l2', 'l3', 'l4' }
+  'l1', 'l2', 'l3', 'l4', 'pr' }
 -- Fields that stay absent until known (everything else reads 0 when absent).
 local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
 local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -155,8 +156,11 @@ end
 -- the same id keeps its own).
 local function prune(keep_from)
   local lo = math.min(cur[1], cur[2], cur[3], cur[4], keep_from)
-  local old = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'LIMIT', 0, 1000)
-  if #old == 0 then return end
+  local scored = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'WITHSCORES', 'LIMIT', 0, 1000)
+  if #scored == 0 then return end
+  local old = {}
+  for i = 1, #scored / 2 do old[i] = scored[2 * i - 1] end
+  S.pr = math.max(S.pr, tonumber(scored[#scored]))
   local fields, members = {}, {}
   for _, m in ipairs(old) do
     local id = id_of(m)
@@ -290,6 +294,11 @@ local function refit(L, W)
     if L[d] >= 0 and (reach == nil or W[d] > reach) then reach = W[d] end
   end
   if reach == nil then return end
+  -- A longer window may reach entries already pruned: what cannot be counted is taken as
+  -- full, as after a loss (each limited dimension waits its window from them).
+  for d = 1, 4 do
+    if L[d] >= 0 and W[d] > win[d] then S.fs = math.max(S.fs, S.pr) end
+  end
   local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - reach), '+inf', 'WITHSCORES')
   local list = {}
   for i = 1, #items / 2 do
@@ -311,6 +320,7 @@ local function refit(L, W)
           lo[d] = lo[d] + 1
         end
         if held[d] + e.c[d] > L[d] then fits = false end
+        if e.c[d] > 0 and e.s < S.fs + W[d] then fits = false end
       end
     end
     if e.s <= now or fits then

@@ -45,6 +45,9 @@ pub(crate) struct KeyState {
     next_count: i64,
     /// The latest start a lost state had: every limited dimension waits its window from it.
     fence: i64,
+    /// The latest start pruned from the log (the hash's `pr`): a window that grows past it
+    /// cannot be recounted.
+    pruned: i64,
     log: VecDeque<Entry>,
     /// Sequence number of `log[0]`.
     base: u64,
@@ -169,11 +172,14 @@ impl KeyState {
     fn prune(&mut self, keep_from: i64) {
         let min = self.cursor.iter().copied().min().unwrap_or(0);
         while self.base < min && self.log.front().is_some_and(|e| e.start <= keep_from) {
+            // Released entries (placeholders here) are already gone from the script's log.
             if let Some(e) = self.log.pop_front()
                 && let Some(id) = e.id
-                && self.tickets.get(&id) == Some(&self.base)
             {
-                self.tickets.remove(&id);
+                self.pruned = self.pruned.max(e.start);
+                if self.tickets.get(&id) == Some(&self.base) {
+                    self.tickets.remove(&id);
+                }
             }
             self.base += 1;
         }
@@ -249,6 +255,14 @@ impl KeyState {
         let Some(reach) = limited.iter().map(|&d| limits.window_us[d]).max() else {
             return;
         };
+        // A longer window may reach entries already pruned: what cannot be counted is taken
+        // as full, as after a loss (each limited dimension waits its window from them).
+        if limited
+            .iter()
+            .any(|&d| limits.window_us[d] > self.windows[d])
+        {
+            self.fence = self.fence.max(self.pruned);
+        }
         let from = self.log.partition_point(|e| e.start <= now - reach);
         // Per dimension: what the kept entries hold in the window ending at the entry
         // being fitted (a sliding sum over `kept`, from `lo`).
@@ -268,9 +282,10 @@ impl KeyState {
                     lo[d] += 1;
                 }
             }
-            let fits = limited
-                .iter()
-                .all(|&d| held[d] + e.costs[d] <= limits.limit[d]);
+            let fits = limited.iter().all(|&d| {
+                held[d] + e.costs[d] <= limits.limit[d]
+                    && (e.costs[d] == 0 || e.start >= self.fence + limits.window_us[d])
+            });
             if e.start <= now || fits {
                 kept.push((e.start, e.costs));
                 for (h, c) in held.iter_mut().zip(e.costs) {

@@ -30,7 +30,10 @@
 //!   has started), and released otherwise, so the latest go first; its holder's
 //!   [`Limiter::check`] answers [`Blocker::Lost`] and it books afresh under the new limits
 //!   or defers. A raise keeps every booking where it is and lets new ones fill each window
-//!   up to the new limit. `check` takes no limits on purpose: its caller holds the quota
+//!   up to the new limit. A window that grows past entries already pruned from the log
+//!   cannot recount them: they are taken as full, as after a loss (the fence moves to the
+//!   latest pruned start, so each limited dimension waits its new window from it).
+//!   `check` takes no limits on purpose: its caller holds the quota
 //!   from when it booked, up to `max_wait` old, exactly the config a change replaces; the
 //!   acquiring callers hold the freshest config, and with a busy fleet the next acquire
 //!   comes within milliseconds. (If no acquire comes at all, the bookings already queued

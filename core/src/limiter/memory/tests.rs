@@ -988,3 +988,131 @@ async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
     called.sort();
     assert!(max_in_window(&called, 20 * SEC) <= 10, "{called:?}");
 }
+
+/// A replica still on the old config (within its refresh interval) books under the old,
+/// higher limit after the change; the next acquire on the new config releases that booking
+/// too, so it never runs past the new limit.
+#[tokio::test]
+async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let w = 10 * SEC;
+    let q20 = quota(Some(20), None, 10, NO_MARGIN);
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q20, "old", 20);
+    clock.advance(Duration::from_secs(1));
+    let change = clock.now_us();
+    let fresh = book_many(&l, &q10, "new", 10);
+    assert_eq!(fresh[0].start_us, T0 + w);
+    let stale = book_many(&l, &q20, "stale", 5);
+    assert_eq!(stale[0].start_us, T0 + w, "booked under the old limit");
+    let next = book_many(&l, &q10, "next", 1);
+    assert_eq!(next[0].start_us, T0 + 2 * w);
+    let mut all = old.clone();
+    all.extend(fresh);
+    all.extend(stale);
+    all.extend(next);
+    let (mut called, lost) = check_all(&l, &clock, &all).await;
+    assert_eq!(lost.len(), 5, "{lost:?}");
+    assert!(lost.iter().all(|id| id.starts_with("stale")), "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    called.sort();
+    assert_eq!(max_in_window(&called, w), 10);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Replicas that check every booked ticket at its start, with the limit and the window
+    /// changed now and then: every call that went ahead after a change sits in windows of
+    /// the limit in force that hold at most that limit, bookings made before the change
+    /// included.
+    #[test]
+    fn calls_obey_the_limit_in_force_across_changes(
+        arrivals in prop::collection::vec(
+            (0i64..300_000, 0usize..3, 0u64..6_000, prop::option::of((1u64..8, 0usize..2))),
+            1..400,
+        ),
+    ) {
+        let windows = [Duration::from_millis(800), Duration::from_millis(1_500)];
+        let quota_of = |rpm: u64, w: usize| {
+            let mut q = quota(Some(rpm), None, 1, Some(Duration::from_millis(50)));
+            q.requests.window = windows[w];
+            q
+        };
+        let mut q = quota_of(4, 0);
+        // (when the first acquire brought it, limit, window with margin)
+        let mut regimes: Vec<(i64, i64, i64)> = vec![(i64::MIN, 4, q.effective_window_us(Dim::Requests))];
+        let mut st = KeyState::default();
+        let mut callers: Vec<Caller> = (0..3).map(|_| Caller::default()).collect();
+        let mut now = T0;
+        let mut pending: Vec<(usize, Ticket)> = Vec::new();
+        let mut called: Vec<(i64, i64)> = Vec::new();
+        let run_checks = |pending: &mut Vec<(usize, Ticket)>, callers: &mut Vec<Caller>, st: &mut KeyState, called: &mut Vec<(i64, i64)>, upto: i64| {
+            pending.sort_by_key(|(_, t)| t.start_us);
+            while pending.first().is_some_and(|(_, t)| t.start_us <= upto) {
+                let (c, t) = pending.remove(0);
+                if callers[c].check(st, t.start_us, &t) == Check::Go {
+                    called.push((t.start_us, 1));
+                }
+            }
+        };
+        for (i, &(gap, who, max_wait_ms, change)) in arrivals.iter().enumerate() {
+            now += gap;
+            run_checks(&mut pending, &mut callers, &mut st, &mut called, now);
+            if let Some((rpm, w)) = change {
+                let next = quota_of(rpm, w);
+                if next != q {
+                    q = next;
+                    regimes.push((now, rpm as i64, q.effective_window_us(Dim::Requests)));
+                }
+            }
+            let id = format!("r{i}");
+            match callers[who].decide(&mut st, now, &q, &id, req(1), Duration::from_millis(max_wait_ms)) {
+                Decision::Admitted { ticket } => called.push((ticket.start_us, 1)),
+                Decision::Booked { ticket, .. } => pending.push((who, ticket)),
+                Decision::Rejected { .. } => {}
+            }
+        }
+        run_checks(&mut pending, &mut callers, &mut st, &mut called, i64::MAX);
+        called.sort();
+        for &(t, _) in &called {
+            // At the very time of a change, both the old and the new limits apply.
+            if regimes.iter().any(|r| r.0 == t) {
+                continue;
+            }
+            let Some(&(_, limit, w)) = regimes.iter().rev().find(|r| r.0 < t) else { continue };
+            let held = called.iter().filter(|(s, _)| *s > t - w && *s <= t).count() as i64;
+            prop_assert!(held <= limit, "{held} calls in the window ending at {t}, limit {limit}");
+        }
+    }
+}
+
+/// A window that grows past entries already pruned from the log cannot recount them: they
+/// are taken as full, so nothing starts inside a new window with them.
+#[test]
+fn a_window_grown_past_pruned_bookings_waits_for_them() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let short = quota(Some(2), None, 1, NO_MARGIN);
+    let long = quota(Some(2), None, 5, NO_MARGIN);
+    let mut starts = book_many(&l, &short, "a", 2)
+        .iter()
+        .map(|t| (t.start_us, 1))
+        .collect::<Vec<_>>();
+    clock.advance(Duration::from_secs(2));
+    // Prunes both (outside every window).
+    starts.extend(
+        book_many(&l, &short, "c", 1)
+            .iter()
+            .map(|t| (t.start_us, 1)),
+    );
+    let d = book_many(&l, &long, "d", 1);
+    assert_eq!(d[0].start_us, T0 + 5 * SEC, "{d:?}");
+    // The window of the new length ending at d holds c and d only.
+    let held = starts
+        .iter()
+        .filter(|(s, _)| *s > d[0].start_us - 5 * SEC)
+        .count();
+    assert_eq!(held, 1, "{starts:?}");
+}
