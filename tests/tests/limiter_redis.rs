@@ -1278,3 +1278,32 @@ async fn a_window_grown_past_pruned_bookings_waits_for_them() {
         .count();
     assert_eq!(held, 1, "{starts:?}");
 }
+
+/// The operator reads usage with the config it has just compiled: that read applies a
+/// lowered limit at once, while every replica sleeps on its booking and none acquires.
+#[tokio::test]
+async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
+    let (url, l) = rig_limiter().await;
+    let operator = connect(&url).await;
+    let key = fresh_key("usagerefit");
+    let q20 = quota(
+        Some(20),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&l, &key, &q20, "old", 60).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let change = now_us();
+    operator.usage(&key, &q10).await.expect("usage");
+    let (mut called, lost) = check_all(&l, &old).await;
+    assert_eq!(lost.len(), 20, "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    assert_eq!(max_in_window(&mut called, 10_000_000), 10);
+}

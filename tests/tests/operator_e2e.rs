@@ -617,3 +617,197 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
         .expect("join")
         .expect("replica b ends cleanly");
 }
+
+/// Issue 18: a running fleet of `pacer worker` processes obeys a limit lowered with
+/// `kubectl apply` within 2 s, bookings made under the old limit included, judged by the
+/// simulator at arrival: no window of the pool's length that starts 2 s after the apply
+/// holds more calls than the new limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_workers_obey_a_lowered_limit_within_two_seconds() {
+    use pacer_simulator::{LimitSpec, SimConfig, Simulator};
+    const MODEL: &str = "gemini-3.1-flash-image";
+    let (before, after, window_s) = (10u64, 5u64, 5u64);
+    let rig = Rig::load();
+    let client = rig.kube().await;
+    install_crds(&client).await;
+    let ns = Rig::unique("op-lower").to_lowercase();
+    create_namespace(&client, &ns).await;
+    let redis_url = rig.get("REDIS_URL");
+    let store = ConfigStore::connect(&redis_url).await.expect("redis");
+    let mut args = RunArgs::new(&redis_url);
+    args.watch_namespace = Some(ns.clone());
+    args.resync_seconds = 2;
+    let shutdown = Shutdown::new();
+    let operator = Operator::start(client.clone(), args, shutdown.clone())
+        .await
+        .expect("start operator");
+    let running = tokio::spawn(operator.run());
+
+    // A pool and a chain with a long max wait, so bookings queue windows ahead.
+    let project = Rig::unique("proj");
+    let pool = |rpm: u64| {
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool}}\n\
+             spec:\n  project: {project}\n  tier: Tier2\n  headroomPercent: 0\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {rpm}, windowSeconds: {window_s}}}\n"
+        )
+    };
+    let chain = format!(
+        "apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain}}\n\
+         spec:\n  pool: pool\n  requestTimeoutSeconds: 30\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: 20}}\n"
+    );
+    for doc in [pool(before), chain] {
+        let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(&doc));
+        assert!(ok, "{err}");
+    }
+    let pool_key = format!("{ns}/pool");
+    let has_rpm = |rpm: u64| {
+        let (store, pool_key) = (&store, &pool_key);
+        move || async move {
+            let cfg = store.load().await.ok()?;
+            (cfg.pools.get(pool_key)?.models.get(MODEL)?.rpm == Some(rpm)).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), "pool in Redis", has_rpm(before)).await;
+
+    // The simulator counts at arrival; its own limit is far above the pool's.
+    let mut limit = LimitSpec::new(MODEL);
+    limit.rpm = Some(1_000);
+    limit.window = Duration::from_secs(window_s);
+    let sim = Simulator::new(SimConfig {
+        limits: vec![limit],
+        latency: Duration::from_millis(200),
+        ..SimConfig::default()
+    });
+    let listener = Simulator::bind(([127, 0, 0, 1], 0).into()).expect("bind the simulator");
+    let sim_url = format!("http://{}", listener.local_addr().expect("address"));
+    let app = sim.router();
+    let sim_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    // A backlog far deeper than the limit, and three workers eager for it.
+    let sqs = rig.sqs().await;
+    let s3 = rig.s3().await;
+    let mut queues = Vec::new();
+    for name in [ns.clone(), format!("{ns}-results")] {
+        let url = sqs
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .expect("create a queue")
+            .queue_url
+            .expect("queue url");
+        queues.push(url);
+    }
+    s3.create_bucket().bucket(&ns).send().await.expect("bucket");
+    for i in 0..150 {
+        let body = serde_json::json!({
+            "id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")
+        });
+        sqs.send_message()
+            .queue_url(&queues[0])
+            .message_body(body.to_string())
+            .send()
+            .await
+            .expect("send a request");
+    }
+    let dir = std::env::temp_dir().join(&ns);
+    std::fs::create_dir_all(&dir).expect("log folder");
+    let mut workers = pacer_tests::Children::default();
+    for w in 0..3 {
+        let log = std::fs::File::create(dir.join(format!("w{w}.log"))).expect("log file");
+        let child = std::process::Command::new(pacer_tests::pacer_bin())
+            .arg("worker")
+            .env("PACER_QUEUE_URL", &queues[0])
+            .env("PACER_RESULT_QUEUE_URL", &queues[1])
+            .env("PACER_REDIS_URL", &redis_url)
+            .env("PACER_GEMINI_BASE_URL", &sim_url)
+            .env("PACER_GEMINI_API_KEY", "test-key")
+            .env("PACER_SINK", format!("s3://{ns}/images"))
+            .env("PACER_CONCURRENCY", "8")
+            .env("PACER_VISIBILITY_SECONDS", "4")
+            .env("PACER_WAIT_SECONDS", "1")
+            .env("PACER_CLAIM_LEASE_SECONDS", "3")
+            .env("PACER_METRICS_ADDR", "127.0.0.1:0")
+            .env("PACER_REPLICA_ID", format!("w{w}"))
+            .env("AWS_ENDPOINT_URL", rig.get("AWS_ENDPOINT_URL"))
+            .env("AWS_ACCESS_KEY_ID", rig.get("AWS_ACCESS_KEY_ID"))
+            .env("AWS_SECRET_ACCESS_KEY", rig.get("AWS_SECRET_ACCESS_KEY"))
+            .env("AWS_REGION", rig.get("AWS_REGION"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pacer worker");
+        workers.0.push(child);
+    }
+    let accepted = |sim: &Simulator| -> Vec<i64> {
+        sim.stats()["models"][MODEL]["accepted_at_ms"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+            .unwrap_or_default()
+    };
+    // Running at the old limit, with bookings queued windows ahead.
+    eventually(Duration::from_secs(60), "the fleet at work", || async {
+        (accepted(&sim).len() >= 2 * before as usize).then_some(())
+    })
+    .await;
+
+    let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(&pool(after)));
+    let changed_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    assert!(ok, "{err}");
+    eventually(
+        Duration::from_secs(2),
+        "lowered rpm in Redis",
+        has_rpm(after),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4 * window_s)).await;
+
+    let times = accepted(&sim);
+    let w_ms = 1_000 * window_s as i64;
+    // The most arrivals in a window [t, t + w) over the windows starting at an arrival at or
+    // after `from`.
+    let most = |from: i64| {
+        let after: Vec<i64> = times.iter().copied().filter(|t| *t >= from).collect();
+        (0..after.len())
+            .map(|i| {
+                after[i..]
+                    .iter()
+                    .take_while(|t| **t < after[i] + w_ms)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let before_change = times.iter().filter(|t| **t < changed_ms).count();
+    let obeyed_from = (0..=20)
+        .map(|k| k * 500)
+        .find(|d| most(changed_ms + d) <= after as usize);
+    println!(
+        "{} calls before the change, {} after; most in a {window_s} s window from the change: {}, \
+         from 2 s after: {}; the first window start (in 500 ms steps) from which none holds \
+         more than {after}: {obeyed_from:?} ms after the apply",
+        before_change,
+        times.len() - before_change,
+        most(changed_ms),
+        most(changed_ms + 2_000),
+    );
+    assert!(
+        times.len() - before_change >= 2 * after as usize,
+        "the fleet kept working after the change"
+    );
+    assert!(
+        most(changed_ms + 2_000) <= after as usize,
+        "a {window_s} s window starting 2 s after the apply holds {} calls, limit {after}",
+        most(changed_ms + 2_000)
+    );
+    drop(workers);
+    sim_task.abort();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}

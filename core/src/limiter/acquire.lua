@@ -279,21 +279,22 @@ end
 -- limit (counting what has started and what was kept before it), released otherwise, so
 -- the latest go first. Their holders' check finds them gone (Lost). The latest start (ls)
 -- stays: it is every caller's rollback hint, and new bookings still queue behind it.
+-- Returns whether the recorded limits changed.
 local function refit(L, W)
   local known = S.l1 ~= nil
   local before = { S.l1, S.l2, S.l3, S.l4 }
   S.l1, S.l2, S.l3, S.l4 = L[1], L[2], L[3], L[4]
-  if not known then return end
+  if not known then return true end
   local same = true
   for d = 1, 4 do
     if before[d] ~= L[d] or win[d] ~= W[d] then same = false end
   end
-  if same then return end
+  if same then return false end
   local reach = nil
   for d = 1, 4 do
     if L[d] >= 0 and (reach == nil or W[d] > reach) then reach = W[d] end
   end
-  if reach == nil then return end
+  if reach == nil then return true end
   -- A longer window may reach entries already pruned: what cannot be counted is taken as
   -- full, as after a loss (each limited dimension waits its window from them).
   for d = 1, 4 do
@@ -331,6 +332,7 @@ local function refit(L, W)
     end
   end
   for _, e in ipairs(gone) do replace(e.m, id_of(e.m) or '', e.s, nil) end
+  return true
 end
 
 if op == 'a' then
@@ -468,6 +470,14 @@ elseif op == 'p' then
 elseif op == 'u' then
   -- From the running sums, O(1): they cover the window ending at the latest booking (or
   -- the latest decision); once that booking is a full window old, nothing is left.
+  -- ARGV: the windows (2..5), then the limits (6..9). The operator reads usage with the
+  -- config it has just compiled, so a limit change is applied here, at once, even while
+  -- every replica sleeps on its booking and none acquires.
+  if not fresh and ARGV[6] then
+    local W = { tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) }
+    local L = { tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]) }
+    if refit(L, W) then save() end
+  end
   local out = { now }
   for d = 1, 4 do
     local w = tonumber(ARGV[1 + d])

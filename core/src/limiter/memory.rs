@@ -245,15 +245,16 @@ impl KeyState {
     /// otherwise, so the latest go first. Their holders' check answers [`Blocker::Lost`].
     /// The latest start (`last_start`) stays: it is every caller's rollback hint, and new
     /// bookings still queue behind it.
-    fn refit(&mut self, now: i64, limits: &Limits) {
+    /// Returns whether the recorded limits changed.
+    fn refit(&mut self, now: i64, limits: &Limits) -> bool {
         let before = self.limits.replace(limits.limit);
-        let Some(before) = before else { return };
+        let Some(before) = before else { return true };
         if before == limits.limit && self.windows == limits.window_us {
-            return;
+            return false;
         }
         let limited: Vec<usize> = (0..4).filter(|&d| limits.limit[d] >= 0).collect();
         let Some(reach) = limited.iter().map(|&d| limits.window_us[d]).max() else {
-            return;
+            return true;
         };
         // A longer window may reach entries already pruned: what cannot be counted is taken
         // as full, as after a loss (each limited dimension waits its window from them).
@@ -298,6 +299,7 @@ impl KeyState {
         for seq in gone {
             self.release_seq(seq);
         }
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,7 +316,7 @@ impl KeyState {
         let (now, fresh) = self.begin(clock_now);
         self.roll_day(now, calendar);
         self.fence(hint, fresh);
-        self.refit(now, limits);
+        let _ = self.refit(now, limits);
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
         if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
@@ -560,10 +562,18 @@ impl KeyState {
     }
 
     /// From the running sums, O(1): they cover the window ending at the latest booking (or
-    /// the latest decision); once that booking is a full window old, nothing is left.
-    pub(crate) fn usage(&self, clock_now: i64, quota: &ModelQuota) -> Usage {
-        let now = clock_now.max(self.now);
+    /// the latest decision); once that booking is a full window old, nothing is left. The
+    /// operator reads usage with the config it has just compiled, so a limit change is
+    /// applied here, at once, even while every replica sleeps on its booking.
+    pub(crate) fn usage(&mut self, clock_now: i64, quota: &ModelQuota) -> Usage {
         let limits = Limits::of(quota);
+        if self.generation != 0 {
+            let now = clock_now.max(self.now);
+            if self.refit(now, &limits) {
+                self.now = now;
+            }
+        }
+        let now = clock_now.max(self.now);
         let dimensions = Dim::ALL
             .iter()
             .map(|&dim| {

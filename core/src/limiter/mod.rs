@@ -33,14 +33,17 @@
 //!   up to the new limit. A window that grows past entries already pruned from the log
 //!   cannot recount them: they are taken as full, as after a loss (the fence moves to the
 //!   latest pruned start, so each limited dimension waits its new window from it).
-//!   `check` takes no limits on purpose: its caller holds the quota
-//!   from when it booked, up to `max_wait` old, exactly the config a change replaces; the
-//!   acquiring callers hold the freshest config, and with a busy fleet the next acquire
-//!   comes within milliseconds. (If no acquire comes at all, the bookings already queued
-//!   run under the old limits until the queue drains.) A caller still on the old config
-//!   (a replica within its refresh interval) moves the limits back for its own acquire:
-//!   a raise releases nothing, and the next caller on the new config fits its booking
-//!   again, so such bookings last only until then.
+//!   The re-fit happens at the first call that brings the new limits: an acquire, or a
+//!   [`Limiter::usage`] read, which the operator makes with the config it has just
+//!   compiled, in the reconcile that writes a changed pool. That read matters: a saturated
+//!   fleet does not acquire at all while every worker sleeps on its booking (measured: no
+//!   acquire for 5.4 s after an apply, so the first window after it still held the old
+//!   limit). `check` takes no limits: its caller holds the quota from when it booked, up
+//!   to `max_wait` old, exactly the config a change replaces; it learns from the re-fit
+//!   that its booking is gone. A caller still on the old config (a replica within its
+//!   refresh interval, or a handler rebooking with the quota its delivery started with)
+//!   moves the limits back for its own acquire: a raise releases nothing, and the next
+//!   call on the new config fits its booking again, so such bookings last only until then.
 //!
 //! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
 //! - [`redis`]: the shared limiter, one Lua script per decision.
@@ -358,7 +361,10 @@ pub trait Limiter: Send + Sync {
     /// ([`PenaltyScope::PerMinute`]) or a block until the next Pacific midnight.
     async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()>;
 
-    /// A read-only snapshot of one (project, model).
+    /// A snapshot of one (project, model). When `quota`'s limits or windows differ from
+    /// those the bookings were made under, they are applied first, as an acquire would (the
+    /// bookings beyond them that have not started are released): the operator reads usage
+    /// with the config it has just compiled, so its read applies a change at once.
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage>;
 }
 

@@ -372,7 +372,20 @@ impl Limiter for RedisLimiter {
         let l = Limits::of(quota);
         let w = l.window_us;
         let r = self
-            .run(key, args(&[&"u", &w[0], &w[1], &w[2], &w[3]]))
+            .run(
+                key,
+                args(&[
+                    &"u",
+                    &w[0],
+                    &w[1],
+                    &w[2],
+                    &w[3],
+                    &l.limit[0],
+                    &l.limit[1],
+                    &l.limit[2],
+                    &l.limit[3],
+                ]),
+            )
             .await?;
         let mut dimensions = Vec::with_capacity(4);
         for dim in Dim::ALL {

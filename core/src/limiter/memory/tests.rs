@@ -1116,3 +1116,22 @@ fn a_window_grown_past_pruned_bookings_waits_for_them() {
         .count();
     assert_eq!(held, 1, "{starts:?}");
 }
+
+/// The operator reads usage with the config it has just compiled: that read applies a
+/// lowered limit at once, while every replica sleeps on its booking and none acquires.
+#[tokio::test]
+async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q20 = quota(Some(20), None, 10, NO_MARGIN);
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q20, "old", 60);
+    clock.advance(Duration::from_secs(1));
+    let change = clock.now_us();
+    l.usage(&key(), &q10).await.expect("usage");
+    let (mut called, lost) = check_all(&l, &clock, &old).await;
+    assert_eq!(lost.len(), 20, "{lost:?}");
+    called.retain(|(s, _)| *s >= change);
+    called.sort();
+    assert_eq!(max_in_window(&called, 10 * SEC), 10, "{called:?}");
+}
