@@ -624,9 +624,23 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
 /// holds more calls than the new limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_workers_obey_a_lowered_limit_within_two_seconds() {
+    limit_change_at_the_simulator(10, 5).await;
+}
+
+/// The same with the limit raised: no window ever holds more than the new limit (how soon
+/// the fleet reaches it is printed: bookings already queued stay where they are, and new
+/// ones queue behind them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_workers_never_exceed_a_raised_limit() {
+    limit_change_at_the_simulator(5, 10).await;
+}
+
+/// Runs a fleet at `before` calls per 5 s, applies `after`, and judges the arrivals at the
+/// simulator from 2 s after the apply by the new limit.
+async fn limit_change_at_the_simulator(before: u64, after: u64) {
     use pacer_simulator::{LimitSpec, SimConfig, Simulator};
     const MODEL: &str = "gemini-3.1-flash-image";
-    let (before, after, window_s) = (10u64, 5u64, 5u64);
+    let window_s = 5u64;
     let rig = Rig::load();
     let client = rig.kube().await;
     install_crds(&client).await;
@@ -788,10 +802,16 @@ async fn running_workers_obey_a_lowered_limit_within_two_seconds() {
     let obeyed_from = (0..=20)
         .map(|k| k * 500)
         .find(|d| most(changed_ms + d) <= after as usize);
+    // The first arrival after the apply that closes a window holding the new limit.
+    let later: Vec<i64> = times.iter().copied().filter(|t| *t >= changed_ms).collect();
+    let reached = (after as usize..=later.len())
+        .find(|&k| later[k - 1] - later[k - after as usize] < w_ms)
+        .map(|k| later[k - 1] - changed_ms);
     println!(
         "{} calls before the change, {} after; most in a {window_s} s window from the change: {}, \
          from 2 s after: {}; the first window start (in 500 ms steps) from which none holds \
-         more than {after}: {obeyed_from:?} ms after the apply",
+         more than {after}: {obeyed_from:?} ms after the apply; {after} calls within one window \
+         first {reached:?} ms after it",
         before_change,
         times.len() - before_change,
         most(changed_ms),
