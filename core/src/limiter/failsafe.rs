@@ -227,7 +227,11 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         {
             return Ok(u);
         }
-        self.local.usage(key, quota).await
+        // The local limiter books under the divided quota: reading it under the whole one
+        // would look like a limit change to it.
+        self.local
+            .usage(key, &quota.divided(self.expected_replicas))
+            .await
     }
 }
 
