@@ -143,7 +143,10 @@ mod tests {
     fn half_size_is_spelled_512_and_reads_the_old_alias() {
         let half: ImageSize = serde_json::from_str("\"0.5K\"").expect("alias");
         assert_eq!(half, ImageSize::HalfK);
-        assert_eq!(serde_json::from_str::<ImageSize>("\"512\"").expect("512"), half);
+        assert_eq!(
+            serde_json::from_str::<ImageSize>("\"512\"").expect("512"),
+            half
+        );
         assert_eq!(serde_json::to_string(&half).expect("json"), "\"512\"");
         assert!(serde_json::from_str::<ImageSize>("\"8K\"").is_err());
     }
