@@ -617,7 +617,11 @@ spec:
 
     #[test]
     fn every_example_compiles_together() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let dir = std::path::Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+        )
+        .join("examples");
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())

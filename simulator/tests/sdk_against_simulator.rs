@@ -23,8 +23,11 @@ async fn google_genai_sdk_talks_to_the_simulator() {
          `tests/rig/install venv`",
         python.display()
     );
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/python/test_sdk_against_simulator.py");
+    let script = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned()),
+    )
+    .join("../tests/python/test_sdk_against_simulator.py");
     let sim = Simulator::new(SimConfig {
         limits: vec!["gemini-3-pro-image:rpm=1".parse().expect("limit")],
         ..SimConfig::default()

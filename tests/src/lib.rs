@@ -15,7 +15,7 @@ impl Rig {
     pub fn env_file() -> PathBuf {
         std::env::var_os("PACER_RIG_ENV")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.rig/env"))
+            .unwrap_or_else(|| Self::repo_root().join(".rig/env"))
     }
 
     /// Loads the rig's addresses, or panics with how to start the rig.
@@ -125,9 +125,14 @@ impl Rig {
         )
     }
 
-    /// The repository's root folder.
+    /// The repository's root folder. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for
+    /// every test it runs): a build cached from another checkout must not send the tests
+    /// to that checkout's files.
     pub fn repo_root() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("..")
     }
 }
 
