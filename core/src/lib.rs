@@ -22,5 +22,6 @@ pub mod gemini;
 pub mod limiter;
 pub mod openai;
 pub mod pacific;
+pub mod process;
 pub mod provider;
 pub mod quota;

@@ -1,7 +1,7 @@
-//! Pacer's function: the request handler shared by the SQS worker, the Lambda handler and
-//! the `pacer` command line.
+//! Pacer's request path: the handler shared by the SQS worker, the Lambda entry point
+//! (`pacer-lambda`, built here) and the `pacer` command line (the `cli` crate). It takes a
+//! compiled configuration and depends on `pacer-core` only.
 //!
-//! - [`cli`]: the command line's arguments (one clap struct, every flag also an env var).
 //! - [`message`]: the generation request (an SQS message body), parsed strictly.
 //! - [`sink`]: where images are stored: S3 or a local folder.
 //! - [`outcome`]: what became of a delivery, and so what the queue does with it.
@@ -12,7 +12,6 @@
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`runtime`]: assembling a replica (config source, limiter, providers, sink) from settings.
 //! - [`record`]: result records and generation claims (idempotency), in Redis or memory.
-pub mod cli;
 pub mod handler;
 pub mod lambda;
 pub mod message;

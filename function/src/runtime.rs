@@ -1,9 +1,8 @@
 //! Assembling a replica from its settings: where configuration comes from, which limiter,
 //! which providers, which sink, where results go. Shared by `pacer worker`, the Lambda
 //! binary, `pacer generate`, `pacer demo` and `pacer loadtest`.
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
 use clap::Args;
 use pacer_core::{
     config::{CompiledConfig, ConfigStore},
@@ -21,17 +20,45 @@ use crate::{
     sink,
 };
 
+/// Why a replica could not be assembled; each names the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A setting is missing or wrong.
+    #[error("{0}")]
+    Settings(String),
+    /// Redis could not be reached or read.
+    #[error("{what} (PACER_REDIS_URL): {source}")]
+    Redis {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file named by a setting could not be read.
+    #[error("reading {path} ({setting}): {source}")]
+    File {
+        path: PathBuf,
+        setting: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A provider client could not be built.
+    #[error("provider client: {0}")]
+    Provider(#[from] pacer_core::provider::ProviderError),
+}
+
+fn redis_error(
+    what: &'static str,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SetupError {
+    move |source| SetupError::Redis { what, source }
+}
+
 /// Settings every processing mode shares (flags and environment variables).
 #[derive(Args, Debug, Clone)]
 pub struct RuntimeArgs {
     /// Redis with the compiled config, the limiter, result records and claims. Without it
-    /// the process runs alone: in-memory limiter, config from --config.
+    /// the process runs alone: in-memory limiter, the configuration it was given.
     #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-
-    /// QuotaPool and ModelChain YAML to run with when there is no Redis.
-    #[arg(long, env = "PACER_CONFIG")]
-    pub config: Option<PathBuf>,
 
     /// Gemini's base URL (a proxy, a gateway's Gemini route, or `pacer simulate`).
     #[arg(long, env = "PACER_GEMINI_BASE_URL", default_value = pacer_core::gemini::client::DEFAULT_BASE_URL)]
@@ -80,16 +107,15 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
-    fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
+    fn api_key(&self) -> Result<Option<ApiKey>, SetupError> {
         if let Some(k) = &self.gemini_api_key {
             return Ok(Some(ApiKey::new(k.trim())));
         }
         if let Some(path) = &self.gemini_api_key_file {
-            let key = std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "reading the Gemini API key from {} (PACER_GEMINI_API_KEY_FILE)",
-                    path.display()
-                )
+            let key = std::fs::read_to_string(path).map_err(|source| SetupError::File {
+                path: path.clone(),
+                setting: "PACER_GEMINI_API_KEY_FILE",
+                source,
             })?;
             return Ok(Some(ApiKey::new(key.trim())));
         }
@@ -105,31 +131,6 @@ impl RuntimeArgs {
     }
 }
 
-/// Reads a YAML file of pools and chains into a configuration (no Redis).
-pub fn config_from_file(path: &std::path::Path) -> anyhow::Result<CompiledConfig> {
-    let yaml = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --config {}", path.display()))?;
-    config_from_yaml(&yaml).with_context(|| format!("in --config {}", path.display()))
-}
-
-/// Compiles YAML pools and chains into a configuration (no Redis).
-pub fn config_from_yaml(yaml: &str) -> anyhow::Result<CompiledConfig> {
-    let compiled = pacer_crds::compile::compile_documents(yaml, "default", &BTreeMap::new())?;
-    Ok(CompiledConfig {
-        version: 1,
-        pools: compiled
-            .pools
-            .into_iter()
-            .map(|p| (p.name.clone(), p))
-            .collect(),
-        chains: compiled
-            .chains
-            .into_iter()
-            .map(|c| (c.name.clone(), c))
-            .collect(),
-    })
-}
-
 /// A replica's collaborators.
 pub struct Replica {
     /// The request handler.
@@ -140,23 +141,23 @@ pub struct Replica {
     pub config: watch::Receiver<Arc<CompiledConfig>>,
 }
 
-/// Builds a replica. `fallback_config` is used when there is neither Redis nor --config
-/// (`pacer demo` passes its embedded pool and chain).
+/// Builds a replica. `local_config` is what it runs with when there is no Redis (the
+/// command line compiles `--config` YAML, or passes its embedded pool and chain).
 pub async fn build(
     args: &RuntimeArgs,
-    fallback_config: Option<CompiledConfig>,
+    local_config: Option<CompiledConfig>,
     options: HandlerOptions,
-) -> anyhow::Result<Replica> {
+) -> Result<Replica, SetupError> {
     let metrics = Arc::new(Metrics::default());
     let (config, limiters, records) = match &args.redis_url {
         Some(url) => {
             let store = ConfigStore::connect(url)
                 .await
-                .with_context(|| "connecting to Redis (PACER_REDIS_URL)".to_string())?;
+                .map_err(|e| redis_error("connecting to Redis")(e.into()))?;
             let config = store
                 .watch(Duration::from_millis(args.config_refresh_ms.max(50)))
                 .await
-                .context("reading the compiled config from Redis")?;
+                .map_err(|e| redis_error("reading the compiled config from Redis")(e.into()))?;
             if config.borrow().chains.is_empty() {
                 tracing::warn!(
                     "Redis holds no chains yet: apply some with `pacer apply -f` or the operator"
@@ -168,21 +169,23 @@ pub async fn build(
             };
             let limiter = RedisLimiter::connect(url, options)
                 .await
-                .context("connecting the limiter to Redis")?;
+                .map_err(|e| redis_error("connecting the limiter to Redis")(e.into()))?;
             warn_if_evictable(&limiter).await;
-            let conn = redis::aio::ConnectionManager::new(redis::Client::open(url.as_str())?)
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| redis_error("opening the result store")(e.into()))?;
+            let conn = redis::aio::ConnectionManager::new(client)
                 .await
-                .context("connecting the result store to Redis")?;
+                .map_err(|e| redis_error("connecting the result store to Redis")(e.into()))?;
             (config, Limiters::shared(limiter), Records::Redis(conn))
         }
         None => {
-            let cfg = match (&args.config, fallback_config) {
-                (Some(path), _) => config_from_file(path)?,
-                (None, Some(cfg)) => cfg,
-                (None, None) => anyhow::bail!(
+            let Some(cfg) = local_config else {
+                return Err(SetupError::Settings(
                     "no configuration: set PACER_REDIS_URL (config written by the operator or \
-                     `pacer apply`) or pass --config FILE with QuotaPool and ModelChain YAML"
-                ),
+                     `pacer apply`), or run `pacer worker --config FILE` with QuotaPool and \
+                     ModelChain YAML"
+                        .into(),
+                ));
             };
             let (tx, rx) = watch::channel(Arc::new(cfg));
             // Keep the sender alive for the process: the configuration never changes.
@@ -194,10 +197,13 @@ pub async fn build(
     let is_google = args.gemini_base_url.contains("googleapis.com");
     let gemini_key = match key {
         Some(k) => k,
-        None if is_google => anyhow::bail!(
-            "no Gemini API key: set PACER_GEMINI_API_KEY or PACER_GEMINI_API_KEY_FILE (or point \
-             PACER_GEMINI_BASE_URL at `pacer simulate`)"
-        ),
+        None if is_google => {
+            return Err(SetupError::Settings(
+                "no Gemini API key: set PACER_GEMINI_API_KEY or PACER_GEMINI_API_KEY_FILE (or \
+                 point PACER_GEMINI_BASE_URL at `pacer simulate`)"
+                    .into(),
+            ));
+        }
         // The simulator and most gateways accept any key.
         None => ApiKey::new("pacer-local"),
     };
@@ -214,7 +220,7 @@ pub async fn build(
     };
     let sink = sink::from_url(&args.sink)
         .await
-        .map_err(|e| anyhow::anyhow!("PACER_SINK: {e}"))?;
+        .map_err(|e| SetupError::Settings(format!("PACER_SINK: {e}")))?;
     let options = HandlerOptions {
         claim_lease: Duration::from_secs(args.claim_lease_seconds.max(1)),
         ..options

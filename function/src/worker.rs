@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     metrics::{Metrics, OutcomeLabels, ReasonLabels},
     outcome::{Outcome, Process},
-    queue::{Delivery, Queue},
+    queue::{Delivery, Queue, QueueError},
 };
 
 /// How the worker polls and holds messages.
@@ -53,7 +53,7 @@ pub async fn run(
     processor: Arc<dyn Process>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), QueueError> {
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     // Receipts of messages in flight, so shutdown can release them.
     let in_flight: Arc<Mutex<HashMap<String, String>>> = Arc::default();
@@ -64,7 +64,11 @@ pub async fn run(
         // Never hold more messages than can be worked on: take permits before receiving.
         let want = permits.available_permits().clamp(1, 10);
         let mut held = tokio::select! {
-            p = permits.clone().acquire_many_owned(want as u32) => p?,
+            // The semaphore is never closed.
+            p = permits.clone().acquire_many_owned(want as u32) => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
             _ = shutdown.cancelled() => break,
         };
         let received = tokio::select! {

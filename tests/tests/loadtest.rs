@@ -6,7 +6,7 @@
 //!
 //! Two loads: demand at 3x the limit (the README's shape), and a deep backlog (everything
 //! queued at once, deeper than a step's max wait: messages are deferred and redelivered).
-use pacer::cli::loadtest::{LoadtestArgs, Report, execute};
+use pacer::loadtest::{LoadtestArgs, Report, execute};
 use pacer_tests::Rig;
 
 async fn queue(rig: &Rig, name: &str) -> String {

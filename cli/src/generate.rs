@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use pacer_simulator::{SimConfig, Simulator};
 
-use crate::{
+use pacer_function::{
     handler::HandlerOptions,
     outcome::Outcome,
     runtime::{self, RuntimeArgs},
@@ -37,6 +37,9 @@ pub struct GenerateArgs {
     pub id: Option<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub local: crate::config::ConfigArgs,
 }
 
 pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -63,7 +66,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let fallback = {
         // Tier 1-like limits; only this process uses them.
         let limit = format!("{}:rpm=20,ipm=20", args.model).parse()?;
-        let mut config = super::loadtest::plan_from_limits(
+        let mut config = crate::loadtest::plan_from_limits(
             &[limit],
             "generate",
             0,
@@ -80,7 +83,12 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .collect();
         config
     };
-    let replica = runtime::build(&rt, Some(fallback), HandlerOptions::default()).await?;
+    let replica = runtime::build(
+        &rt,
+        args.local.local(Some(fallback))?,
+        HandlerOptions::default(),
+    )
+    .await?;
     let id = args.id.clone().unwrap_or_else(|| {
         format!(
             "gen-{}-{:06x}",

@@ -7,7 +7,7 @@ use std::{io::Write as _, path::PathBuf, sync::Arc, time::Instant};
 
 use clap::Args;
 
-use super::loadtest::{self, LoadtestArgs};
+use crate::loadtest::{self, LoadtestArgs};
 
 /// `pacer demo` flags (all optional).
 #[derive(Args, Debug)]

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use pacer_function::{
     handler::HandlerOptions,
     queue::SqsQueue,
     runtime::{self, RuntimeArgs},
@@ -40,10 +40,18 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub local: crate::config::ConfigArgs,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let replica = runtime::build(&args.runtime, None, HandlerOptions::default()).await?;
+    let replica = runtime::build(
+        &args.runtime,
+        args.local.local(None)?,
+        HandlerOptions::default(),
+    )
+    .await?;
     let bound = replica.metrics.clone().serve(args.metrics_addr).await?;
     tracing::info!(metrics = %bound, queue = %args.queue_url, concurrency = args.concurrency, "worker started");
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -72,18 +80,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
 /// Cancels `token` on SIGTERM or Ctrl-C.
 pub async fn stop_on_signal(token: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            token.cancel();
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    pacer_core::process::shutdown_signal().await;
     token.cancel();
 }

@@ -1,9 +1,11 @@
 //! The `pacer` command line: one clap struct, every flag also readable from the environment.
+//! Each subcommand is a module; the request path they drive is `pacer-function`'s.
 use clap::{Parser, Subcommand};
 
 pub mod apply;
 pub mod bench;
 pub mod bench_worker;
+pub mod config;
 pub mod demo;
 pub mod generate;
 pub mod loadtest;
@@ -39,25 +41,7 @@ pub enum Command {
     Usage(apply::UsageArgs),
 }
 
-/// The one tracing initialisation of a binary: `RUST_LOG` filters (default `info`); JSON
-/// lines when `AWS_LAMBDA_LOG_FORMAT=JSON` (Lambda) or `PACER_LOG_FORMAT=json`.
-pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = ["AWS_LAMBDA_LOG_FORMAT", "PACER_LOG_FORMAT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|f| f.eq_ignore_ascii_case("json")));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+pub use pacer_core::process::init_tracing;
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -343,7 +343,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
 /// agree with the simulator's count of arrivals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadtest_processes_agree_with_the_simulator() {
-    use pacer::cli::loadtest::{LoadtestArgs, execute};
+    use pacer::loadtest::{LoadtestArgs, execute};
     let rig = Rig::load();
     let queue_url = rig
         .sqs()

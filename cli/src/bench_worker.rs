@@ -18,7 +18,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use pacer_function::{
     handler::HandlerOptions,
     queue::{MemoryQueue, Queue},
     runtime::{self, RuntimeArgs},
@@ -115,7 +115,6 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
                 spec:\n  pool: bench\n  steps:\n  - {model: gemini-3.1-flash-image}\n";
     let rt = RuntimeArgs {
         redis_url: None,
-        config: None,
         gemini_base_url: url.to_owned(),
         gemini_api_key: Some("bench".into()),
         gemini_api_key_file: None,
@@ -130,7 +129,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
     };
     let replica = runtime::build(
         &rt,
-        Some(runtime::config_from_yaml(yaml)?),
+        Some(crate::config::from_yaml(yaml)?),
         HandlerOptions::default(),
     )
     .await?;

@@ -12,7 +12,7 @@ use std::{
 use async_trait::async_trait;
 use pacer_simulator::{Faults, config::Schedule};
 
-use crate::sink::{Sink, SinkError};
+use pacer_function::sink::{Sink, SinkError};
 
 /// One `--fault`.
 #[derive(Debug, Clone, PartialEq)]

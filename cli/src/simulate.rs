@@ -160,7 +160,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     println!("http://{addr}");
     tokio::select! {
         served = simulator.serve(listener) => served?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        _ = pacer_core::process::shutdown_signal() => tracing::info!("stopped by a signal"),
     }
     Ok(())
 }
@@ -169,7 +169,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
 mod tests {
     use clap::{CommandFactory, Parser};
 
-    use crate::cli::{Cli, Command};
+    use crate::{Cli, Command};
 
     #[test]
     fn every_flag_has_help_and_an_env_var() {

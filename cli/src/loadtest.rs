@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncBufReadExt as _, sync::watch};
 use tokio_util::sync::CancellationToken;
 
-use super::plot;
+use crate::plot;
 
 mod calls;
 mod child;
@@ -51,7 +51,11 @@ pub mod fault;
 pub mod judge;
 mod naive;
 
-use crate::{
+use calls::{CUT_OFF, CallLog, Counting, KILLED, Recorded, lock, now_ms};
+use child::{ChildLine, ChildProc, aws_env, child, read_child};
+use fault::{FailingSink, Fault};
+use naive::Naive;
+use pacer_function::{
     handler::{Handler, HandlerOptions, Limiters, Providers, backoff, estimate_costs},
     message::GenerationRequest,
     metrics::Metrics,
@@ -61,10 +65,6 @@ use crate::{
     sink::{self, Sink},
     worker::{self, WorkerOptions},
 };
-use calls::{CUT_OFF, CallLog, Counting, KILLED, Recorded, lock, now_ms};
-use child::{ChildLine, ChildProc, aws_env, child, read_child};
-use fault::{FailingSink, Fault};
-use naive::Naive;
 
 /// `pacer loadtest` flags.
 #[derive(Args, Debug, Clone)]
@@ -423,7 +423,7 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
                 &std::fs::read_to_string(chain)
                     .with_context(|| format!("reading --chain {}", chain.display()))?,
             );
-            let config = crate::runtime::config_from_yaml(&yaml)?;
+            let config = crate::config::from_yaml(&yaml)?;
             let name = config
                 .chains
                 .keys()

@@ -34,7 +34,7 @@ pub enum BenchTarget {
     /// The global limiter: exactness, utilization and decisions per second.
     Limiter(LimiterBenchArgs),
     /// How much memory one worker replica needs for many requests in flight.
-    Worker(super::bench_worker::WorkerBenchArgs),
+    Worker(crate::bench_worker::WorkerBenchArgs),
 }
 
 /// The naive alternative to compare with.
@@ -374,7 +374,7 @@ async fn run_once(
 /// Runs `pacer bench limiter`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let args = match args.target {
-        BenchTarget::Worker(w) => return super::bench_worker::run(w).await,
+        BenchTarget::Worker(w) => return crate::bench_worker::run(w).await,
         BenchTarget::Limiter(args) => args,
     };
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
