@@ -11,6 +11,7 @@ use std::{
 };
 
 use clap::{Args, Subcommand, ValueEnum};
+use pacer_core::measure::{max_in_window, percentile};
 use pacer_core::{
     limiter::{
         Decision, Limiter, QuotaKey,
@@ -259,30 +260,6 @@ async fn client(
     stats
 }
 
-fn max_in_window(events: &mut [(i64, u64)], window: i64) -> u64 {
-    events.sort_unstable();
-    let (mut best, mut sum, mut lo) = (0, 0, 0);
-    for hi in 0..events.len() {
-        sum += events[hi].1;
-        while events[lo].0 <= events[hi].0 - window {
-            sum -= events[lo].1;
-            lo += 1;
-        }
-        if hi + 1 == events.len() || events[hi + 1].0 != events[hi].0 {
-            best = best.max(sum);
-        }
-    }
-    best
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i.min(sorted.len() - 1)]) / 1_000.0
-}
-
 /// Runs one benchmark with one limiter per client (`limiters` has one entry per client,
 /// possibly the same limiter shared).
 async fn run_once(
@@ -334,8 +311,8 @@ async fn run_once(
     };
     let limit = quota.dim(dim).limit.unwrap_or(0);
     let w = (args.window * 1e6) as i64;
-    let mut booked: Vec<(i64, u64)> = starts.iter().map(|s| (s.0, s.2)).collect();
-    let mut arrived: Vec<(i64, u64)> = starts.iter().map(|s| (s.1, s.2)).collect();
+    let booked: Vec<(i64, u64)> = starts.iter().map(|s| (s.0, s.2)).collect();
+    let arrived: Vec<(i64, u64)> = starts.iter().map(|s| (s.1, s.2)).collect();
     let t0 = booked.iter().map(|b| b.0).min().unwrap_or(t0_us).min(t0_us);
     let end_us = t0_us + (args.duration * 1e6) as i64;
     let windows = ((end_us - t0) / w.max(1) - 1).max(0);
@@ -361,12 +338,12 @@ async fn run_once(
         limit,
         window_s: args.window,
         margin_ms: margin.as_secs_f64() * 1e3,
-        max_in_any_window: max_in_window(&mut booked, quota.effective_window_us(dim)),
-        max_in_any_window_arrived: max_in_window(&mut arrived, w),
+        max_in_any_window: max_in_window(&booked, quota.effective_window_us(dim)),
+        max_in_any_window_arrived: max_in_window(&arrived, w),
         utilization: (utilization * 10_000.0).round() / 10_000.0,
         decisions_per_sec: (stats.decisions as f64 / elapsed).round(),
-        acquire_p50_us: percentile(&stats.latencies_ns, 0.50),
-        acquire_p99_us: percentile(&stats.latencies_ns, 0.99),
+        acquire_p50_us: percentile(&stats.latencies_ns, 0.50) / 1_000.0,
+        acquire_p99_us: percentile(&stats.latencies_ns, 0.99) / 1_000.0,
         baseline: None,
     }
 }

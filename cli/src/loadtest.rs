@@ -55,6 +55,7 @@ use calls::{CUT_OFF, CallLog, Counting, KILLED, Recorded, lock, now_ms};
 use child::{ChildLine, ChildProc, aws_env, child, read_child};
 use fault::{FailingSink, Fault};
 use naive::Naive;
+use pacer_core::measure::{max_count_in_window, percentile};
 use pacer_function::{
     handler::{Handler, HandlerOptions, Limiters, Providers, backoff, estimate_costs},
     message::GenerationRequest,
@@ -1086,7 +1087,7 @@ async fn run_once(
         .collect();
     let mut starts: Vec<i64> = accepted.iter().map(|c| c.start_ms).collect();
     starts.sort_unstable();
-    report.max_in_any_window = max_in_window(&starts, window_ms);
+    report.max_in_any_window = max_count_in_window(&starts, window_ms);
     // Every call of the binding model that may have arrived, refused ones included.
     let mut arrivals: Vec<i64> = calls
         .iter()
@@ -1094,7 +1095,7 @@ async fn run_once(
         .map(|c| c.start_ms)
         .collect();
     arrivals.sort_unstable();
-    let mut over = judge::over_limit_windows(&arrivals, window_ms, limit);
+    let mut over = pacer_core::measure::over_limit_windows(&arrivals, window_ms, limit);
     if let Some(sim) = &sim {
         let stats = sim.stats();
         let models: Vec<String> = plan
@@ -1180,26 +1181,6 @@ async fn run_once(
         }
     }
     Ok(report)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// The most events in any window of `window_ms` (sorted input).
-fn max_in_window(sorted: &[i64], window_ms: i64) -> u64 {
-    let (mut lo, mut best) = (0usize, 0usize);
-    for hi in 0..sorted.len() {
-        while sorted[hi] - sorted[lo] >= window_ms {
-            lo += 1;
-        }
-        best = best.max(hi - lo + 1);
-    }
-    best as u64
 }
 
 /// Prompts for generated requests.
@@ -1329,13 +1310,6 @@ pub const DEFAULT_LIMIT: &str = "gemini-3.1-flash-image:rpm=100,ipm=100,window=1
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn windows_count_at_most_what_fits() {
-        assert_eq!(max_in_window(&[0, 10, 20, 1000, 1005], 1000), 4);
-        assert_eq!(max_in_window(&[0, 10, 1010, 1020], 1000), 2);
-        assert_eq!(max_in_window(&[], 1000), 0);
-    }
 
     #[tokio::test]
     async fn in_memory_fleet_stays_under_the_limit_and_loses_nothing() {

@@ -17,11 +17,17 @@
 //!   provider: the [`limiter::Limiter`] trait, its Redis implementation (one Lua script per
 //!   decision), its in-memory twin on an injected clock, and the failure modes for when
 //!   Redis is unreachable.
+//! - [`measure`]: the most in any window, windows over a limit, percentiles (benchmarks,
+//!   `pacer loadtest` and the tests count the same way).
+//! - [`process`]: one tracing set-up and one shutdown signal for every binary.
+//! - [`sync`]: locking that survives a panicking holder.
 pub mod config;
 pub mod gemini;
 pub mod limiter;
+pub mod measure;
 pub mod openai;
 pub mod pacific;
 pub mod process;
 pub mod provider;
 pub mod quota;
+pub mod sync;

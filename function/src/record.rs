@@ -4,6 +4,7 @@
 //!
 //! Keys: `pacer:result:<id>` (JSON, kept [`RESULT_TTL`]) and `pacer:claim:<id>` (which
 //! replica is generating it right now, with a lease so a crashed replica's claim expires).
+use pacer_core::sync::lock;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -205,9 +206,4 @@ impl Records {
             }
         }
     }
-}
-
-fn lock(m: &Mutex<MemoryRecords>) -> std::sync::MutexGuard<'_, MemoryRecords> {
-    // A panic while holding this lock leaves plain maps behind: still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

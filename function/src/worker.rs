@@ -6,6 +6,7 @@
 //! gets a visibility timeout equal to its booked wait, so it comes back exactly when it
 //! can run, with no busy retry. On shutdown the worker stops receiving, lets what is in
 //! flight finish for a grace period, and makes whatever is left visible again at once.
+use pacer_core::sync::lock;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, atomic::Ordering},
@@ -185,10 +186,6 @@ impl Context {
             tracing::warn!(error = %e, outcome = outcome.label(), "queue action failed");
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

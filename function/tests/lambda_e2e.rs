@@ -11,17 +11,10 @@ use std::{
 };
 
 use pacer_simulator::{LimitSpec, SimConfig, Simulator};
-use pacer_tests::{Children, Rig, single_model_config};
+use pacer_tests::{Children, Rig, free_port, single_model_config};
 use redis::AsyncCommands;
 
 const MODEL: &str = "gemini-3.1-flash-image";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 async fn wait_port(port: u16, what: &str) {
     let start = Instant::now();

@@ -1,5 +1,6 @@
 //! The Redis limiter on a real Redis: the rig's for most tests, a private `redis-server`
 //! for the restart test (so it can be killed without disturbing the rig).
+use pacer_core::measure::max_in_window;
 use std::{
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -13,7 +14,7 @@ use pacer_core::{
     },
     quota::{Costs, Dim, DimensionQuota, ModelQuota},
 };
-use pacer_tests::Rig;
+use pacer_tests::{Rig, free_port};
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -56,23 +57,6 @@ fn quota(
 
 fn req(tokens: u64) -> Costs {
     Costs::new(1, tokens, 1, 0)
-}
-
-/// The largest sum in any window of `window` µs over `(time, cost)` events.
-fn max_in_window(events: &mut [(i64, i64)], window: i64) -> i64 {
-    events.sort();
-    let (mut best, mut sum, mut lo) = (0, 0, 0);
-    for hi in 0..events.len() {
-        sum += events[hi].1;
-        while events[lo].0 <= events[hi].0 - window {
-            sum -= events[lo].1;
-            lo += 1;
-        }
-        if hi + 1 == events.len() || events[hi + 1].0 != events[hi].0 {
-            best = best.max(sum);
-        }
-    }
-    best
 }
 
 /// One admitted request: its booked start (Redis clock), when it actually started (local
@@ -141,22 +125,22 @@ fn check_limits(started: &[Started], q: &ModelQuota, what: &str) {
         let Some(limit) = q.dim(dim).limit else {
             continue;
         };
-        let mut booked: Vec<_> = started
+        let booked: Vec<_> = started
             .iter()
             .map(|s| (s.booked_us, s.costs.get(dim) as i64))
             .collect();
-        let max = max_in_window(&mut booked, q.effective_window_us(dim));
+        let max = max_in_window(&booked, q.effective_window_us(dim));
         assert!(
             max <= limit as i64,
             "{what}: {dim:?} booked {max} > {limit} in one window"
         );
         // The provider counts at arrival, in windows without our margin.
-        let mut arrived: Vec<_> = started
+        let arrived: Vec<_> = started
             .iter()
             .map(|s| (s.arrived_us, s.costs.get(dim) as i64))
             .collect();
         let w = q.dim(dim).window.as_micros() as i64;
-        let max = max_in_window(&mut arrived, w);
+        let max = max_in_window(&arrived, w);
         assert!(
             max <= limit as i64,
             "{what}: {dim:?} arrived {max} > {limit} in one window"
@@ -517,13 +501,6 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1133,7 +1110,7 @@ async fn lowering_a_limit_releases_the_bookings_beyond_it() {
     assert!(none.is_empty());
     called.extend(more);
     called.retain(|(s, _)| *s >= change);
-    assert_eq!(max_in_window(&mut called, w), 10);
+    assert_eq!(max_in_window(&called, w), 10);
 }
 
 /// Raised from 10 to 20: the bookings already made stay, and new bookings fill every
@@ -1162,9 +1139,9 @@ async fn raising_a_limit_fills_windows_up_to_it() {
     assert!(new[10].start_us > old[29].start_us, "{:?}", new[10]);
     let mut all = old.clone();
     all.extend(new);
-    let (mut called, lost) = check_all(&l, &all).await;
+    let (called, lost) = check_all(&l, &all).await;
     assert!(lost.is_empty(), "nothing released: {lost:?}");
-    assert_eq!(max_in_window(&mut called, w), 20);
+    assert_eq!(max_in_window(&called, w), 20);
 }
 
 /// A longer window is a lower limit too: bookings that no longer fit are released.
@@ -1193,7 +1170,7 @@ async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
     let (mut called, lost) = check_all(&l, &all).await;
     assert_eq!(lost.len(), 10, "{lost:?}");
     called.retain(|(s, _)| *s >= change);
-    assert!(max_in_window(&mut called, 20_000_000) <= 10, "{called:?}");
+    assert!(max_in_window(&called, 20_000_000) <= 10, "{called:?}");
 }
 
 /// A replica still on the old config books under the old, higher limit after the change;
@@ -1231,7 +1208,7 @@ async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new
     assert_eq!(lost.len(), 5, "{lost:?}");
     assert!(lost.iter().all(|id| id.starts_with("stale")), "{lost:?}");
     called.retain(|(s, _)| *s >= change);
-    assert_eq!(max_in_window(&mut called, w), 10);
+    assert_eq!(max_in_window(&called, w), 10);
 }
 
 /// A window that grows past entries already pruned from the log cannot recount them: they
@@ -1305,5 +1282,5 @@ async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
     let (mut called, lost) = check_all(&l, &old).await;
     assert_eq!(lost.len(), 20, "{lost:?}");
     called.retain(|(s, _)| *s >= change);
-    assert_eq!(max_in_window(&mut called, 10_000_000), 10);
+    assert_eq!(max_in_window(&called, 10_000_000), 10);
 }

@@ -14,7 +14,7 @@ use pacer_core::{
 };
 use pacer_crds::{ModelChain, QuotaPool};
 use pacer_operator::{Operator, RunArgs, Shutdown};
-use pacer_tests::{Rig, create_namespace, install_crds, kubectl};
+use pacer_tests::{Rig, create_namespace, free_port, install_crds, kubectl};
 
 fn pool_yaml(project: &str, rpm: u64) -> String {
     format!(
@@ -436,13 +436,6 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Redis going away shows as Degraded (naming the failure mode in force) without

@@ -54,9 +54,7 @@ pub(super) fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(super) use pacer_core::sync::lock;
 
 /// A provider that records every call (the request id is the prompt's first word).
 pub(super) struct Recorded {

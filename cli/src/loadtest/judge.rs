@@ -186,21 +186,6 @@ pub fn disagreements(own: &Own, sim: &SimFigures) -> Vec<String> {
     out
 }
 
-/// Windows over the limit in a sorted series of arrival times: the number of arrivals
-/// whose trailing window of `window_ms` (themselves included) holds more than `limit`.
-pub fn over_limit_windows(sorted_ms: &[i64], window_ms: i64, limit: u64) -> u64 {
-    let (mut lo, mut over) = (0usize, 0u64);
-    for hi in 0..sorted_ms.len() {
-        while sorted_ms[hi] - sorted_ms[lo] >= window_ms {
-            lo += 1;
-        }
-        if (hi - lo + 1) as u64 > limit {
-            over += 1;
-        }
-    }
-    over
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,12 +237,5 @@ mod tests {
             ..Own::default()
         };
         assert!(disagreements(&cut_off, &sim).is_empty());
-    }
-
-    #[test]
-    fn over_limit_windows_count_arrivals_past_the_limit() {
-        assert_eq!(over_limit_windows(&[0, 1, 2, 3], 10, 2), 2);
-        assert_eq!(over_limit_windows(&[0, 10, 20], 10, 1), 0);
-        assert_eq!(over_limit_windows(&[], 10, 1), 0);
     }
 }

@@ -1,4 +1,5 @@
 //! The limiter's semantics, checked on the in-memory limiter under a manual clock.
+use crate::measure::max_in_window;
 use std::{sync::Arc, time::Duration};
 
 use proptest::prelude::*;
@@ -394,26 +395,6 @@ fn margin_stretches_windows() {
     );
     let d = l.acquire_now(&key(), &q, "b", req(1), LONG);
     assert_eq!(d.wait(), Some(Duration::from_secs(61)));
-}
-
-/// The largest sum of one dimension in any window of `window` µs over `(start, cost)`,
-/// sorted by start.
-pub(crate) fn max_in_window(events: &[(i64, i64)], window: i64) -> i64 {
-    let mut best = 0;
-    let mut sum = 0;
-    let mut lo = 0;
-    for hi in 0..events.len() {
-        sum += events[hi].1;
-        while events[lo].0 <= events[hi].0 - window {
-            sum -= events[lo].1;
-            lo += 1;
-        }
-        // Entries with the same start as `hi` after it belong to the same window.
-        if hi + 1 == events.len() || events[hi + 1].0 != events[hi].0 {
-            best = best.max(sum);
-        }
-    }
-    best
 }
 
 #[derive(Debug, Clone)]
