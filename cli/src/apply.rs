@@ -12,7 +12,7 @@ use pacer_core::{
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
     /// The YAML file (the same documents `kubectl apply -f` takes); `-` reads stdin.
-    #[arg(short = 'f', long = "filename")]
+    #[arg(env = "PACER_APPLY_FILE", short = 'f', long = "filename")]
     pub file: PathBuf,
     /// Redis to write to.
     #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
@@ -21,7 +21,7 @@ pub struct ApplyArgs {
     #[arg(long, short = 'n', env = "PACER_NAMESPACE", default_value = "default")]
     pub namespace: String,
     /// Validate and print what would be written, write nothing.
-    #[arg(long)]
+    #[arg(env = "PACER_APPLY_DRY_RUN", long)]
     pub dry_run: bool,
 }
 
@@ -66,7 +66,7 @@ pub struct UsageArgs {
     #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
     pub redis_url: String,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(env = "PACER_USAGE_JSON", long)]
     pub json: bool,
 }
 

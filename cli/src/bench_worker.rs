@@ -35,7 +35,7 @@ pub struct WorkerBenchArgs {
     #[arg(long, env = "PACER_BENCH_LATENCY_MS", default_value_t = 5000)]
     pub latency_ms: u64,
     /// Print one JSON object.
-    #[arg(long)]
+    #[arg(env = "PACER_BENCH_JSON", long)]
     pub json: bool,
 }
 

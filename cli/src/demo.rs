@@ -29,23 +29,13 @@ pub struct DemoArgs {
     /// Where the images, the summary and the plot go.
     #[arg(long, env = "PACER_DEMO_OUT", default_value = "pacer-demo")]
     pub out: PathBuf,
-    /// Redis for the global limiter and records (default: in memory).
-    #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// An SQS queue to go through (default: in memory).
-    #[arg(long, env = "PACER_QUEUE_URL")]
-    pub queue_url: Option<String>,
-    /// A Gemini endpoint (default: the in-process simulator, or Google with an API key).
-    #[arg(long, env = "PACER_GEMINI_BASE_URL")]
-    pub gemini_base_url: Option<String>,
-    /// A Gemini API key: the demo then calls Google for real (mind the cost).
-    #[arg(long, env = "PACER_GEMINI_API_KEY", hide_env_values = true)]
-    pub gemini_api_key: Option<String>,
+    #[command(flatten)]
+    pub conn: crate::connect::Connections,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let gemini_base_url = match (&args.gemini_base_url, &args.gemini_api_key) {
+    let gemini_base_url = match (&args.conn.gemini_base_url, &args.conn.gemini_api_key) {
         (Some(url), _) => Some(url.clone()),
         (None, Some(_)) => Some(pacer_core::gemini::client::DEFAULT_BASE_URL.to_owned()),
         (None, None) => None,
@@ -54,10 +44,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         replicas: args.replicas,
         requests: args.requests,
         demand: 0.0,
-        redis_url: args.redis_url.clone(),
-        queue_url: args.queue_url.clone(),
-        gemini_base_url,
-        gemini_api_key: args.gemini_api_key.clone(),
+        conn: crate::connect::Connections {
+            gemini_base_url,
+            ..args.conn.clone()
+        },
         limits: vec![args.limit.parse()?],
         // Few messages per replica, so the batch spreads over every replica.
         concurrency: 8,
@@ -70,27 +60,41 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "pacer demo: {} replicas, {} prompts, limit {} (simulated provider unless configured)",
         lt.replicas, lt.requests, args.limit
     );
+    // On a terminal the bar redraws in place; in a log (CI, a pipe) a plain line each
+    // quarter of the way, so the log stays readable.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let last = std::sync::Mutex::new((usize::MAX, 0u64));
     let progress: loadtest::Progress = Arc::new(move |done, total| {
-        // Redraw when something finished, or once a second.
         let secs = started.elapsed().as_secs();
-        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-        if *last == (done, secs) {
+        let mut last = pacer_core::sync::lock(&last);
+        let step = if terminal {
+            (done, secs)
+        } else {
+            ((done * 4).checked_div(total).unwrap_or(4), 0)
+        };
+        if *last == step {
             return;
         }
-        *last = (done, secs);
+        *last = step;
         let width = 30;
         let filled = (done * width).checked_div(total).unwrap_or(width);
-        eprint!(
-            "\r[{}{}] {done}/{total} requests done, {:.0} s",
+        let line = format!(
+            "[{}{}] {done}/{total} requests done, {:.0} s",
             "#".repeat(filled),
             ".".repeat(width - filled),
             started.elapsed().as_secs_f64()
         );
-        let _ = std::io::stderr().flush();
+        if terminal {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
     });
     let report = loadtest::execute(&lt, None, Some(progress)).await?;
-    eprintln!();
+    if terminal {
+        eprintln!();
+    }
     loadtest::print_table(&report);
     let summary = args.out.join("summary.json");
     std::fs::write(&summary, serde_json::to_string_pretty(&report)?)?;
@@ -101,5 +105,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         summary.display(),
         report.plot
     );
+    // The demo is the promise in small: it fails when the promise breaks.
+    let broken = [
+        (report.lost, "lost"),
+        (report.failed, "failed"),
+        (report.duplicates, "stored twice"),
+        (report.upstream_429, "answered 429 by the provider"),
+        (
+            report.over_limit_windows.unwrap_or(0) as usize,
+            "over the limit in a window",
+        ),
+    ];
+    let broken: Vec<String> = broken
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    if !broken.is_empty() || !report.disagreements.is_empty() {
+        anyhow::bail!(
+            "the fleet broke the limit's promise: {}; disagreements with the simulator: {:?}",
+            broken.join(", "),
+            report.disagreements
+        );
+    }
     Ok(())
 }

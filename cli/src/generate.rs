@@ -18,22 +18,26 @@ pub struct GenerateArgs {
     /// What to draw.
     pub prompt: String,
     /// The folder (or s3://bucket/prefix) the image goes to.
-    #[arg(long, default_value = ".")]
+    #[arg(env = "PACER_GENERATE_OUT", long, default_value = ".")]
     pub out: String,
     /// The chain to use (`namespace/name`); without Redis, a one-step chain over --model.
     #[arg(long, env = "PACER_CHAIN", default_value = "default/generate")]
     pub chain: String,
     /// The model of the built-in chain (no Redis).
-    #[arg(long, default_value = "gemini-3.1-flash-image")]
+    #[arg(
+        env = "PACER_GENERATE_MODEL",
+        long,
+        default_value = "gemini-3.1-flash-image"
+    )]
     pub model: String,
     /// For example `16:9`.
-    #[arg(long)]
+    #[arg(env = "PACER_GENERATE_ASPECT_RATIO", long)]
     pub aspect_ratio: Option<String>,
     /// `0.5K`, `1K`, `2K` or `4K`.
-    #[arg(long)]
+    #[arg(env = "PACER_GENERATE_IMAGE_SIZE", long)]
     pub image_size: Option<String>,
     /// The request id (the image is stored as ID.png); default: a fresh one.
-    #[arg(long)]
+    #[arg(env = "PACER_GENERATE_ID", long)]
     pub id: Option<String>,
     #[command(flatten)]
     pub runtime: RuntimeArgs,

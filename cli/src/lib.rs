@@ -6,6 +6,7 @@ pub mod apply;
 pub mod bench;
 pub mod bench_worker;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod generate;
 pub mod loadtest;
@@ -54,5 +55,69 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args).await,
         Command::Apply(args) => apply::apply(args).await,
         Command::Usage(args) => apply::usage(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag of every subcommand reads an environment variable (the README promises
+    /// it): lists the ones that do not.
+    fn flags_without_env(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            // Positionals are the command's subject; hidden flags are the load test's own
+            // wiring to its child processes.
+            if matches!(id, "help" | "version")
+                || arg.get_env().is_some()
+                || arg.is_positional()
+                || arg.is_hide_set()
+            {
+                continue;
+            }
+            out.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+        }
+        for sub in cmd.get_subcommands() {
+            flags_without_env(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_of_every_subcommand_has_an_environment_variable() {
+        let mut missing = Vec::new();
+        flags_without_env(&Cli::command(), "pacer", &mut missing);
+        assert!(missing.is_empty(), "flags without env: {missing:#?}");
+    }
+
+    #[test]
+    fn one_environment_variable_means_one_thing() {
+        // The same variable on two flags must be the same setting (same long name).
+        let mut seen = std::collections::BTreeMap::<String, String>::new();
+        let mut clashes = Vec::new();
+        fn walk(
+            cmd: &clap::Command,
+            seen: &mut std::collections::BTreeMap<String, String>,
+            clashes: &mut Vec<String>,
+        ) {
+            for arg in cmd.get_arguments() {
+                let (Some(env), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                    continue;
+                };
+                let env = env.to_string_lossy().into_owned();
+                if let Some(prev) = seen.insert(env.clone(), long.to_owned())
+                    && prev != long
+                {
+                    clashes.push(format!("{env}: --{prev} and --{long}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, seen, clashes);
+            }
+        }
+        walk(&Cli::command(), &mut seen, &mut clashes);
+        assert!(clashes.is_empty(), "{clashes:#?}");
     }
 }

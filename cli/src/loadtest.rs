@@ -83,24 +83,16 @@ pub struct LoadtestArgs {
     /// 0 sends them all at once.
     #[arg(long, env = "PACER_LOADTEST_DEMAND", default_value_t = 3.0)]
     pub demand: f64,
-    /// Redis for the global limiter, config and records; absent: one in-memory limiter
-    /// shared by in-process replicas.
-    #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// An (empty) SQS queue to go through (moto or AWS); absent: an in-memory queue.
-    #[arg(long, env = "PACER_QUEUE_URL")]
-    pub queue_url: Option<String>,
-    /// The provider's base URL; absent: an in-process simulator enforcing --limit.
-    #[arg(long, env = "PACER_LOADTEST_GEMINI_BASE_URL")]
-    pub gemini_base_url: Option<String>,
-    /// The Gemini API key, when --gemini-base-url is Google.
-    #[arg(long, env = "PACER_GEMINI_API_KEY", hide_env_values = true)]
-    pub gemini_api_key: Option<String>,
+    // Redis (absent: one in-memory limiter shared by in-process replicas), an empty SQS
+    // queue (absent: in memory), the provider (absent: an in-process simulator enforcing
+    // --limit).
+    #[command(flatten)]
+    pub conn: crate::connect::Connections,
     /// QuotaPool YAML (with --chain) instead of --limit.
-    #[arg(long, requires = "chain")]
+    #[arg(env = "PACER_LOADTEST_POOL", long, requires = "chain")]
     pub pool: Option<PathBuf>,
     /// ModelChain YAML (its first chain is used).
-    #[arg(long, requires = "pool")]
+    #[arg(env = "PACER_LOADTEST_CHAIN", long, requires = "pool")]
     pub chain: Option<PathBuf>,
     /// A limit, `MODEL:rpm=N,tpm=N,ipm=N,rpd=N,window=SECONDS` (repeatable, the syntax of
     /// `pacer simulate`): builds a pool with these limits and a chain over the models in
@@ -118,15 +110,15 @@ pub struct LoadtestArgs {
     #[arg(long, env = "PACER_LOADTEST_MAX_WAIT", default_value_t = 60)]
     pub max_wait_seconds: u64,
     /// Simulated ghost 429s (bare, under quota), probability per request.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(env = "PACER_LOADTEST_GHOST_429", long, default_value_t = 0.0)]
     pub ghost_429: f64,
     /// Simulated 503 overloads, probability per request.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(env = "PACER_LOADTEST_OVERLOAD", long, default_value_t = 0.0)]
     pub overload: f64,
     /// Simulated base latency and uniform jitter, in ms.
-    #[arg(long, default_value_t = 300)]
+    #[arg(env = "PACER_LOADTEST_LATENCY_MS", long, default_value_t = 300)]
     pub latency_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    #[arg(env = "PACER_LOADTEST_LATENCY_JITTER_MS", long, default_value_t = 500)]
     pub latency_jitter_ms: u64,
     /// Messages each replica works on at once.
     #[arg(long, env = "PACER_CONCURRENCY", default_value_t = 64)]
@@ -164,7 +156,7 @@ pub struct LoadtestArgs {
     #[arg(long, env = "PACER_LOADTEST_VISIBILITY", default_value_t = 60)]
     pub visibility_seconds: u64,
     /// Print one JSON object.
-    #[arg(long)]
+    #[arg(env = "PACER_LOADTEST_JSON", long)]
     pub json: bool,
     /// Internal: run as one replica process of a parent loadtest (its index).
     #[arg(long, hide = true)]
@@ -645,7 +637,7 @@ async fn run_once(
         .any(|(_, f)| matches!(f, Fault::RedisRestart { .. }))
     {
         anyhow::ensure!(
-            args.redis_url.is_some(),
+            args.conn.redis_url.is_some(),
             "--fault redis-restart needs --redis-url (the in-memory limiter has no Redis to restart)"
         );
     }
@@ -656,7 +648,7 @@ async fn run_once(
     };
 
     // The provider.
-    let sim = match (&args.gemini_base_url, naive) {
+    let sim = match (&args.conn.gemini_base_url, naive) {
         (Some(_), false) => None,
         _ => Some(
             Simulator::new(SimConfig {
@@ -677,7 +669,7 @@ async fn run_once(
             .await?,
         ),
     };
-    let base_url = match (&sim, &args.gemini_base_url) {
+    let base_url = match (&sim, &args.conn.gemini_base_url) {
         (Some(s), _) => s.url(),
         (None, Some(u)) => u.clone(),
         (None, None) => unreachable!("a simulator runs when no base URL is given"),
@@ -704,7 +696,7 @@ async fn run_once(
     ));
     let sink: Arc<dyn Sink> = counted.clone();
     // The config where replicas find it.
-    let (backend, limiter_kind) = match (&args.redis_url, naive) {
+    let (backend, limiter_kind) = match (&args.conn.redis_url, naive) {
         (Some(url), false) => {
             write_config(url, &plan.config).await?;
             (Backend::Redis { url: url.clone() }, "redis")
@@ -722,8 +714,8 @@ async fn run_once(
             )
         }
     };
-    let use_sqs = args.queue_url.is_some() && !naive;
-    let queue: Arc<dyn Queue> = match (&args.queue_url, use_sqs) {
+    let use_sqs = args.conn.queue_url.is_some() && !naive;
+    let queue: Arc<dyn Queue> = match (&args.conn.queue_url, use_sqs) {
         (Some(url), true) => sqs_queue(url, aws).await,
         _ => Arc::new(MemoryQueue::new()),
     };
@@ -738,7 +730,7 @@ async fn run_once(
     let mut replica_tasks = Vec::new();
     let mut children: Vec<ChildProc> = Vec::new();
     if processes {
-        let (Some(redis), Some(queue_url)) = (&args.redis_url, &args.queue_url) else {
+        let (Some(redis), Some(queue_url)) = (&args.conn.redis_url, &args.conn.queue_url) else {
             anyhow::bail!(
                 "--processes needs --redis-url and --queue-url (replicas share only those)"
             );
@@ -780,7 +772,7 @@ async fn run_once(
         for i in 0..args.replicas {
             let processor: Arc<dyn Process> = if naive {
                 let provider = Arc::new(Recorded {
-                    inner: gemini(&base_url, args.gemini_api_key.as_deref()).await?,
+                    inner: gemini(&base_url, args.conn.gemini_api_key.as_deref()).await?,
                     replica: i,
                     log: log.clone(),
                 });
@@ -796,7 +788,7 @@ async fn run_once(
                     i,
                     &backend,
                     &base_url,
-                    args.gemini_api_key.as_deref(),
+                    args.conn.gemini_api_key.as_deref(),
                     sink.clone(),
                     log.clone(),
                 )
@@ -807,7 +799,7 @@ async fn run_once(
                 deferred: deferred.clone(),
                 stream: false,
             });
-            let queue = match (&args.queue_url, use_sqs) {
+            let queue = match (&args.conn.queue_url, use_sqs) {
                 (Some(url), true) => sqs_queue(url, aws).await,
                 _ => queue.clone(),
             };
@@ -926,7 +918,7 @@ async fn run_once(
             let when = t0.elapsed().as_secs_f64();
             match &f {
                 Fault::RedisRestart { .. } => {
-                    let url = args.redis_url.as_deref().unwrap_or_default();
+                    let url = args.conn.redis_url.as_deref().unwrap_or_default();
                     restart_redis(url, &plan.config).await?;
                     flushed = true;
                     fault_log.push(format!(
@@ -1170,7 +1162,7 @@ async fn run_once(
     }
 
     // Leave the shared Redis as we found it.
-    if let (Some(url), false) = (&args.redis_url, naive)
+    if let (Some(url), false) = (&args.conn.redis_url, naive)
         && let Ok(store) = ConfigStore::connect(url).await
     {
         for name in plan.config.chains.keys() {

@@ -343,6 +343,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
 /// agree with the simulator's count of arrivals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadtest_processes_agree_with_the_simulator() {
+    use pacer::connect::Connections;
     use pacer::loadtest::{LoadtestArgs, execute};
     let rig = Rig::load();
     let queue_url = rig
@@ -362,8 +363,11 @@ async fn loadtest_processes_agree_with_the_simulator() {
         child_exe: Some(env!("CARGO_BIN_EXE_pacer").into()),
         requests: 60,
         demand: 2.0,
-        redis_url: Some(rig.get("REDIS_URL")),
-        queue_url: Some(queue_url),
+        conn: Connections {
+            redis_url: Some(rig.get("REDIS_URL")),
+            queue_url: Some(queue_url),
+            ..Connections::default()
+        },
         limits: vec![
             "gemini-3.1-flash-image:rpm=20,ipm=20,window=5"
                 .parse()

@@ -5,8 +5,15 @@
 /// `AWS_LAMBDA_LOG_FORMAT=JSON` (Lambda) or `PACER_LOG_FORMAT=json`; colours only on a
 /// terminal.
 pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// [`init_tracing`] with another default level when `RUST_LOG` is unset (an interactive
+/// command that draws its own progress keeps the log to warnings).
+pub fn init_tracing_at(default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let json = ["AWS_LAMBDA_LOG_FORMAT", "PACER_LOG_FORMAT"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|f| f.eq_ignore_ascii_case("json")));

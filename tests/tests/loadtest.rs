@@ -6,6 +6,7 @@
 //!
 //! Two loads: demand at 3x the limit (the README's shape), and a deep backlog (everything
 //! queued at once, deeper than a step's max wait: messages are deferred and redelivered).
+use pacer::connect::Connections;
 use pacer::loadtest::{LoadtestArgs, Report, execute};
 use pacer_tests::Rig;
 
@@ -55,8 +56,11 @@ async fn fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing() {
         replicas: 8,
         requests: 240,
         demand: 3.0,
-        redis_url: Some(rig.get("REDIS_URL")),
-        queue_url: Some(queue(&rig, "loadtest").await),
+        conn: Connections {
+            redis_url: Some(rig.get("REDIS_URL")),
+            queue_url: Some(queue(&rig, "loadtest").await),
+            ..Connections::default()
+        },
         // A 5 s window: the limiter's margin is 1/60 of it (83 ms), so calls start well
         // inside it: little simulated latency jitter.
         limits: vec![
@@ -104,8 +108,11 @@ async fn deep_backlog_is_deferred_and_redelivered_without_uncounted_calls() {
         replicas: 8,
         requests: 120,
         demand: 0.0,
-        redis_url: Some(rig.get("REDIS_URL")),
-        queue_url: Some(queue(&rig, "loadtest-deep").await),
+        conn: Connections {
+            redis_url: Some(rig.get("REDIS_URL")),
+            queue_url: Some(queue(&rig, "loadtest-deep").await),
+            ..Connections::default()
+        },
         limits: vec![
             "gemini-3.1-flash-image:rpm=20,ipm=20,window=10"
                 .parse()

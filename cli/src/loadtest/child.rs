@@ -113,9 +113,9 @@ pub(super) async fn read_child(
 /// A replica process: serves the queue until stdin closes, streaming its calls on stdout.
 pub(super) async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<()> {
     let (Some(redis), Some(queue_url), Some(base_url), Some(out)) = (
-        &args.redis_url,
-        &args.queue_url,
-        &args.gemini_base_url,
+        &args.conn.redis_url,
+        &args.conn.queue_url,
+        &args.conn.gemini_base_url,
         &args.out,
     ) else {
         anyhow::bail!("a replica process needs --redis-url, --queue-url, --gemini-base-url, --out");
@@ -135,7 +135,7 @@ pub(super) async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<(
         index,
         &backend,
         base_url,
-        args.gemini_api_key.as_deref(),
+        args.conn.gemini_api_key.as_deref(),
         counted.clone(),
         log.clone(),
     )
