@@ -48,6 +48,9 @@ pub enum DeferReason {
     Config,
     /// The replica is shutting down.
     Shutdown,
+    /// The provider account is broken (bad key, spent credit): the request waits for an
+    /// operator, who is alerted; it is never failed for it.
+    Account,
 }
 
 impl DeferReason {
@@ -61,6 +64,7 @@ impl DeferReason {
             DeferReason::Infrastructure => "infrastructure",
             DeferReason::Config => "config",
             DeferReason::Shutdown => "shutdown",
+            DeferReason::Account => "account",
         }
     }
 }
