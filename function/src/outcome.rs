@@ -43,8 +43,9 @@ pub enum DeferReason {
     InProgress,
     /// Redis or the sink was unavailable.
     Infrastructure,
-    /// No configuration is loaded yet (nothing applied, or Redis lost it): the request
-    /// waits for `pacer apply` or the operator to restore it.
+    /// No configuration is loaded yet (nothing applied, or Redis lost it), or the chain
+    /// names only models the provider does not know: the request waits for `pacer apply`
+    /// or the operator to fix it.
     Config,
     /// The replica is shutting down.
     Shutdown,
