@@ -318,7 +318,11 @@ mod tests {
             e,
             ProviderError::RateLimited { quota: QuotaDimension::ImagesPerMinute, retry_delay: Some(d), .. } if d == Duration::from_secs(7)
         ));
-        assert!(e.is_retryable());
+        // The policy cools the model down for the provider's delay and falls through.
+        assert!(matches!(
+            e.disposition(&crate::provider::CallContext::first_call()),
+            crate::provider::Disposition::Penalize { cooldown, .. } if cooldown == Duration::from_secs(7)
+        ));
     }
 
     #[test]

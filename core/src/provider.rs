@@ -2,8 +2,9 @@
 //! shape, one error enum, whatever is on the other end (Gemini, or an OpenAI-compatible
 //! gateway).
 //!
-//! The error enum is the contract: the executor decides retry, fall-through to the next
-//! model, or failure from [`ProviderError::disposition`], never from message text.
+//! The error enum is the contract, and [`ProviderError::disposition`] is the one error
+//! policy: the chain walk decides retry, cool down and fall through, defer, fail, or defer
+//! and alert from it (given a [`CallContext`]), never from message text.
 use std::{fmt, time::Duration};
 
 use async_trait::async_trait;
@@ -224,19 +225,103 @@ impl fmt::Display for BlockReason {
     }
 }
 
-/// What the caller should do about an error.
+/// A 429 that names a per-minute quota but carries no `RetryInfo` cools its model down
+/// this long.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+
+/// An account problem (bad key, spent credit) defers the message at least this long: it
+/// lasts until an operator acts, so retrying at the retry policy's pace only burns calls.
+pub const ACCOUNT_DEFER: Duration = Duration::from_secs(60);
+
+/// What the chain walk knows about a failed call besides the error itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallContext {
+    /// Calls made on this step so far, the failed one included.
+    pub attempt: u32,
+    /// The retry policy's budget: calls per step, the first included.
+    pub attempts: u32,
+    /// The retry policy's backoff before the next call (already jittered by the caller).
+    pub backoff: Duration,
+    /// Time left before the request's deadline, if it has one: a retry that would start
+    /// after it is not made.
+    pub deadline_in: Option<Duration>,
+    /// Time until the next Pacific midnight, when per-day quotas reset.
+    pub day_resets_in: Duration,
+}
+
+impl CallContext {
+    /// The first call of a step with retries left, no deadline and no backoff: how an
+    /// error reads on its own (for [`ProviderError::is_retryable`] and advice).
+    pub fn first_call() -> CallContext {
+        CallContext {
+            attempt: 1,
+            attempts: 2,
+            backoff: Duration::ZERO,
+            deadline_in: None,
+            day_resets_in: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why a step gave up for now: the deferral's reason when no later step serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The provider is rate limiting (a 429 without a quota, or with a delay past the
+    /// deadline).
+    RateLimited,
+    /// The provider kept failing (5xx, timeouts, broken connections) through the retry
+    /// policy's attempts.
+    Upstream,
+    /// The chain names a model the provider does not know (unknown or retired): the
+    /// chain's configuration must change.
+    Config,
+}
+
+/// What the chain walk does about one failed call: the whole error policy, decided by
+/// [`ProviderError::disposition`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
-    /// Same model again, after `after` if the provider said (else the caller's backoff).
-    Retry { after: Option<Duration> },
-    /// This model cannot serve the request now (per-day quota spent, model retired):
-    /// fall through to the next model in the chain, or defer.
-    NextModel,
-    /// The request itself can never succeed (bad input, safety block): fail it, no retry.
+    /// Call the same step again after `after`.
+    Retry { after: Duration },
+    /// A named quota is spent: cool its model down for every replica (`model` is the one
+    /// the quota names, if it named one; else the one called) and try the next step. With
+    /// no step left the message is deferred by the cooldown.
+    Penalize {
+        model: Option<String>,
+        cooldown: Duration,
+        scope: crate::limiter::PenaltyScope,
+    },
+    /// This step cannot serve the request now: try the next step. With no step left the
+    /// message is deferred by `after` (`None`: the caller's default) for `cause`.
+    NextStep {
+        after: Option<Duration>,
+        cause: Cause,
+    },
+    /// The request itself can never succeed (bad input, safety block): fail it.
     FailRequest,
-    /// The project or its configuration is broken (bad key, prepaid credit spent): nothing
-    /// routed to this provider will succeed until an operator acts. Defer and alert.
-    FixConfig,
+    /// The account is broken (bad key, spent credit): nothing routed to this provider
+    /// succeeds until an operator acts, and every step of a chain shares its pool. Defer
+    /// the message by `after`, alert, and never fail the request for it.
+    DeferAndAlert { after: Duration },
+}
+
+impl Disposition {
+    /// What a user should do, for results and alerts.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            Disposition::Retry { .. } => "transient: retried by the chain's retry policy",
+            Disposition::Penalize { .. } => {
+                "a quota is spent: the model cools down and the chain falls through"
+            }
+            Disposition::NextStep { .. } => {
+                "this model cannot serve now: the chain falls through to its next step"
+            }
+            Disposition::FailRequest => "change the request (prompt or options) and resubmit",
+            Disposition::DeferAndAlert { .. } => {
+                "fix the provider account: check the API key, its project and billing/credit"
+            }
+        }
+    }
 }
 
 /// Every way a provider call can fail, with its operational meaning.
@@ -300,40 +385,76 @@ pub enum ProviderError {
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
 
 impl ProviderError {
-    /// What the chain executor should do.
-    pub fn disposition(&self) -> Disposition {
+    /// The error policy: what the chain walk does about this error, given where the walk
+    /// is (`ctx`). The one place that decides retry, cool down and fall through, defer,
+    /// fail, or defer and alert.
+    pub fn disposition(&self, ctx: &CallContext) -> Disposition {
+        use crate::limiter::PenaltyScope;
+        // Transient: again on the same step while the budget and the deadline allow.
+        let retry = |after: Duration, cause: Cause| {
+            let past_deadline = ctx.deadline_in.is_some_and(|left| after >= left);
+            if ctx.attempt >= ctx.attempts || past_deadline {
+                Disposition::NextStep {
+                    after: Some(after),
+                    cause,
+                }
+            } else {
+                Disposition::Retry { after }
+            }
+        };
         match self {
             ProviderError::RateLimited {
-                quota, retry_delay, ..
+                quota,
+                retry_delay,
+                model,
+                ..
             } => {
-                if quota.is_per_day() {
-                    Disposition::NextModel
+                let (cooldown, scope) = if quota.is_per_day() {
+                    (ctx.day_resets_in, PenaltyScope::PerDay)
                 } else {
-                    Disposition::Retry {
-                        after: *retry_delay,
-                    }
+                    (
+                        retry_delay.unwrap_or(DEFAULT_COOLDOWN),
+                        PenaltyScope::PerMinute,
+                    )
+                };
+                Disposition::Penalize {
+                    model: model.clone(),
+                    cooldown,
+                    scope,
                 }
             }
-            ProviderError::RateLimitedBare { retry_delay, .. } => Disposition::Retry {
-                after: *retry_delay,
-            },
+            // A ghost 429 names no quota to cool down: it is retried like an overload, at
+            // the provider's pace if it gave one.
+            ProviderError::RateLimitedBare { retry_delay, .. } => {
+                retry(retry_delay.unwrap_or(ctx.backoff), Cause::RateLimited)
+            }
             ProviderError::Overloaded { .. }
             | ProviderError::ServerError { .. }
             | ProviderError::Timeout { .. }
-            | ProviderError::Transport { .. } => Disposition::Retry { after: None },
-            ProviderError::ModelNotFound { .. } => Disposition::NextModel,
+            | ProviderError::Transport { .. } => retry(ctx.backoff, Cause::Upstream),
+            ProviderError::ModelNotFound { .. } => Disposition::NextStep {
+                after: None,
+                cause: Cause::Config,
+            },
             ProviderError::Blocked { .. } | ProviderError::Invalid { .. } => {
                 Disposition::FailRequest
             }
             ProviderError::CreditExhausted { .. } | ProviderError::Unauthorized { .. } => {
-                Disposition::FixConfig
+                Disposition::DeferAndAlert {
+                    after: self
+                        .retry_delay()
+                        .map_or(ACCOUNT_DEFER, |d| d.max(ACCOUNT_DEFER)),
+                }
             }
         }
     }
 
-    /// Worth another attempt on the same model (after [`Self::retry_delay`] if given).
+    /// Worth another call on the same model, on its own (the first call of a step).
     pub fn is_retryable(&self) -> bool {
-        matches!(self.disposition(), Disposition::Retry { .. })
+        matches!(
+            self.disposition(&CallContext::first_call()),
+            Disposition::Retry { .. }
+        )
     }
 
     /// The delay the provider asked for, if any.
@@ -371,16 +492,7 @@ impl ProviderError {
 
     /// What a user should do, for results and alerts.
     pub fn advice(&self) -> &'static str {
-        match self.disposition() {
-            Disposition::Retry { .. } => "transient: retried by the chain's retry policy",
-            Disposition::NextModel => {
-                "this model cannot serve now: the chain falls through to its next step"
-            }
-            Disposition::FailRequest => "change the request (prompt or options) and resubmit",
-            Disposition::FixConfig => {
-                "fix the provider account: check the API key, its project and billing/credit"
-            }
-        }
+        self.disposition(&CallContext::first_call()).advice()
     }
 }
 
@@ -394,6 +506,225 @@ pub trait ImageProvider: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::limiter::PenaltyScope;
+
+    fn ctx(attempt: u32) -> CallContext {
+        CallContext {
+            attempt,
+            attempts: 3,
+            backoff: Duration::from_millis(250),
+            deadline_in: None,
+            day_resets_in: Duration::from_secs(5 * 3600),
+        }
+    }
+
+    fn rate_limited(quota_id: &str, retry_delay: Option<Duration>) -> ProviderError {
+        ProviderError::RateLimited {
+            quota: QuotaDimension::from_quota_id(quota_id, ""),
+            quota_id: quota_id.into(),
+            model: Some("models/other".into()),
+            retry_delay,
+            violations: Vec::new(),
+            message: "Resource has been exhausted".into(),
+        }
+    }
+
+    #[test]
+    fn a_per_minute_429_cools_the_named_model_for_its_delay() {
+        let e = rate_limited(
+            "GenerateRequestsPerMinutePerProjectPerModel",
+            Some(Duration::from_secs(40)),
+        );
+        let want = Disposition::Penalize {
+            model: Some("models/other".into()),
+            cooldown: Duration::from_secs(40),
+            scope: PenaltyScope::PerMinute,
+        };
+        // Whatever the attempt: a spent quota is never retried on the same model.
+        assert_eq!(e.disposition(&ctx(1)), want);
+        assert_eq!(e.disposition(&ctx(3)), want);
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn a_429_without_retry_info_cools_for_the_default() {
+        let e = rate_limited("GenerateContentInputTokensPerModelPerMinute-FreeTier", None);
+        assert!(matches!(
+            e.disposition(&ctx(1)),
+            Disposition::Penalize { cooldown, scope: PenaltyScope::PerMinute, .. }
+                if cooldown == DEFAULT_COOLDOWN
+        ));
+    }
+
+    #[test]
+    fn a_per_day_429_cools_until_pacific_midnight() {
+        let e = rate_limited(
+            "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+            Some(Duration::from_secs(40)),
+        );
+        assert_eq!(
+            e.disposition(&ctx(1)),
+            Disposition::Penalize {
+                model: Some("models/other".into()),
+                cooldown: Duration::from_secs(5 * 3600),
+                scope: PenaltyScope::PerDay,
+            }
+        );
+    }
+
+    #[test]
+    fn transient_errors_retry_with_backoff_until_the_budget_is_spent() {
+        let transient = [
+            ProviderError::Overloaded {
+                message: "overloaded".into(),
+            },
+            ProviderError::ServerError {
+                status: 500,
+                message: "internal".into(),
+            },
+            ProviderError::Timeout {
+                after: Duration::from_secs(30),
+            },
+            ProviderError::Transport {
+                message: "reset".into(),
+            },
+        ];
+        for e in transient {
+            assert!(e.is_retryable(), "{e:?}");
+            let backoff = Duration::from_millis(250);
+            assert_eq!(
+                e.disposition(&ctx(2)),
+                Disposition::Retry { after: backoff },
+                "{e:?}"
+            );
+            assert_eq!(
+                e.disposition(&ctx(3)),
+                Disposition::NextStep {
+                    after: Some(backoff),
+                    cause: Cause::Upstream
+                },
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bare_429_retries_at_the_providers_pace() {
+        let e = ProviderError::RateLimitedBare {
+            retry_delay: Some(Duration::from_secs(2)),
+            message: "ghost".into(),
+        };
+        assert_eq!(
+            e.disposition(&ctx(1)),
+            Disposition::Retry {
+                after: Duration::from_secs(2)
+            }
+        );
+        assert_eq!(
+            e.disposition(&ctx(3)),
+            Disposition::NextStep {
+                after: Some(Duration::from_secs(2)),
+                cause: Cause::RateLimited
+            }
+        );
+        let no_delay = ProviderError::RateLimitedBare {
+            retry_delay: None,
+            message: "ghost".into(),
+        };
+        assert_eq!(
+            no_delay.disposition(&ctx(1)),
+            Disposition::Retry {
+                after: Duration::from_millis(250)
+            }
+        );
+    }
+
+    #[test]
+    fn no_retry_starts_after_the_deadline() {
+        let e = ProviderError::RateLimitedBare {
+            retry_delay: Some(Duration::from_secs(2)),
+            message: "ghost".into(),
+        };
+        let near = CallContext {
+            deadline_in: Some(Duration::from_secs(1)),
+            ..ctx(1)
+        };
+        assert_eq!(
+            e.disposition(&near),
+            Disposition::NextStep {
+                after: Some(Duration::from_secs(2)),
+                cause: Cause::RateLimited
+            }
+        );
+        let far = CallContext {
+            deadline_in: Some(Duration::from_secs(3)),
+            ..ctx(1)
+        };
+        assert!(matches!(e.disposition(&far), Disposition::Retry { .. }));
+    }
+
+    #[test]
+    fn an_unknown_model_falls_through_as_a_config_problem() {
+        let e = ProviderError::ModelNotFound {
+            model: "gone".into(),
+            message: "not found".into(),
+        };
+        assert_eq!(
+            e.disposition(&ctx(1)),
+            Disposition::NextStep {
+                after: None,
+                cause: Cause::Config
+            }
+        );
+    }
+
+    #[test]
+    fn bad_requests_fail_whatever_the_attempt() {
+        let errors = [
+            ProviderError::Blocked {
+                reason: BlockReason::Finish("IMAGE_SAFETY".into()),
+                message: String::new(),
+            },
+            ProviderError::Invalid {
+                message: "bad size".into(),
+                violations: Vec::new(),
+            },
+        ];
+        for e in errors {
+            assert_eq!(e.disposition(&ctx(1)), Disposition::FailRequest, "{e:?}");
+            assert_eq!(e.disposition(&ctx(3)), Disposition::FailRequest, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn account_problems_defer_and_alert_never_fail() {
+        let errors = [
+            ProviderError::CreditExhausted {
+                message: "prepaid credits depleted".into(),
+            },
+            ProviderError::Unauthorized {
+                status: 401,
+                message: "API_KEY_INVALID".into(),
+            },
+            ProviderError::Unauthorized {
+                status: 403,
+                message: "PERMISSION_DENIED".into(),
+            },
+        ];
+        for e in errors {
+            for attempt in [1, 3] {
+                assert_eq!(
+                    e.disposition(&ctx(attempt)),
+                    Disposition::DeferAndAlert {
+                        after: ACCOUNT_DEFER
+                    },
+                    "{e:?}"
+                );
+            }
+            assert!(e.advice().contains("account"), "{e:?}");
+        }
+    }
 
     #[test]
     fn api_key_never_prints() {

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use pacer_core::gemini::{decode_error, decode_response};
-use pacer_core::provider::{BlockReason, Disposition, ProviderError, QuotaDimension};
+use pacer_core::limiter::PenaltyScope;
+use pacer_core::provider::{BlockReason, CallContext, Disposition, ProviderError, QuotaDimension};
 use proptest::prelude::*;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -38,7 +39,16 @@ fn rpm_429_with_help_first() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(e.is_retryable());
+    // A named quota is cooled down for its delay, not retried on the same model.
+    assert_eq!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::Penalize {
+            model: Some("gemini-3-pro-image".into()),
+            cooldown: Duration::new(45, 837_906_927),
+            scope: PenaltyScope::PerMinute,
+        }
+    );
+    assert!(!e.is_retryable());
     assert_eq!(e.metric_label(), "rate_limited_rpm");
 }
 
@@ -68,7 +78,13 @@ fn free_tier_limit_zero_per_day_binds() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(e.disposition(), Disposition::NextModel);
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::Penalize {
+            scope: PenaltyScope::PerDay,
+            ..
+        }
+    ));
     assert!(!e.is_retryable());
     // RetryInfo says "40s", the message "40.216546s": the longer wins.
     assert_eq!(e.retry_delay(), Some(Duration::from_micros(40_216_546)));
@@ -125,14 +141,20 @@ fn invalid_argument_carries_field_violations() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(e.disposition(), Disposition::FailRequest);
+    assert_eq!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::FailRequest
+    );
 }
 
 #[test]
 fn key_problems_are_unauthorized() {
     let e = error(400, "400_api_key_invalid.json");
     assert!(matches!(e, ProviderError::Unauthorized { status: 400, .. }));
-    assert_eq!(e.disposition(), Disposition::FixConfig);
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::DeferAndAlert { .. }
+    ));
     let e = error(403, "403_permission_denied.json");
     assert!(matches!(e, ProviderError::Unauthorized { status: 403, .. }));
 }
@@ -155,7 +177,10 @@ fn retired_model_is_not_found() {
     assert!(
         matches!(e, ProviderError::ModelNotFound { ref model, .. } if model == "gemini-2.5-flash-image")
     );
-    assert_eq!(e.disposition(), Disposition::NextModel);
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::NextStep { .. }
+    ));
 }
 
 #[test]

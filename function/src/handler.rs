@@ -9,11 +9,14 @@
 //! result. Every booking carries the delivery's claim token, so a redelivered message books
 //! afresh instead of replaying a booking its first delivery already spent.
 //!
-//! Provider errors are handled by their type: a 429 with a quota `penalize`s the model it
-//! names for every replica and falls through; a per-day 429 skips the model until Pacific
-//! midnight; overload and server errors back off with full jitter within the retry policy;
-//! a blocked or invalid request fails; a request that finds no capacity within its budget is
-//! deferred, never dropped, and so is one that arrives before any configuration is loaded.
+//! Provider errors are decided by one policy, core's `ProviderError::disposition`: a 429
+//! with a quota `penalize`s the model it names for every replica and falls through; a
+//! per-day 429 skips the model until Pacific midnight; a bare 429, overload, server errors,
+//! timeouts and broken connections are retried with full-jitter backoff within the retry
+//! policy (never past the deadline), then fall through; an unknown model falls through; a
+//! blocked or invalid request fails; an account problem (bad key, spent credit) defers and
+//! alerts, never fails. A request that finds no capacity within its budget is deferred,
+//! never dropped, and so is one that arrives before any configuration is loaded.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -6,6 +6,7 @@
 //! | `pacer_function_messages_total` | `outcome` | deliveries by outcome: succeeded, failed, already_done, deferred |
 //! | `pacer_function_deferred_total` | `reason` | deferrals by reason |
 //! | `pacer_function_provider_calls_total` | `model`, `result` | provider calls by model and result (ok or the error's label) |
+//! | `pacer_function_account_errors_total` | `pool`, `reason` | provider answers that blame the account (`unauthorized`, `credit_exhausted`): the request is deferred; alert on any |
 //! | `pacer_function_in_flight` | | messages being processed now |
 //! | `pacer_function_limiter_wait_seconds` | | booked waits returned by the limiter |
 use std::{
@@ -33,6 +34,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub pool: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub model: String,
     pub result: &'static str,
@@ -44,6 +51,7 @@ pub struct Metrics {
     pub messages: Family<OutcomeLabels, Counter>,
     pub deferred: Family<ReasonLabels, Counter>,
     pub provider_calls: Family<CallLabels, Counter>,
+    pub account_errors: Family<AccountLabels, Counter>,
     pub in_flight: Gauge,
     pub limiter_wait: Histogram,
     /// False once the replica is shutting down (health turns 503 so it gets no new work).
@@ -63,6 +71,12 @@ impl Default for Metrics {
             "Provider calls by model and result",
             provider_calls.clone(),
         );
+        let account_errors = Family::<AccountLabels, Counter>::default();
+        registry.register(
+            "account_errors",
+            "Provider answers that blame the account (key, credit), by pool and reason",
+            account_errors.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register("in_flight", "Messages being processed", in_flight.clone());
         let limiter_wait = Histogram::new([0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]);
@@ -76,6 +90,7 @@ impl Default for Metrics {
             messages,
             deferred,
             provider_calls,
+            account_errors,
             in_flight,
             limiter_wait,
             healthy: AtomicBool::new(true),

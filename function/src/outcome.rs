@@ -43,11 +43,15 @@ pub enum DeferReason {
     InProgress,
     /// Redis or the sink was unavailable.
     Infrastructure,
-    /// No configuration is loaded yet (nothing applied, or Redis lost it): the request
-    /// waits for `pacer apply` or the operator to restore it.
+    /// No configuration is loaded yet (nothing applied, or Redis lost it), or the chain
+    /// names only models the provider does not know: the request waits for `pacer apply`
+    /// or the operator to fix it.
     Config,
     /// The replica is shutting down.
     Shutdown,
+    /// The provider account is broken (bad key, spent credit): the request waits for an
+    /// operator, who is alerted; it is never failed for it.
+    Account,
 }
 
 impl DeferReason {
@@ -61,6 +65,7 @@ impl DeferReason {
             DeferReason::Infrastructure => "infrastructure",
             DeferReason::Config => "config",
             DeferReason::Shutdown => "shutdown",
+            DeferReason::Account => "account",
         }
     }
 }

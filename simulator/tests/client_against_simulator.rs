@@ -6,7 +6,7 @@ use std::time::Duration;
 use pacer_core::{
     gemini::{GeminiClient, GeminiConfig},
     provider::{
-        ApiKey, BlockReason, Disposition, ImageProvider, ImageRequest, ProviderError,
+        ApiKey, BlockReason, CallContext, Disposition, ImageProvider, ImageRequest, ProviderError,
         QuotaDimension,
     },
 };
@@ -85,7 +85,14 @@ async fn rate_limited_per_minute_with_retry_info() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(e.is_retryable());
+    // A named quota is cooled down and the chain falls through: not retried in place.
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::Penalize {
+            scope: pacer_core::limiter::PenaltyScope::PerMinute,
+            ..
+        }
+    ));
     let stats = sim.stats();
     assert_eq!(stats["models"][PRO]["rejected"]["rpm"], 1);
     assert_eq!(stats["models"][PRO]["max_in_any_window"]["rpm"], 1);
@@ -124,7 +131,13 @@ async fn per_day_quota_falls_through() {
     let c = client(&sim, "k");
     c.generate(PRO, &req()).await.expect("first fits");
     let e = c.generate(PRO, &req()).await.expect_err("day spent");
-    assert_eq!(e.disposition(), Disposition::NextModel);
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::Penalize {
+            scope: pacer_core::limiter::PenaltyScope::PerDay,
+            ..
+        }
+    ));
     assert_eq!(e.metric_label(), "rate_limited_rpd");
     // The delay runs to the next Pacific midnight.
     assert!(e.retry_delay().expect("delay") <= Duration::from_secs(25 * 3600));
@@ -262,7 +275,11 @@ async fn blocks_by_prompt_pattern() {
             .generate(PRO, &ImageRequest::new(prompt))
             .await
             .expect_err(prompt);
-        assert_eq!(e.disposition(), Disposition::FailRequest, "{prompt}");
+        assert_eq!(
+            e.disposition(&CallContext::first_call()),
+            Disposition::FailRequest,
+            "{prompt}"
+        );
         match e {
             ProviderError::Blocked { reason, .. } => assert_eq!(reason, want),
             other => panic!("{prompt}: {other:?}"),
@@ -281,7 +298,10 @@ async fn spent_credit_is_402() {
     c.generate(PRO, &req()).await.expect("credit for one");
     let e = c.generate(PRO, &req()).await.expect_err("spent");
     assert!(matches!(e, ProviderError::CreditExhausted { .. }), "{e:?}");
-    assert_eq!(e.disposition(), Disposition::FixConfig);
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::DeferAndAlert { .. }
+    ));
     // Refused for credit, still an arrival.
     let stats = sim.stats();
     assert_eq!(stats["models"][PRO]["arrivals"], 2);
@@ -393,7 +413,10 @@ async fn retired_and_unknown_models_are_not_found() {
             matches!(e, ProviderError::ModelNotFound { model: ref m, .. } if m == model),
             "{e:?}"
         );
-        assert_eq!(e.disposition(), Disposition::NextModel);
+        assert!(matches!(
+            e.disposition(&CallContext::first_call()),
+            Disposition::NextStep { .. }
+        ));
     }
 }
 

@@ -870,3 +870,571 @@ async fn an_unknown_chain_in_a_loaded_config_fails() {
         .await;
     assert!(matches!(out, Outcome::Failed(_)), "{out:?}");
 }
+
+// The error policy, driven through the walk: every `ProviderError` variant at the first and
+// at the last step of a two-step chain (A then B), and the walk's own limits.
+
+/// A cooldown that outlasts every step's max wait: a step that meets it is skipped.
+const LONG_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Builds the error a failing model answers with.
+type MakeError = fn(&str) -> ProviderError;
+
+fn per_minute_429(model: &str) -> ProviderError {
+    rate_limited(model, Duration::from_secs(3))
+}
+
+fn per_day_429(model: &str) -> ProviderError {
+    ProviderError::RateLimited {
+        quota: QuotaDimension::RequestsPerDay,
+        quota_id: "GenerateRequestsPerDayPerProjectPerModel-FreeTier".into(),
+        model: Some(model.to_owned()),
+        retry_delay: Some(Duration::from_secs(40)),
+        violations: Vec::new(),
+        message: "Resource has been exhausted".into(),
+    }
+}
+
+fn bare_429(_: &str) -> ProviderError {
+    ProviderError::RateLimitedBare {
+        retry_delay: Some(Duration::from_millis(20)),
+        message: "Resource has been exhausted".into(),
+    }
+}
+
+fn overloaded(_: &str) -> ProviderError {
+    ProviderError::Overloaded {
+        message: "The model is overloaded".into(),
+    }
+}
+
+fn server_error(_: &str) -> ProviderError {
+    ProviderError::ServerError {
+        status: 500,
+        message: "Internal error".into(),
+    }
+}
+
+fn timeout(_: &str) -> ProviderError {
+    ProviderError::Timeout {
+        after: Duration::from_secs(5),
+    }
+}
+
+fn transport(_: &str) -> ProviderError {
+    ProviderError::Transport {
+        message: "connection reset".into(),
+    }
+}
+
+fn blocked(_: &str) -> ProviderError {
+    ProviderError::Blocked {
+        reason: pacer_core::provider::BlockReason::Finish("IMAGE_SAFETY".into()),
+        message: String::new(),
+    }
+}
+
+fn invalid(_: &str) -> ProviderError {
+    ProviderError::Invalid {
+        message: "imageSize 0.5K is not supported".into(),
+        violations: Vec::new(),
+    }
+}
+
+fn credit_exhausted(_: &str) -> ProviderError {
+    ProviderError::CreditExhausted {
+        message: "Your prepaid credits are depleted".into(),
+    }
+}
+
+fn unauthorized(_: &str) -> ProviderError {
+    ProviderError::Unauthorized {
+        status: 401,
+        message: "API key not valid".into(),
+    }
+}
+
+fn forbidden(_: &str) -> ProviderError {
+    ProviderError::Unauthorized {
+        status: 403,
+        message: "PERMISSION_DENIED".into(),
+    }
+}
+
+fn model_not_found(model: &str) -> ProviderError {
+    ProviderError::ModelNotFound {
+        model: model.to_owned(),
+        message: "is not found for API version v1beta".into(),
+    }
+}
+
+/// Chain A then B, both with room to spare.
+fn two_steps() -> CompiledConfig {
+    config(
+        &[(A, limits(100, 1000)), (B, limits(100, 1000))],
+        &[(A, Duration::from_secs(1)), (B, Duration::from_secs(1))],
+    )
+}
+
+/// A rig on `config` where `failing` answers every call with `err` and any other model
+/// with an image.
+fn failing_on(config: CompiledConfig, failing: &'static str, err: MakeError) -> Rig {
+    Rig::new(
+        config,
+        Box::new(move |_, model| {
+            if model == failing {
+                Err(err(model))
+            } else {
+                image(Some(20))
+            }
+        }),
+    )
+}
+
+/// Request `r1` with the first step (A) answering `err`.
+async fn at_first_step(err: MakeError) -> (Rig, Outcome) {
+    let rig = failing_on(two_steps(), A, err);
+    let out = rig.handle(&body("r1")).await;
+    (rig, out)
+}
+
+/// Request `r1` with A cooling down (skipped without a call) and the last step (B)
+/// answering `err`.
+async fn at_last_step(err: MakeError) -> (Rig, Outcome) {
+    let rig = failing_on(two_steps(), B, err);
+    rig.limiter
+        .penalize(&rig.key(A), LONG_COOLDOWN, PenaltyScope::PerMinute)
+        .await
+        .unwrap();
+    let out = rig.handle(&body("r1")).await;
+    (rig, out)
+}
+
+impl Rig {
+    fn models_called(&self) -> Vec<String> {
+        self.provider.calls().into_iter().map(|c| c.model).collect()
+    }
+
+    fn account_errors(&self, reason: &'static str) -> u64 {
+        self.handler
+            .metrics
+            .account_errors
+            .get_or_create(&crate::metrics::AccountLabels {
+                pool: "default/pool".into(),
+                reason,
+            })
+            .get()
+    }
+}
+
+fn served_by(out: &Outcome, model: &str, attempts: u32) {
+    let Outcome::Succeeded(record) = out else {
+        panic!("expected success, got {out:?}");
+    };
+    assert_eq!(record.model.as_deref(), Some(model));
+    assert_eq!(record.attempts, attempts);
+}
+
+fn failed_with(out: &Outcome, label: &str) {
+    let Outcome::Failed(record) = out else {
+        panic!("expected a failure, got {out:?}");
+    };
+    let error = record.error.clone().unwrap_or_default();
+    assert!(error.starts_with(label), "{error}");
+}
+
+const SLACK: Duration = Duration::from_millis(50);
+
+// --- 429 with a named per-minute quota: penalize the model it names, fall through.
+
+#[tokio::test(start_paused = true)]
+async fn policy_per_minute_429_at_first_step_cools_it_and_falls_through() {
+    let (rig, out) = at_first_step(per_minute_429).await;
+    served_by(&out, B, 2);
+    assert_eq!(rig.models_called(), [A, B]);
+    let cooling = rig.usage(A).await.cooldown_remaining;
+    assert!(cooling > Duration::from_secs(2) && cooling <= Duration::from_secs(3));
+    assert_eq!(rig.usage(B).await.cooldown_remaining, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_per_minute_429_at_last_step_defers_by_its_delay() {
+    let (rig, out) = at_last_step(per_minute_429).await;
+    // B's 3 s cooldown is sooner than A's 30 s.
+    assert_eq!(
+        deferred(&out),
+        (Duration::from_secs(3) + SLACK, DeferReason::RateLimited)
+    );
+    assert_eq!(rig.models_called(), [B]);
+    assert!(rig.usage(B).await.cooldown_remaining > Duration::from_secs(2));
+}
+
+// --- 429 with a per-day quota: skip the model until Pacific midnight.
+
+#[tokio::test(start_paused = true)]
+async fn policy_per_day_429_at_first_step_skips_it_for_the_day() {
+    let (rig, out) = at_first_step(per_day_429).await;
+    served_by(&out, B, 2);
+    // The next request does not call A at all.
+    let next = rig.handle(&body("r2")).await;
+    served_by(&next, B, 1);
+    assert_eq!(rig.models_called(), [A, B, B]);
+    assert!(rig.usage(A).await.daily_blocked_remaining > Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_per_day_429_at_last_step_defers_to_the_soonest_step() {
+    let (rig, out) = at_last_step(per_day_429).await;
+    // B's day is spent; A's cooldown ends first.
+    assert_eq!(
+        deferred(&out),
+        (LONG_COOLDOWN + SLACK, DeferReason::RateLimited)
+    );
+    assert_eq!(rig.models_called(), [B]);
+}
+
+// --- 429 without details: retried on the same step at the provider's pace.
+
+#[tokio::test(start_paused = true)]
+async fn policy_bare_429_at_first_step_retries_then_falls_through() {
+    let (rig, out) = at_first_step(bare_429).await;
+    served_by(&out, B, 4);
+    assert_eq!(rig.models_called(), [A, A, A, B]);
+    // No quota named: nothing cools down.
+    assert_eq!(rig.usage(A).await.cooldown_remaining, Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_bare_429_at_last_step_retries_then_defers() {
+    let (rig, out) = at_last_step(bare_429).await;
+    assert_eq!(
+        deferred(&out),
+        (Duration::from_millis(20) + SLACK, DeferReason::RateLimited)
+    );
+    assert_eq!(rig.models_called(), [B, B, B]);
+}
+
+// --- 5xx, timeouts, broken connections: retried with backoff up to the attempts.
+
+async fn upstream_at_first_step(err: MakeError) {
+    let (rig, out) = at_first_step(err).await;
+    served_by(&out, B, 4);
+    assert_eq!(rig.models_called(), [A, A, A, B]);
+    assert_eq!(rig.tickets().len(), 4);
+}
+
+async fn upstream_at_last_step(err: MakeError) {
+    let (rig, out) = at_last_step(err).await;
+    let (after, reason) = deferred(&out);
+    assert_eq!(reason, DeferReason::Upstream);
+    // The retry policy's backoff (at most 40 ms), not A's cooldown.
+    assert!(after <= Duration::from_millis(40) + SLACK, "{after:?}");
+    assert_eq!(rig.models_called(), [B, B, B]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_overloaded_at_first_step_retries_then_falls_through() {
+    upstream_at_first_step(overloaded).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_overloaded_at_last_step_retries_then_defers() {
+    upstream_at_last_step(overloaded).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_server_error_at_first_step_retries_then_falls_through() {
+    upstream_at_first_step(server_error).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_server_error_at_last_step_retries_then_defers() {
+    upstream_at_last_step(server_error).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_timeout_at_first_step_retries_then_falls_through() {
+    upstream_at_first_step(timeout).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_timeout_at_last_step_retries_then_defers() {
+    upstream_at_last_step(timeout).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_transport_at_first_step_retries_then_falls_through() {
+    upstream_at_first_step(transport).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_transport_at_last_step_retries_then_defers() {
+    upstream_at_last_step(transport).await;
+}
+
+/// A call that never answers is cut at the chain's request timeout and retried like one
+/// the provider reported as timed out.
+#[tokio::test(start_paused = true)]
+async fn policy_a_hung_call_times_out_and_is_retried() {
+    struct Hangs(Arc<Scripted>);
+    #[async_trait]
+    impl ImageProvider for Hangs {
+        async fn generate(
+            &self,
+            model: &str,
+            req: &ImageRequest,
+        ) -> pacer_core::provider::Result<ImageResponse> {
+            let first = self.0.calls().is_empty();
+            let answer = self.0.generate(model, req).await;
+            if first {
+                std::future::pending::<()>().await;
+            }
+            answer
+        }
+    }
+    let rig = Rig::new(two_steps(), always_image());
+    let (tx, rx) = watch::channel(Arc::new(two_steps()));
+    let handler = Handler::new(
+        rx,
+        Arc::new(Limiters::with_memory(rig.limiter.clone())),
+        Providers {
+            gemini: Some(Arc::new(Hangs(rig.provider.clone()))),
+            openai: None,
+        },
+        rig.sink.clone(),
+        Records::memory(),
+        Arc::new(Metrics::default()),
+        "replica-2",
+        HandlerOptions::default(),
+    );
+    let out = handler.handle(&body("r1")).await;
+    drop(tx);
+    served_by(&out, A, 2);
+    assert_eq!(rig.models_called(), [A, A]);
+    let calls = rig.provider.calls();
+    assert!(calls[1].at >= Duration::from_secs(5), "{:?}", calls[1].at);
+}
+
+// --- The request can never succeed: fail it, try nothing else.
+
+#[tokio::test(start_paused = true)]
+async fn policy_blocked_at_first_step_fails_the_request() {
+    let (rig, out) = at_first_step(blocked).await;
+    failed_with(&out, "blocked (model-a)");
+    assert_eq!(rig.models_called(), [A]);
+    let record = rig.handler.records().get("r1").await.unwrap().unwrap();
+    assert_eq!(record.status, Status::Failed);
+    assert_eq!(record.attempts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_blocked_at_last_step_fails_the_request() {
+    let (rig, out) = at_last_step(blocked).await;
+    failed_with(&out, "blocked (model-b)");
+    assert_eq!(rig.models_called(), [B]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_invalid_at_first_step_fails_the_request() {
+    let (rig, out) = at_first_step(invalid).await;
+    failed_with(&out, "invalid (model-a)");
+    assert_eq!(rig.models_called(), [A]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_invalid_at_last_step_fails_the_request() {
+    let (rig, out) = at_last_step(invalid).await;
+    failed_with(&out, "invalid (model-b)");
+    assert_eq!(rig.models_called(), [B]);
+}
+
+// --- Account problems: defer and alert, never fail, never try the pool's other steps.
+
+async fn account_problem_defers(out: &Outcome, rig: &Rig, called: &[&str], reason: &'static str) {
+    assert_eq!(
+        deferred(out),
+        (
+            pacer_core::provider::ACCOUNT_DEFER + SLACK,
+            DeferReason::Account
+        )
+    );
+    assert_eq!(rig.models_called(), called);
+    assert_eq!(rig.account_errors(reason), 1);
+    // No failed record; the claim is given back for the redelivery.
+    assert!(rig.handler.records().get("r1").await.unwrap().is_none());
+    assert!(
+        rig.handler
+            .records()
+            .claim("r1", "another-replica", Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_credit_exhausted_at_first_step_defers_and_alerts() {
+    let (rig, out) = at_first_step(credit_exhausted).await;
+    account_problem_defers(&out, &rig, &[A], "credit_exhausted").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_credit_exhausted_at_last_step_defers_and_alerts() {
+    let (rig, out) = at_last_step(credit_exhausted).await;
+    account_problem_defers(&out, &rig, &[B], "credit_exhausted").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_unauthorized_at_first_step_defers_and_alerts() {
+    let (rig, out) = at_first_step(unauthorized).await;
+    account_problem_defers(&out, &rig, &[A], "unauthorized").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_unauthorized_at_last_step_defers_and_alerts() {
+    let (rig, out) = at_last_step(unauthorized).await;
+    account_problem_defers(&out, &rig, &[B], "unauthorized").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_forbidden_at_first_step_defers_and_alerts() {
+    let (rig, out) = at_first_step(forbidden).await;
+    account_problem_defers(&out, &rig, &[A], "unauthorized").await;
+}
+
+// --- Unknown or retired model: fall through; with no step left, defer as a config problem.
+
+#[tokio::test(start_paused = true)]
+async fn policy_model_not_found_at_first_step_falls_through() {
+    let (rig, out) = at_first_step(model_not_found).await;
+    served_by(&out, B, 2);
+    assert_eq!(rig.models_called(), [A, B]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_model_not_found_at_last_step_defers_for_config() {
+    let (rig, out) = at_last_step(model_not_found).await;
+    // The handler's default defer (5 s) is sooner than A's cooldown.
+    assert_eq!(
+        deferred(&out),
+        (Duration::from_secs(5) + SLACK, DeferReason::Config)
+    );
+    assert_eq!(rig.models_called(), [B]);
+}
+
+// --- The walk's own limits.
+
+/// A transient error followed by an image: the same step serves it.
+#[tokio::test(start_paused = true)]
+async fn policy_one_transient_error_is_retried_on_the_same_step() {
+    let rig = Rig::new(
+        two_steps(),
+        Box::new(|n, model| {
+            if n == 0 {
+                Err(overloaded(model))
+            } else {
+                image(Some(20))
+            }
+        }),
+    );
+    let out = rig.handle(&body("r1")).await;
+    served_by(&out, A, 2);
+    assert_eq!(rig.models_called(), [A, A]);
+    assert_eq!(rig.tickets().len(), 2);
+}
+
+/// Retries exhausted on every step: the message is deferred upstream, never failed.
+#[tokio::test(start_paused = true)]
+async fn policy_retries_exhausted_on_both_steps_defer() {
+    let rig = Rig::new(two_steps(), Box::new(|_, model| Err(server_error(model))));
+    let (_, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::Upstream);
+    assert_eq!(rig.models_called(), [A, A, A, B, B, B]);
+    assert!(rig.handler.records().get("r1").await.unwrap().is_none());
+}
+
+/// A retry that would start after the request's deadline is not made.
+#[tokio::test(start_paused = true)]
+async fn policy_no_retry_past_the_deadline() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(10))]),
+        Box::new(|_, _| {
+            Err(ProviderError::RateLimitedBare {
+                retry_delay: Some(Duration::from_secs(60)),
+                message: "Resource has been exhausted".into(),
+            })
+        }),
+    );
+    let deadline = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(30);
+    let out = rig
+        .handle(&format!(
+            r#"{{"id":"r1","chain":"chain","prompt":"p","deadline":"{deadline}"}}"#
+        ))
+        .await;
+    assert_eq!(
+        deferred(&out),
+        (Duration::from_secs(60) + SLACK, DeferReason::RateLimited)
+    );
+    assert_eq!(rig.models_called(), [A]);
+}
+
+/// A step whose capacity is further away than its max wait is skipped without a call.
+#[tokio::test(start_paused = true)]
+async fn policy_max_wait_exceeded_falls_through_without_a_call() {
+    let rig = Rig::new(
+        config(
+            &[(A, limits(1, 30_000)), (B, limits(100, 1000))],
+            &[(A, Duration::from_secs(1)), (B, Duration::from_secs(1))],
+        ),
+        always_image(),
+    );
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    served_by(&rig.handle(&body("r2")).await, B, 1);
+    assert_eq!(rig.models_called(), [A, B]);
+    // One step only: the request is deferred until A has room.
+    let rig = Rig::new(
+        config(&[(A, limits(1, 30_000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    let (after, reason) = deferred(&rig.handle(&body("r2")).await);
+    assert_eq!(reason, DeferReason::Capacity);
+    assert!(after > Duration::from_secs(29), "{after:?}");
+    assert_eq!(rig.models_called(), [A]);
+}
+
+/// A model cooling down (another replica's 429) is skipped without a call.
+#[tokio::test(start_paused = true)]
+async fn policy_a_cooling_model_is_skipped_without_a_call() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    rig.limiter
+        .penalize(&rig.key(A), LONG_COOLDOWN, PenaltyScope::PerMinute)
+        .await
+        .unwrap();
+    let (after, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert_eq!(after, LONG_COOLDOWN + SLACK);
+    assert!(rig.provider.calls().is_empty());
+}
+
+/// Per-day 429 on the only step: deferred until Pacific midnight, and later requests are
+/// deferred from this replica's memo without asking the limiter.
+#[tokio::test(start_paused = true)]
+async fn policy_per_day_skip_on_the_only_step_defers_for_hours() {
+    let rig = failing_on(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        A,
+        per_day_429,
+    );
+    let (after, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert!(after > Duration::from_secs(60), "{after:?}");
+    let acquires = rig.losing.acquires.load(Ordering::SeqCst);
+    let (again, reason) = deferred(&rig.handle(&body("r2")).await);
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert!(again > Duration::from_secs(60), "{again:?}");
+    assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), acquires);
+    assert_eq!(rig.models_called(), [A]);
+}

@@ -1,5 +1,6 @@
-//! The chain walk for one image: the steps in order, each a small loop of book, wait,
-//! re-check, call, and a decision over the call's result.
+//! The chain walk for one image: the steps in order, each a small state machine (book,
+//! wait, re-check, call) whose failed calls are decided by the one error policy,
+//! [`ProviderError::disposition`].
 //!
 //! Every booking a delivery makes is named after the delivery's claim token and a counter,
 //! so no two calls ever share a booking: a redelivered message books afresh (a replay of
@@ -8,8 +9,9 @@ use std::{sync::Arc, time::Duration};
 
 use pacer_core::{
     config::{CompiledChain, CompiledPool, CompiledStep},
-    limiter::{Blocker, Check, Decision, Limiter, PenaltyScope},
-    provider::{Disposition, ImageProvider, ImageRequest, ProviderError},
+    limiter::{Blocker, Check, Decision, Limiter, PenaltyScope, QuotaKey, Ticket},
+    provider::{CallContext, Cause, Disposition, ImageProvider, ImageRequest, ProviderError},
+    quota::{Costs, ModelQuota},
 };
 use tokio::time::Instant;
 
@@ -17,7 +19,11 @@ use super::{
     Generated, Handler, Miss,
     costs::{backoff, booking_costs, next_pacific_midnight, ticket_tag},
 };
-use crate::{message::GenerationRequest, metrics::CallLabels, outcome::DeferReason};
+use crate::{
+    message::GenerationRequest,
+    metrics::{AccountLabels, CallLabels},
+    outcome::DeferReason,
+};
 
 /// One delivery of a request, as the limiter sees it.
 pub(super) struct Delivery {
@@ -86,6 +92,57 @@ fn reason_for(blocking: Blocker) -> DeferReason {
     }
 }
 
+/// Why a step gave up, as a deferral reason.
+fn reason_for_cause(cause: Cause) -> DeferReason {
+    match cause {
+        Cause::RateLimited => DeferReason::RateLimited,
+        Cause::Upstream => DeferReason::Upstream,
+        Cause::Config => DeferReason::Config,
+    }
+}
+
+/// Where one step is. Each state does one thing and names the next.
+enum State {
+    /// Ask the limiter for a booking.
+    Book,
+    /// Booked ahead: sleep the wait, then re-check the booking.
+    Wait { ticket: Ticket, wait: Duration },
+    /// Call the provider on this booking.
+    Call(Ticket),
+    /// A call failed: ask the error policy.
+    Failed(ProviderError),
+    /// Wait, then book again for another call on this step.
+    Retry(Duration),
+    /// The step is over.
+    Done(StepEnd),
+}
+
+/// How a step ended.
+enum StepEnd {
+    /// The image is stored.
+    Served(Generated),
+    /// This step cannot serve now (its reason noted): try the next one.
+    NextStep,
+    /// The walk ends here.
+    Miss(Miss),
+}
+
+/// One step's working state.
+struct StepRun<'s> {
+    step: &'s CompiledStep,
+    qkey: QuotaKey,
+    quota: ModelQuota,
+    image_req: ImageRequest,
+    estimate: Costs,
+    started: Instant,
+    /// The step's max wait, bounded by the request's deadline.
+    max_wait: Duration,
+    /// Provider calls on this step.
+    attempt: u32,
+    /// A lost booking is booked afresh once.
+    rebooked: bool,
+}
+
 /// The pool model a 429 is about: the one its `QuotaFailure` names when the pool has it
 /// (the provider may name another model's quota), else the one requested.
 fn quota_owner<'a>(pool: &CompiledPool, requested: &'a str, named: Option<&'a str>) -> &'a str {
@@ -93,6 +150,13 @@ fn quota_owner<'a>(pool: &CompiledPool, requested: &'a str, named: Option<&'a st
         .map(|m| m.strip_prefix("models/").unwrap_or(m))
         .filter(|m| *m != requested && pool.has_model(m))
         .unwrap_or(requested)
+}
+
+/// Time left before the request's deadline, if it has one (zero once it passed).
+fn deadline_in(req: &GenerationRequest) -> Option<Duration> {
+    let deadline = req.deadline?;
+    let left = deadline.duration_since(jiff::Timestamp::now());
+    Some(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
 impl Handler {
@@ -122,8 +186,10 @@ impl Handler {
             reason: DeferReason::Capacity,
         };
         for step in &chain.steps {
-            if let Some(generated) = self.run_step(&walk, step, delivery, &mut soonest).await? {
-                return Ok(generated);
+            match self.run_step(&walk, step, delivery, &mut soonest).await {
+                StepEnd::Served(generated) => return Ok(generated),
+                StepEnd::NextStep => {}
+                StepEnd::Miss(miss) => return Err(miss),
             }
         }
         Err(Miss::Defer(
@@ -132,26 +198,56 @@ impl Handler {
         ))
     }
 
-    /// One step: `Some` with the image, `None` to fall through to the next step (having
-    /// noted when this one could run again), or a miss that ends the walk.
+    /// One step, as a state machine from [`State::Book`] to [`State::Done`].
     async fn run_step(
         &self,
         w: &Walk<'_>,
         step: &CompiledStep,
         delivery: &mut Delivery,
         soonest: &mut Soonest,
-    ) -> Result<Option<Generated>, Miss> {
+    ) -> StepEnd {
+        let Some(mut run) = self.start_step(w, step, soonest) else {
+            return StepEnd::NextStep;
+        };
+        let mut state = State::Book;
+        loop {
+            state = match state {
+                State::Book => self.book(w, &mut run, delivery, soonest).await,
+                State::Wait { ticket, wait } => {
+                    self.metrics.limiter_wait.observe(wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                    self.recheck(w, &mut run, ticket, soonest).await
+                }
+                State::Call(ticket) => self.call(w, &mut run, ticket, delivery).await,
+                State::Failed(err) => self.decide(w, &run, err, soonest).await,
+                State::Retry(after) => {
+                    tokio::time::sleep(after).await;
+                    State::Book
+                }
+                State::Done(end) => return end,
+            };
+        }
+    }
+
+    /// What a step needs before its first booking; `None` when it cannot run at all (its
+    /// model's day is spent, or the model is not in the pool).
+    fn start_step<'s>(
+        &self,
+        w: &Walk<'_>,
+        step: &'s CompiledStep,
+        soonest: &mut Soonest,
+    ) -> Option<StepRun<'s>> {
         let qkey = w.pool.key(&step.model);
         if let Some(until) = self.daily_spent_until(&qkey) {
             soonest.note(
                 Some(until.saturating_duration_since(Instant::now())),
                 DeferReason::RateLimited,
             );
-            return Ok(None);
+            return None;
         }
         let Some(quota) = w.pool.model_quota(&step.model) else {
             tracing::warn!(model = %step.model, pool = %w.pool.name, "the chain's model is not in its pool; skipping");
-            return Ok(None);
+            return None;
         };
         // The request's own options win; the step's defaults fill what it leaves out.
         let mut image_req = ImageRequest::new(&w.req.prompt);
@@ -167,160 +263,226 @@ impl Handler {
             &w.req.prompt,
             image_req.image_size.as_deref(),
         );
-        let started = Instant::now();
         let mut max_wait = Duration::from_millis(step.max_wait_ms);
-        if let Some(deadline) = w.req.deadline {
-            let left = deadline.duration_since(jiff::Timestamp::now());
-            max_wait = max_wait.min(Duration::try_from(left).unwrap_or(Duration::ZERO));
+        if let Some(left) = deadline_in(w.req) {
+            max_wait = max_wait.min(left);
         }
+        Some(StepRun {
+            step,
+            qkey,
+            quota,
+            image_req,
+            estimate,
+            started: Instant::now(),
+            max_wait,
+            attempt: 0,
+            rebooked: false,
+        })
+    }
+
+    /// [`State::Book`]: admitted now, booked ahead, or rejected (the step is over).
+    async fn book(
+        &self,
+        w: &Walk<'_>,
+        run: &mut StepRun<'_>,
+        delivery: &mut Delivery,
+        soonest: &mut Soonest,
+    ) -> State {
+        let model = &run.step.model;
+        let booking_id = delivery.booking_id(w.req, w.index, model);
+        let decision = w
+            .limiter
+            .acquire(
+                &run.qkey,
+                &run.quota,
+                &booking_id,
+                run.estimate,
+                run.max_wait,
+            )
+            .await;
+        match decision {
+            Err(e) => State::Done(StepEnd::Miss(self.limiter_failed(&e, model))),
+            Ok(Decision::Admitted { ticket }) => State::Call(ticket),
+            Ok(Decision::Booked { ticket, wait }) => State::Wait { ticket, wait },
+            Ok(Decision::Rejected {
+                retry_after,
+                blocking,
+            }) => {
+                if blocking == Blocker::NeverFits {
+                    tracing::warn!(model = %model, "the request's costs exceed a limit of this model");
+                }
+                soonest.note(retry_after, reason_for(blocking));
+                State::Done(StepEnd::NextStep)
+            }
+        }
+    }
+
+    /// After [`State::Wait`]: a cooldown or day block set while it waited, or the booking
+    /// lost with the limiter's state, and the call must not go out on it.
+    async fn recheck(
+        &self,
+        w: &Walk<'_>,
+        run: &mut StepRun<'_>,
+        ticket: Ticket,
+        soonest: &mut Soonest,
+    ) -> State {
+        let model = &run.step.model;
+        match w.limiter.check(&ticket).await {
+            Ok(Check::Go) => State::Call(ticket),
+            Ok(Check::Cancelled {
+                retry_after,
+                blocking: Blocker::Lost,
+            }) => {
+                let left = run.max_wait.saturating_sub(run.started.elapsed());
+                if !run.rebooked && !left.is_zero() {
+                    tracing::info!(model = %model, "the booking was lost; booking afresh");
+                    run.rebooked = true;
+                    run.max_wait = left;
+                    return State::Book;
+                }
+                soonest.note(
+                    Some(retry_after.unwrap_or(self.options.default_defer)),
+                    DeferReason::Capacity,
+                );
+                State::Done(StepEnd::NextStep)
+            }
+            Ok(Check::Cancelled {
+                retry_after,
+                blocking,
+            }) => {
+                tracing::info!(model = %model, ?blocking, "the booking was cancelled before its call");
+                soonest.note(retry_after, reason_for(blocking));
+                State::Done(StepEnd::NextStep)
+            }
+            Err(e) => {
+                // Whether the booking still stands is unknown: give it back if the limiter
+                // answers again, and do not call on it.
+                let _ = w.limiter.release(&ticket).await;
+                State::Done(StepEnd::Miss(self.limiter_failed(&e, model)))
+            }
+        }
+    }
+
+    /// [`State::Call`]: one provider call on its own booking; an image is stored.
+    async fn call(
+        &self,
+        w: &Walk<'_>,
+        run: &mut StepRun<'_>,
+        ticket: Ticket,
+        delivery: &mut Delivery,
+    ) -> State {
+        let model = &run.step.model;
+        run.attempt += 1;
+        delivery.attempts += 1;
+        run.image_req.ticket = Some(ticket_tag(&ticket));
         let timeout = Duration::from_millis(w.chain.request_timeout_ms.max(1));
-        let retry = &w.chain.retry;
-        // Provider calls on this step.
-        let mut attempt = 0u32;
-        let mut rebooked = false;
-        loop {
-            let booking_id = delivery.booking_id(w.req, w.index, &step.model);
-            let decision = match w
-                .limiter
-                .acquire(&qkey, &quota, &booking_id, estimate, max_wait)
-                .await
-            {
-                Ok(d) => d,
-                Err(e) => return Err(self.limiter_failed(&e, &step.model)),
-            };
-            let ticket = match decision {
-                Decision::Admitted { ticket } => ticket,
-                Decision::Booked { ticket, wait } => {
-                    self.metrics.limiter_wait.observe(wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
-                    // A cooldown or day block set while it waited, or the booking lost
-                    // with the limiter's state: the call must not go out on it.
-                    match w.limiter.check(&ticket).await {
-                        Ok(Check::Go) => ticket,
-                        Ok(Check::Cancelled {
-                            retry_after,
-                            blocking: Blocker::Lost,
-                        }) => {
-                            let left = max_wait.saturating_sub(started.elapsed());
-                            if !rebooked && !left.is_zero() {
-                                tracing::info!(model = %step.model, "the booking was lost; booking afresh");
-                                rebooked = true;
-                                max_wait = left;
-                                continue;
-                            }
-                            soonest.note(
-                                Some(retry_after.unwrap_or(self.options.default_defer)),
-                                DeferReason::Capacity,
-                            );
-                            return Ok(None);
-                        }
-                        Ok(Check::Cancelled {
-                            retry_after,
-                            blocking,
-                        }) => {
-                            tracing::info!(model = %step.model, ?blocking, "the booking was cancelled before its call");
-                            soonest.note(retry_after, reason_for(blocking));
-                            return Ok(None);
-                        }
-                        Err(e) => {
-                            // Whether the booking still stands is unknown: give it back if
-                            // the limiter answers again, and do not call on it.
-                            let _ = w.limiter.release(&ticket).await;
-                            return Err(self.limiter_failed(&e, &step.model));
-                        }
-                    }
-                }
-                Decision::Rejected {
-                    retry_after,
-                    blocking,
-                } => {
-                    if blocking == Blocker::NeverFits {
-                        tracing::warn!(model = %step.model, "the request's costs exceed a limit of this model");
-                    }
-                    soonest.note(retry_after, reason_for(blocking));
-                    return Ok(None);
-                }
-            };
-            attempt += 1;
-            delivery.attempts += 1;
-            image_req.ticket = Some(ticket_tag(&ticket));
-            let call =
-                tokio::time::timeout(timeout, w.provider.generate(&step.model, &image_req)).await;
-            let result = call.unwrap_or(Err(ProviderError::Timeout { after: timeout }));
-            let label = match &result {
-                Ok(_) => "ok",
-                Err(e) => e.metric_label(),
-            };
-            self.metrics
-                .provider_calls
-                .get_or_create(&CallLabels {
-                    model: step.model.clone(),
-                    result: label,
+        let call = tokio::time::timeout(timeout, w.provider.generate(model, &run.image_req)).await;
+        let result = call.unwrap_or(Err(ProviderError::Timeout { after: timeout }));
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.metric_label(),
+        };
+        self.metrics
+            .provider_calls
+            .get_or_create(&CallLabels {
+                model: model.clone(),
+                result: label,
+            })
+            .inc();
+        match result {
+            Ok(resp) => {
+                let stored = self
+                    .store(
+                        w.key,
+                        model,
+                        resp,
+                        &ticket,
+                        w.limiter.as_ref(),
+                        w.pool,
+                        run.image_req.image_size.as_deref(),
+                    )
+                    .await;
+                State::Done(match stored {
+                    Ok(generated) => StepEnd::Served(generated),
+                    Err(miss) => StepEnd::Miss(miss),
                 })
-                .inc();
-            let err = match result {
-                Ok(resp) => {
-                    return self
-                        .store(
-                            w.key,
-                            &step.model,
-                            resp,
-                            &ticket,
-                            w.limiter.as_ref(),
-                            w.pool,
-                            image_req.image_size.as_deref(),
-                        )
-                        .await
-                        .map(Some);
-                }
-                Err(e) => e,
-            };
-            tracing::info!(model = %step.model, attempt, error = %err, "provider call failed");
-            if let ProviderError::RateLimited {
-                quota: dim,
-                retry_delay,
+            }
+            Err(err) => {
+                tracing::info!(model = %model, attempt = run.attempt, error = %err, "provider call failed");
+                State::Failed(err)
+            }
+        }
+    }
+
+    /// [`State::Failed`]: carries out the error policy's decision.
+    async fn decide(
+        &self,
+        w: &Walk<'_>,
+        run: &StepRun<'_>,
+        err: ProviderError,
+        soonest: &mut Soonest,
+    ) -> State {
+        let model = &run.step.model;
+        let retry = &w.chain.retry;
+        let ctx = CallContext {
+            attempt: run.attempt,
+            attempts: retry.attempts,
+            backoff: backoff(retry, run.attempt),
+            deadline_in: deadline_in(w.req),
+            day_resets_in: next_pacific_midnight(),
+        };
+        match err.disposition(&ctx) {
+            Disposition::Retry { after } => State::Retry(after),
+            Disposition::Penalize {
                 model: named,
-                ..
-            } = &err
-            {
-                let owner = quota_owner(w.pool, &step.model, named.as_deref());
-                if owner != step.model {
-                    tracing::info!(model = %step.model, quota_model = owner, "the 429 names another model's quota");
+                cooldown,
+                scope,
+            } => {
+                let owner = quota_owner(w.pool, model, named.as_deref());
+                if owner != model.as_str() {
+                    tracing::info!(model = %model, quota_model = owner, "the 429 names another model's quota");
                 }
                 let owner_key = w.pool.key(owner);
-                let (delay, scope) = if dim.is_per_day() {
-                    let until = next_pacific_midnight();
-                    self.mark_daily_spent(&owner_key, until);
-                    (until, PenaltyScope::PerDay)
-                } else {
-                    (
-                        retry_delay.unwrap_or(Duration::from_secs(10)),
-                        PenaltyScope::PerMinute,
-                    )
-                };
-                if let Err(e) = w.limiter.penalize(&owner_key, delay, scope).await {
+                if scope == PenaltyScope::PerDay {
+                    self.mark_daily_spent(&owner_key, cooldown);
+                }
+                if let Err(e) = w.limiter.penalize(&owner_key, cooldown, scope).await {
                     tracing::warn!(error = %e, "sharing the cooldown failed");
                 }
-                soonest.note(Some(delay), DeferReason::RateLimited);
-                return Ok(None);
+                soonest.note(Some(cooldown), DeferReason::RateLimited);
+                State::Done(StepEnd::NextStep)
             }
-            match err.disposition() {
-                Disposition::Retry { after } => {
-                    if attempt >= retry.attempts {
-                        soonest.note(Some(backoff(retry, attempt)), DeferReason::Upstream);
-                        return Ok(None);
-                    }
-                    tokio::time::sleep(after.unwrap_or_else(|| backoff(retry, attempt))).await;
+            Disposition::NextStep { after, cause } => {
+                if cause == Cause::Config {
+                    tracing::warn!(model = %model, pool = %w.pool.name, error = %err, "the provider does not know this model; fix the chain");
                 }
-                Disposition::NextModel => return Ok(None),
-                Disposition::FailRequest | Disposition::FixConfig => {
-                    return Err(Miss::Fail(format!(
-                        "{} ({}): {err}; {}",
-                        err.metric_label(),
-                        step.model,
-                        err.advice()
-                    )));
-                }
+                soonest.note(
+                    Some(after.unwrap_or(self.options.default_defer)),
+                    reason_for_cause(cause),
+                );
+                State::Done(StepEnd::NextStep)
+            }
+            Disposition::FailRequest => State::Done(StepEnd::Miss(Miss::Fail(format!(
+                "{} ({model}): {err}; {}",
+                err.metric_label(),
+                err.advice()
+            )))),
+            Disposition::DeferAndAlert { after } => {
+                tracing::warn!(
+                    model = %model,
+                    pool = %w.pool.name,
+                    error = %err,
+                    "provider account problem: deferring; {}",
+                    err.advice()
+                );
+                self.metrics
+                    .account_errors
+                    .get_or_create(&AccountLabels {
+                        pool: w.pool.name.clone(),
+                        reason: err.metric_label(),
+                    })
+                    .inc();
+                State::Done(StepEnd::Miss(Miss::Defer(after, DeferReason::Account)))
             }
         }
     }
