@@ -20,6 +20,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::models::ImageSize;
+
 /// Redis key of the pools hash.
 pub const POOLS_KEY: &str = "pacer:config:pools";
 /// Redis key of the chains hash.
@@ -140,9 +142,10 @@ pub struct CompiledStep {
     /// The aspect ratio a request gets on this step when it names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<String>,
-    /// The image size a request gets on this step when it names none.
+    /// The image size a request gets on this step when it names none (stored as Google
+    /// spells it, `"512"`, `"1K"`, …; `"0.5K"` is still read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_size: Option<String>,
+    pub image_size: Option<ImageSize>,
 }
 
 /// Full-jitter exponential backoff for overloaded and server errors.
