@@ -29,7 +29,7 @@ pub struct GenerateArgs {
     /// For example `16:9`.
     #[arg(long)]
     pub aspect_ratio: Option<String>,
-    /// `0.5K`, `1K`, `2K` or `4K`.
+    /// `512` (or `0.5K`), `1K`, `2K` or `4K`; checked against the chain's models.
     #[arg(long)]
     pub image_size: Option<String>,
     /// The request id (the image is stored as ID.png); default: a fresh one.

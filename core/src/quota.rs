@@ -217,7 +217,8 @@ impl ModelQuota {
     }
 
     /// Every limit reduced by `percent` (rounded down): stay that far under the provider's
-    /// numbers. Only [`CompiledPool::model_quota`](crate::config::CompiledPool::model_quota) calls this, so headroom is applied once.
+    /// numbers. Only [`CompiledPool::model_quota`](crate::config::CompiledPool::model_quota)
+    /// calls this, so headroom is applied once.
     fn with_headroom(mut self, percent: u8) -> ModelQuota {
         let keep = 100 - u64::from(percent.min(100));
         let cut = |l: u64| l.saturating_mul(keep) / 100;
