@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     /// For example `16:9`.
     #[arg(env = "PACER_GENERATE_ASPECT_RATIO", long)]
     pub aspect_ratio: Option<String>,
-    /// `0.5K`, `1K`, `2K` or `4K`.
+    /// `512` (or `0.5K`), `1K`, `2K` or `4K`; checked against the chain's models.
     #[arg(env = "PACER_GENERATE_IMAGE_SIZE", long)]
     pub image_size: Option<String>,
     /// The request id (the image is stored as ID.png); default: a fresh one.

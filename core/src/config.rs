@@ -20,6 +20,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::models::ImageSize;
+
 /// Redis key of the pools hash.
 pub const POOLS_KEY: &str = "pacer:config:pools";
 /// Redis key of the chains hash.
@@ -140,9 +142,10 @@ pub struct CompiledStep {
     /// The aspect ratio a request gets on this step when it names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<String>,
-    /// The image size a request gets on this step when it names none.
+    /// The image size a request gets on this step when it names none (stored as Google
+    /// spells it, `"512"`, `"1K"`, …; `"0.5K"` is still read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_size: Option<String>,
+    pub image_size: Option<ImageSize>,
 }
 
 /// Full-jitter exponential backoff for overloaded and server errors.
@@ -393,4 +396,39 @@ fn parse_all<T: for<'de> Deserialize<'de>>(
             Err(source) => Err(ConfigError::Corrupt { key, field, source }),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_s_image_size_keeps_its_stored_spelling() {
+        let step: CompiledStep = serde_json::from_str(
+            r#"{"model":"gemini-3.1-flash-image","maxWaitMs":1000,"imageSize":"0.5K"}"#,
+        )
+        .expect("the older spelling still reads");
+        assert_eq!(step.image_size, Some(ImageSize::Half));
+        let json = serde_json::to_value(&step).expect("serializes");
+        assert_eq!(
+            json,
+            serde_json::json!({"model":"gemini-3.1-flash-image","maxWaitMs":1000,"imageSize":"512"})
+        );
+        for (size, name) in [(ImageSize::K1, "1K"), (ImageSize::K4, "4K")] {
+            let step = CompiledStep {
+                image_size: Some(size),
+                ..step.clone()
+            };
+            let json = serde_json::to_string(&step).expect("serializes");
+            assert!(json.contains(&format!(r#""imageSize":"{name}""#)), "{json}");
+            assert_eq!(serde_json::from_str::<CompiledStep>(&json).ok(), Some(step));
+        }
+        let bare: CompiledStep =
+            serde_json::from_str(r#"{"model":"m","maxWaitMs":0}"#).expect("no size");
+        assert_eq!(bare.image_size, None);
+        assert!(
+            serde_json::from_str::<CompiledStep>(r#"{"model":"m","maxWaitMs":0,"imageSize":"8K"}"#)
+                .is_err()
+        );
+    }
 }

@@ -10,9 +10,11 @@
 //!   retry, fall through to the next model, fail the request or alert an operator.
 //! - [`gemini`]: the Gemini `generateContent` client, its wire types and total decoders.
 //! - [`openai`]: an OpenAI-compatible images endpoint behind the same trait.
-//! - [`quota`]: the quota model: dimensions, limits and windows, the built-in tier table,
-//!   headroom (applied once, when a pool's limits become a [`quota::ModelQuota`]) and
-//!   per-model image costs.
+//! - [`models`]: the one table of model facts: sizes, aspect ratios, tokens and prices per
+//!   size, default limits per tier, retirement dates. Everything that judges or prices a
+//!   request reads it.
+//! - [`quota`]: the quota model: dimensions, limits and windows, tiers, and headroom
+//!   (applied once, when a pool's limits become a [`quota::ModelQuota`]).
 //! - [`limiter`]: the global limiter every replica books capacity in before it calls the
 //!   provider: the [`limiter::Limiter`] trait, its Redis implementation (one Lua script per
 //!   decision), its in-memory twin on an injected clock, and the failure modes for when
@@ -25,6 +27,7 @@ pub mod config;
 pub mod gemini;
 pub mod limiter;
 pub mod measure;
+pub mod models;
 pub mod openai;
 pub mod pacific;
 pub mod process;

@@ -9,6 +9,8 @@ use std::{fmt, time::Duration};
 
 use async_trait::async_trait;
 
+use crate::models::ImageSize;
+
 /// An API key. It never prints: `Debug` shows a redaction, and there is no `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -51,8 +53,8 @@ pub struct ImageRequest {
     pub modalities: Modalities,
     /// `"1:1"`, `"16:9"`, …; `None` lets the model choose.
     pub aspect_ratio: Option<String>,
-    /// `"1K"`, `"2K"`, `"4K"` (Gemini); `None` is the model's default.
-    pub image_size: Option<String>,
+    /// The image size (Gemini); `None` is the model's default.
+    pub image_size: Option<ImageSize>,
     /// The limiter booking this call spends, `"{request_id}@{start_us}"`: unique per limiter
     /// log entry. Sent as [`TICKET_HEADER`]; never part of the body.
     pub ticket: Option<String>,
@@ -71,8 +73,8 @@ impl ImageRequest {
         self
     }
 
-    pub fn image_size(mut self, size: impl Into<String>) -> ImageRequest {
-        self.image_size = Some(size.into());
+    pub fn image_size(mut self, size: ImageSize) -> ImageRequest {
+        self.image_size = Some(size);
         self
     }
 

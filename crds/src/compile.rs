@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 
 use pacer_core::{
     config::{self, CompiledChain, CompiledPool, CompiledStep, RetryConfig},
+    models::{self, ImageSize},
     quota,
 };
 
-use crate::{FailureMode, ModelChainSpec, Provider, QuotaPoolSpec, Tier};
+use crate::{ChainStep, FailureMode, ModelChainSpec, Provider, QuotaPoolSpec, Tier};
 
 /// A resource that cannot be compiled: the field at fault and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,7 +136,7 @@ pub fn compile_pool(
             Some(usd) => Some((usd * 1_000_000.0).round() as u64),
             None => None,
         };
-        let known = quota::model_info(&m.name);
+        let known = models::model_info(&m.name);
         // A model the table does not know has no default limits and no price: left out, it
         // would run unlimited and free. Its limits and price must be given.
         if known.is_none() {
@@ -293,6 +294,8 @@ pub fn compile_chain(
                 ),
             ));
         }
+        check_step_options(step)
+            .map_err(|(field, problem)| err(&format!("spec.steps[{i}].{field}"), problem))?;
     }
     let r = &spec.retry;
     if r.attempts == 0 {
@@ -324,11 +327,7 @@ pub fn compile_chain(
                 model: s.model.clone(),
                 max_wait_ms: u64::from(s.max_wait_seconds) * 1000,
                 aspect_ratio: s.aspect_ratio.clone(),
-                image_size: s.image_size.and_then(|size| {
-                    serde_json::to_value(size)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                }),
+                image_size: s.image_size.map(image_size),
             })
             .collect(),
         retry: RetryConfig {
@@ -340,6 +339,56 @@ pub fn compile_chain(
         priority: spec.priority,
         deadline_ms: spec.deadline_seconds.map(|s| u64::from(s) * 1000),
     })
+}
+
+/// The core size of a resource's size (the CRD keeps its own enum, so its schema is
+/// independent of core).
+fn image_size(size: crate::ImageSize) -> ImageSize {
+    match size {
+        crate::ImageSize::HalfK => ImageSize::Half,
+        crate::ImageSize::OneK => ImageSize::K1,
+        crate::ImageSize::TwoK => ImageSize::K2,
+        crate::ImageSize::FourK => ImageSize::K4,
+    }
+}
+
+/// A step's default aspect ratio and size against what its model takes, when the model
+/// table knows the model (another provider's model is the provider's to judge). The error
+/// is the field (`aspectRatio` or `imageSize`) and the problem.
+fn check_step_options(step: &ChainStep) -> Result<(), (&'static str, String)> {
+    let Some(info) = models::model_info(&step.model) else {
+        return Ok(());
+    };
+    if let Some(ratio) = &step.aspect_ratio
+        && !info.takes_ratio(ratio)
+    {
+        return Err((
+            "aspectRatio",
+            format!(
+                "{ratio:?} is not an aspect ratio {} takes; use one of {:?}",
+                info.id,
+                info.aspect_ratios()
+            ),
+        ));
+    }
+    if let Some(size) = step.image_size.map(image_size)
+        && !info.takes_size(size)
+    {
+        let sizes: Vec<&str> = info
+            .image_sizes()
+            .into_iter()
+            .map(ImageSize::name)
+            .collect();
+        return Err((
+            "imageSize",
+            format!(
+                "{:?} is not an image size {} offers; use one of {sizes:?}",
+                size.name(),
+                info.id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What a YAML file of `QuotaPool` and `ModelChain` documents compiles to.
@@ -542,6 +591,15 @@ spec:
         let chain = &c.chains[0];
         assert_eq!((chain.pool.as_str(), chain.steps.len()), ("team/images", 2));
         assert_eq!(chain.steps[0].max_wait_ms, 20_000);
+        // The flash step takes the extreme ratios and 512, spelled "0.5K" or "512".
+        let c = compile(&format!("{POOL}{CHAIN}").replace(
+            "{model: gemini-3.1-flash-image}",
+            "{model: gemini-3.1-flash-image, aspectRatio: \"1:8\", imageSize: \"0.5K\"}",
+        ))
+        .unwrap();
+        let step = &c.chains[0].steps[1];
+        assert_eq!(step.aspect_ratio.as_deref(), Some("1:8"));
+        assert_eq!(step.image_size, Some(ImageSize::Half));
     }
 
     #[test]
@@ -561,6 +619,20 @@ spec:
         assert!(e.problem.contains("not declared"), "{e}");
         let e = compile(CHAIN).unwrap_err();
         assert_eq!(e.field, "spec.pool");
+        let e = compile(&format!("{POOL}{CHAIN}").replace(
+            "maxWaitSeconds: 20}",
+            "maxWaitSeconds: 20, aspectRatio: \"1:8\"}",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.steps[0].aspectRatio");
+        assert!(e.problem.contains("\"21:9\""), "{e}");
+        let e = compile(&format!("{POOL}{CHAIN}").replace(
+            "maxWaitSeconds: 20}",
+            "maxWaitSeconds: 20, imageSize: \"0.5K\"}",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.steps[0].imageSize");
+        assert!(e.problem.contains("[\"1K\", \"2K\", \"4K\"]"), "{e}");
         let e = compile(&POOL.replace("kind: QuotaPool", "kind: Pool")).unwrap_err();
         assert_eq!(e.field, "kind");
     }
@@ -585,12 +657,12 @@ spec:
         assert_eq!(pool.models["imagen-5"].rpm, Some(30));
         assert_eq!(pool.image_price_micros("imagen-5", None), Some(40_000));
         assert_eq!(
-            pool.image_price_micros("imagen-5", Some("4K")),
+            pool.image_price_micros("imagen-5", Some(ImageSize::K4)),
             Some(40_000)
         );
         // Known models keep the table's price by size.
         assert_eq!(
-            pool.image_price_micros("gemini-3-pro-image", Some("4K")),
+            pool.image_price_micros("gemini-3-pro-image", Some(ImageSize::K4)),
             Some(240_000)
         );
 
@@ -610,7 +682,7 @@ spec:
             compile(&POOL.replace("rpm: 100", "rpm: 100\n      priceUsdPerImage: 0.05")).unwrap();
         let pool = &c.pools[0];
         assert_eq!(
-            pool.image_price_micros("gemini-3.1-flash-image", Some("4K")),
+            pool.image_price_micros("gemini-3.1-flash-image", Some(ImageSize::K4)),
             Some(50_000)
         );
     }

@@ -33,6 +33,7 @@ use pacer_core::{
         memory::MemoryLimiter,
         redis::RedisLimiter,
     },
+    models::ImageSize,
     provider::{ImageProvider, ImageResponse},
 };
 use rand::Rng;
@@ -309,6 +310,9 @@ impl Handler {
             Ok(found) => found,
             Err(e) => return self.fail(&req.id, 0, e.to_string()).await,
         };
+        if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
+            return self.fail(&req.id, 0, e.to_string()).await;
+        }
         let Some(provider) = self.providers.for_pool(pool) else {
             return self
                 .fail(
@@ -430,7 +434,7 @@ impl Handler {
         ticket: &Ticket,
         limiter: &dyn Limiter,
         pool: &CompiledPool,
-        image_size: Option<&str>,
+        image_size: Option<ImageSize>,
     ) -> Result<Generated, Miss> {
         let price = image_price(pool, model, image_size);
         let images = u64::try_from(resp.images.len()).unwrap_or(u64::MAX);

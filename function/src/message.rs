@@ -4,7 +4,8 @@
 //! the fix, because a malformed message can never succeed: it gets a failed result with
 //! that reason instead of a retry.
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
+use pacer_core::models::{self, ImageSize, ModelInfo};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The longest prompt accepted, in characters.
 pub const MAX_PROMPT_CHARS: usize = 30_000;
@@ -12,14 +13,6 @@ pub const MAX_PROMPT_CHARS: usize = 30_000;
 pub const MAX_IMAGES: u32 = 4;
 /// The longest request id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
-
-/// Aspect ratios Gemini image models accept.
-pub const ASPECT_RATIOS: &[&str] = &[
-    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
-];
-/// Image sizes Gemini image models accept (512 on gemini-3.1-flash-image only; `0.5K` is
-/// accepted as its older name and sent as `512`).
-pub const IMAGE_SIZES: &[&str] = &["512", "0.5K", "1K", "2K", "4K"];
 
 /// One request to generate images.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -31,12 +24,17 @@ pub struct GenerationRequest {
     pub chain: String,
     /// What to draw.
     pub prompt: String,
-    /// For example `16:9`; the model's default when absent.
+    /// For example `16:9`; the model's default when absent. One of the ratios some model of
+    /// the table takes, and one a model of the chain takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<String>,
     /// `512` (or `0.5K`), `1K`, `2K` or `4K`; the model's default (1K) when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_size: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "image_size"
+    )]
+    pub image_size: Option<ImageSize>,
     /// How many images (each is one provider request).
     #[serde(default = "one")]
     pub images: u32,
@@ -53,6 +51,26 @@ pub struct GenerationRequest {
 
 fn one() -> u32 {
     1
+}
+
+/// Reads `imageSize` with an error that names the field and the sizes there are (serde's
+/// own names neither).
+fn image_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ImageSize>, D::Error> {
+    let Some(name) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    ImageSize::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(&name))
+        .map(Some)
+        .map_err(|_| {
+            serde::de::Error::custom(format!(
+                "field `imageSize`: {name:?} is not an image size; use one of {:?}",
+                size_names(&models::any_model_image_sizes())
+            ))
+        })
+}
+
+fn size_names(sizes: &[ImageSize]) -> Vec<&'static str> {
+    sizes.iter().map(|s| s.name()).collect()
 }
 
 /// A message that can never be processed, with the field at fault and how to fix it.
@@ -80,6 +98,15 @@ impl GenerationRequest {
         let req: Self = serde_json::from_str(body).map_err(|e| {
             // serde_json names the unknown or mistyped field in its message.
             let text = e.to_string();
+            // A field's own reader (`image_size`) starts its message with the field; the
+            // position serde_json appends means nothing to a sender who names the field.
+            if let Some((field, problem)) = text
+                .strip_prefix("field `")
+                .and_then(|rest| rest.split_once("`: "))
+            {
+                let at = format!(" at line {} column {}", e.line(), e.column());
+                return MessageError::new(field, problem.strip_suffix(&at).unwrap_or(problem));
+            }
             let field = text
                 .split('`')
                 .nth(1)
@@ -128,21 +155,16 @@ impl GenerationRequest {
                 format!("is {chars} characters; the limit is {MAX_PROMPT_CHARS}"),
             ));
         }
-        if let Some(r) = &self.aspect_ratio
-            && !ASPECT_RATIOS.contains(&r.as_str())
-        {
-            return Err(MessageError::new(
-                "aspectRatio",
-                format!("{r:?} is not one of {ASPECT_RATIOS:?}"),
-            ));
-        }
-        if let Some(s) = &self.image_size
-            && !IMAGE_SIZES.contains(&s.as_str())
-        {
-            return Err(MessageError::new(
-                "imageSize",
-                format!("{s:?} is not one of {IMAGE_SIZES:?}"),
-            ));
+        // Before the chain is known: what some model takes ([`Self::check_models`] checks
+        // against the chain's models once it is).
+        if let Some(r) = &self.aspect_ratio {
+            let ratios = models::any_model_aspect_ratios();
+            if !ratios.contains(&r.as_str()) {
+                return Err(MessageError::new(
+                    "aspectRatio",
+                    format!("{r:?} is not an aspect ratio; use one of {ratios:?}"),
+                ));
+            }
         }
         if self.images == 0 || self.images > MAX_IMAGES {
             return Err(MessageError::new(
@@ -156,6 +178,52 @@ impl GenerationRequest {
             return Err(MessageError::new(
                 "outputKey",
                 "must be a relative key of 1 to 512 bytes without `..`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the aspect ratio and image size against the models that may serve the
+    /// request (a chain's steps): at least one must take each. A model the table does not
+    /// know (another provider's) may take anything, so it passes the request.
+    pub fn check_models<'a>(
+        &self,
+        models: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), MessageError> {
+        let mut known: Vec<&ModelInfo> = Vec::new();
+        for model in models {
+            match models::model_info(model) {
+                Some(info) => known.push(info),
+                None => return Ok(()),
+            }
+        }
+        if known.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = known.iter().map(|m| m.id).collect();
+        if let Some(r) = &self.aspect_ratio
+            && !known.iter().any(|m| m.takes_ratio(r))
+        {
+            let mut ratios: Vec<&str> = known.iter().flat_map(|m| m.aspect_ratios()).collect();
+            dedup_in_order(&mut ratios);
+            return Err(MessageError::new(
+                "aspectRatio",
+                format!("{r:?} is not taken by the chain's models {ids:?}; use one of {ratios:?}"),
+            ));
+        }
+        if let Some(s) = self.image_size
+            && !known.iter().any(|m| m.takes_size(s))
+        {
+            let mut sizes: Vec<ImageSize> = known.iter().flat_map(|m| m.image_sizes()).collect();
+            sizes.sort();
+            sizes.dedup();
+            return Err(MessageError::new(
+                "imageSize",
+                format!(
+                    "{:?} is not offered by the chain's models {ids:?}; use one of {:?}",
+                    s.name(),
+                    size_names(&sizes)
+                ),
             ));
         }
         Ok(())
@@ -199,6 +267,17 @@ impl GenerationRequest {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
         ok.then(|| id.to_owned())
     }
+}
+
+fn dedup_in_order<T: PartialEq + Copy>(items: &mut Vec<T>) {
+    let mut seen: Vec<T> = Vec::with_capacity(items.len());
+    items.retain(|x| {
+        let new = !seen.contains(x);
+        if new {
+            seen.push(*x);
+        }
+        new
+    });
 }
 
 #[cfg(test)]
@@ -248,10 +327,14 @@ mod tests {
             err(r#"{"id":"a","chain":"c","prompt":"p","aspectRatio":"7:3"}"#).field,
             "aspectRatio"
         );
+        let e = err(r#"{"id":"a","chain":"c","prompt":"p","imageSize":"8K"}"#);
+        assert_eq!(e.field, "imageSize");
         assert_eq!(
-            err(r#"{"id":"a","chain":"c","prompt":"p","imageSize":"8K"}"#).field,
-            "imageSize"
+            e.problem,
+            r#""8K" is not an image size; use one of ["512", "1K", "2K", "4K"]"#
         );
+        let e = err(r#"{"id":"a","chain":"c","prompt":"p","aspectRatio":"7:3"}"#);
+        assert!(e.problem.contains(r#""1:8""#), "{e}");
         assert_eq!(
             err(r#"{"id":"a","chain":"c","prompt":"p","images":9}"#).field,
             "images"
@@ -274,8 +357,32 @@ mod tests {
                 r#"{{"id":"a","chain":"c","prompt":"p","imageSize":"{size}"}}"#
             ))
             .unwrap();
-            assert_eq!(r.image_size.as_deref(), Some(size));
+            assert_eq!(r.image_size, Some(ImageSize::Half));
+            let json = serde_json::to_value(&r).expect("serializes");
+            assert_eq!(json["imageSize"], "512");
         }
+    }
+
+    #[test]
+    fn options_are_checked_against_the_chain_s_models() {
+        let req = |extra: &str| {
+            GenerationRequest::parse(&format!(r#"{{"id":"a","chain":"c","prompt":"p"{extra}}}"#))
+                .expect("valid before the chain is known")
+        };
+        let pro = ["gemini-3-pro-image"];
+        let both = ["gemini-3-pro-image", "gemini-3.1-flash-image"];
+        let extreme = req(r#","aspectRatio":"1:8""#);
+        let e = extreme.check_models(pro).expect_err("pro has no 1:8");
+        assert_eq!(e.field, "aspectRatio");
+        assert!(e.problem.contains(r#""21:9"]"#), "{e}");
+        assert!(extreme.check_models(both).is_ok());
+        // A model outside the table may take it.
+        assert!(extreme.check_models(["gpt-image-1"]).is_ok());
+        let half = req(r#","imageSize":"0.5K""#);
+        let e = half.check_models(pro).expect_err("pro has no 512");
+        assert_eq!(e.field, "imageSize");
+        assert!(e.problem.contains(r#"["1K", "2K", "4K"]"#), "{e}");
+        assert!(half.check_models(both).is_ok());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`quota`]: counting at arrival (sliding or calendar windows, Pacific days); what
 //!   arrived in any window (refused requests included) and what was accepted.
 //! - [`models`]: the model facts it serves, read from core's one model table (sizes,
-//!   tokens, prices, shutdown dates), plus ratios per model and the retired Imagen models.
+//!   tokens, prices, ratios, reasoning tokens, shutdown dates), plus the retired Imagen
+//!   models.
 //! - [`wire`]: Gemini's JSON (requests, answers, `google.rpc` error details, durations),
 //!   written from Google's documented shapes and not shared with Pacer's client, so a
 //!   mistake in one is caught by the other.

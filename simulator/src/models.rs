@@ -2,12 +2,13 @@
 //! ratios each takes, and when each was shut down (a retired model answers 404, as
 //! Google's does).
 //!
-//! Facts about Gemini models (ids, sizes, tokens per size, prices, shutdown dates) come
-//! from core's one model table (`pacer_core::quota::MODELS`); only what that table does not
-//! hold is written here: the retired Imagen models, the Pro models' reasoning tokens, and
-//! the ratios per model. Serialization is not shared with core, only facts.
+//! Facts about Gemini models (ids, sizes, tokens per size, prices, aspect ratios, reasoning
+//! tokens, shutdown dates) come from core's one model table (`pacer_core::models::MODELS`);
+//! only the retired Imagen models (`:predict`), which no client of Pacer's calls any more,
+//! are written here. Serialization is not shared with core, only facts: the simulator
+//! spells sizes itself, so a client's wrong spelling cannot pass it.
 use jiff::civil::{Date, date};
-use pacer_core::quota::{ImageSize, MODELS, ModelInfo};
+use pacer_core::models::{ASPECT_RATIOS, EXTREME_ASPECT_RATIOS, ImageSize, MODELS, ModelInfo};
 
 /// What one model costs and whether it still serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,7 +24,7 @@ pub struct ModelSpec {
     pub default_size: &'static str,
     /// Reasoning tokens reported per answer (Pro models think before drawing).
     pub thought_tokens: u64,
-    /// Takes the extreme ratios (`1:4 4:1 1:8 8:1`) on top of [`ASPECT_RATIOS`].
+    /// Takes [`EXTREME_ASPECT_RATIOS`] on top of [`ASPECT_RATIOS`].
     pub extreme_ratios: bool,
 }
 
@@ -47,13 +48,14 @@ impl ModelSpec {
     pub fn ratios(&self) -> Vec<&'static str> {
         let mut all = ASPECT_RATIOS.to_vec();
         if self.extreme_ratios {
-            all.extend_from_slice(EXTREME_RATIOS);
+            all.extend_from_slice(EXTREME_ASPECT_RATIOS);
         }
         all
     }
 
     pub fn takes_ratio(&self, ratio: &str) -> bool {
-        ASPECT_RATIOS.contains(&ratio) || (self.extreme_ratios && EXTREME_RATIOS.contains(&ratio))
+        ASPECT_RATIOS.contains(&ratio)
+            || (self.extreme_ratios && EXTREME_ASPECT_RATIOS.contains(&ratio))
     }
 
     pub fn is_retired(&self, today: Date) -> bool {
@@ -96,14 +98,9 @@ impl ModelSpec {
             predict: false,
             retired_on: info.retired.and_then(|d| d.parse().ok()),
             sizes,
-            default_size: "1K",
-            // Pro image models reason before drawing and report it.
-            thought_tokens: if info.id.starts_with("gemini-3-pro-image") {
-                160
-            } else {
-                0
-            },
-            extreme_ratios: info.id.starts_with("gemini-3.1-flash-image"),
+            default_size: size_on_the_wire(ImageSize::DEFAULT),
+            thought_tokens: info.thought_tokens,
+            extreme_ratios: info.extreme_ratios,
         }
     }
 }
@@ -142,14 +139,6 @@ pub fn builtin() -> Vec<ModelSpec> {
     ]);
     all
 }
-
-/// Aspect ratios every image model takes.
-pub const ASPECT_RATIOS: &[&str] = &[
-    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
-];
-
-/// Ratios only `gemini-3.1-flash-image` takes.
-pub const EXTREME_RATIOS: &[&str] = &["1:4", "4:1", "1:8", "8:1"];
 
 #[cfg(test)]
 mod tests {

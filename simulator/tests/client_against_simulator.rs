@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pacer_core::{
     gemini::{GeminiClient, GeminiConfig},
+    models::ImageSize,
     provider::{
         ApiKey, BlockReason, CallContext, Disposition, ImageProvider, ImageRequest, ProviderError,
         QuotaDimension,
@@ -41,7 +42,7 @@ fn req() -> ImageRequest {
 async fn success_is_a_png_with_usage() {
     let sim = start(SimConfig::default()).await;
     let r = client(&sim, "k")
-        .generate(PRO, &req().image_size("4K"))
+        .generate(PRO, &req().image_size(ImageSize::K4))
         .await
         .expect("image");
     let image = &r.images[0];
@@ -324,7 +325,7 @@ async fn invalid_requests_name_the_field() {
         other => panic!("{other:?}"),
     }
     let e = c
-        .generate(PRO, &ImageRequest::new("x").image_size("512"))
+        .generate(PRO, &ImageRequest::new("x").image_size(ImageSize::Half))
         .await
         .expect_err("pro has no 512");
     match &e {
@@ -340,13 +341,14 @@ async fn invalid_requests_name_the_field() {
 async fn half_size_images_are_sent_as_512() {
     let sim = start(SimConfig::default()).await;
     let c = client(&sim, "k");
-    // Pacer's "0.5K" input alias goes out as Google's "512", which 3.1 flash takes.
-    for size in ["0.5K", "512"] {
+    // The smallest size (Pacer also reads it as "0.5K") goes out as Google's "512", which
+    // 3.1 flash takes.
+    for _ in 0..2 {
         let r = c
-            .generate(FLASH, &ImageRequest::new("x").image_size(size))
+            .generate(FLASH, &ImageRequest::new("x").image_size(ImageSize::Half))
             .await
-            .expect(size);
-        assert_eq!(r.usage.map(|u| u.image_tokens), Some(747), "{size}");
+            .expect("512");
+        assert_eq!(r.usage.map(|u| u.image_tokens), Some(747));
     }
     // Google refuses "0.5K" itself, naming the field.
     let body = r#"{"contents":[{"parts":[{"text":"a"}]}],"generationConfig":{"imageConfig":{"imageSize":"0.5K"}}}"#;

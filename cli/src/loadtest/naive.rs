@@ -42,7 +42,7 @@ impl Process for Naive {
         let image_req = ImageRequest::new(&req.prompt);
         for attempt in 1..=NAIVE_ATTEMPTS {
             let booking = format!("{}:{attempt}:{}", req.id, rand::random::<u32>());
-            let costs = estimate_costs(&step.model, &req.prompt, req.image_size.as_deref());
+            let costs = estimate_costs(&step.model, &req.prompt, req.image_size);
             match self
                 .limiter
                 .acquire(&key, &quota, &booking, costs, Duration::from_secs(3600))

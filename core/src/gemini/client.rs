@@ -99,7 +99,7 @@ impl GeminiClient {
         let image_config =
             (req.aspect_ratio.is_some() || req.image_size.is_some()).then(|| ImageConfig {
                 aspect_ratio: req.aspect_ratio.clone(),
-                image_size: req.image_size.clone(),
+                image_size: req.image_size,
             });
         GenerateContentRequest {
             contents: vec![Content {

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::quota::ImageSize;
+use crate::models::ImageSize;
 
 /// `POST /{version}/models/{model}:generateContent` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -33,30 +33,9 @@ pub struct ImageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aspect_ratio: Option<String>,
     /// Sent as Google spells it (`512`, `1K`, `2K`, `4K`): Pacer's input alias `0.5K`, which
-    /// Google refuses with 400, goes out as `512`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "image_size_on_the_wire"
-    )]
-    pub image_size: Option<String>,
-}
-
-/// Writes a known image size in the model table's wire spelling ([`ImageSize`]'s serde
-/// names, aliases accepted); anything else as given, for the provider to judge.
-fn image_size_on_the_wire<S: serde::Serializer>(
-    size: &Option<String>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    let known = size.as_deref().and_then(|v| {
-        ImageSize::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(v))
-            .ok()
-    });
-    match (known, size) {
-        (Some(known), _) => known.serialize(s),
-        (None, Some(v)) => s.serialize_str(v),
-        (None, None) => s.serialize_none(),
-    }
+    /// Google refuses with 400, was read into the same [`ImageSize`] and goes out as `512`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<ImageSize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -246,10 +225,10 @@ pub struct ErrorInfo {
 mod tests {
     use super::*;
 
-    fn sent(size: &str) -> Value {
+    fn sent(size: ImageSize) -> Value {
         let config = ImageConfig {
             aspect_ratio: None,
-            image_size: Some(size.to_owned()),
+            image_size: Some(size),
         };
         serde_json::to_value(&config).expect("serializes")["imageSize"].clone()
     }
@@ -257,11 +236,9 @@ mod tests {
     #[test]
     fn image_sizes_go_out_as_google_spells_them() {
         // Google takes "512", "1K", "2K", "4K" and refuses "0.5K" with 400.
-        assert_eq!(sent("0.5K"), "512");
-        assert_eq!(sent("512"), "512");
-        assert_eq!(sent("1K"), "1K");
-        assert_eq!(sent("4K"), "4K");
-        assert_eq!(sent("8K"), "8K");
+        assert_eq!(sent(ImageSize::Half), "512");
+        assert_eq!(sent(ImageSize::K1), "1K");
+        assert_eq!(sent(ImageSize::K4), "4K");
         let none = serde_json::to_value(ImageConfig::default()).expect("serializes");
         assert_eq!(none, serde_json::json!({}));
     }

@@ -5,8 +5,9 @@ use std::time::Duration;
 use pacer_core::{
     config::{CompiledPool, RetryConfig},
     limiter::Ticket,
+    models::{ImageSize, model_info},
     provider::Usage,
-    quota::{Costs, model_info},
+    quota::Costs,
 };
 use rand::Rng;
 
@@ -26,7 +27,7 @@ pub fn input_token_bound(prompt: &str) -> u64 {
 /// booked before the call; `reconcile` corrects it afterwards. A model the table does not
 /// know is priced at 0 here: calls within a pool use [`booking_costs`], which knows the
 /// pool's configured prices.
-pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<&str>) -> Costs {
+pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<ImageSize>) -> Costs {
     let price = model_info(model)
         .map(|m| m.image_price_micros(image_size))
         .unwrap_or(0);
@@ -39,7 +40,7 @@ pub fn booking_costs(
     pool: &CompiledPool,
     model: &str,
     prompt: &str,
-    image_size: Option<&str>,
+    image_size: Option<ImageSize>,
 ) -> Costs {
     Costs::new(
         1,
@@ -50,9 +51,9 @@ pub fn booking_costs(
 }
 
 /// The price of one image in micro-dollars: the pool's configured price, else the built-in
-/// table's (its largest when the size is unknown). Compile refuses a model that has
-/// neither, so 0 here means a configuration written around the compiler.
-pub fn image_price(pool: &CompiledPool, model: &str, size: Option<&str>) -> u64 {
+/// table's (its largest when the model does not offer the size). Compile refuses a model
+/// that has neither, so 0 here means a configuration written around the compiler.
+pub fn image_price(pool: &CompiledPool, model: &str, size: Option<ImageSize>) -> u64 {
     pool.image_price_micros(model, size).unwrap_or_else(|| {
         tracing::warn!(model, pool = %pool.name, "no price for this model: spend is not limited");
         0

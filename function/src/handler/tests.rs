@@ -681,7 +681,10 @@ async fn a_configured_price_is_booked_and_charged() {
     );
     let pool = &rig.config.pools["default/pool"];
     assert_eq!(image_price(pool, A, None), 40_000);
-    assert_eq!(booking_costs(pool, A, "p", Some("4K")).spend_micros, 40_000);
+    assert_eq!(
+        booking_costs(pool, A, "p", Some(ImageSize::K4)).spend_micros,
+        40_000
+    );
     let out = rig.handle(&body("r1")).await;
     let Outcome::Succeeded(record) = out else {
         panic!("{out:?}");
@@ -754,6 +757,57 @@ async fn a_two_step_chain_falls_through_on_a_429() {
     assert_eq!(models, [A, B]);
     assert_eq!(rig.tickets().len(), 2);
     assert!(rig.usage(A).await.cooldown_remaining >= Duration::from_secs(2));
+}
+
+/// Options the chain's models know: a ratio only 3.1 flash takes skips the Pro step (the
+/// provider would refuse it) and the flash step serves it; on a chain of Pro alone the
+/// request fails, naming the field and the ratios there are, without a call.
+#[tokio::test(start_paused = true)]
+async fn options_only_some_models_take_skip_the_others() {
+    const PRO: &str = "gemini-3-pro-image";
+    const FLASH: &str = "gemini-3.1-flash-image";
+    let wide = |id: &str| {
+        format!(
+            r#"{{"id":"{id}","chain":"chain","prompt":"a fox","aspectRatio":"1:8","imageSize":"0.5K"}}"#
+        )
+    };
+    let rig = Rig::new(
+        config(
+            &[(PRO, limits(100, 1000)), (FLASH, limits(100, 1000))],
+            &[
+                (PRO, Duration::from_secs(1)),
+                (FLASH, Duration::from_secs(1)),
+            ],
+        ),
+        always_image(),
+    );
+    let out = rig.handle(&wide("r1")).await;
+    let Outcome::Succeeded(record) = out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(record.model.as_deref(), Some(FLASH));
+    let calls = rig.provider.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].request.image_size, Some(ImageSize::Half));
+    assert_eq!(calls[0].request.aspect_ratio.as_deref(), Some("1:8"));
+
+    let rig = Rig::new(
+        config(
+            &[(PRO, limits(100, 1000))],
+            &[(PRO, Duration::from_secs(1))],
+        ),
+        always_image(),
+    );
+    let out = rig.handle(&wide("r2")).await;
+    let Outcome::Failed(record) = out else {
+        panic!("{out:?}");
+    };
+    let error = record.error.unwrap_or_default();
+    assert!(
+        error.contains("`aspectRatio`") && error.contains(r#""21:9""#),
+        "{error}"
+    );
+    assert!(rig.provider.calls().is_empty());
 }
 
 /// `images: 2` with a deferral between the images: the redelivery stores image 2 only.

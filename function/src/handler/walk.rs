@@ -10,6 +10,7 @@ use std::{sync::Arc, time::Duration};
 use pacer_core::{
     config::{CompiledChain, CompiledPool, CompiledStep},
     limiter::{Blocker, Check, Decision, Limiter, PenaltyScope, QuotaKey, Ticket},
+    models::model_info,
     provider::{CallContext, Cause, Disposition, ImageProvider, ImageRequest, ProviderError},
     quota::{Costs, ModelQuota},
 };
@@ -256,13 +257,21 @@ impl Handler {
             .aspect_ratio
             .clone()
             .or_else(|| step.aspect_ratio.clone());
-        image_req.image_size = w.req.image_size.clone().or_else(|| step.image_size.clone());
-        let estimate = booking_costs(
-            w.pool,
-            &step.model,
-            &w.req.prompt,
-            image_req.image_size.as_deref(),
-        );
+        image_req.image_size = w.req.image_size.or(step.image_size);
+        // The request was checked against the chain: some step takes its options, maybe
+        // not this one (only 3.1 flash takes 1:8), which the provider would refuse.
+        if let Some(info) = model_info(&step.model) {
+            let ratio_ok = image_req
+                .aspect_ratio
+                .as_deref()
+                .is_none_or(|r| info.takes_ratio(r));
+            let size_ok = image_req.image_size.is_none_or(|s| info.takes_size(s));
+            if !(ratio_ok && size_ok) {
+                tracing::info!(model = %step.model, "the model does not take the request's aspect ratio or size; skipping");
+                return None;
+            }
+        }
+        let estimate = booking_costs(w.pool, &step.model, &w.req.prompt, image_req.image_size);
         let mut max_wait = Duration::from_millis(step.max_wait_ms);
         if let Some(left) = deadline_in(w.req) {
             max_wait = max_wait.min(left);
@@ -399,7 +408,7 @@ impl Handler {
                         &ticket,
                         w.limiter.as_ref(),
                         w.pool,
-                        run.image_req.image_size.as_deref(),
+                        run.image_req.image_size,
                     )
                     .await;
                 State::Done(match stored {

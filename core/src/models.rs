@@ -1,0 +1,370 @@
+//! The one table of model facts: which image models exist, the sizes and aspect ratios
+//! each takes, the output tokens and price of an image per size, their published limits per
+//! tier, and when each was shut down.
+//!
+//! Everything that judges or prices a request reads this table: message validation in the
+//! request path, the CRD compiler, cost estimation and the simulator. Only facts live here;
+//! how a size is spelled on the wire is each client's own business (the simulator keeps its
+//! own spelling, so a client's wrong one cannot pass it).
+use serde::{Deserialize, Serialize};
+
+use crate::quota::{Tier, TierLimits};
+
+/// Image sizes the models accept (`imageConfig.imageSize`). Serde reads and writes them as
+/// Google spells them (`512`, `1K`, `2K`, `4K`); `0.5K` is read as an alias of `512`, as
+/// Pacer accepted it before Google settled on `512` (Google itself refuses `0.5K`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ImageSize {
+    /// 512 px (`gemini-3.1-flash-image` only).
+    #[serde(rename = "512", alias = "0.5K")]
+    Half,
+    /// 1K (the default).
+    #[serde(rename = "1K")]
+    K1,
+    /// 2K.
+    #[serde(rename = "2K")]
+    K2,
+    /// 4K.
+    #[serde(rename = "4K")]
+    K4,
+}
+
+impl ImageSize {
+    /// Every size, smallest first.
+    pub const ALL: [ImageSize; 4] = [ImageSize::Half, ImageSize::K1, ImageSize::K2, ImageSize::K4];
+
+    /// What a model draws when a request names no size.
+    pub const DEFAULT: ImageSize = ImageSize::K1;
+
+    /// The size's name in messages, resources and errors (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageSize::Half => "512",
+            ImageSize::K1 => "1K",
+            ImageSize::K2 => "2K",
+            ImageSize::K4 => "4K",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Aspect ratios every image model takes (`imageConfig.aspectRatio`).
+pub const ASPECT_RATIOS: &[&str] = &[
+    "1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9",
+];
+
+/// The extreme ratios only some models take, on top of [`ASPECT_RATIOS`]
+/// ([`ModelInfo::extreme_ratios`]).
+pub const EXTREME_ASPECT_RATIOS: &[&str] = &["1:4", "4:1", "1:8", "8:1"];
+
+/// What one generated image costs on one model at one size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCost {
+    /// Output tokens billed for the image.
+    pub output_tokens: u64,
+    /// Price of the image in micro-dollars.
+    pub price_micros: u64,
+}
+
+/// A model the built-in table knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The model id used in `models/{id}:generateContent`.
+    pub id: &'static str,
+    /// The day the provider shut it down (ISO date), if it is retired.
+    pub retired: Option<&'static str>,
+    /// Tier 1 numbers.
+    pub tier1: TierLimits,
+    /// Tier 2 numbers.
+    pub tier2: TierLimits,
+    /// Output tokens and price per image by size (`None`: size not offered).
+    pub costs: [(ImageSize, Option<ImageCost>); 4],
+    /// Takes [`EXTREME_ASPECT_RATIOS`] on top of [`ASPECT_RATIOS`].
+    pub extreme_ratios: bool,
+    /// Reasoning tokens an answer reports (`thoughtsTokenCount`): the Pro models think
+    /// before drawing. A typical observed count, not a bound.
+    pub thought_tokens: u64,
+}
+
+const fn limits(rpm: u64, tpm: u64, rpd: u64) -> TierLimits {
+    // The provider publishes no IPM for these models; one image per request is the bound a
+    // request-limited project can reach anyway, so IPM defaults to RPM.
+    TierLimits {
+        rpm: Some(rpm),
+        tpm: Some(tpm),
+        ipm: Some(rpm),
+        rpd: Some(rpd),
+    }
+}
+
+const fn cost(output_tokens: u64, price_micros: u64) -> Option<ImageCost> {
+    Some(ImageCost {
+        output_tokens,
+        price_micros,
+    })
+}
+
+const PRO_LIMITS: (TierLimits, TierLimits) =
+    (limits(20, 100_000, 250), limits(500, 500_000, 15_000));
+const FLASH_LIMITS: (TierLimits, TierLimits) = (
+    limits(500, 500_000, 2_000),
+    limits(2_000, 1_500_000, 50_000),
+);
+// $120 per million output image tokens: 1120 tokens $0.134, 2000 tokens $0.24.
+const PRO_COSTS: [(ImageSize, Option<ImageCost>); 4] = [
+    (ImageSize::Half, None),
+    (ImageSize::K1, cost(1120, 134_000)),
+    (ImageSize::K2, cost(1120, 134_000)),
+    (ImageSize::K4, cost(2000, 240_000)),
+];
+// $30 per million output image tokens: 1290 tokens $0.039; one size only.
+const FLASH25_COSTS: [(ImageSize, Option<ImageCost>); 4] = [
+    (ImageSize::Half, None),
+    (ImageSize::K1, cost(1290, 39_000)),
+    (ImageSize::K2, None),
+    (ImageSize::K4, None),
+];
+// DESIGN gives $0.045 (0.5K, 747 tokens) to $0.151 (4K, 2520 tokens): $60 per million
+// output tokens at both ends, so 1K and 2K are priced at the same rate.
+const FLASH31_COSTS: [(ImageSize, Option<ImageCost>); 4] = [
+    (ImageSize::Half, cost(747, 45_000)),
+    (ImageSize::K1, cost(1120, 67_000)),
+    (ImageSize::K2, cost(1680, 101_000)),
+    (ImageSize::K4, cost(2520, 151_000)),
+];
+const PRO_THOUGHT_TOKENS: u64 = 160;
+
+/// The built-in table (last published numbers, late 2025). Every limit and price is only a
+/// default: a `QuotaPool` overrides any of them.
+///
+/// `gemini-3.1-flash-image` has no published per-tier numbers; it defaults to those of
+/// `gemini-2.5-flash-image`, the flash image model it replaces. Tier 3 has no published
+/// per-model numbers; it defaults to Tier 2's (safe: Tier 3 limits are at least those).
+pub const MODELS: &[ModelInfo] = &[
+    ModelInfo {
+        id: "gemini-3.1-flash-image",
+        retired: None,
+        tier1: FLASH_LIMITS.0,
+        tier2: FLASH_LIMITS.1,
+        costs: FLASH31_COSTS,
+        extreme_ratios: true,
+        thought_tokens: 0,
+    },
+    ModelInfo {
+        id: "gemini-3-pro-image",
+        retired: None,
+        tier1: PRO_LIMITS.0,
+        tier2: PRO_LIMITS.1,
+        costs: PRO_COSTS,
+        extreme_ratios: false,
+        thought_tokens: PRO_THOUGHT_TOKENS,
+    },
+    ModelInfo {
+        id: "gemini-2.5-flash-image",
+        retired: Some("2026-10-02"),
+        tier1: FLASH_LIMITS.0,
+        tier2: FLASH_LIMITS.1,
+        costs: FLASH25_COSTS,
+        extreme_ratios: false,
+        thought_tokens: 0,
+    },
+    ModelInfo {
+        id: "gemini-3-pro-image-preview",
+        retired: Some("2026-06-25"),
+        tier1: PRO_LIMITS.0,
+        tier2: PRO_LIMITS.1,
+        costs: PRO_COSTS,
+        extreme_ratios: false,
+        thought_tokens: PRO_THOUGHT_TOKENS,
+    },
+    ModelInfo {
+        id: "gemini-3.1-flash-image-preview",
+        retired: Some("2026-06-25"),
+        tier1: FLASH_LIMITS.0,
+        tier2: FLASH_LIMITS.1,
+        costs: FLASH31_COSTS,
+        extreme_ratios: true,
+        thought_tokens: 0,
+    },
+    ModelInfo {
+        id: "gemini-2.5-flash-image-preview",
+        retired: Some("2026-06-25"),
+        tier1: FLASH_LIMITS.0,
+        tier2: FLASH_LIMITS.1,
+        costs: FLASH25_COSTS,
+        extreme_ratios: false,
+        thought_tokens: 0,
+    },
+];
+
+/// The built-in entry for a model id, if there is one.
+pub fn model_info(model: &str) -> Option<&'static ModelInfo> {
+    MODELS.iter().find(|m| m.id == model)
+}
+
+/// Every aspect ratio some model of the table takes: what a request may name before its
+/// model is known.
+pub fn any_model_aspect_ratios() -> Vec<&'static str> {
+    let mut all = ASPECT_RATIOS.to_vec();
+    if MODELS.iter().any(|m| m.extreme_ratios) {
+        all.extend_from_slice(EXTREME_ASPECT_RATIOS);
+    }
+    all
+}
+
+/// Every image size some model of the table offers, smallest first.
+pub fn any_model_image_sizes() -> Vec<ImageSize> {
+    ImageSize::ALL
+        .into_iter()
+        .filter(|s| MODELS.iter().any(|m| m.takes_size(*s)))
+        .collect()
+}
+
+impl ModelInfo {
+    /// The default limits of this model in a tier.
+    pub fn limits(&self, tier: Tier) -> TierLimits {
+        match tier {
+            Tier::Free => TierLimits {
+                rpm: Some(0),
+                tpm: Some(0),
+                ipm: Some(0),
+                rpd: Some(0),
+            },
+            Tier::Tier1 => self.tier1,
+            Tier::Tier2 | Tier::Tier3 => self.tier2,
+        }
+    }
+
+    /// What one image of `size` costs, if the model offers that size.
+    pub fn image_cost(&self, size: ImageSize) -> Option<ImageCost> {
+        self.costs
+            .iter()
+            .find(|(s, _)| *s == size)
+            .and_then(|(_, c)| *c)
+    }
+
+    /// The sizes this model offers, smallest first.
+    pub fn image_sizes(&self) -> Vec<ImageSize> {
+        ImageSize::ALL
+            .into_iter()
+            .filter(|s| self.takes_size(*s))
+            .collect()
+    }
+
+    /// Whether the model offers `size`.
+    pub fn takes_size(&self, size: ImageSize) -> bool {
+        self.image_cost(size).is_some()
+    }
+
+    /// The aspect ratios this model takes.
+    pub fn aspect_ratios(&self) -> Vec<&'static str> {
+        let mut all = ASPECT_RATIOS.to_vec();
+        if self.extreme_ratios {
+            all.extend_from_slice(EXTREME_ASPECT_RATIOS);
+        }
+        all
+    }
+
+    /// Whether the model takes the aspect ratio `ratio`.
+    pub fn takes_ratio(&self, ratio: &str) -> bool {
+        ASPECT_RATIOS.contains(&ratio)
+            || (self.extreme_ratios && EXTREME_ASPECT_RATIOS.contains(&ratio))
+    }
+
+    /// The price of one image of `size` (`None`: the default size), in micro-dollars.
+    /// A size this model does not offer is priced at its most expensive size: bookings
+    /// reserve an upper bound.
+    pub fn image_price_micros(&self, size: Option<ImageSize>) -> u64 {
+        self.image_cost(size.unwrap_or(ImageSize::DEFAULT))
+            .map(|c| c.price_micros)
+            .unwrap_or_else(|| {
+                ImageSize::ALL
+                    .iter()
+                    .filter_map(|s| self.image_cost(*s))
+                    .map(|c| c.price_micros)
+                    .max()
+                    .unwrap_or(0)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_tables_follow_design() {
+        let f = model_info("gemini-3.1-flash-image").expect("known");
+        assert_eq!(
+            f.image_cost(ImageSize::Half).map(|c| c.output_tokens),
+            Some(747)
+        );
+        assert_eq!(
+            f.image_cost(ImageSize::K4).map(|c| c.price_micros),
+            Some(151_000)
+        );
+        let p = model_info("gemini-3-pro-image").expect("known");
+        assert_eq!(
+            p.image_cost(ImageSize::K4).map(|c| c.output_tokens),
+            Some(2000)
+        );
+        assert_eq!(p.image_cost(ImageSize::Half), None);
+        assert!(
+            model_info("gemini-2.5-flash-image")
+                .and_then(|m| m.retired)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn prices_default_to_1k_and_unoffered_sizes_book_the_most_expensive() {
+        let p = model_info("gemini-3-pro-image").expect("known");
+        assert_eq!(p.image_price_micros(None), 134_000);
+        assert_eq!(p.image_price_micros(Some(ImageSize::Half)), 240_000);
+        let f = model_info("gemini-2.5-flash-image").expect("known");
+        assert_eq!(f.image_price_micros(Some(ImageSize::K4)), 39_000);
+    }
+
+    #[test]
+    fn sizes_and_ratios_per_model_and_for_any_model() {
+        let flash = model_info("gemini-3.1-flash-image").expect("known");
+        let pro = model_info("gemini-3-pro-image").expect("known");
+        assert_eq!(flash.image_sizes(), ImageSize::ALL.to_vec());
+        assert_eq!(
+            pro.image_sizes(),
+            vec![ImageSize::K1, ImageSize::K2, ImageSize::K4]
+        );
+        assert!(flash.takes_ratio("1:8") && !pro.takes_ratio("1:8"));
+        assert!(pro.takes_ratio("21:9") && !pro.takes_ratio("7:3"));
+        assert_eq!(pro.aspect_ratios().len(), 10);
+        assert_eq!(any_model_aspect_ratios().len(), 14);
+        assert_eq!(any_model_image_sizes(), ImageSize::ALL.to_vec());
+    }
+
+    #[test]
+    fn sizes_read_both_spellings_of_512_and_write_google_s() {
+        let half: ImageSize = serde_json::from_str("\"0.5K\"").expect("alias");
+        assert_eq!(half, ImageSize::Half);
+        assert_eq!(serde_json::to_string(&half).expect("json"), "\"512\"");
+        for size in ImageSize::ALL {
+            let json = serde_json::to_string(&size).expect("json");
+            assert_eq!(json, format!("\"{}\"", size.name()));
+            assert_eq!(
+                serde_json::from_str::<ImageSize>(&json).expect("read"),
+                size
+            );
+        }
+        assert!(serde_json::from_str::<ImageSize>("\"8K\"").is_err());
+    }
+
+    #[test]
+    fn free_tier_image_models_have_zero_limits() {
+        let pro = model_info("gemini-3-pro-image").expect("known");
+        assert_eq!(pro.limits(Tier::Free).rpm, Some(0));
+    }
+}
