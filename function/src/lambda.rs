@@ -101,7 +101,7 @@ impl SqsVisibility {
         // arn:aws:sqs:REGION:ACCOUNT:NAME
         let parts: Vec<&str> = arn.split(':').collect();
         let (Some(account), Some(name)) = (parts.get(4), parts.get(5)) else {
-            return Err(QueueError(format!("not an SQS queue ARN: {arn}")));
+            return Err(QueueError::new(format!("not an SQS queue ARN: {arn}")));
         };
         let url = self
             .sqs
@@ -110,9 +110,9 @@ impl SqsVisibility {
             .queue_owner_aws_account_id(*account)
             .send()
             .await
-            .map_err(|e| QueueError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string()))?
+            .map_err(QueueError::sqs)?
             .queue_url
-            .ok_or_else(|| QueueError(format!("no URL for queue {name}")))?;
+            .ok_or_else(|| QueueError::new(format!("no URL for queue {name}")))?;
         self.queue_urls
             .lock()
             .await
@@ -132,7 +132,7 @@ impl Visibility for SqsVisibility {
             .visibility_timeout(seconds)
             .send()
             .await
-            .map_err(|e| QueueError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string()))?;
+            .map_err(QueueError::sqs)?;
         Ok(())
     }
 }

@@ -26,10 +26,36 @@ pub struct Delivery {
     pub receive_count: u32,
 }
 
-/// A queue error (always retryable: the worker backs off and polls again).
+/// A queue error (always retryable: the worker backs off and polls again). Keeps the SQS
+/// SDK's error as its source, so the chain reaches the logs.
 #[derive(Debug, thiserror::Error)]
-#[error("queue: {0}")]
-pub struct QueueError(pub String);
+#[error("queue: {message}")]
+pub struct QueueError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl QueueError {
+    /// An error Pacer itself detected.
+    pub fn new(message: impl Into<String>) -> Self {
+        QueueError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An SQS call that failed, with the SDK's error (all its context in the message).
+    pub fn sqs<E>(e: aws_sdk_sqs::error::SdkError<E>) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        QueueError {
+            message: aws_sdk_sqs::error::DisplayErrorContext(&e).to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+}
 
 /// What the worker needs of a queue.
 #[async_trait]
@@ -73,7 +99,7 @@ fn sqs_err<E>(e: aws_sdk_sqs::error::SdkError<E>) -> QueueError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    QueueError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+    QueueError::sqs(e)
 }
 
 #[async_trait]
@@ -278,7 +304,7 @@ impl Queue for MemoryQueue {
         {
             let mut st = self.lock();
             let Some(id) = st.receipts.get(receipt).copied() else {
-                return Err(QueueError(format!("receipt {receipt} is not current")));
+                return Err(QueueError::new(format!("receipt {receipt} is not current")));
             };
             if let Some(m) = st.messages.get_mut(&id) {
                 m.visible_at = Instant::now() + visibility;

@@ -101,6 +101,11 @@ pub struct MemoryRecords {
     claims: HashMap<String, (String, Instant)>,
 }
 
+/// The result store could not be read or written (Redis; the in-memory store never fails).
+#[derive(Debug, thiserror::Error)]
+#[error("result store: {0}")]
+pub struct RecordError(#[from] redis::RedisError);
+
 impl Records {
     /// An empty in-memory store.
     pub fn memory() -> Self {
@@ -108,7 +113,7 @@ impl Records {
     }
 
     /// The final record of `id`, if there is one.
-    pub async fn get(&self, id: &str) -> Result<Option<ResultRecord>, redis::RedisError> {
+    pub async fn get(&self, id: &str) -> Result<Option<ResultRecord>, RecordError> {
         match self {
             Records::Redis(redis) => {
                 let raw: Option<String> = redis.clone().get(result_key(id)).await?;
@@ -121,7 +126,7 @@ impl Records {
     }
 
     /// Stores the final record and drops the claim, in one transaction.
-    pub async fn put(&self, record: &ResultRecord) -> Result<(), redis::RedisError> {
+    pub async fn put(&self, record: &ResultRecord) -> Result<(), RecordError> {
         match self {
             Records::Redis(redis) => {
                 let json = serde_json::to_string(record).unwrap_or_default();
@@ -132,7 +137,8 @@ impl Records {
                     .del(claim_key(&record.id))
                     .ignore()
                     .query_async::<()>(&mut redis.clone())
-                    .await
+                    .await?;
+                Ok(())
             }
             Records::Memory(m) => {
                 let mut m = lock(m);
@@ -145,12 +151,7 @@ impl Records {
 
     /// Claims `id` for `owner` for `lease`; false when another owner holds it. Claiming
     /// again as the same owner extends the lease.
-    pub async fn claim(
-        &self,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool, redis::RedisError> {
+    pub async fn claim(&self, id: &str, owner: &str, lease: Duration) -> Result<bool, RecordError> {
         match self {
             Records::Redis(redis) => {
                 let script = redis::Script::new(
@@ -184,7 +185,7 @@ impl Records {
     }
 
     /// Gives up a claim (the request was deferred), if `owner` still holds it.
-    pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), redis::RedisError> {
+    pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), RecordError> {
         match self {
             Records::Redis(redis) => {
                 let script = redis::Script::new(

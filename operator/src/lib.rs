@@ -46,6 +46,18 @@ pub use args::RunArgs;
 pub use error::{Error, Result};
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
+/// A [`Shutdown`] cancelled on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> Shutdown {
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        pacer_core::process::shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    shutdown
+}
+
 use crate::{context::Context, http::Health, metrics::Metrics};
 
 /// A started operator: Redis connected, HTTP serving; [`Operator::run`] does the work.

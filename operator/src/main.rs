@@ -1,6 +1,5 @@
 //! `pacer-operator`: parses arguments and hands over to the library.
 use clap::{Parser, Subcommand};
-use pacer_operator::{RunArgs, Shutdown};
 
 /// Pacer's Kubernetes operator.
 #[derive(Parser)]
@@ -15,22 +14,17 @@ enum Command {
     /// Print the CRD YAML of QuotaPool and ModelChain (what `kubectl apply -f` takes).
     Crd,
     /// Reconcile QuotaPools and ModelChains into Redis until SIGTERM.
-    Run(RunArgs),
+    Run(pacer_operator::RunArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Args::parse().command {
+    let command = Args::parse().command;
+    pacer_core::process::init_tracing();
+    match command {
         Command::Crd => print!("{}", pacer_crds::crd_yaml()?),
         Command::Run(args) => {
-            pacer_core::process::init_tracing();
-            let shutdown = Shutdown::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                pacer_core::process::shutdown_signal().await;
-                stop.cancel();
-            });
-            pacer_operator::run(args, shutdown).await?;
+            pacer_operator::run(args, pacer_operator::shutdown_on_signal()).await?
         }
     }
     Ok(())

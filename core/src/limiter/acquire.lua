@@ -12,8 +12,9 @@
 --              for this day and the next (dc, nc), the member sequence (q), the fence (fs: the latest start a lost state had), the
 --              limits the bookings were made under (l1..l4, -1: unlimited; absent in a
 --              hash written before they were), the latest start pruned from the log (pr: a
---              window that grows past it cannot be recounted), and "t:<request id>" -> the id's latest
---              member.
+--              window that grows past it cannot be recounted), the server the state was
+--              last written on (rid: the first 48 bits of Redis's replication id), and
+--              "t:<request id>" -> the id's latest member.
 -- Neither key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
@@ -37,7 +38,7 @@ local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
   's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-  'l1', 'l2', 'l3', 'l4', 'pr' }
+  'l1', 'l2', 'l3', 'l4', 'pr', 'rid' }
 -- Fields that stay absent until known (everything else reads 0 when absent).
 local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
 local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -48,6 +49,17 @@ for i, n in ipairs(NAMES) do
   has[n] = raw[i] ~= false
 end
 local fresh = not has.gen
+-- The server this runs on, by its replication id: a replica promoted with REPLICAOF NO ONE
+-- and a restarted server get a new one, the two ways the state can go back in time while
+-- keeping its generation (a promoted replica that lagged, a restart from an older
+-- snapshot). 0 when INFO is refused (some managed services): then only the hints tell.
+-- (memory.rs has no twin of this: one process cannot be promoted or restarted in place.)
+local server = 0
+local info = redis.pcall('INFO', 'replication')
+if type(info) == 'string' then
+  local hex = string.match(info, 'master_replid:(%x+)')
+  if hex then server = tonumber(string.sub(hex, 1, 12), 16) or 0 end
+end
 -- Redis time, kept monotonic across failovers and clock steps.
 local now = math.max(clock, S.now)
 S.now = now
@@ -255,6 +267,11 @@ local function fence(h)
     or (not fresh and count == 0 and (sum[1] > 0 or sum[2] > 0 or sum[3] > 0 or sum[4] > 0))
   local other_gen = hint_gen > 0 and hint_gen ~= S.gen
   local rolled_back = hint_last > S.ls
+  -- Written on another server: what the old one held after its last replicated write
+  -- may be gone, and the callers that saw it may not be the first to come back.
+  local moved = server > 0 and S.rid > 0 and S.rid ~= server
+  if server > 0 then S.rid = server end
+  if moved then rolled_back = true end
   if not (broken or other_gen or rolled_back) then return false end
   if h[3] == S.de then S.dc = math.max(S.dc, h[4]) end
   S.db = math.max(S.db, h[5])
