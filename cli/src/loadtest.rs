@@ -34,13 +34,12 @@ use pacer_core::{
         CompiledChain, CompiledConfig, CompiledPool, CompiledStep, ConfigStore, FailureMode,
         ModelLimits, ProviderKind, RetryConfig,
     },
-    gemini::{GeminiClient, GeminiConfig},
-    limiter::{Decision, Limiter, SystemClock, memory::MemoryLimiter, redis::RedisLimiter},
+    limiter::{Decision, Limiter, SystemClock, memory::MemoryLimiter},
     provider::{ApiKey, ImageProvider, ImageRequest, ImageResponse, ProviderError},
 };
 use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator};
 use serde::{Deserialize, Serialize};
-use tokio::{io::AsyncBufReadExt as _, sync::watch};
+use tokio::io::AsyncBufReadExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::plot;
@@ -57,12 +56,13 @@ use fault::{FailingSink, Fault};
 use naive::Naive;
 use pacer_core::measure::{max_count_in_window, percentile};
 use pacer_function::{
-    handler::{Handler, HandlerOptions, Limiters, Providers, backoff, estimate_costs},
+    handler::{Handler, HandlerOptions, Providers, backoff, estimate_costs},
     message::GenerationRequest,
     metrics::Metrics,
     outcome::{DeferReason, Outcome, Process},
     queue::{MemoryQueue, Queue, SqsQueue},
     record::{Records, ResultRecord, Status},
+    runtime::{self, SharedState},
     sink::{self, Sink},
     worker::{self, WorkerOptions},
 };
@@ -456,31 +456,28 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
     })
 }
 
-/// Where a replica's shared state lives.
+/// Where a replica's shared state lives: one state shared by every in-process replica, or
+/// Redis, to which each replica opens its own connections as separate processes would.
 #[derive(Clone)]
 enum Backend {
-    Memory {
-        config: watch::Receiver<Arc<CompiledConfig>>,
-        limiters: Arc<Limiters>,
-        records: Records,
-    },
-    Redis {
-        url: String,
-    },
+    Shared(SharedState),
+    Redis { url: String },
 }
 
-async fn redis_records(url: &str) -> anyhow::Result<Records> {
-    let conn = redis::aio::ConnectionManager::new(redis::Client::open(url)?)
-        .await
-        .context("connecting the result store to Redis")?;
-    Ok(Records::Redis(conn))
+impl Backend {
+    async fn state(&self) -> anyhow::Result<SharedState> {
+        Ok(match self {
+            Backend::Shared(state) => state.clone(),
+            Backend::Redis { url } => {
+                SharedState::redis(url, Duration::from_millis(500), Duration::from_millis(500))
+                    .await?
+            }
+        })
+    }
 }
 
-async fn gemini(base_url: &str, key: Option<&str>) -> anyhow::Result<Arc<dyn ImageProvider>> {
-    let key = ApiKey::new(key.unwrap_or("pacer-local"));
-    Ok(Arc::new(GeminiClient::new(
-        GeminiConfig::new(key).base_url(base_url.trim_end_matches('/')),
-    )?))
+fn gemini(base_url: &str, key: Option<&str>) -> anyhow::Result<Arc<dyn ImageProvider>> {
+    Ok(runtime::gemini_provider(base_url, key.map(ApiKey::new))?)
 }
 
 /// One replica: its handler, with its own connections.
@@ -493,38 +490,20 @@ async fn replica(
     log: CallLog,
 ) -> anyhow::Result<Arc<Handler>> {
     let provider = Arc::new(Recorded {
-        inner: gemini(base_url, api_key).await?,
+        inner: gemini(base_url, api_key)?,
         replica: index,
         log,
     });
-    let (config, limiters, records) = match backend {
-        Backend::Memory {
-            config,
-            limiters,
-            records,
-        } => (config.clone(), limiters.clone(), records.clone()),
-        Backend::Redis { url } => {
-            let store = ConfigStore::connect(url)
-                .await
-                .context("connecting to Redis")?;
-            let config = store.watch(Duration::from_millis(500)).await?;
-            let limiter = RedisLimiter::connect(url, Default::default()).await?;
-            (
-                config,
-                Arc::new(Limiters::shared(limiter)),
-                redis_records(url).await?,
-            )
-        }
-    };
+    let state = backend.state().await?;
     Ok(Arc::new(Handler::new(
-        config,
-        limiters,
+        state.config,
+        state.limiters,
         Providers {
             gemini: Some(provider),
             openai: None,
         },
         sink,
-        records,
+        state.records,
         Arc::new(Metrics::default()),
         format!("replica-{index}-{}", std::process::id()),
         HandlerOptions::default(),
@@ -701,18 +680,10 @@ async fn run_once(
             write_config(url, &plan.config).await?;
             (Backend::Redis { url: url.clone() }, "redis")
         }
-        _ => {
-            let (tx, rx) = watch::channel(Arc::new(plan.config.clone()));
-            std::mem::forget(tx);
-            (
-                Backend::Memory {
-                    config: rx,
-                    limiters: Arc::new(Limiters::memory()),
-                    records: Records::memory(),
-                },
-                if naive { "local per replica" } else { "memory" },
-            )
-        }
+        _ => (
+            Backend::Shared(SharedState::local(plan.config.clone())),
+            if naive { "local per replica" } else { "memory" },
+        ),
     };
     let use_sqs = args.conn.queue_url.is_some() && !naive;
     let queue: Arc<dyn Queue> = match (&args.conn.queue_url, use_sqs) {
@@ -720,8 +691,8 @@ async fn run_once(
         _ => Arc::new(MemoryQueue::new()),
     };
     let records = match &backend {
-        Backend::Memory { records, .. } => records.clone(),
-        Backend::Redis { url } => redis_records(url).await?,
+        Backend::Shared(state) => state.records.clone(),
+        Backend::Redis { url } => Records::redis(url).await?,
     };
     let log = CallLog::default();
     let deferred = Arc::new(AtomicU64::new(0));
@@ -772,7 +743,7 @@ async fn run_once(
         for i in 0..args.replicas {
             let processor: Arc<dyn Process> = if naive {
                 let provider = Arc::new(Recorded {
-                    inner: gemini(&base_url, args.conn.gemini_api_key.as_deref()).await?,
+                    inner: gemini(&base_url, args.conn.gemini_api_key.as_deref())?,
                     replica: i,
                     log: log.clone(),
                 });

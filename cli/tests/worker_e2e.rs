@@ -87,22 +87,8 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     rig.apply_config(&single_model_config(&ns, MODEL, 40, 5, 3))
         .await;
 
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(&ns)
-        .send()
-        .await
-        .expect("queue")
-        .queue_url
-        .expect("url");
-    let result_queue_url = sqs
-        .create_queue()
-        .queue_name(format!("{ns}-results"))
-        .send()
-        .await
-        .expect("result queue")
-        .queue_url
-        .expect("url");
+    let queue_url = rig.create_queue(&ns).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
     let sink = format!("s3://{ns}/images");
 
@@ -346,16 +332,7 @@ async fn loadtest_processes_agree_with_the_simulator() {
     use pacer::connect::Connections;
     use pacer::loadtest::{LoadtestArgs, execute};
     let rig = Rig::load();
-    let queue_url = rig
-        .sqs()
-        .await
-        .create_queue()
-        .queue_name(Rig::unique("lt-proc"))
-        .send()
-        .await
-        .expect("creating a moto queue (is the rig up? `tests/rig/up`)")
-        .queue_url
-        .expect("queue url");
+    let queue_url = rig.create_queue(&Rig::unique("lt-proc")).await;
     let out = std::env::temp_dir().join(Rig::unique("pacer-lt-proc"));
     let args = LoadtestArgs {
         replicas: 4,

@@ -207,14 +207,24 @@ pub fn model_info(model: &str) -> Option<&'static ModelInfo> {
     MODELS.iter().find(|m| m.id == model)
 }
 
-/// Every aspect ratio some model of the table takes: what a request may name before its
-/// model is known.
-pub fn any_model_aspect_ratios() -> Vec<&'static str> {
+/// The aspect ratios of a model that takes [`EXTREME_ASPECT_RATIOS`] (`extreme`) or not.
+pub fn aspect_ratios(extreme: bool) -> Vec<&'static str> {
     let mut all = ASPECT_RATIOS.to_vec();
-    if MODELS.iter().any(|m| m.extreme_ratios) {
+    if extreme {
         all.extend_from_slice(EXTREME_ASPECT_RATIOS);
     }
     all
+}
+
+/// Whether a model that takes [`EXTREME_ASPECT_RATIOS`] (`extreme`) or not takes `ratio`.
+pub fn takes_ratio(extreme: bool, ratio: &str) -> bool {
+    ASPECT_RATIOS.contains(&ratio) || (extreme && EXTREME_ASPECT_RATIOS.contains(&ratio))
+}
+
+/// Every aspect ratio some model of the table takes: what a request may name before its
+/// model is known.
+pub fn any_model_aspect_ratios() -> Vec<&'static str> {
+    aspect_ratios(MODELS.iter().any(|m| m.extreme_ratios))
 }
 
 /// Every image size some model of the table offers, smallest first.
@@ -263,17 +273,12 @@ impl ModelInfo {
 
     /// The aspect ratios this model takes.
     pub fn aspect_ratios(&self) -> Vec<&'static str> {
-        let mut all = ASPECT_RATIOS.to_vec();
-        if self.extreme_ratios {
-            all.extend_from_slice(EXTREME_ASPECT_RATIOS);
-        }
-        all
+        aspect_ratios(self.extreme_ratios)
     }
 
     /// Whether the model takes the aspect ratio `ratio`.
     pub fn takes_ratio(&self, ratio: &str) -> bool {
-        ASPECT_RATIOS.contains(&ratio)
-            || (self.extreme_ratios && EXTREME_ASPECT_RATIOS.contains(&ratio))
+        takes_ratio(self.extreme_ratios, ratio)
     }
 
     /// The price of one image of `size` (`None`: the default size), in micro-dollars.

@@ -181,6 +181,19 @@ impl ModelQuota {
         }
     }
 
+    /// A quota on requests and input tokens only (`None`: unlimited), every window
+    /// `window`: the shape most tests and examples need.
+    pub fn requests_and_tokens(
+        requests: Option<u64>,
+        input_tokens: Option<u64>,
+        window: Duration,
+    ) -> ModelQuota {
+        let mut q = ModelQuota::unlimited().with_windows(window);
+        q.requests.limit = requests;
+        q.input_tokens.limit = input_tokens;
+        q
+    }
+
     /// Every window set to `window` (tests and rehearsals shorten them).
     pub fn with_windows(mut self, window: Duration) -> ModelQuota {
         for dim in Dim::ALL {

@@ -112,6 +112,14 @@ impl Records {
         Records::Memory(Arc::default())
     }
 
+    /// The fleet's store in the Redis at `url` (one managed, reconnecting connection).
+    pub async fn redis(url: &str) -> Result<Self, RecordError> {
+        let client = redis::Client::open(url)?;
+        Ok(Records::Redis(
+            redis::aio::ConnectionManager::new(client).await?,
+        ))
+    }
+
     /// The final record of `id`, if there is one.
     pub async fn get(&self, id: &str) -> Result<Option<ResultRecord>, RecordError> {
         match self {

@@ -141,6 +141,87 @@ pub struct Replica {
     pub config: watch::Receiver<Arc<CompiledConfig>>,
 }
 
+/// The state a replica shares with the rest of the fleet: the compiled configuration, the
+/// limiter and the result records. In Redis for a fleet; in memory for one process (and
+/// then shared by cloning, as the load test's in-process replicas do).
+#[derive(Clone)]
+pub struct SharedState {
+    /// The configuration (kept current from Redis, or fixed).
+    pub config: watch::Receiver<Arc<CompiledConfig>>,
+    /// The limiter.
+    pub limiters: Arc<Limiters>,
+    /// Result records and claims.
+    pub records: Records,
+}
+
+impl SharedState {
+    /// Connects to Redis: watches the compiled config (polled every `refresh`), opens the
+    /// limiter (each decision bounded by `limiter_timeout`) and the result store.
+    pub async fn redis(
+        url: &str,
+        refresh: Duration,
+        limiter_timeout: Duration,
+    ) -> Result<Self, SetupError> {
+        let store = ConfigStore::connect(url)
+            .await
+            .map_err(|e| redis_error("connecting to Redis")(e.into()))?;
+        let config = store
+            .watch(refresh.max(Duration::from_millis(50)))
+            .await
+            .map_err(|e| redis_error("reading the compiled config from Redis")(e.into()))?;
+        let options = RedisOptions {
+            timeout: limiter_timeout.max(Duration::from_millis(1)),
+            ..RedisOptions::default()
+        };
+        let limiter = RedisLimiter::connect(url, options)
+            .await
+            .map_err(|e| redis_error("connecting the limiter to Redis")(e.into()))?;
+        warn_if_evictable(&limiter).await;
+        Ok(Self {
+            config,
+            limiters: Arc::new(Limiters::shared(limiter)),
+            records: Records::redis(url)
+                .await
+                .map_err(|e| redis_error("connecting the result store to Redis")(e.into()))?,
+        })
+    }
+
+    /// One process alone: a fixed configuration, an in-memory limiter and records.
+    #[must_use]
+    pub fn local(config: CompiledConfig) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(config));
+        // Keep the sender alive for the process: the configuration never changes.
+        std::mem::forget(tx);
+        Self {
+            config: rx,
+            limiters: Arc::new(Limiters::memory()),
+            records: Records::memory(),
+        }
+    }
+}
+
+/// A Gemini client for `base_url`. Without a key, Google's own endpoint is refused (the
+/// simulator and most gateways accept any key).
+pub fn gemini_provider(
+    base_url: &str,
+    key: Option<ApiKey>,
+) -> Result<Arc<dyn ImageProvider>, SetupError> {
+    let key = match key {
+        Some(k) => k,
+        None if base_url.contains("googleapis.com") => {
+            return Err(SetupError::Settings(
+                "no Gemini API key: set PACER_GEMINI_API_KEY or PACER_GEMINI_API_KEY_FILE (or \
+                 point PACER_GEMINI_BASE_URL at `pacer simulate`)"
+                    .into(),
+            ));
+        }
+        None => ApiKey::new("pacer-local"),
+    };
+    Ok(Arc::new(GeminiClient::new(
+        GeminiConfig::new(key).base_url(base_url.trim_end_matches('/')),
+    )?))
+}
+
 /// Builds a replica. `local_config` is what it runs with when there is no Redis (the
 /// command line compiles `--config` YAML, or passes its embedded pool and chain).
 pub async fn build(
@@ -149,34 +230,20 @@ pub async fn build(
     options: HandlerOptions,
 ) -> Result<Replica, SetupError> {
     let metrics = Arc::new(Metrics::default());
-    let (config, limiters, records) = match &args.redis_url {
+    let state = match &args.redis_url {
         Some(url) => {
-            let store = ConfigStore::connect(url)
-                .await
-                .map_err(|e| redis_error("connecting to Redis")(e.into()))?;
-            let config = store
-                .watch(Duration::from_millis(args.config_refresh_ms.max(50)))
-                .await
-                .map_err(|e| redis_error("reading the compiled config from Redis")(e.into()))?;
-            if config.borrow().chains.is_empty() {
+            let state = SharedState::redis(
+                url,
+                Duration::from_millis(args.config_refresh_ms),
+                Duration::from_millis(args.limiter_timeout_ms),
+            )
+            .await?;
+            if state.config.borrow().chains.is_empty() {
                 tracing::warn!(
                     "Redis holds no chains yet: apply some with `pacer apply -f` or the operator"
                 );
             }
-            let options = RedisOptions {
-                timeout: Duration::from_millis(args.limiter_timeout_ms.max(1)),
-                ..RedisOptions::default()
-            };
-            let limiter = RedisLimiter::connect(url, options)
-                .await
-                .map_err(|e| redis_error("connecting the limiter to Redis")(e.into()))?;
-            warn_if_evictable(&limiter).await;
-            let client = redis::Client::open(url.as_str())
-                .map_err(|e| redis_error("opening the result store")(e.into()))?;
-            let conn = redis::aio::ConnectionManager::new(client)
-                .await
-                .map_err(|e| redis_error("connecting the result store to Redis")(e.into()))?;
-            (config, Limiters::shared(limiter), Records::Redis(conn))
+            state
         }
         None => {
             let Some(cfg) = local_config else {
@@ -187,29 +254,10 @@ pub async fn build(
                         .into(),
                 ));
             };
-            let (tx, rx) = watch::channel(Arc::new(cfg));
-            // Keep the sender alive for the process: the configuration never changes.
-            std::mem::forget(tx);
-            (rx, Limiters::memory(), Records::memory())
+            SharedState::local(cfg)
         }
     };
-    let key = args.api_key()?;
-    let is_google = args.gemini_base_url.contains("googleapis.com");
-    let gemini_key = match key {
-        Some(k) => k,
-        None if is_google => {
-            return Err(SetupError::Settings(
-                "no Gemini API key: set PACER_GEMINI_API_KEY or PACER_GEMINI_API_KEY_FILE (or \
-                 point PACER_GEMINI_BASE_URL at `pacer simulate`)"
-                    .into(),
-            ));
-        }
-        // The simulator and most gateways accept any key.
-        None => ApiKey::new("pacer-local"),
-    };
-    let gemini: Arc<dyn ImageProvider> = Arc::new(GeminiClient::new(
-        GeminiConfig::new(gemini_key).base_url(args.gemini_base_url.trim_end_matches('/')),
-    )?);
+    let gemini = gemini_provider(&args.gemini_base_url, args.api_key()?)?;
     let openai = match &args.openai_base_url {
         Some(url) => Some(Arc::new(OpenAiClient::new(OpenAiConfig {
             base_url: url.trim_end_matches('/').to_owned(),
@@ -225,15 +273,16 @@ pub async fn build(
         claim_lease: Duration::from_secs(args.claim_lease_seconds.max(1)),
         ..options
     };
+    let config = state.config.clone();
     let mut handler = Handler::new(
-        config.clone(),
-        Arc::new(limiters),
+        state.config,
+        state.limiters,
         Providers {
             gemini: Some(gemini),
             openai,
         },
         Arc::from(sink),
-        records,
+        state.records,
         metrics.clone(),
         args.replica(),
         options,
@@ -243,9 +292,8 @@ pub async fn build(
         let queue = crate::queue::SqsQueue::new(aws_sdk_sqs::Client::new(&aws), url.clone());
         handler = handler.with_result_queue(Arc::new(queue));
     }
-    let handler = Arc::new(handler);
     Ok(Replica {
-        handler,
+        handler: Arc::new(handler),
         metrics,
         config,
     })

@@ -51,14 +51,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     // Four per 4 s, no waiting in the step: a batch of 10 admits 4 and defers the rest.
     rig.apply_config(&single_model_config(&ns, MODEL, 4, 4, 0))
         .await;
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(&ns)
-        .send()
-        .await
-        .expect("queue")
-        .queue_url
-        .expect("url");
+    let queue_url = rig.create_queue(&ns).await;
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
 
     // The Lambda runtime API, from cargo-lambda; the function binary is started by us so we

@@ -8,7 +8,7 @@
 //! are written here. Serialization is not shared with core, only facts: the simulator
 //! spells sizes itself, so a client's wrong spelling cannot pass it.
 use jiff::civil::{Date, date};
-use pacer_core::models::{ASPECT_RATIOS, EXTREME_ASPECT_RATIOS, ImageSize, MODELS, ModelInfo};
+use pacer_core::models::{self, ImageSize, MODELS, ModelInfo};
 
 /// What one model costs and whether it still serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,7 +24,7 @@ pub struct ModelSpec {
     pub default_size: &'static str,
     /// Reasoning tokens reported per answer (Pro models think before drawing).
     pub thought_tokens: u64,
-    /// Takes [`EXTREME_ASPECT_RATIOS`] on top of [`ASPECT_RATIOS`].
+    /// Takes [`models::EXTREME_ASPECT_RATIOS`] on top of [`models::ASPECT_RATIOS`].
     pub extreme_ratios: bool,
 }
 
@@ -46,16 +46,12 @@ impl ModelSpec {
 
     /// The `aspectRatio` values this model takes.
     pub fn ratios(&self) -> Vec<&'static str> {
-        let mut all = ASPECT_RATIOS.to_vec();
-        if self.extreme_ratios {
-            all.extend_from_slice(EXTREME_ASPECT_RATIOS);
-        }
-        all
+        models::aspect_ratios(self.extreme_ratios)
     }
 
+    /// Whether this model takes the `aspectRatio` `ratio`.
     pub fn takes_ratio(&self, ratio: &str) -> bool {
-        ASPECT_RATIOS.contains(&ratio)
-            || (self.extreme_ratios && EXTREME_ASPECT_RATIOS.contains(&ratio))
+        models::takes_ratio(self.extreme_ratios, ratio)
     }
 
     pub fn is_retired(&self, today: Date) -> bool {

@@ -83,6 +83,19 @@ impl Rig {
         aws_sdk_sqs::Client::new(&self.aws_config().await)
     }
 
+    /// Creates the SQS queue `name` on moto and returns its URL.
+    pub async fn create_queue(&self, name: &str) -> String {
+        self.sqs()
+            .await
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("creating queue {name} on moto (is the rig up?): {e:?}"))
+            .queue_url
+            .expect("moto answers CreateQueue with a queue URL")
+    }
+
     /// An S3 client for moto (path-style addressing: moto serves no bucket subdomains).
     pub async fn s3(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::config::Builder::from(&self.aws_config().await)

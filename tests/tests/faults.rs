@@ -172,8 +172,8 @@ impl Case {
 
         let sqs = rig.sqs().await;
         let s3 = rig.s3().await;
-        let queue_url = create_queue(&sqs, &ns).await;
-        let result_url = create_queue(&sqs, &format!("{ns}-results")).await;
+        let queue_url = rig.create_queue(&ns).await;
+        let result_url = rig.create_queue(&format!("{ns}-results")).await;
         if !plan.bucket_missing {
             create_bucket(&s3, &ns).await;
         }
@@ -509,16 +509,6 @@ async fn front_of_the_simulator(
         axum::http::StatusCode::TOO_MANY_REQUESTS,
         axum::Json(body),
     ))
-}
-
-async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
-    sqs.create_queue()
-        .queue_name(name)
-        .send()
-        .await
-        .expect("create a queue")
-        .queue_url
-        .expect("queue url")
 }
 
 /// A versioned bucket: every write of a key is a version, so a second write shows.

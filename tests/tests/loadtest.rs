@@ -11,15 +11,7 @@ use pacer::loadtest::{LoadtestArgs, Report, execute};
 use pacer_tests::Rig;
 
 async fn queue(rig: &Rig, name: &str) -> String {
-    rig.sqs()
-        .await
-        .create_queue()
-        .queue_name(Rig::unique(name))
-        .send()
-        .await
-        .expect("creating a moto queue (is the rig up? `tests/rig/up`)")
-        .queue_url
-        .expect("queue url")
+    rig.create_queue(&Rig::unique(name)).await
 }
 
 /// What every run must show, at the simulator.

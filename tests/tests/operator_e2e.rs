@@ -697,15 +697,7 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
     let s3 = rig.s3().await;
     let mut queues = Vec::new();
     for name in [ns.clone(), format!("{ns}-results")] {
-        let url = sqs
-            .create_queue()
-            .queue_name(name)
-            .send()
-            .await
-            .expect("create a queue")
-            .queue_url
-            .expect("queue url");
-        queues.push(url);
+        queues.push(rig.create_queue(&name).await);
     }
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
     for i in 0..150 {

@@ -8,14 +8,7 @@ async fn sqs_send_receive_with_visibility_timeout_and_delete() {
     let rig = Rig::load();
     let sqs = rig.sqs().await;
     let name = Rig::unique("smoke");
-    let url = sqs
-        .create_queue()
-        .queue_name(&name)
-        .send()
-        .await
-        .expect("create queue on moto")
-        .queue_url
-        .expect("queue url");
+    let url = rig.create_queue(&name).await;
     sqs.send_message()
         .queue_url(&url)
         .message_body("hello")

@@ -217,6 +217,14 @@ impl Decision {
             Decision::Rejected { .. } => None,
         }
     }
+
+    /// What blocks the request, if it was rejected.
+    pub fn blocker(&self) -> Option<Blocker> {
+        match self {
+            Decision::Rejected { blocking, .. } => Some(*blocking),
+            _ => None,
+        }
+    }
 }
 
 /// The answer to [`Limiter::check`]: may a booked ticket still be used?

@@ -1304,55 +1304,40 @@ async fn policy_invalid_at_last_step_fails_the_request() {
 
 // --- Account problems: defer and alert, never fail, never try the pool's other steps.
 
-async fn account_problem_defers(out: &Outcome, rig: &Rig, called: &[&str], reason: &'static str) {
-    assert_eq!(
-        deferred(out),
-        (
-            pacer_core::provider::ACCOUNT_DEFER + SLACK,
-            DeferReason::Account
-        )
-    );
-    assert_eq!(rig.models_called(), called);
-    assert_eq!(rig.account_errors(reason), 1);
-    // No failed record; the claim is given back for the redelivery.
-    assert!(rig.handler.records().get("r1").await.unwrap().is_none());
-    assert!(
-        rig.handler
-            .records()
-            .claim("r1", "another-replica", Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
-}
-
+/// Each account error, at the first step and at the last: deferred for
+/// [`pacer_core::provider::ACCOUNT_DEFER`] with the account reason and its metric, only the
+/// failing step called, no failed record, the claim given back for the redelivery.
 #[tokio::test(start_paused = true)]
-async fn policy_credit_exhausted_at_first_step_defers_and_alerts() {
-    let (rig, out) = at_first_step(credit_exhausted).await;
-    account_problem_defers(&out, &rig, &[A], "credit_exhausted").await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn policy_credit_exhausted_at_last_step_defers_and_alerts() {
-    let (rig, out) = at_last_step(credit_exhausted).await;
-    account_problem_defers(&out, &rig, &[B], "credit_exhausted").await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn policy_unauthorized_at_first_step_defers_and_alerts() {
-    let (rig, out) = at_first_step(unauthorized).await;
-    account_problem_defers(&out, &rig, &[A], "unauthorized").await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn policy_unauthorized_at_last_step_defers_and_alerts() {
-    let (rig, out) = at_last_step(unauthorized).await;
-    account_problem_defers(&out, &rig, &[B], "unauthorized").await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn policy_forbidden_at_first_step_defers_and_alerts() {
-    let (rig, out) = at_first_step(forbidden).await;
-    account_problem_defers(&out, &rig, &[A], "unauthorized").await;
+async fn policy_account_errors_defer_and_alert_at_either_step() {
+    let cases: [(&str, MakeError, &str); 3] = [
+        ("credit exhausted", credit_exhausted, "credit_exhausted"),
+        ("unauthorized", unauthorized, "unauthorized"),
+        ("forbidden", forbidden, "unauthorized"),
+    ];
+    for (name, err, metric) in cases {
+        for (step, (rig, out)) in [(A, at_first_step(err).await), (B, at_last_step(err).await)] {
+            let case = format!("{name} at {step}");
+            assert_eq!(
+                deferred(&out),
+                (
+                    pacer_core::provider::ACCOUNT_DEFER + SLACK,
+                    DeferReason::Account
+                ),
+                "{case}"
+            );
+            assert_eq!(rig.models_called(), [step], "{case}");
+            assert_eq!(rig.account_errors(metric), 1, "{case}");
+            let records = rig.handler.records();
+            assert!(records.get("r1").await.unwrap().is_none(), "{case}");
+            assert!(
+                records
+                    .claim("r1", "another-replica", Duration::from_secs(30))
+                    .await
+                    .unwrap(),
+                "{case}"
+            );
+        }
+    }
 }
 
 // --- Unknown or retired model: fall through; with no step left, defer as a config problem.
