@@ -150,6 +150,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
             visibility: Duration::from_secs(120),
             wait_time: Duration::from_millis(200),
             shutdown_grace: Duration::from_secs(5),
+            ..WorkerOptions::default()
         },
         replica.handler.clone(),
         replica.metrics.clone(),

@@ -8,7 +8,7 @@ use pacer_simulator::{SimConfig, Simulator};
 
 use pacer_function::{
     handler::HandlerOptions,
-    outcome::Outcome,
+    outcome::{Attempt, Outcome},
     runtime::{self, RuntimeArgs},
 };
 
@@ -108,8 +108,12 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         body["imageSize"] = s.clone().into();
     }
     // Deferred: capacity is booked further out than the chain allows; wait and try again.
-    for _ in 0..20 {
-        match replica.handler.handle(&body.to_string()).await {
+    for n in 1..=20 {
+        match replica
+            .handler
+            .handle(&body.to_string(), Attempt::received(n))
+            .await
+        {
             Outcome::Succeeded(r) | Outcome::AlreadyDone(r) if r.error.is_none() => {
                 for image in &r.images {
                     println!("{image}");

@@ -59,7 +59,7 @@ use pacer_function::{
     handler::{Handler, HandlerOptions, Providers, backoff, estimate_costs},
     message::GenerationRequest,
     metrics::Metrics,
-    outcome::{DeferReason, Outcome, Process},
+    outcome::{Attempt, DeferReason, Outcome, Process},
     queue::{MemoryQueue, Queue, SqsQueue},
     record::{Records, ResultRecord, Status},
     runtime::{self, SharedState},
@@ -524,6 +524,7 @@ fn worker_options(concurrency: usize, visibility_seconds: u64) -> WorkerOptions 
         visibility: Duration::from_secs(visibility_seconds.max(1)),
         wait_time: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
+        ..WorkerOptions::default()
     }
 }
 

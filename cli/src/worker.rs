@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use pacer_function::{
     handler::HandlerOptions,
+    outcome::RequeuePolicy,
     queue::SqsQueue,
     runtime::{self, RuntimeArgs},
     worker::{self, WorkerOptions},
@@ -33,6 +34,12 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long in-flight messages may finish before they are released.
     #[arg(long, env = "PACER_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+
+    /// A deferred message received this many times is sent again as a fresh message (its
+    /// receive count restarts) instead of hidden: keep it under the queue's
+    /// maxReceiveCount, so deferrals never dead-letter a request.
+    #[arg(long, env = "PACER_RESEND_FROM_RECEIVE", default_value_t = 10)]
+    pub resend_from_receive: u32,
 
     /// Where /metrics and /healthz are served.
     #[arg(long, env = "PACER_METRICS_ADDR", default_value = "0.0.0.0:9090")]
@@ -68,6 +75,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             visibility: Duration::from_secs(args.visibility_seconds.max(1)),
             wait_time: Duration::from_secs(args.wait_seconds.min(20)),
             shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+            requeue: RequeuePolicy {
+                resend_from_receive: args.resend_from_receive.max(1),
+                ..RequeuePolicy::default()
+            },
         },
         replica.handler,
         replica.metrics,

@@ -54,7 +54,7 @@ use walk::Delivery;
 use crate::{
     message::GenerationRequest,
     metrics::Metrics,
-    outcome::{DeferReason, Outcome, Process},
+    outcome::{Attempt, DeferReason, Outcome, Process},
     queue::Queue,
     record::{Records, ResultRecord, Status},
     sink::Sink,
@@ -148,6 +148,13 @@ pub struct HandlerOptions {
     /// Added to every defer, so a message returns just after capacity frees (SQS rounds
     /// to seconds anyway).
     pub defer_slack: Duration,
+    /// Under a caller's deadline (a Lambda invocation), the time kept for one provider
+    /// call: a booking must start, and a retry must begin, at least this long before it.
+    pub call_budget: Duration,
+    /// A chain the loaded configuration does not know is deferred (the config may be
+    /// being applied or restored right now) until the message's receive count reaches
+    /// this; then the request fails with the known chains in its reason.
+    pub unknown_chain_receives: u32,
 }
 
 impl Default for HandlerOptions {
@@ -156,6 +163,8 @@ impl Default for HandlerOptions {
             claim_lease: Duration::from_secs(30),
             default_defer: Duration::from_secs(5),
             defer_slack: Duration::from_millis(50),
+            call_budget: Duration::from_secs(30),
+            unknown_chain_receives: 3,
         }
     }
 }
@@ -265,7 +274,7 @@ impl Handler {
     }
 
     /// Handles one delivery (see the module docs).
-    pub async fn handle(&self, body: &str) -> Outcome {
+    pub async fn handle(&self, body: &str, attempt: Attempt) -> Outcome {
         let req = match GenerationRequest::parse(body) {
             Ok(r) => r,
             Err(e) => {
@@ -277,10 +286,10 @@ impl Handler {
             }
         };
         let span = tracing::info_span!("request", id = %req.id, chain = %req.chain_name());
-        self.handle_request(req).instrument(span).await
+        self.handle_request(req, attempt).instrument(span).await
     }
 
-    async fn handle_request(&self, req: GenerationRequest) -> Outcome {
+    async fn handle_request(&self, req: GenerationRequest, attempt: Attempt) -> Outcome {
         match self.records.get(&req.id).await {
             Ok(Some(done)) => return Outcome::AlreadyDone(done),
             Ok(None) => {}
@@ -308,6 +317,12 @@ impl Handler {
         }
         let (chain, pool) = match config.chain(&req.chain_name()) {
             Ok(found) => found,
+            // Applied a moment ago, or being restored: the watcher has it by the next
+            // delivery.
+            Err(e) if attempt.receive_count < self.options.unknown_chain_receives => {
+                tracing::warn!(error = %e, receive_count = attempt.receive_count, "deferring: the chain may still be being applied");
+                return self.defer(self.options.default_defer, DeferReason::Config);
+            }
             Err(e) => return self.fail(&req.id, 0, e.to_string()).await,
         };
         if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
@@ -347,7 +362,7 @@ impl Handler {
                 }
             })
         };
-        let mut delivery = Delivery::new(token.clone());
+        let mut delivery = Delivery::new(token.clone(), attempt.deadline);
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;
@@ -491,7 +506,7 @@ impl Handler {
 
 #[async_trait]
 impl Process for Handler {
-    async fn process(&self, body: &str, _receive_count: u32) -> Outcome {
-        self.handle(body).await
+    async fn process(&self, body: &str, attempt: Attempt) -> Outcome {
+        self.handle(body, attempt).await
     }
 }

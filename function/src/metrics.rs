@@ -7,6 +7,7 @@
 //! | `pacer_function_deferred_total` | `reason` | deferrals by reason |
 //! | `pacer_function_provider_calls_total` | `model`, `result` | provider calls by model and result (ok or the error's label) |
 //! | `pacer_function_account_errors_total` | `pool`, `reason` | provider answers that blame the account (`unauthorized`, `credit_exhausted`): the request is deferred; alert on any |
+//! | `pacer_function_resent_total` | | deferrals sent again as a fresh message (late receives, so the receive count restarts) |
 //! | `pacer_function_in_flight` | | messages being processed now |
 //! | `pacer_function_limiter_wait_seconds` | | booked waits returned by the limiter |
 use std::{
@@ -52,6 +53,7 @@ pub struct Metrics {
     pub deferred: Family<ReasonLabels, Counter>,
     pub provider_calls: Family<CallLabels, Counter>,
     pub account_errors: Family<AccountLabels, Counter>,
+    pub resent: Counter,
     pub in_flight: Gauge,
     pub limiter_wait: Histogram,
     /// False once the replica is shutting down (health turns 503 so it gets no new work).
@@ -77,6 +79,12 @@ impl Default for Metrics {
             "Provider answers that blame the account (key, credit), by pool and reason",
             account_errors.clone(),
         );
+        let resent = Counter::default();
+        registry.register(
+            "resent",
+            "Deferrals sent again as a fresh message, so the receive count restarts",
+            resent.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register("in_flight", "Messages being processed", in_flight.clone());
         let limiter_wait = Histogram::new([0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]);
@@ -91,6 +99,7 @@ impl Default for Metrics {
             deferred,
             provider_calls,
             account_errors,
+            resent,
             in_flight,
             limiter_wait,
             healthy: AtomicBool::new(true),

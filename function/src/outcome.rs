@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::record::ResultRecord;
 
@@ -52,6 +53,8 @@ pub enum DeferReason {
     /// The provider account is broken (bad key, spent credit): the request waits for an
     /// operator, who is alerted; it is never failed for it.
     Account,
+    /// The caller's deadline (a Lambda invocation's) leaves no time for the call.
+    Deadline,
 }
 
 impl DeferReason {
@@ -66,6 +69,7 @@ impl DeferReason {
             DeferReason::Config => "config",
             DeferReason::Shutdown => "shutdown",
             DeferReason::Account => "account",
+            DeferReason::Deadline => "deadline",
         }
     }
 }
@@ -87,8 +91,14 @@ impl Outcome {
     }
 }
 
-/// SQS's largest visibility timeout: 12 hours.
+/// SQS's largest visibility timeout: 12 hours, counted from the receipt.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
+
+/// SQS's longest message delay (`DelaySeconds`): 15 minutes.
+pub const MAX_DELAY: Duration = Duration::from_secs(900);
+
+/// SQS's largest message: 256 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// A defer delay as an SQS visibility timeout in whole seconds: rounded up (never early),
 /// at most 12 hours.
@@ -97,12 +107,90 @@ pub fn visibility_secs(after: Duration) -> i32 {
     secs.clamp(0, MAX_VISIBILITY.as_secs() as i32)
 }
 
+/// How a deferred delivery goes back to its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    /// Hide this delivery for this long: the same message returns, its receive count one
+    /// higher.
+    Hide(Duration),
+    /// Send the body again as a new message delayed this long (at most [`MAX_DELAY`]) and
+    /// delete this delivery: the new message starts at receive count 0, so deferrals never
+    /// walk a message into the dead-letter queue. The request id makes the copy harmless.
+    Resend(Duration),
+}
+
+/// When deferrals re-send instead of hiding.
+#[derive(Debug, Clone, Copy)]
+pub struct RequeuePolicy {
+    /// A delivery received this many times or more is re-sent rather than hidden. Keep it
+    /// well under the queue's `maxReceiveCount` (the chart's and template's is 20).
+    pub resend_from_receive: u32,
+    /// Kept free below SQS's 12 hours from receipt (the time spent since the receipt is
+    /// not known exactly: a Lambda batching window adds to it).
+    pub visibility_margin: Duration,
+}
+
+impl Default for RequeuePolicy {
+    fn default() -> Self {
+        Self {
+            resend_from_receive: 10,
+            visibility_margin: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RequeuePolicy {
+    /// How to defer by `after` a delivery received `receive_count` times and held for
+    /// `held` since its receipt. A wait longer than SQS lets a delivery stay hidden is cut
+    /// to what it allows: the message returns early, finds its limit still blocked and
+    /// defers again, one receive per 12 hours at most.
+    pub fn requeue(&self, after: Duration, receive_count: u32, held: Duration) -> Requeue {
+        if receive_count >= self.resend_from_receive {
+            return Requeue::Resend(after.min(MAX_DELAY));
+        }
+        Requeue::Hide(self.hide_for(after, held))
+    }
+
+    /// `after`, cut to what SQS lets a delivery held for `held` stay hidden.
+    pub fn hide_for(&self, after: Duration, held: Duration) -> Duration {
+        after.min(MAX_VISIBILITY.saturating_sub(held + self.visibility_margin))
+    }
+}
+
+/// One delivery of a message, as the processor sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// SQS's ApproximateReceiveCount (1 for the first delivery).
+    pub receive_count: u32,
+    /// When the caller stops waiting for this delivery (a Lambda invocation's deadline):
+    /// what cannot finish before it is deferred.
+    pub deadline: Option<Instant>,
+}
+
+impl Attempt {
+    /// The first delivery, with no deadline of its own.
+    pub fn first() -> Self {
+        Self {
+            receive_count: 1,
+            deadline: None,
+        }
+    }
+
+    /// A delivery received `receive_count` times, with no deadline of its own.
+    pub fn received(receive_count: u32) -> Self {
+        Self {
+            receive_count,
+            deadline: None,
+        }
+    }
+}
+
 /// Processes one message body; implemented by the request handler (and by test doubles of
 /// the queue plumbing).
 #[async_trait]
 pub trait Process: Send + Sync + 'static {
-    /// Handles one delivery. `receive_count` is SQS's ApproximateReceiveCount (1 first).
-    async fn process(&self, body: &str, receive_count: u32) -> Outcome;
+    /// Handles one delivery.
+    async fn process(&self, body: &str, attempt: Attempt) -> Outcome;
 }
 
 #[cfg(test)]
@@ -116,5 +204,25 @@ mod tests {
         assert_eq!(visibility_secs(Duration::from_millis(2001)), 3);
         assert_eq!(visibility_secs(Duration::from_secs(100_000)), 43_200);
         assert_eq!(visibility_secs(Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn long_waits_fit_sqs_caps_and_late_receives_resend() {
+        let p = RequeuePolicy::default();
+        let s = Duration::from_secs;
+        assert_eq!(p.requeue(s(30), 1, s(2)), Requeue::Hide(s(30)));
+        // A wait to Pacific midnight (20 h): hidden as long as SQS allows from the receipt.
+        assert_eq!(
+            p.requeue(s(72_000), 1, s(100)),
+            Requeue::Hide(MAX_VISIBILITY - s(100) - p.visibility_margin)
+        );
+        // Held past the cap already (a slow delivery): visible at once, never refused.
+        assert_eq!(
+            p.requeue(s(60), 1, s(43_000)),
+            Requeue::Hide(Duration::ZERO)
+        );
+        // Received often: a fresh copy, delayed at most 15 minutes.
+        assert_eq!(p.requeue(s(30), 10, s(1)), Requeue::Resend(s(30)));
+        assert_eq!(p.requeue(s(72_000), 12, s(1)), Requeue::Resend(MAX_DELAY));
     }
 }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use tokio::time::Instant;
 
-use crate::outcome::visibility_secs;
+use crate::outcome::{MAX_DELAY, MAX_MESSAGE_BYTES, MAX_VISIBILITY, visibility_secs};
 
 /// One received message.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct Delivery {
     pub body: String,
     /// How many times it has been received, this one included.
     pub receive_count: u32,
+    /// When this delivery was received (SQS's 12-hour visibility cap counts from here).
+    pub received_at: Instant,
 }
 
 /// A queue error (always retryable: the worker backs off and polls again). Keeps the SQS
@@ -75,8 +77,12 @@ pub trait Queue: Send + Sync + 'static {
         receipt: &str,
         visibility: Duration,
     ) -> Result<(), QueueError>;
-    /// Sends a message.
-    async fn send(&self, body: &str) -> Result<(), QueueError>;
+    /// Sends a message, visible after `delay` (at most 15 minutes).
+    async fn send_delayed(&self, body: &str, delay: Duration) -> Result<(), QueueError>;
+    /// Sends a message, visible at once.
+    async fn send(&self, body: &str) -> Result<(), QueueError> {
+        self.send_delayed(body, Duration::ZERO).await
+    }
 }
 
 /// An SQS queue (or moto's).
@@ -121,6 +127,7 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(sqs_err)?;
+        let received_at = Instant::now();
         Ok(out
             .messages
             .unwrap_or_default()
@@ -137,6 +144,7 @@ impl Queue for SqsQueue {
                     receipt: m.receipt_handle?,
                     body: m.body.unwrap_or_default(),
                     receive_count,
+                    received_at,
                 })
             })
             .collect())
@@ -169,11 +177,13 @@ impl Queue for SqsQueue {
         Ok(())
     }
 
-    async fn send(&self, body: &str) -> Result<(), QueueError> {
+    async fn send_delayed(&self, body: &str, delay: Duration) -> Result<(), QueueError> {
+        check_send(body, delay)?;
         self.client
             .send_message()
             .queue_url(&self.url)
             .message_body(body)
+            .delay_seconds(delay.as_secs_f64().ceil() as i32)
             .send()
             .await
             .map_err(sqs_err)?;
@@ -181,12 +191,34 @@ impl Queue for SqsQueue {
     }
 }
 
-/// An in-memory queue with SQS's delivery semantics, on tokio's clock (so tests can pause
-/// time). Visibility is exact to the millisecond rather than rounded up to seconds.
+/// SQS's limits on a send, checked before the call so both queues refuse alike.
+fn check_send(body: &str, delay: Duration) -> Result<(), QueueError> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(QueueError::new(format!(
+            "a message of {} bytes is over SQS's {MAX_MESSAGE_BYTES}",
+            body.len()
+        )));
+    }
+    if delay > MAX_DELAY {
+        return Err(QueueError::new(format!(
+            "a delay of {delay:?} is over SQS's {MAX_DELAY:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// An in-memory queue with SQS's delivery semantics and limits, on tokio's clock (so tests
+/// can pause time): visibility timeouts of at most 12 hours from the receipt, receive
+/// counts, receipt handles, delays of at most 15 minutes, 256 KiB bodies, and (with
+/// [`MemoryQueue::with_max_receives`]) a redrive policy that moves a message received too
+/// often to a dead-letter list. Visibility is exact to the millisecond rather than rounded
+/// up to seconds.
 #[derive(Default)]
 pub struct MemoryQueue {
     state: Mutex<MemoryState>,
     arrived: tokio::sync::Notify,
+    /// The redrive policy's `maxReceiveCount`, if any.
+    max_receives: Option<u32>,
 }
 
 #[derive(Default)]
@@ -196,6 +228,8 @@ struct MemoryState {
     messages: BTreeMap<u64, Stored>,
     /// Current receipt → message id.
     receipts: HashMap<String, u64>,
+    /// Bodies moved out by the redrive policy.
+    dead: Vec<String>,
 }
 
 struct Stored {
@@ -203,12 +237,27 @@ struct Stored {
     visible_at: Instant,
     receive_count: u32,
     receipt: Option<String>,
+    received_at: Instant,
 }
 
 impl MemoryQueue {
     /// An empty queue.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty queue whose redrive policy dead-letters a message at its receive after
+    /// the `max_receives`-th, as SQS's `maxReceiveCount` does.
+    pub fn with_max_receives(max_receives: u32) -> Self {
+        Self {
+            max_receives: Some(max_receives.max(1)),
+            ..Self::default()
+        }
+    }
+
+    /// The bodies the redrive policy moved to the dead-letter list.
+    pub fn dead_letters(&self) -> Vec<String> {
+        self.lock().dead.clone()
     }
 
     /// Messages not yet deleted (visible or in flight).
@@ -242,11 +291,24 @@ impl MemoryQueue {
             .collect();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
+            let exhausted = self
+                .max_receives
+                .is_some_and(|max| st.messages.get(&id).is_some_and(|m| m.receive_count >= max));
+            if exhausted {
+                if let Some(m) = st.messages.remove(&id) {
+                    if let Some(r) = m.receipt {
+                        st.receipts.remove(&r);
+                    }
+                    st.dead.push(m.body);
+                }
+                continue;
+            }
             st.next_id += 1;
             let receipt = format!("{id}-{}", st.next_id);
             let old = st.messages.get_mut(&id).and_then(|m| {
                 m.visible_at = now + visibility;
                 m.receive_count += 1;
+                m.received_at = now;
                 m.receipt.replace(receipt.clone())
             });
             if let Some(old) = old {
@@ -259,6 +321,7 @@ impl MemoryQueue {
                     receipt,
                     body: m.body.clone(),
                     receive_count: m.receive_count,
+                    received_at: now,
                 });
             }
         }
@@ -307,25 +370,35 @@ impl Queue for MemoryQueue {
                 return Err(QueueError::new(format!("receipt {receipt} is not current")));
             };
             if let Some(m) = st.messages.get_mut(&id) {
-                m.visible_at = Instant::now() + visibility;
+                let now = Instant::now();
+                if now + visibility > m.received_at + MAX_VISIBILITY {
+                    return Err(QueueError::new(format!(
+                        "visibility {visibility:?} would end over 12 hours after the receipt \
+                         (SQS refuses it)"
+                    )));
+                }
+                m.visible_at = now + visibility;
             }
         }
         self.arrived.notify_waiters();
         Ok(())
     }
 
-    async fn send(&self, body: &str) -> Result<(), QueueError> {
+    async fn send_delayed(&self, body: &str, delay: Duration) -> Result<(), QueueError> {
+        check_send(body, delay)?;
         {
             let mut st = self.lock();
             st.next_id += 1;
             let id = st.next_id;
+            let now = Instant::now();
             st.messages.insert(
                 id,
                 Stored {
                     body: body.to_owned(),
-                    visible_at: Instant::now(),
+                    visible_at: now + delay,
                     receive_count: 0,
                     receipt: None,
+                    received_at: now,
                 },
             );
         }
@@ -370,6 +443,42 @@ mod tests {
                 .is_err()
         );
         q.delete(&again[0].receipt).await.unwrap();
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_queue_has_sqs_limits() {
+        let q = MemoryQueue::with_max_receives(2);
+        let h = Duration::from_secs(3600);
+        // Delays of at most 15 minutes, bodies of at most 256 KiB.
+        assert!(
+            q.send_delayed("late", Duration::from_secs(901))
+                .await
+                .is_err()
+        );
+        assert!(q.send(&"x".repeat(MAX_MESSAGE_BYTES + 1)).await.is_err());
+        q.send_delayed("a", Duration::from_secs(60)).await.unwrap();
+        assert!(q.receive(10, h, Duration::ZERO).await.unwrap().is_empty());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let d = q.receive(10, h, Duration::ZERO).await.unwrap();
+        // Visibility ends at most 12 hours after the receipt.
+        tokio::time::advance(h).await;
+        assert!(
+            q.change_visibility(&d[0].receipt, 11 * h + Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+        q.change_visibility(&d[0].receipt, Duration::ZERO)
+            .await
+            .unwrap();
+        // The second receive is the last; the third dead-letters it.
+        let d = q.receive(10, h, Duration::ZERO).await.unwrap();
+        assert_eq!(d[0].receive_count, 2);
+        q.change_visibility(&d[0].receipt, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(q.receive(10, h, Duration::ZERO).await.unwrap().is_empty());
+        assert_eq!(q.dead_letters(), vec!["a".to_owned()]);
         assert!(q.is_empty());
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::{Metrics, OutcomeLabels, ReasonLabels},
-    outcome::{Outcome, Process},
+    outcome::{Attempt, Outcome, Process, Requeue, RequeuePolicy},
     queue::{Delivery, Queue, QueueError},
 };
 
@@ -33,6 +33,8 @@ pub struct WorkerOptions {
     pub wait_time: Duration,
     /// How long in-flight messages may finish after shutdown before they are released.
     pub shutdown_grace: Duration,
+    /// How deferrals go back to the queue (hidden, or re-sent once received often).
+    pub requeue: RequeuePolicy,
 }
 
 impl Default for WorkerOptions {
@@ -42,6 +44,7 @@ impl Default for WorkerOptions {
             visibility: Duration::from_secs(60),
             wait_time: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(30),
+            requeue: RequeuePolicy::default(),
         }
     }
 }
@@ -156,7 +159,7 @@ impl Context {
         };
         let outcome = self
             .processor
-            .process(&delivery.body, delivery.receive_count)
+            .process(&delivery.body, Attempt::received(delivery.receive_count))
             .await;
         keepalive.abort();
         self.metrics.in_flight.dec();
@@ -174,9 +177,7 @@ impl Context {
                         reason: reason.label(),
                     })
                     .inc();
-                self.queue
-                    .change_visibility(&delivery.receipt, *after)
-                    .await
+                self.requeue(&delivery, *after).await
             }
             _ => self.queue.delete(&delivery.receipt).await,
         };
@@ -184,6 +185,32 @@ impl Context {
             // The message comes back after its visibility timeout; its record makes the
             // redelivery a cheap acknowledgement.
             tracing::warn!(error = %e, outcome = outcome.label(), "queue action failed");
+        }
+    }
+
+    /// Puts a deferred delivery back to return after `after` (see [`RequeuePolicy`]). A
+    /// failed re-send falls back to hiding this delivery.
+    async fn requeue(&self, delivery: &Delivery, after: Duration) -> Result<(), QueueError> {
+        let held = delivery.received_at.elapsed();
+        let policy = self.options.requeue;
+        match policy.requeue(after, delivery.receive_count, held) {
+            Requeue::Hide(visibility) => {
+                self.queue
+                    .change_visibility(&delivery.receipt, visibility)
+                    .await
+            }
+            Requeue::Resend(delay) => match self.queue.send_delayed(&delivery.body, delay).await {
+                Ok(()) => {
+                    self.metrics.resent.inc();
+                    self.queue.delete(&delivery.receipt).await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-sending a deferred message failed; hiding it");
+                    self.queue
+                        .change_visibility(&delivery.receipt, policy.hide_for(after, held))
+                        .await
+                }
+            },
         }
     }
 }
@@ -200,8 +227,9 @@ mod tests {
 
     #[async_trait]
     impl Process for DeferOnce {
-        async fn process(&self, body: &str, receive_count: u32) -> Outcome {
+        async fn process(&self, body: &str, attempt: Attempt) -> Outcome {
             self.0.fetch_add(1, Ordering::Relaxed);
+            let receive_count = attempt.receive_count;
             if receive_count == 1 {
                 Outcome::Defer {
                     after: Duration::from_secs(3),

@@ -126,8 +126,8 @@ pub(super) struct Counting {
 
 #[async_trait]
 impl Process for Counting {
-    async fn process(&self, body: &str, receive_count: u32) -> Outcome {
-        let outcome = self.inner.process(body, receive_count).await;
+    async fn process(&self, body: &str, attempt: Attempt) -> Outcome {
+        let outcome = self.inner.process(body, attempt).await;
         if !outcome.is_final() {
             self.deferred.fetch_add(1, Ordering::Relaxed);
             if self.stream {

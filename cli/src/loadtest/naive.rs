@@ -17,7 +17,7 @@ pub(super) const NAIVE_ATTEMPTS: u32 = 6;
 
 #[async_trait]
 impl Process for Naive {
-    async fn process(&self, body: &str, _receive_count: u32) -> Outcome {
+    async fn process(&self, body: &str, _attempt: Attempt) -> Outcome {
         let Ok(req) = GenerationRequest::parse(body) else {
             return Outcome::Failed(ResultRecord::failed("", 0, "malformed"));
         };

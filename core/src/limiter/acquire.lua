@@ -260,6 +260,11 @@ end
 -- day end, day count, day block). Returns whether there was evidence.
 local function fence(h)
   local hint_gen, hint_last = h[1], h[2]
+  -- The caller last talked to another server (it learns the server at connect and from
+  -- every reply), and this key's state is gone: a restart or failover that lost it, seen
+  -- even by a caller that never held a hint for this key.
+  local hint_server = h[6] or 0
+  local replaced = fresh and server > 0 and hint_server > 0 and hint_server ~= server
   -- One key lost: the hash is gone but the log is not, or the log is gone while the hash
   -- still counts bookings in a window. (Both judged from what any version of the script
   -- writes, so replicas mid-rollout do not look like a loss.)
@@ -271,7 +276,7 @@ local function fence(h)
   -- may be gone, and the callers that saw it may not be the first to come back.
   local moved = server > 0 and S.rid > 0 and S.rid ~= server
   if server > 0 then S.rid = server end
-  if moved then rolled_back = true end
+  if moved or replaced then rolled_back = true end
   if not (broken or other_gen or rolled_back) then return false end
   if h[3] == S.de then S.dc = math.max(S.dc, h[4]) end
   S.db = math.max(S.db, h[5])
@@ -362,13 +367,14 @@ if op == 'a' then
   local b = { tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20]) }
   local h = {}
   for i = 1, 5 do h[i] = tonumber(ARGV[20 + i]) or 0 end
+  h[6] = tonumber(ARGV[26]) or 0
   roll_day(b)
   fence(h)
   refit(L, W)
   local function reply(kind, v, blocker, costs)
     save()
     return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4],
-      S.de, S.dc, S.db }
+      S.de, S.dc, S.db, server }
   end
   -- A retried acquire of the same delivery gets its ticket back while the start is ahead;
   -- once it has passed, the entry stays counted and the id books afresh.
@@ -449,11 +455,12 @@ elseif op == 'c' then
   local id, start = ARGV[2], tonumber(ARGV[3])
   local h = {}
   for i = 1, 5 do h[i] = tonumber(ARGV[3 + i]) or 0 end
+  h[6] = tonumber(ARGV[13]) or 0
   if ARGV[9] then
     roll_day({ tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) })
   end
   local function answer(kind, v, code)
-    return { kind, v, code, S.gen, S.ls, S.de, S.dc, S.db }
+    return { kind, v, code, S.gen, S.ls, S.de, S.dc, S.db, server }
   end
   if fence(h) then
     -- Fenced now, so nobody books into the lost window; this ticket is not used.

@@ -7,7 +7,10 @@
 //! `NOSCRIPT` (after a `SCRIPT FLUSH` or a restart).
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
@@ -23,6 +26,15 @@ use crate::quota::{Costs, Dim, ModelQuota};
 
 /// The limiter script, loaded once per Redis and run by its SHA.
 pub const SCRIPT: &str = include_str!("acquire.lua");
+
+/// The server's id as the script computes it: the first 48 bits (12 hex digits) of
+/// `master_replid` in `INFO replication`.
+fn server_id(info: &str) -> Option<i64> {
+    let hex = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("master_replid:"))?;
+    i64::from_str_radix(hex.get(..12)?, 16).ok()
+}
 
 /// Connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +63,10 @@ pub struct RedisLimiter {
     calendar: Arc<dyn Calendar>,
     hints: Arc<Mutex<HashMap<QuotaKey, Hint>>>,
     days: Arc<Mutex<[i64; 4]>>,
+    /// The server this process last talked to (the first 48 bits of its replication id;
+    /// 0: unknown), sent with every decision: a key found empty on another server was
+    /// lost with the old one.
+    server: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -78,7 +94,9 @@ impl RedisLimiter {
         )
         .await
         .map_err(|_| Error::Timeout(options.connect_timeout))??;
-        Ok(RedisLimiter::from_manager(conn, options))
+        let limiter = RedisLimiter::from_manager(conn, options);
+        limiter.learn_server().await;
+        Ok(limiter)
     }
 
     /// A limiter on an existing connection manager (share one per process).
@@ -90,6 +108,29 @@ impl RedisLimiter {
             calendar: Arc::new(PacificCalendar),
             hints: Arc::default(),
             days: Arc::default(),
+            server: Arc::default(),
+        }
+    }
+
+    /// Remembers the server a reply came from (its field `at`; 0 where INFO is refused).
+    fn saw_server(&self, reply: &[i64], at: usize) {
+        if let Some(&id) = reply.get(at)
+            && id > 0
+        {
+            self.server.store(id, Ordering::Relaxed);
+        }
+    }
+
+    /// Learns the server before the first decision, so a process that connected before a
+    /// restart knows the old server even for keys it has not used yet.
+    async fn learn_server(&self) {
+        let mut conn = self.conn.clone();
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await;
+        if let Some(id) = info.ok().as_deref().and_then(server_id) {
+            self.server.store(id, Ordering::Relaxed);
         }
     }
 
@@ -251,9 +292,11 @@ impl Limiter for RedisLimiter {
                     &h[2],
                     &h[3],
                     &h[4],
+                    &self.server.load(Ordering::Relaxed),
                 ]),
             )
             .await?;
+        self.saw_server(&reply, 13);
         let (kind, v, blocker, now) = (
             get(&reply, 0)?,
             get(&reply, 1)?,
@@ -314,9 +357,11 @@ impl Limiter for RedisLimiter {
                     &b[1],
                     &b[2],
                     &b[3],
+                    &self.server.load(Ordering::Relaxed),
                 ]),
             )
             .await?;
+        self.saw_server(&r, 8);
         // A check on a state that is gone (and was not fenced) leaves the hint alone, so
         // the next acquire still sees the loss.
         if let Some(hint) = Hint::from_reply(&r, [3, 4, 5, 6, 7]) {

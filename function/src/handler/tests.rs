@@ -35,7 +35,7 @@ use tokio::{sync::watch, time::Instant};
 use super::*;
 use crate::{
     metrics::Metrics,
-    outcome::{DeferReason, Outcome},
+    outcome::{Attempt, DeferReason, Outcome},
     record::{Records, Status},
     sink::{LocalSink, Sink, SinkError},
 };
@@ -380,6 +380,7 @@ impl Rig {
                 claim_lease: Duration::from_secs(30),
                 default_defer: Duration::from_secs(5),
                 defer_slack: Duration::from_millis(50),
+                ..HandlerOptions::default()
             },
         );
         Rig {
@@ -395,7 +396,11 @@ impl Rig {
     }
 
     async fn handle(&self, body: &str) -> Outcome {
-        self.handler.handle(body).await
+        self.handler.handle(body, Attempt::first()).await
+    }
+
+    async fn handle_attempt(&self, body: &str, attempt: Attempt) -> Outcome {
+        self.handler.handle(body, attempt).await
     }
 
     fn key(&self, model: &str) -> QuotaKey {
@@ -518,11 +523,11 @@ async fn cooldown_set_after_booking_cancels_booked_tickets() {
     let started = Instant::now();
     let b = tokio::spawn({
         let h = rig.handler.clone();
-        async move { h.handle(&body("r1")).await }
+        async move { h.handle(&body("r1"), Attempt::first()).await }
     });
     let c = tokio::spawn({
         let h = rig.handler.clone();
-        async move { h.handle(&body("r2")).await }
+        async move { h.handle(&body("r2"), Attempt::first()).await }
     });
     // Both are booked (1 s and 2 s ahead) and asleep; a 429 elsewhere sets a cooldown.
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -563,7 +568,7 @@ async fn a_day_block_set_after_booking_cancels_booked_tickets() {
     ));
     let waiting = tokio::spawn({
         let h = rig.handler.clone();
-        async move { h.handle(&body("r1")).await }
+        async move { h.handle(&body("r1"), Attempt::first()).await }
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
     rig.limiter
@@ -912,17 +917,30 @@ async fn no_config_loaded_defers() {
     assert!(rig.provider.calls().is_empty());
 }
 
-/// An unknown chain in a loaded config still fails.
+/// A chain the loaded config does not know is deferred while it may still be being
+/// applied (the first deliveries), then fails with the known chains named.
 #[tokio::test(start_paused = true)]
-async fn an_unknown_chain_in_a_loaded_config_fails() {
+async fn an_unknown_chain_defers_at_first_then_fails() {
     let rig = Rig::new(
         config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
         always_image(),
     );
-    let out = rig
-        .handle(r#"{"id":"r1","chain":"other","prompt":"p"}"#)
-        .await;
-    assert!(matches!(out, Outcome::Failed(_)), "{out:?}");
+    let body = r#"{"id":"r1","chain":"other","prompt":"p"}"#;
+    for receive_count in 1..HandlerOptions::default().unknown_chain_receives {
+        let out = rig
+            .handle_attempt(body, Attempt::received(receive_count))
+            .await;
+        assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
+        assert!(rig.handler.records().get("r1").await.unwrap().is_none());
+    }
+    let last = HandlerOptions::default().unknown_chain_receives;
+    let out = rig.handle_attempt(body, Attempt::received(last)).await;
+    let Outcome::Failed(record) = out else {
+        panic!("{out:?}")
+    };
+    let reason = record.error.unwrap_or_default();
+    assert!(reason.contains("other"), "{reason}");
+    assert!(rig.provider.calls().is_empty());
 }
 
 // The error policy, driven through the walk: every `ProviderError` variant at the first and
@@ -1261,7 +1279,7 @@ async fn policy_a_hung_call_times_out_and_is_retried() {
         "replica-2",
         HandlerOptions::default(),
     );
-    let out = handler.handle(&body("r1")).await;
+    let out = handler.handle(&body("r1"), Attempt::first()).await;
     drop(tx);
     served_by(&out, A, 2);
     assert_eq!(rig.models_called(), [A, A]);
@@ -1476,4 +1494,97 @@ async fn policy_per_day_skip_on_the_only_step_defers_for_hours() {
     assert!(again > Duration::from_secs(60), "{again:?}");
     assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), acquires);
     assert_eq!(rig.models_called(), [A]);
+}
+
+// --- Issue 12: the message lifecycle.
+
+/// A request whose input tokens exceed the per-window limit of every step's model can never
+/// run: it fails with that reason instead of being deferred until the dead-letter queue.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_fits_no_step_fails_with_the_reason() {
+    let tight = ModelLimits {
+        tpm: Some(3),
+        ..limits(100, 1000)
+    };
+    let rig = Rig::new(
+        config(
+            &[(A, tight.clone()), (B, tight)],
+            &[(A, Duration::from_secs(1)), (B, Duration::from_secs(1))],
+        ),
+        always_image(),
+    );
+    let out = rig.handle(&body("r1")).await;
+    let Outcome::Failed(record) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("exceed a limit of every model"),
+        "{out:?}"
+    );
+    assert!(rig.provider.calls().is_empty());
+}
+
+/// Only one step too small: the other serves it.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_fits_one_step_is_served_there() {
+    let tight = ModelLimits {
+        tpm: Some(3),
+        ..limits(100, 1000)
+    };
+    let rig = Rig::new(
+        config(
+            &[(A, tight), (B, limits(100, 1000))],
+            &[(A, Duration::from_secs(1)), (B, Duration::from_secs(1))],
+        ),
+        always_image(),
+    );
+    served_by(&rig.handle(&body("r1")).await, B, 1);
+}
+
+/// Under a caller's deadline (a Lambda invocation) a booking further out than the deadline
+/// minus the call's budget (here the chain's 5 s request timeout) is not taken: the message
+/// is deferred, nothing is called.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_defers_what_its_deadline_cannot_fit() {
+    // One per 10 s, steps may wait 60 s: r1 takes the window, r2 would wait 10 s.
+    let rig = Rig::new(
+        config(&[(A, limits(1, 10_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+    );
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    let attempt = Attempt {
+        receive_count: 1,
+        deadline: Some(Instant::now() + Duration::from_secs(12)),
+    };
+    let out = rig.handle_attempt(&body("r2"), attempt).await;
+    let (after, _) = deferred(&out);
+    assert!(after >= Duration::from_secs(9), "{after:?}");
+    assert_eq!(rig.provider.calls().len(), 1);
+    // With time enough (the wait and the call), it waits its booking out and is served.
+    let attempt = Attempt {
+        receive_count: 2,
+        deadline: Some(Instant::now() + Duration::from_secs(16)),
+    };
+    served_by(&rig.handle_attempt(&body("r2"), attempt).await, A, 1);
+}
+
+/// Less time left than one call needs: no booking at all, deferred for another delivery.
+#[tokio::test(start_paused = true)]
+async fn a_delivery_without_time_for_a_call_defers_at_once() {
+    let rig = Rig::new(
+        config(&[(A, limits(10, 10_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+    );
+    let attempt = Attempt {
+        receive_count: 1,
+        deadline: Some(Instant::now() + Duration::from_secs(1)),
+    };
+    let out = rig.handle_attempt(&body("r1"), attempt).await;
+    assert_eq!(deferred(&out).1, DeferReason::Deadline);
+    assert!(rig.provider.calls().is_empty());
+    assert!(rig.tickets().is_empty());
 }

@@ -34,15 +34,24 @@ pub(super) struct Delivery {
     bookings: u32,
     /// Provider calls made so far, all images, steps and retries.
     pub(super) attempts: u32,
+    /// When the caller stops waiting for this delivery (a Lambda invocation's deadline).
+    until: Option<Instant>,
 }
 
 impl Delivery {
-    pub(super) fn new(token: String) -> Delivery {
+    pub(super) fn new(token: String, until: Option<Instant>) -> Delivery {
         Delivery {
             token,
             bookings: 0,
             attempts: 0,
+            until,
         }
+    }
+
+    /// Time left before the caller's deadline, if it has one.
+    pub(super) fn left(&self) -> Option<Duration> {
+        self.until
+            .map(|u| u.saturating_duration_since(Instant::now()))
     }
 
     /// A fresh booking id: `{id}:{image}:{model}:{claim token}:{n}`. Retrying the same
@@ -72,6 +81,8 @@ struct Walk<'a> {
 struct Soonest {
     after: Option<Duration>,
     reason: DeferReason,
+    /// Steps whose limits the request's costs exceed outright.
+    never_fits: usize,
 }
 
 impl Soonest {
@@ -185,6 +196,7 @@ impl Handler {
         let mut soonest = Soonest {
             after: None,
             reason: DeferReason::Capacity,
+            never_fits: 0,
         };
         for step in &chain.steps {
             match self.run_step(&walk, step, delivery, &mut soonest).await {
@@ -192,6 +204,13 @@ impl Handler {
                 StepEnd::NextStep => {}
                 StepEnd::Miss(miss) => return Err(miss),
             }
+        }
+        if !chain.steps.is_empty() && soonest.never_fits >= chain.steps.len() {
+            return Err(Miss::Fail(format!(
+                "the request's costs exceed a limit of every model of chain {} (pool {}): \
+                 shorten the prompt or raise the pool's limits",
+                chain.name, pool.name
+            )));
         }
         Err(Miss::Defer(
             soonest.after.unwrap_or(self.options.default_defer),
@@ -207,7 +226,7 @@ impl Handler {
         delivery: &mut Delivery,
         soonest: &mut Soonest,
     ) -> StepEnd {
-        let Some(mut run) = self.start_step(w, step, soonest) else {
+        let Some(mut run) = self.start_step(w, step, delivery, soonest) else {
             return StepEnd::NextStep;
         };
         let mut state = State::Book;
@@ -222,6 +241,14 @@ impl Handler {
                 State::Call(ticket) => self.call(w, &mut run, ticket, delivery).await,
                 State::Failed(err) => self.decide(w, &run, err, soonest).await,
                 State::Retry(after) => {
+                    if delivery
+                        .left()
+                        .is_some_and(|left| left < after + self.call_budget(w))
+                    {
+                        // No time for another call in this invocation: the next delivery
+                        // tries again.
+                        return StepEnd::Miss(Miss::Defer(after, DeferReason::Deadline));
+                    }
                     tokio::time::sleep(after).await;
                     State::Book
                 }
@@ -236,6 +263,7 @@ impl Handler {
         &self,
         w: &Walk<'_>,
         step: &'s CompiledStep,
+        delivery: &Delivery,
         soonest: &mut Soonest,
     ) -> Option<StepRun<'s>> {
         let qkey = w.pool.key(&step.model);
@@ -275,6 +303,15 @@ impl Handler {
         let mut max_wait = Duration::from_millis(step.max_wait_ms);
         if let Some(left) = deadline_in(w.req) {
             max_wait = max_wait.min(left);
+        }
+        // A booked start must leave room for the call before the caller's deadline.
+        if let Some(left) = delivery.left() {
+            let budget = self.call_budget(w);
+            if left < budget {
+                soonest.note(Some(Duration::ZERO), DeferReason::Deadline);
+                return None;
+            }
+            max_wait = max_wait.min(left - budget);
         }
         Some(StepRun {
             step,
@@ -319,6 +356,7 @@ impl Handler {
             }) => {
                 if blocking == Blocker::NeverFits {
                     tracing::warn!(model = %model, "the request's costs exceed a limit of this model");
+                    soonest.never_fits += 1;
                 }
                 soonest.note(retry_after, reason_for(blocking));
                 State::Done(StepEnd::NextStep)
@@ -384,7 +422,10 @@ impl Handler {
         run.attempt += 1;
         delivery.attempts += 1;
         run.image_req.ticket = Some(ticket_tag(&ticket));
-        let timeout = Duration::from_millis(w.chain.request_timeout_ms.max(1));
+        let mut timeout = Duration::from_millis(w.chain.request_timeout_ms.max(1));
+        if let Some(left) = delivery.left() {
+            timeout = timeout.min(left);
+        }
         let call = tokio::time::timeout(timeout, w.provider.generate(model, &run.image_req)).await;
         let result = call.unwrap_or(Err(ProviderError::Timeout { after: timeout }));
         let label = match &result {
@@ -494,6 +535,12 @@ impl Handler {
                 State::Done(StepEnd::Miss(Miss::Defer(after, DeferReason::Account)))
             }
         }
+    }
+
+    /// What a provider call is given of a deadline-bound delivery's time: the chain's
+    /// request timeout, at most the handler's call budget.
+    fn call_budget(&self, w: &Walk<'_>) -> Duration {
+        Duration::from_millis(w.chain.request_timeout_ms.max(1)).min(self.options.call_budget)
     }
 
     /// The limiter could not be asked: defer the message (never call unbooked).
