@@ -19,7 +19,10 @@
 //! never dropped, and so is one that arrives before any configuration is loaded.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -259,9 +262,11 @@ impl Handler {
         }
     }
 
-    async fn fail(&self, id: &str, attempts: u32, reason: String) -> Outcome {
+    /// Fails the request: its record says why. `owner` is the claim to drop ("" when the
+    /// request was not claimed).
+    async fn fail(&self, id: &str, attempts: u32, reason: String, owner: &str) -> Outcome {
         let record = ResultRecord::failed(id, attempts, reason);
-        match self.records.put(&record).await {
+        match self.records.put(&record, owner).await {
             Ok(()) => {
                 self.publish(&record).await;
                 Outcome::Failed(record)
@@ -280,7 +285,7 @@ impl Handler {
             Err(e) => {
                 tracing::warn!(error = %e, "rejecting a malformed message");
                 return match GenerationRequest::salvage_id(body) {
-                    Some(id) => self.fail(&id, 0, e.to_string()).await,
+                    Some(id) => self.fail(&id, 0, e.to_string(), "").await,
                     None => Outcome::Failed(ResultRecord::failed("", 0, e.to_string())),
                 };
             }
@@ -304,6 +309,7 @@ impl Handler {
                     &req.id,
                     0,
                     "deadline passed before the request could run".into(),
+                    "",
                 )
                 .await;
         }
@@ -323,10 +329,10 @@ impl Handler {
                 tracing::warn!(error = %e, receive_count = attempt.receive_count, "deferring: the chain may still be being applied");
                 return self.defer(self.options.default_defer, DeferReason::Config);
             }
-            Err(e) => return self.fail(&req.id, 0, e.to_string()).await,
+            Err(e) => return self.fail(&req.id, 0, e.to_string(), "").await,
         };
         if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
-            return self.fail(&req.id, 0, e.to_string()).await;
+            return self.fail(&req.id, 0, e.to_string(), "").await;
         }
         let Some(provider) = self.providers.for_pool(pool) else {
             return self
@@ -337,6 +343,7 @@ impl Handler {
                         "no provider of kind {:?} is configured in this replica",
                         pool.provider
                     ),
+                    "",
                 )
                 .await;
         };
@@ -351,18 +358,45 @@ impl Handler {
                 return self.defer(self.options.default_defer, DeferReason::Infrastructure);
             }
         }
+        // Finished by another replica between the first read and the claim.
+        match self.records.get(&req.id).await {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                let _ = self.records.unclaim(&req.id, &token).await;
+                return Outcome::AlreadyDone(done);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the result record failed");
+                let _ = self.records.unclaim(&req.id, &token).await;
+                return self.defer(self.options.default_defer, DeferReason::Infrastructure);
+            }
+        }
+        let claim_lost = Arc::new(AtomicBool::new(false));
         let renew = {
             let (records, id, token) = (self.records.clone(), req.id.clone(), token.clone());
+            let lost = claim_lost.clone();
             tokio::spawn(async move {
+                let mut renewed = Instant::now();
                 loop {
                     tokio::time::sleep(lease / 3).await;
-                    if let Err(e) = records.claim(&id, &token, lease).await {
-                        tracing::warn!(error = %e, "renewing the claim failed");
+                    match records.claim(&id, &token, lease).await {
+                        Ok(true) => renewed = Instant::now(),
+                        Ok(false) => {
+                            tracing::warn!("the claim was taken over by another replica");
+                            lost.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) if renewed.elapsed() >= lease => {
+                            tracing::warn!(error = %e, "the claim could not be renewed within its lease");
+                            lost.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "renewing the claim failed"),
                     }
                 }
             })
         };
-        let mut delivery = Delivery::new(token.clone(), attempt.deadline);
+        let mut delivery = Delivery::new(token.clone(), attempt.deadline, claim_lost);
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;
@@ -421,12 +455,14 @@ impl Handler {
                 }
                 Err(Miss::Defer(after, reason)) => return self.defer(after, reason),
                 Err(Miss::Fail(reason)) => {
-                    return self.fail(&req.id, record.attempts, reason).await;
+                    return self
+                        .fail(&req.id, record.attempts, reason, delivery.token())
+                        .await;
                 }
             }
         }
         record.finished_at = jiff::Timestamp::now().to_string();
-        match self.records.put(&record).await {
+        match self.records.put(&record, delivery.token()).await {
             Ok(()) => {
                 self.publish(&record).await;
                 Outcome::Succeeded(record)

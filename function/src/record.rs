@@ -14,8 +14,10 @@ use std::{
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-/// How long result records are kept.
-pub const RESULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long result records are kept: longer than SQS keeps a message at most (14 days,
+/// in the queue or its dead-letter queue), so a late redrive finds its record and is not
+/// generated (and charged) again.
+pub const RESULT_TTL: Duration = Duration::from_secs(15 * 24 * 3600);
 
 /// How a request ended.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,25 +135,52 @@ impl Records {
         }
     }
 
-    /// Stores the final record and drops the claim, in one transaction.
-    pub async fn put(&self, record: &ResultRecord) -> Result<(), RecordError> {
+    /// Stores the final record and drops `owner`'s claim (only if it still holds it: a
+    /// stale replica must not free a live one's claim), atomically. A succeeded record is
+    /// never replaced by a failed one (a malformed duplicate of a finished request).
+    pub async fn put(&self, record: &ResultRecord, owner: &str) -> Result<(), RecordError> {
         match self {
             Records::Redis(redis) => {
+                let script = redis::Script::new(
+                    r#"local cur = redis.call('GET', KEYS[1])
+                      local kept = cur and ARGV[3] ~= 'succeeded'
+                        and string.find(cur, '"status":"succeeded"', 1, true)
+                      if not kept then
+                        redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+                      end
+                      if redis.call('GET', KEYS[2]) == ARGV[4] then
+                        redis.call('DEL', KEYS[2])
+                      end
+                      return 0"#,
+                );
                 let json = serde_json::to_string(record).unwrap_or_default();
-                redis::pipe()
-                    .atomic()
-                    .set_ex(result_key(&record.id), json, RESULT_TTL.as_secs())
-                    .ignore()
-                    .del(claim_key(&record.id))
-                    .ignore()
-                    .query_async::<()>(&mut redis.clone())
+                let status = match record.status {
+                    Status::Succeeded => "succeeded",
+                    Status::Failed => "failed",
+                };
+                script
+                    .key(result_key(&record.id))
+                    .key(claim_key(&record.id))
+                    .arg(json)
+                    .arg(RESULT_TTL.as_secs())
+                    .arg(status)
+                    .arg(owner)
+                    .invoke_async::<i32>(&mut redis.clone())
                     .await?;
                 Ok(())
             }
             Records::Memory(m) => {
                 let mut m = lock(m);
-                m.claims.remove(&record.id);
-                m.results.insert(record.id.clone(), record.clone());
+                if m.claims.get(&record.id).is_some_and(|(o, _)| o == owner) {
+                    m.claims.remove(&record.id);
+                }
+                let kept = record.status != Status::Succeeded
+                    && m.results
+                        .get(&record.id)
+                        .is_some_and(|r| r.status == Status::Succeeded);
+                if !kept {
+                    m.results.insert(record.id.clone(), record.clone());
+                }
                 Ok(())
             }
         }
@@ -192,6 +221,17 @@ impl Records {
         }
     }
 
+    /// Hands the claim on `id` to `owner` whoever holds it (tests: another replica taking
+    /// over a claim whose lease ran out while its holder was stalled).
+    #[cfg(test)]
+    pub(crate) fn steal_claim(&self, id: &str, owner: &str, lease: Duration) {
+        if let Records::Memory(m) = self {
+            lock(m)
+                .claims
+                .insert(id.to_owned(), (owner.to_owned(), Instant::now() + lease));
+        }
+    }
+
     /// Gives up a claim (the request was deferred), if `owner` still holds it.
     pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), RecordError> {
         match self {
@@ -214,5 +254,61 @@ impl Records {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn succeeded(id: &str) -> ResultRecord {
+        ResultRecord {
+            status: Status::Succeeded,
+            error: None,
+            ..ResultRecord::failed(id, 1, "")
+        }
+    }
+
+    /// A replica that lost its claim (lease over) stores its result without freeing the
+    /// claim the new holder has.
+    #[tokio::test]
+    async fn storing_a_result_drops_only_the_storers_claim() {
+        let records = Records::memory();
+        assert!(
+            records
+                .claim("r", "old", Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        records.steal_claim("r", "new", Duration::from_secs(30));
+        records.put(&succeeded("r"), "old").await.unwrap();
+        assert!(
+            !records
+                .claim("r", "third", Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+        records.put(&succeeded("r"), "new").await.unwrap();
+        assert!(
+            records
+                .claim("r", "third", Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+    }
+
+    /// A malformed duplicate of a finished request fails, but never replaces its record.
+    #[tokio::test]
+    async fn a_failed_record_never_replaces_a_succeeded_one() {
+        let records = Records::memory();
+        records.put(&succeeded("r"), "").await.unwrap();
+        records
+            .put(&ResultRecord::failed("r", 0, "malformed"), "")
+            .await
+            .unwrap();
+        assert_eq!(
+            records.get("r").await.unwrap().map(|r| r.status),
+            Some(Status::Succeeded)
+        );
     }
 }

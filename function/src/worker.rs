@@ -220,6 +220,7 @@ mod tests {
     use super::*;
     use crate::{outcome::DeferReason, queue::MemoryQueue, record::ResultRecord};
     use async_trait::async_trait;
+    use std::collections::HashMap;
     use std::sync::atomic::AtomicU32;
 
     /// Defers each message once by 3 s, then fails it (so it is deleted).
@@ -281,5 +282,117 @@ mod tests {
             took < Duration::from_secs(4),
             "deferred messages came back late: {took:?}"
         );
+    }
+
+    /// Defers each message `times` times by `after`, then finishes it; counts deliveries.
+    struct DeferTimes {
+        times: u32,
+        after: Duration,
+        seen: Mutex<HashMap<String, u32>>,
+    }
+
+    #[async_trait]
+    impl Process for DeferTimes {
+        async fn process(&self, body: &str, _attempt: Attempt) -> Outcome {
+            let n = {
+                let mut seen = lock(&self.seen);
+                let n = seen.entry(body.to_owned()).or_default();
+                *n += 1;
+                *n
+            };
+            if n <= self.times {
+                Outcome::Defer {
+                    after: self.after,
+                    reason: DeferReason::Capacity,
+                }
+            } else {
+                Outcome::AlreadyDone(ResultRecord::failed(body, n, "done"))
+            }
+        }
+    }
+
+    /// Runs a worker until the queue is empty, looking every `poll` (long waits want a
+    /// long poll: the clock is paused, but each poll is a real loop turn).
+    async fn run_until_empty(
+        queue: Arc<MemoryQueue>,
+        processor: Arc<dyn Process>,
+        poll: Duration,
+    ) -> Arc<Metrics> {
+        let metrics = Arc::new(Metrics::default());
+        let shutdown = CancellationToken::new();
+        let opts = WorkerOptions {
+            concurrency: 8,
+            wait_time: poll,
+            ..Default::default()
+        };
+        let worker = tokio::spawn(run(
+            queue.clone(),
+            opts,
+            processor,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        while !queue.is_empty() {
+            tokio::time::sleep(poll).await;
+        }
+        shutdown.cancel();
+        worker.await.unwrap().unwrap();
+        metrics
+    }
+
+    /// A backlog deferred 30 times each on a queue whose redrive policy dead-letters at the
+    /// 20th receive (the chart's): every message is re-sent before that, none dead-lettered.
+    #[tokio::test(start_paused = true)]
+    async fn deferrals_never_walk_a_message_into_the_dead_letter_queue() {
+        let queue = Arc::new(MemoryQueue::with_max_receives(20));
+        for i in 0..10 {
+            queue.send(&format!("m{i}")).await.unwrap();
+        }
+        let processor = Arc::new(DeferTimes {
+            times: 30,
+            after: Duration::from_secs(2),
+            seen: Mutex::default(),
+        });
+        let metrics =
+            run_until_empty(queue.clone(), processor.clone(), Duration::from_millis(100)).await;
+        assert!(
+            queue.dead_letters().is_empty(),
+            "{:?}",
+            queue.dead_letters()
+        );
+        assert!(lock(&processor.seen).values().all(|n| *n == 31));
+        // Each copy is hidden at its receives 1 to 9 and re-sent at its 10th: 30
+        // deferrals take three copies.
+        assert_eq!(metrics.resent.get(), 30);
+    }
+
+    /// A wait to Pacific midnight (20 h) on SQS's 12-hour visibility cap: the message
+    /// comes back once at the cap and once at its time (no refused visibility change, no
+    /// return within a minute).
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_the_visibility_cap_costs_one_extra_receive() {
+        let queue = Arc::new(MemoryQueue::with_max_receives(20));
+        queue.send("day").await.unwrap();
+        let until = tokio::time::Instant::now() + Duration::from_secs(20 * 3600);
+        struct UntilMidnight(tokio::time::Instant, AtomicU32);
+        #[async_trait]
+        impl Process for UntilMidnight {
+            async fn process(&self, body: &str, _attempt: Attempt) -> Outcome {
+                self.1.fetch_add(1, Ordering::Relaxed);
+                let now = tokio::time::Instant::now();
+                if now >= self.0 {
+                    return Outcome::AlreadyDone(ResultRecord::failed(body, 0, "done"));
+                }
+                Outcome::Defer {
+                    after: self.0 - now,
+                    reason: DeferReason::RateLimited,
+                }
+            }
+        }
+        let processor = Arc::new(UntilMidnight(until, AtomicU32::new(0)));
+        run_until_empty(queue.clone(), processor.clone(), Duration::from_secs(20)).await;
+        assert_eq!(processor.1.load(Ordering::Relaxed), 3);
+        assert!(tokio::time::Instant::now() >= until);
+        assert!(queue.dead_letters().is_empty());
     }
 }

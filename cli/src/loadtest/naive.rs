@@ -84,7 +84,7 @@ impl Process for Naive {
                     record.error = None;
                     record.model = Some(step.model.clone());
                     record.images = vec![location];
-                    let _ = self.records.put(&record).await;
+                    let _ = self.records.put(&record, "").await;
                     return Outcome::Succeeded(record);
                 }
                 Err(
@@ -100,7 +100,7 @@ impl Process for Naive {
                 }
                 Err(e) => {
                     let record = ResultRecord::failed(&req.id, attempt, e.to_string());
-                    let _ = self.records.put(&record).await;
+                    let _ = self.records.put(&record, "").await;
                     return Outcome::Failed(record);
                 }
             }

@@ -344,6 +344,11 @@ static RIGS: AtomicUsize = AtomicUsize::new(0);
 
 impl Rig {
     fn new(config: CompiledConfig, script: Script) -> Rig {
+        Rig::with_lease(config, script, Duration::from_secs(30))
+    }
+
+    /// A rig whose claims last `claim_lease`.
+    fn with_lease(config: CompiledConfig, script: Script, claim_lease: Duration) -> Rig {
         let limiter = Arc::new(MemoryLimiter::new(TokioClock::new()));
         let provider = Scripted::new(script);
         let dir = std::env::temp_dir().join(format!(
@@ -377,7 +382,7 @@ impl Rig {
             Arc::new(Metrics::default()),
             "replica-1",
             HandlerOptions {
-                claim_lease: Duration::from_secs(30),
+                claim_lease,
                 default_defer: Duration::from_secs(5),
                 defer_slack: Duration::from_millis(50),
                 ..HandlerOptions::default()
@@ -1587,4 +1592,34 @@ async fn a_delivery_without_time_for_a_call_defers_at_once() {
     assert_eq!(deferred(&out).1, DeferReason::Deadline);
     assert!(rig.provider.calls().is_empty());
     assert!(rig.tickets().is_empty());
+}
+
+/// A claim taken over while the request waits for its booking (its holder stalled past the
+/// lease): the call does not go out, the booking is released, the message is deferred as
+/// in progress, and the new holder's claim stays.
+#[tokio::test(start_paused = true)]
+async fn a_claim_lost_while_waiting_stops_the_call() {
+    let rig = Rig::with_lease(
+        config(&[(A, limits(1, 10_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+        Duration::from_secs(6),
+    );
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    let handler = rig.handler.clone();
+    let waiting = tokio::spawn(async move { handler.handle(&body("r2"), Attempt::first()).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rig.handler
+        .records()
+        .steal_claim("r2", "another-replica", Duration::from_secs(60));
+    let out = waiting.await.expect("handler task");
+    assert_eq!(deferred(&out).1, DeferReason::InProgress);
+    assert_eq!(rig.provider.calls().len(), 1, "only r1 was called");
+    assert!(
+        !rig.handler
+            .records()
+            .claim("r2", "a-third-replica", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        "the new holder keeps its claim"
+    );
 }

@@ -5,7 +5,13 @@
 //! Every booking a delivery makes is named after the delivery's claim token and a counter,
 //! so no two calls ever share a booking: a redelivered message books afresh (a replay of
 //! its first delivery's booking would call the provider uncounted), and so does a retry.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use pacer_core::{
     config::{CompiledChain, CompiledPool, CompiledStep},
@@ -36,16 +42,33 @@ pub(super) struct Delivery {
     pub(super) attempts: u32,
     /// When the caller stops waiting for this delivery (a Lambda invocation's deadline).
     until: Option<Instant>,
+    /// Set when the claim was taken over or could not be renewed within its lease: another
+    /// replica may be generating the request, so no further call goes out.
+    claim_lost: Arc<AtomicBool>,
 }
 
 impl Delivery {
-    pub(super) fn new(token: String, until: Option<Instant>) -> Delivery {
+    pub(super) fn new(
+        token: String,
+        until: Option<Instant>,
+        claim_lost: Arc<AtomicBool>,
+    ) -> Delivery {
         Delivery {
             token,
             bookings: 0,
             attempts: 0,
             until,
+            claim_lost,
         }
+    }
+
+    /// The delivery's claim token.
+    pub(super) fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn claim_lost(&self) -> bool {
+        self.claim_lost.load(Ordering::Relaxed)
     }
 
     /// Time left before the caller's deadline, if it has one.
@@ -419,6 +442,14 @@ impl Handler {
         delivery: &mut Delivery,
     ) -> State {
         let model = &run.step.model;
+        if delivery.claim_lost() {
+            // Released, not reconciled: nothing was called on it.
+            if let Err(e) = w.limiter.release(&ticket).await {
+                tracing::debug!(error = %e, "releasing an unused booking failed");
+            }
+            let after = self.options.claim_lease / 2;
+            return State::Done(StepEnd::Miss(Miss::Defer(after, DeferReason::InProgress)));
+        }
         run.attempt += 1;
         delivery.attempts += 1;
         run.image_req.ticket = Some(ticket_tag(&ticket));
