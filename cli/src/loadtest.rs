@@ -63,7 +63,7 @@ use pacer_function::{
     queue::{MemoryQueue, Queue, SqsQueue},
     record::{Records, ResultRecord, Status},
     runtime::{self, SharedState},
-    sink::{self, Sink},
+    sink::{self, Sink, Stored},
     worker::{self, WorkerOptions},
 };
 
@@ -869,7 +869,10 @@ async fn run_once(
         polls += 1;
         if flushed && polls.is_multiple_of(8) {
             for id in pending(&done, &stored_without_record) {
-                if matches!(store.existing(&format!("{id}.png")).await, Ok(Some(_))) {
+                if matches!(
+                    store.existing(&format!("{id}.png"), &id).await,
+                    Ok(Stored::Ours(_))
+                ) {
                     finished_ms.insert(id.clone(), now_ms());
                     stored_without_record.insert(id);
                 }
@@ -1013,7 +1016,10 @@ async fn run_once(
         match done.get(id) {
             Some(r) if r.status == Status::Succeeded => {
                 let stored = match r.images.first() {
-                    Some(_) => matches!(store.existing(&format!("{id}.png")).await, Ok(Some(_))),
+                    Some(_) => matches!(
+                        store.existing(&format!("{id}.png"), id).await,
+                        Ok(Stored::Ours(_))
+                    ),
                     None => false,
                 };
                 if stored {

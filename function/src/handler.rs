@@ -60,7 +60,7 @@ use crate::{
     outcome::{Attempt, DeferReason, Outcome, Process},
     queue::Queue,
     record::{Records, ResultRecord, Status},
-    sink::Sink,
+    sink::{Sink, Stored},
 };
 
 /// The providers a replica can reach, by the pool's provider kind.
@@ -430,12 +430,36 @@ impl Handler {
         for index in 0..req.images {
             let key = req.output_key(index);
             // Stored by an earlier delivery that crashed before writing the record.
-            match self.sink.existing(&key).await {
-                Ok(Some(location)) => {
+            match self.sink.existing(&key, &req.id).await {
+                Ok(Stored::Ours(location)) => {
                     record.images.push(location);
                     continue;
                 }
-                Ok(None) => {}
+                // A default key is only ever this request's (an older version stored it
+                // without an owner).
+                Ok(Stored::Other(None)) if req.output_key.is_none() => {
+                    record.images.push(key.clone());
+                    continue;
+                }
+                Ok(Stored::Nothing) => {}
+                Ok(Stored::Other(owner)) => {
+                    let whose = owner.map_or_else(
+                        || "an object Pacer did not store".to_owned(),
+                        |o| format!("the image of request {o:?}"),
+                    );
+                    let reason = format!(
+                        "sink key {key:?} already holds {whose}: give this request its own outputKey"
+                    );
+                    return self
+                        .fail(&req.id, record.attempts, reason, delivery.token())
+                        .await;
+                }
+                Err(e) if e.permanent => {
+                    let reason = format!("checking the sink failed for good: {e}");
+                    return self
+                        .fail(&req.id, record.attempts, reason, delivery.token())
+                        .await;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "checking the sink failed");
                     return self.defer(self.options.default_defer, DeferReason::Infrastructure);
@@ -479,6 +503,7 @@ impl Handler {
     #[allow(clippy::too_many_arguments)]
     async fn store(
         &self,
+        id: &str,
         key: &str,
         model: &str,
         resp: ImageResponse,
@@ -504,7 +529,7 @@ impl Handler {
         let Some(image) = resp.images.into_iter().next() else {
             return Err(Miss::Fail(format!("{model} answered without an image")));
         };
-        match self.sink.put(key, &image.data, &image.mime_type).await {
+        match self.sink.put(key, &image.data, &image.mime_type, id).await {
             Ok(location) => Ok(Generated {
                 model: model.to_owned(),
                 location,
@@ -512,6 +537,10 @@ impl Handler {
                 output_tokens: usage.candidate_tokens,
                 cost_micros: price,
             }),
+            // Paid for and lost: generating it again on every delivery would not help.
+            Err(e) if e.permanent => Err(Miss::Fail(format!(
+                "storing the image failed for good (fix the sink's permissions, then resubmit): {e}"
+            ))),
             Err(e) => {
                 tracing::warn!(error = %e, "storing the image failed");
                 Err(Miss::Defer(

@@ -239,7 +239,8 @@ impl GenerationRequest {
     }
 
     /// The sink key of image `index` (0-based): the output key, or `<id>.png`; further images
-    /// get `-1`, `-2`, … before the extension.
+    /// get `~1`, `~2`, … before the extension. Ids never hold `~` (nor `/`), so no default
+    /// key of one request is another's.
     pub fn output_key(&self, index: u32) -> String {
         let base = self
             .output_key
@@ -250,9 +251,9 @@ impl GenerationRequest {
         }
         match base.rsplit_once('.') {
             Some((stem, ext)) if !stem.is_empty() && !ext.contains('/') => {
-                format!("{stem}-{index}.{ext}")
+                format!("{stem}~{index}.{ext}")
             }
-            _ => format!("{base}-{index}"),
+            _ => format!("{base}~{index}"),
         }
     }
 
@@ -299,7 +300,7 @@ mod tests {
         assert_eq!(r.images, 2);
         assert_eq!(r.chain_name(), "team/images");
         assert_eq!(r.output_key(0), "foxes/r-1.png");
-        assert_eq!(r.output_key(1), "foxes/r-1-1.png");
+        assert_eq!(r.output_key(1), "foxes/r-1~1.png");
     }
 
     #[test]

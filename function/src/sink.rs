@@ -2,12 +2,20 @@
 //!
 //! A sink is also half of idempotency: before calling the provider the handler asks
 //! whether the image already exists, so a redelivered message is acknowledged without
-//! generating it twice.
-use std::path::PathBuf;
+//! generating it twice. Every object carries the id of the request that stored it (S3
+//! metadata `pacer-request-id`; a hidden `.<name>.pacer-id` file beside a local one), so
+//! an object at the key is taken as this request's only when it carries this id: an
+//! `outputKey` naming another request's image fails the request instead of passing
+//! that image off as its own.
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-/// A failure to store or look up an image. Always retryable: the message is deferred.
+/// The S3 metadata key (and the local side file's content) naming the request an object
+/// belongs to.
+pub const OWNER_METADATA: &str = "pacer-request-id";
+
+/// A failure to store or look up an image.
 #[derive(Debug, thiserror::Error)]
 #[error("sink {location}: {message}")]
 pub struct SinkError {
@@ -15,15 +23,47 @@ pub struct SinkError {
     pub location: String,
     /// What went wrong.
     pub message: String,
+    /// Whether trying again cannot help (no permission, a read-only folder): the request
+    /// fails with this error instead of being generated again on every delivery.
+    pub permanent: bool,
+}
+
+impl SinkError {
+    fn io(location: &str, e: &std::io::Error) -> Self {
+        use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+        SinkError {
+            location: location.to_owned(),
+            message: e.to_string(),
+            permanent: matches!(e.kind(), PermissionDenied | ReadOnlyFilesystem),
+        }
+    }
+}
+
+/// What is stored at a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Nothing.
+    Nothing,
+    /// This request's image (a delivery stored it and stopped before its record): here.
+    Ours(String),
+    /// An object of another request (named, when the object says) or of someone else.
+    Other(Option<String>),
 }
 
 /// A place images are stored.
 #[async_trait]
 pub trait Sink: Send + Sync {
-    /// The location of `key` if an object is already stored there.
-    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError>;
-    /// Stores `data` at `key` and returns its location (`s3://bucket/key` or a path).
-    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError>;
+    /// What is stored at `key`, judged for request `id`.
+    async fn existing(&self, key: &str, id: &str) -> Result<Stored, SinkError>;
+    /// Stores `data` at `key` for request `id` and returns its location (`s3://bucket/key`
+    /// or a path).
+    async fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        mime_type: &str,
+        id: &str,
+    ) -> Result<String, SinkError>;
 }
 
 /// Parses a sink URL: `s3://bucket/prefix` or `file:///path` (or a bare path).
@@ -34,6 +74,7 @@ pub async fn from_url(url: &str) -> Result<Box<dyn Sink>, SinkError> {
             return Err(SinkError {
                 location: url.to_owned(),
                 message: "no bucket: use s3://BUCKET/optional/prefix".into(),
+                permanent: true,
             });
         }
         let conf = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -63,32 +104,64 @@ impl LocalSink {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
+
+    /// The hidden file beside `path` naming its request.
+    fn owner_file(path: &Path) -> PathBuf {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        path.with_file_name(format!(".{name}.pacer-id"))
+    }
+}
+
+/// Writes `data` to `path` durably: a temporary file, synced, then renamed, so a crash
+/// never leaves a partial file that looks stored.
+async fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut file = tokio::fs::File::create(&tmp).await?;
+    file.write_all(data).await?;
+    file.sync_all().await?;
+    drop(file);
+    tokio::fs::rename(&tmp, path).await
 }
 
 #[async_trait]
 impl Sink for LocalSink {
-    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
+    async fn existing(&self, key: &str, id: &str) -> Result<Stored, SinkError> {
         let path = self.root.join(key);
-        Ok(tokio::fs::try_exists(&path)
+        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(Stored::Nothing);
+        }
+        let owner = tokio::fs::read_to_string(Self::owner_file(&path))
             .await
-            .unwrap_or(false)
-            .then(|| path.display().to_string()))
+            .ok()
+            .map(|o| o.trim().to_owned());
+        Ok(match owner {
+            Some(o) if o == id => Stored::Ours(path.display().to_string()),
+            other => Stored::Other(other),
+        })
     }
 
-    async fn put(&self, key: &str, data: &[u8], _mime_type: &str) -> Result<String, SinkError> {
+    async fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        _mime_type: &str,
+        id: &str,
+    ) -> Result<String, SinkError> {
         let path = self.root.join(key);
         let location = path.display().to_string();
-        let err = |e: std::io::Error| SinkError {
-            location: location.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: std::io::Error| SinkError::io(&location, &e);
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(err)?;
         }
-        // Write then rename, so a crash never leaves a partial file that looks stored.
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        tokio::fs::write(&tmp, data).await.map_err(err)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(err)?;
+        // The owner first: an image is never there without it.
+        write_durably(&Self::owner_file(&path), id.as_bytes())
+            .await
+            .map_err(err)?;
+        write_durably(&path, data).await.map_err(err)?;
         Ok(location)
     }
 }
@@ -121,11 +194,34 @@ impl S3Sink {
     fn location(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, self.key(key))
     }
+
+    /// An S3 error, permanent when it is about permission or credentials (403s): a
+    /// missing bucket stays transient (it may be being created).
+    fn error<E, R>(&self, key: &str, e: aws_sdk_s3::error::SdkError<E, R>) -> SinkError
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = e
+            .as_service_error()
+            .and_then(|s| s.code())
+            .unwrap_or_default()
+            .to_owned();
+        let permanent = matches!(
+            code.as_str(),
+            "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AllAccessDisabled"
+        );
+        SinkError {
+            location: self.location(key),
+            message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+            permanent,
+        }
+    }
 }
 
 #[async_trait]
 impl Sink for S3Sink {
-    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
+    async fn existing(&self, key: &str, id: &str) -> Result<Stored, SinkError> {
         match self
             .client
             .head_object()
@@ -134,28 +230,35 @@ impl Sink for S3Sink {
             .send()
             .await
         {
-            Ok(_) => Ok(Some(self.location(key))),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-            Err(e) => Err(SinkError {
-                location: self.location(key),
-                message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-            }),
+            Ok(head) => {
+                let owner = head.metadata().and_then(|m| m.get(OWNER_METADATA)).cloned();
+                Ok(match owner {
+                    Some(o) if o == id => Stored::Ours(self.location(key)),
+                    other => Stored::Other(other),
+                })
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(Stored::Nothing),
+            Err(e) => Err(self.error(key, e)),
         }
     }
 
-    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError> {
+    async fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        mime_type: &str,
+        id: &str,
+    ) -> Result<String, SinkError> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(key))
             .content_type(mime_type)
+            .metadata(OWNER_METADATA, id)
             .body(data.to_vec().into())
             .send()
             .await
-            .map_err(|e| SinkError {
-                location: self.location(key),
-                message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-            })?;
+            .map_err(|e| self.error(key, e))?;
         Ok(self.location(key))
     }
 }
@@ -168,10 +271,43 @@ mod tests {
     async fn local_sink_stores_and_finds() {
         let dir = std::env::temp_dir().join(format!("pacer-sink-{}", std::process::id()));
         let sink = LocalSink::new(&dir);
-        assert_eq!(sink.existing("a/b.png").await.unwrap(), None);
-        let loc = sink.put("a/b.png", b"png", "image/png").await.unwrap();
-        assert_eq!(sink.existing("a/b.png").await.unwrap(), Some(loc.clone()));
+        assert_eq!(
+            sink.existing("a/b.png", "r1").await.unwrap(),
+            Stored::Nothing
+        );
+        let loc = sink
+            .put("a/b.png", b"png", "image/png", "r1")
+            .await
+            .unwrap();
+        assert_eq!(
+            sink.existing("a/b.png", "r1").await.unwrap(),
+            Stored::Ours(loc.clone())
+        );
+        // Another request naming the same key does not take it for its own.
+        assert_eq!(
+            sink.existing("a/b.png", "r2").await.unwrap(),
+            Stored::Other(Some("r1".into()))
+        );
         assert_eq!(std::fs::read(&loc).unwrap(), b"png");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// No permission or a read-only folder is a permanent error (the request fails once
+    /// with it); anything else is retried.
+    #[test]
+    fn io_errors_are_classified() {
+        use std::io::{Error, ErrorKind};
+        for (kind, permanent) in [
+            (ErrorKind::PermissionDenied, true),
+            (ErrorKind::ReadOnlyFilesystem, true),
+            (ErrorKind::StorageFull, false),
+            (ErrorKind::TimedOut, false),
+        ] {
+            assert_eq!(
+                SinkError::io("x", &Error::from(kind)).permanent,
+                permanent,
+                "{kind:?}"
+            );
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::{
 use async_trait::async_trait;
 use pacer_simulator::{Faults, config::Schedule};
 
-use pacer_function::sink::{Sink, SinkError};
+use pacer_function::sink::{Sink, SinkError, Stored};
 
 /// One `--fault`.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,11 +174,17 @@ impl FailingSink {
 
 #[async_trait]
 impl Sink for FailingSink {
-    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
-        self.inner.existing(key).await
+    async fn existing(&self, key: &str, id: &str) -> Result<Stored, SinkError> {
+        self.inner.existing(key, id).await
     }
 
-    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError> {
+    async fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        mime_type: &str,
+        id: &str,
+    ) -> Result<String, SinkError> {
         let fail = self
             .remaining
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -191,9 +197,10 @@ impl Sink for FailingSink {
             return Err(SinkError {
                 location: key.to_owned(),
                 message: "loadtest fault: sink-fail".to_owned(),
+                permanent: false,
             });
         }
-        let location = self.inner.put(key, data, mime_type).await?;
+        let location = self.inner.put(key, data, mime_type, id).await?;
         *super::lock(&self.writes).entry(key.to_owned()).or_default() += 1;
         if self.stream {
             super::CallLog::emit(&super::ChildLine::Stored(key.to_owned()));

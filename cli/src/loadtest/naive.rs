@@ -68,7 +68,7 @@ impl Process for Naive {
                     };
                     let location = match self
                         .sink
-                        .put(&req.output_key(0), &image.data, &image.mime_type)
+                        .put(&req.output_key(0), &image.data, &image.mime_type, &req.id)
                         .await
                     {
                         Ok(l) => l,

@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -37,7 +37,7 @@ use crate::{
     metrics::Metrics,
     outcome::{Attempt, DeferReason, Outcome},
     record::{Records, Status},
-    sink::{LocalSink, Sink, SinkError},
+    sink::{LocalSink, Sink, SinkError, Stored},
 };
 
 const A: &str = "model-a";
@@ -153,15 +153,24 @@ struct FlakySink {
     inner: LocalSink,
     fail_puts: AtomicU32,
     fail_key: Mutex<Option<String>>,
+    /// Whether injected failures are permanent (no permission) rather than transient.
+    permanent: AtomicBool,
 }
 
 #[async_trait]
 impl Sink for FlakySink {
-    async fn existing(&self, key: &str) -> Result<Option<String>, SinkError> {
-        self.inner.existing(key).await
+    async fn existing(&self, key: &str, id: &str) -> Result<Stored, SinkError> {
+        self.inner.existing(key, id).await
     }
 
-    async fn put(&self, key: &str, data: &[u8], mime_type: &str) -> Result<String, SinkError> {
+    async fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        mime_type: &str,
+        id: &str,
+    ) -> Result<String, SinkError> {
+        let permanent = self.permanent.load(Ordering::SeqCst);
         let failing = {
             let mut fail_key = self.fail_key.lock().unwrap();
             let hit = fail_key.as_deref() == Some(key);
@@ -174,6 +183,7 @@ impl Sink for FlakySink {
             return Err(SinkError {
                 location: key.to_owned(),
                 message: "injected failure".into(),
+                permanent,
             });
         }
         let left = self.fail_puts.load(Ordering::SeqCst);
@@ -182,9 +192,10 @@ impl Sink for FlakySink {
             return Err(SinkError {
                 location: key.to_owned(),
                 message: "injected failure".into(),
+                permanent,
             });
         }
-        self.inner.put(key, data, mime_type).await
+        self.inner.put(key, data, mime_type, id).await
     }
 }
 
@@ -360,6 +371,7 @@ impl Rig {
             inner: LocalSink::new(&dir),
             fail_puts: AtomicU32::new(0),
             fail_key: Mutex::default(),
+            permanent: AtomicBool::new(false),
         });
         let (tx, rx) = watch::channel(Arc::new(config.clone()));
         let losing = Arc::new(Losing {
@@ -829,7 +841,7 @@ async fn two_images_with_a_deferral_between_them() {
     );
     let body = r#"{"id":"r2","chain":"chain","prompt":"two foxes","images":2}"#;
     // The first image stores; the second's write fails.
-    *rig.sink.fail_key.lock().unwrap() = Some("r2-1.png".into());
+    *rig.sink.fail_key.lock().unwrap() = Some("r2~1.png".into());
     let first = rig.handle(body).await;
     assert_eq!(deferred(&first).1, DeferReason::Infrastructure);
     assert_eq!(rig.provider.calls().len(), 2);
@@ -846,7 +858,7 @@ async fn two_images_with_a_deferral_between_them() {
     assert_eq!(rig.tickets().len(), 3);
     assert!(record.images[0].ends_with("r2.png"), "{:?}", record.images);
     assert!(
-        record.images[1].ends_with("r2-1.png"),
+        record.images[1].ends_with("r2~1.png"),
         "{:?}",
         record.images
     );
@@ -1621,5 +1633,56 @@ async fn a_claim_lost_while_waiting_stops_the_call() {
             .await
             .unwrap(),
         "the new holder keeps its claim"
+    );
+}
+
+/// A sink that refuses for good (no permission): the paid-for image is not generated
+/// again on every delivery; the request fails once, with the sink's error.
+#[tokio::test(start_paused = true)]
+async fn a_permanent_sink_failure_fails_the_request_once() {
+    let rig = Rig::new(two_steps(), always_image());
+    rig.sink.permanent.store(true, Ordering::SeqCst);
+    rig.sink.fail_puts.store(1, Ordering::SeqCst);
+    let out = rig.handle(&body("r1")).await;
+    let Outcome::Failed(record) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        record.error.as_deref().unwrap_or("").contains("for good"),
+        "{out:?}"
+    );
+    assert_eq!(rig.provider.calls().len(), 1);
+    assert!(matches!(
+        rig.handle(&body("r1")).await,
+        Outcome::AlreadyDone(_)
+    ));
+    assert_eq!(rig.provider.calls().len(), 1, "not generated again");
+}
+
+/// Two requests naming the same outputKey: the second is not recorded as succeeded with
+/// the first one's image; it fails and says whose image holds the key.
+#[tokio::test(start_paused = true)]
+async fn an_output_key_holding_another_request_s_image_fails() {
+    let rig = Rig::new(two_steps(), always_image());
+    let with_key = |id: &str| {
+        format!(r#"{{"id":"{id}","chain":"chain","prompt":"a fox","outputKey":"shared/fox.png"}}"#)
+    };
+    served_by(&rig.handle(&with_key("a")).await, A, 1);
+    let out = rig.handle(&with_key("b")).await;
+    let Outcome::Failed(record) = &out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains(r#"the image of request "a""#),
+        "{out:?}"
+    );
+    assert_eq!(
+        rig.provider.calls().len(),
+        1,
+        "b was not generated over a's image"
     );
 }

@@ -474,6 +474,7 @@ impl Handler {
             Ok(resp) => {
                 let stored = self
                     .store(
+                        &w.req.id,
                         w.key,
                         model,
                         resp,
