@@ -9,7 +9,7 @@ use pacer_core::{
 };
 
 /// Validate QuotaPool and ModelChain YAML and write it to Redis (what the operator does).
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ApplyArgs {
     /// The YAML file (the same documents `kubectl apply -f` takes); `-` reads stdin.
     #[arg(env = "PACER_APPLY_FILE", short = 'f', long = "filename")]
@@ -60,7 +60,7 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
 }
 
 /// Print live usage per pool and model.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct UsageArgs {
     /// Redis holding the config and the limiter.
     #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
@@ -125,4 +125,26 @@ pub async fn usage(args: UsageArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Debug output never shows the Redis URL (it may hold a password).
+impl std::fmt::Debug for ApplyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApplyArgs")
+            .field("file", &self.file)
+            .field("redis_url", &"<set>")
+            .field("namespace", &self.namespace)
+            .field("dry_run", &self.dry_run)
+            .finish()
+    }
+}
+
+/// Debug output never shows the Redis URL (it may hold a password).
+impl std::fmt::Debug for UsageArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageArgs")
+            .field("redis_url", &"<set>")
+            .field("json", &self.json)
+            .finish()
+    }
 }

@@ -52,8 +52,16 @@ fn redis_error(
     move |source| SetupError::Redis { what, source }
 }
 
+/// A secret setting as Debug output shows it: whether it is set, never its value.
+pub fn redacted(value: &Option<String>) -> &'static str {
+    match value {
+        Some(_) => "<set>",
+        None => "<unset>",
+    }
+}
+
 /// Settings every processing mode shares (flags and environment variables).
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Clone)]
 pub struct RuntimeArgs {
     /// Redis with the compiled config, the limiter, result records and claims. Without it
     /// the process runs alone: in-memory limiter, the configuration it was given.
@@ -104,6 +112,26 @@ pub struct RuntimeArgs {
     /// This replica's name in claims and logs (default: host name and pid).
     #[arg(long, env = "PACER_REPLICA_ID")]
     pub replica_id: Option<String>,
+}
+
+/// Debug output never shows the Redis URL (it may hold a password) or an API key.
+impl std::fmt::Debug for RuntimeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeArgs")
+            .field("redis_url", &redacted(&self.redis_url))
+            .field("gemini_base_url", &self.gemini_base_url)
+            .field("gemini_api_key", &redacted(&self.gemini_api_key))
+            .field("gemini_api_key_file", &self.gemini_api_key_file)
+            .field("openai_base_url", &self.openai_base_url)
+            .field("openai_api_key", &redacted(&self.openai_api_key))
+            .field("sink", &self.sink)
+            .field("result_queue_url", &self.result_queue_url)
+            .field("config_refresh_ms", &self.config_refresh_ms)
+            .field("limiter_timeout_ms", &self.limiter_timeout_ms)
+            .field("claim_lease_seconds", &self.claim_lease_seconds)
+            .field("replica_id", &self.replica_id)
+            .finish()
+    }
 }
 
 impl RuntimeArgs {

@@ -283,6 +283,8 @@ fn chart_renders_worker_keda_and_hardened_pods() {
             "--set",
             "worker.queueUrl=https://sqs.us-east-1.amazonaws.com/123/pacer",
             "--set",
+            "worker.sink=s3://images/pacer",
+            "--set",
             "worker.apiKeySecret.name=gemini-api-key",
             "--set",
             "worker.keda.poolRequestsPerMinute=950",
@@ -364,6 +366,18 @@ fn values_schema_rejects_bad_values() {
         "a worker without a queue URL rendered"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("worker.queueUrl"));
+    // Nor one without a sink: the default folder is on the read-only root filesystem.
+    let out = rig
+        .tool("HELM")
+        .args(["template", "r", &chart(), "--set", "worker.enabled=true"])
+        .args([
+            "--set",
+            "worker.queueUrl=https://sqs.us-east-1.amazonaws.com/123/pacer",
+        ])
+        .output()
+        .expect("helm");
+    assert!(!out.status.success(), "a worker without a sink rendered");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker.sink"));
 }
 
 /// Every object the chart renders (worker on) passes the real apiserver's validation
@@ -389,6 +403,8 @@ async fn rendered_chart_passes_server_side_validation() {
             "worker.enabled=true",
             "--set",
             "worker.queueUrl=https://sqs.us-east-1.amazonaws.com/123/pacer",
+            "--set",
+            "worker.sink=s3://images/pacer",
             "--set",
             "worker.apiKeySecret.name=gemini-api-key",
         ],
