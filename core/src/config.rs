@@ -270,7 +270,19 @@ pub struct ConfigStore {
     redis: redis::aio::ConnectionManager,
 }
 
+/// The Redis key of a pool's account alert: raised by a replica whose provider answered
+/// that the account is broken (bad key, spent credit), expiring unless raised again; the
+/// operator shows it as the pool's `AccountProblem` condition.
+pub fn account_alert_key(pool: &str) -> String {
+    format!("pacer:alert:account:{pool}")
+}
+
 impl ConfigStore {
+    /// `pool`'s account alert, if one is raised.
+    pub async fn account_alert(&self, pool: &str) -> Result<Option<String>, ConfigError> {
+        Ok(self.redis.clone().get(account_alert_key(pool)).await?)
+    }
+
     /// A store over an existing connection manager.
     pub fn new(redis: redis::aio::ConnectionManager) -> Self {
         Self { redis }

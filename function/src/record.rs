@@ -232,6 +232,24 @@ impl Records {
         }
     }
 
+    /// Raises `pool`'s account alert for `ttl` (see `pacer_core::config::account_alert_key`;
+    /// nothing to raise without Redis: the log and the metric say it).
+    pub async fn raise_account_alert(
+        &self,
+        pool: &str,
+        message: &str,
+        ttl: Duration,
+    ) -> Result<(), RecordError> {
+        if let Records::Redis(redis) = self {
+            let key = pacer_core::config::account_alert_key(pool);
+            redis
+                .clone()
+                .set_ex::<_, _, ()>(key, message, ttl.as_secs().max(1))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Gives up a claim (the request was deferred), if `owner` still holds it.
     pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), RecordError> {
         match self {

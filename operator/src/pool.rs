@@ -163,9 +163,28 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
         &status.models,
         compiled.alert_threshold_percent,
     );
+    // Raised by replicas whose provider blamed the account; it expires once calls stop
+    // failing that way.
+    let account = ctx.store.account_alert(&compiled.name).await;
+    let alert_raised = matches!(account, Ok(Some(_)));
+    match account {
+        Ok(Some(message)) => conditions.set(
+            "AccountProblem",
+            true,
+            "ProviderRefusedAccount",
+            &format!("requests wait until the provider accepts the account again: {message}"),
+        ),
+        Ok(None) => conditions.set(
+            "AccountProblem",
+            false,
+            "AccountAccepted",
+            "no provider call blamed the account recently",
+        ),
+        Err(e) => tracing::warn!(error = %e, "reading the account alert failed"),
+    }
 
     finish(pool, ctx, status, conditions).await?;
-    Ok(Action::requeue(if busy {
+    Ok(Action::requeue(if busy || alert_raised {
         ctx.usage_refresh
     } else {
         ctx.resync

@@ -252,6 +252,39 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
         "24/30 is above the default 80% alert threshold"
     );
 
+    // A replica's account alert (its provider answered 401/403/402) shows as the pool's
+    // AccountProblem condition while it lasts, and clears when it expires.
+    let mut raw = rig.redis().await;
+    redis::cmd("SET")
+        .arg(pacer_core::config::account_alert_key(&pool_key))
+        .arg("credit_exhausted (gemini-3-pro-image): prepaid credit spent")
+        .arg("EX")
+        .arg(3)
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("raise the alert");
+    let raised = eventually(Duration::from_secs(5), "AccountProblem raised", || async {
+        let s = pools.get("images").await.ok()?.status?;
+        (condition(&s.conditions, "AccountProblem")?.0 == "True").then_some(s)
+    })
+    .await;
+    let message = raised
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AccountProblem")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("prepaid credit spent"), "{message}");
+    eventually(
+        Duration::from_secs(10),
+        "AccountProblem cleared",
+        || async {
+            let s = pools.get("images").await.ok()?.status?;
+            (condition(&s.conditions, "AccountProblem")?.0 == "False").then_some(())
+        },
+    )
+    .await;
+
     // Bad chains say why, and do not stop the others.
     for doc in [CHAIN_BAD_MODEL, CHAIN_NO_POOL] {
         let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(doc));

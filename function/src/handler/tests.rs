@@ -1686,3 +1686,25 @@ async fn an_output_key_holding_another_request_s_image_fails() {
         "b was not generated over a's image"
     );
 }
+
+/// An account error pauses every model of the pool for every replica (the account is the
+/// pool's project): the next request calls nothing and is deferred until the pause ends.
+#[tokio::test(start_paused = true)]
+async fn an_account_error_pauses_every_model_of_the_pool() {
+    let rig = failing_on(two_steps(), A, unauthorized);
+    assert_eq!(
+        deferred(&rig.handle(&body("r1")).await).1,
+        DeferReason::Account
+    );
+    assert_eq!(rig.models_called(), [A]);
+    let (after, _) = deferred(&rig.handle(&body("r2")).await);
+    assert_eq!(
+        rig.models_called(),
+        [A],
+        "B was not tried on a refused account"
+    );
+    assert!(
+        after >= pacer_core::provider::ACCOUNT_DEFER - Duration::from_secs(1),
+        "{after:?}"
+    );
+}

@@ -564,6 +564,26 @@ impl Handler {
                         reason: err.metric_label(),
                     })
                     .inc();
+                // The account is the pool's project: no model of it answers now. Every
+                // replica skips the pool until then, and the operator shows the alert.
+                for model in w.pool.models.keys() {
+                    let key = w.pool.key(model);
+                    if let Err(e) = w
+                        .limiter
+                        .penalize(&key, after, PenaltyScope::PerMinute)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "sharing the account pause failed");
+                    }
+                }
+                let message = format!("{} ({model}): {err}; {}", err.metric_label(), err.advice());
+                if let Err(e) = self
+                    .records
+                    .raise_account_alert(&w.pool.name, &message, after * 2)
+                    .await
+                {
+                    tracing::warn!(error = %e, "raising the account alert failed");
+                }
                 State::Done(StepEnd::Miss(Miss::Defer(after, DeferReason::Account)))
             }
         }
