@@ -1708,3 +1708,27 @@ async fn an_account_error_pauses_every_model_of_the_pool() {
         "{after:?}"
     );
 }
+
+// --- Issue 18: a limit change reaches bookings already made.
+
+/// A model removed from its pool while a request waits for it: the booking is given back
+/// and the request deferred for the configuration, not called.
+#[tokio::test(start_paused = true)]
+async fn a_model_removed_while_waiting_is_not_called() {
+    let rig = Rig::new(
+        config(&[(A, limits(1, 10_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+    );
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    let handler = rig.handler.clone();
+    let waiting = tokio::spawn(async move { handler.handle(&body("r2"), Attempt::first()).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut without_a = config(&[(B, limits(1, 10_000))], &[(A, Duration::from_secs(60))]);
+    without_a.version += 1;
+    rig._config_tx
+        .send(Arc::new(without_a))
+        .expect("config receivers");
+    let out = waiting.await.expect("handler task");
+    assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
+    assert_eq!(rig.provider.calls().len(), 1);
+}

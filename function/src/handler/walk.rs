@@ -258,8 +258,17 @@ impl Handler {
                 State::Book => self.book(w, &mut run, delivery, soonest).await,
                 State::Wait { ticket, wait } => {
                     self.metrics.limiter_wait.observe(wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
-                    self.recheck(w, &mut run, ticket, soonest).await
+                    if self.wait_out(w, &run, wait).await {
+                        // The model's limits changed while it waited: a cut may have
+                        // released this slot, a removal forbids it. Book again under the
+                        // new limits now, within what is left of the step's wait, rather
+                        // than learn it at the old slot.
+                        let _ = w.limiter.release(&ticket).await;
+                        run.max_wait = run.max_wait.saturating_sub(run.started.elapsed());
+                        State::Book
+                    } else {
+                        self.recheck(w, &mut run, ticket, soonest).await
+                    }
                 }
                 State::Call(ticket) => self.call(w, &mut run, ticket, delivery).await,
                 State::Failed(err) => self.decide(w, &run, err, soonest).await,
@@ -349,6 +358,39 @@ impl Handler {
         })
     }
 
+    /// The step's model's limits as this replica's configuration has them now (`None`: the
+    /// model or its pool was removed).
+    fn current_quota(&self, w: &Walk<'_>, model: &str) -> Option<ModelQuota> {
+        self.config
+            .borrow()
+            .pools
+            .get(&w.pool.name)?
+            .model_quota(model)
+    }
+
+    /// Sleeps a booked wait out; returns early with `true` when the configuration changes
+    /// the step's model's limits meanwhile.
+    async fn wait_out(&self, w: &Walk<'_>, run: &StepRun<'_>, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        let mut config = self.config.clone();
+        config.borrow_and_update();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return false,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        // The configuration can no longer change.
+                        tokio::time::sleep_until(until).await;
+                        return false;
+                    }
+                    if self.current_quota(w, &run.step.model).as_ref() != Some(&run.quota) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
     /// [`State::Book`]: admitted now, booked ahead, or rejected (the step is over).
     async fn book(
         &self,
@@ -358,6 +400,16 @@ impl Handler {
         soonest: &mut Soonest,
     ) -> State {
         let model = &run.step.model;
+        // Always under the newest limits this replica knows: a rebooking after a limit
+        // change must not record the old ones again.
+        match self.current_quota(w, model) {
+            Some(quota) => run.quota = quota,
+            None => {
+                tracing::warn!(model = %model, pool = %w.pool.name, "the model left its pool's configuration; skipping");
+                soonest.note(Some(self.options.default_defer), DeferReason::Config);
+                return State::Done(StepEnd::NextStep);
+            }
+        }
         let booking_id = delivery.booking_id(w.req, w.index, model);
         let decision = w
             .limiter
