@@ -270,6 +270,8 @@ struct Losing {
     fail_checks: AtomicU32,
     acquires: AtomicU32,
     checks: AtomicU32,
+    /// Acquires whose answer comes back a second late (a stalled process, a slow Redis).
+    slow_acquires: AtomicU32,
 }
 
 #[async_trait]
@@ -283,9 +285,16 @@ impl Limiter for Losing {
         max_wait: Duration,
     ) -> pacer_core::limiter::Result<Decision> {
         self.acquires.fetch_add(1, Ordering::SeqCst);
-        self.inner
+        let decision = self
+            .inner
             .acquire(key, quota, request_id, costs, max_wait)
-            .await
+            .await;
+        let slow = self.slow_acquires.load(Ordering::SeqCst);
+        if slow > 0 {
+            self.slow_acquires.store(slow - 1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        decision
     }
 
     async fn check(&self, ticket: &Ticket) -> pacer_core::limiter::Result<Check> {
@@ -380,6 +389,7 @@ impl Rig {
             fail_checks: AtomicU32::new(0),
             acquires: AtomicU32::new(0),
             checks: AtomicU32::new(0),
+            slow_acquires: AtomicU32::new(0),
         });
         let limiters = Limiters::single(losing.clone());
         let handler = Handler::new(
@@ -1731,4 +1741,24 @@ async fn a_model_removed_while_waiting_is_not_called() {
     let out = waiting.await.expect("handler task");
     assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
     assert_eq!(rig.provider.calls().len(), 1);
+}
+
+/// An admission whose answer arrives a second late (more than half the window's margin):
+/// the slot is given back and booked afresh, so the call never reaches the provider among
+/// the next window's calls while counted in the earlier one.
+#[tokio::test(start_paused = true)]
+async fn a_call_that_would_go_out_late_is_booked_afresh() {
+    let rig = Rig::new(
+        config(&[(A, limits(10, 10_000))], &[(A, Duration::from_secs(60))]),
+        always_image(),
+    );
+    rig.losing.slow_acquires.store(2, Ordering::SeqCst);
+    let asked = Instant::now();
+    served_by(&rig.handle(&body("r1")).await, A, 1);
+    assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), 3);
+    // The call went out on the third booking, made after the two late answers.
+    let tickets = rig.tickets();
+    assert_eq!(tickets.len(), 1);
+    assert!(tickets[0].contains(":3@"), "{tickets:?}");
+    assert!(asked.elapsed() >= Duration::from_secs(2));
 }
