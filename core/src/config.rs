@@ -358,20 +358,27 @@ impl ConfigStore {
         })
     }
 
-    /// Keeps a replica's copy current: polls the version every `every` and reloads on a
-    /// change. The first load happens before this returns, so callers start with config.
-    /// Redis errors keep the last good copy (and are logged); the task ends with the receivers.
+    /// Loads the configuration and keeps it current: every `every` the version is read and
+    /// a new one loaded. The returned [`ConfigRefresh`] asks for a check now and waits
+    /// for it (a Lambda sandbox thawed after a long freeze checks before its first
+    /// request).
     pub async fn watch(
         self,
         every: Duration,
-    ) -> Result<watch::Receiver<Arc<CompiledConfig>>, ConfigError> {
+    ) -> Result<(watch::Receiver<Arc<CompiledConfig>>, ConfigRefresh), ConfigError> {
         let first = self.load().await?;
         let (tx, rx) = watch::channel(Arc::new(first));
+        let (ask, mut asked) = tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate, and the configuration was just loaded.
+            ticker.tick().await;
             loop {
-                ticker.tick().await;
+                let reply = tokio::select! {
+                    _ = ticker.tick() => None,
+                    r = asked.recv() => r,
+                };
                 if tx.is_closed() {
                     break;
                 }
@@ -387,9 +394,28 @@ impl ConfigStore {
                     },
                     Err(e) => tracing::warn!(error = %e, "reading configuration version failed"),
                 }
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
             }
         });
-        Ok(rx)
+        Ok((rx, ConfigRefresh(Some(ask))))
+    }
+}
+
+/// Asks a configuration watcher to check for a new version now.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigRefresh(Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>>);
+
+impl ConfigRefresh {
+    /// Checks now and waits for the check (at most `within`); returns at once for a fixed
+    /// configuration.
+    pub async fn now(&self, within: Duration) {
+        let Some(ask) = &self.0 else { return };
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if ask.send(reply).await.is_ok() {
+            let _ = tokio::time::timeout(within, done).await;
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use tokio::sync::Mutex;
 
+use pacer_core::config::ConfigRefresh;
 use tokio::time::Instant;
 
 use crate::{
@@ -42,6 +43,7 @@ pub struct LambdaHandler {
     processor: Arc<dyn Process>,
     requeuer: Arc<dyn Requeuer>,
     policy: RequeuePolicy,
+    refresh: ConfigRefresh,
 }
 
 impl LambdaHandler {
@@ -51,13 +53,22 @@ impl LambdaHandler {
             processor,
             requeuer,
             policy: RequeuePolicy::default(),
+            refresh: ConfigRefresh::default(),
         }
+    }
+
+    /// Checks for a new configuration before every batch: a sandbox thawed after a long
+    /// freeze must not serve its first batch on the configuration it froze with.
+    pub fn with_refresh(mut self, refresh: ConfigRefresh) -> Self {
+        self.refresh = refresh;
+        self
     }
 
     /// Processes one batch; messages are handled concurrently (one batch holds up to 10,
     /// or more with a batching window). `deadline` is when the invocation times out.
     pub async fn handle(&self, event: SqsEvent, deadline: Option<Instant>) -> SqsBatchResponse {
         let started = Instant::now();
+        self.refresh.now(Duration::from_secs(1)).await;
         let deadline = deadline.map(|d| {
             d.checked_sub(DEADLINE_RESERVE)
                 .unwrap_or(started)
@@ -194,7 +205,8 @@ pub async fn serve(args: &RuntimeArgs) -> Result<(), lambda_runtime::Error> {
     let replica = runtime::build(args, None, HandlerOptions::default()).await?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let requeuer = Arc::new(SqsRequeuer::new(aws_sdk_sqs::Client::new(&aws)));
-    let handler = Arc::new(LambdaHandler::new(replica.handler, requeuer));
+    let handler =
+        Arc::new(LambdaHandler::new(replica.handler, requeuer).with_refresh(replica.refresh));
     // The cold start's own share (Lambda adds the runtime's start and the download).
     tracing::info!(
         init_ms = started.elapsed().as_millis() as u64,

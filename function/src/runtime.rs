@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use pacer_core::{
-    config::{CompiledConfig, ConfigStore},
+    config::{CompiledConfig, ConfigRefresh, ConfigStore},
     gemini::{GeminiClient, GeminiConfig},
     limiter::redis::{RedisLimiter, RedisOptions},
     openai::{OpenAiClient, OpenAiConfig},
@@ -167,6 +167,8 @@ pub struct Replica {
     pub metrics: Arc<Metrics>,
     /// The configuration it runs with (kept current from Redis).
     pub config: watch::Receiver<Arc<CompiledConfig>>,
+    /// Asks for a configuration check now.
+    pub refresh: ConfigRefresh,
 }
 
 /// The state a replica shares with the rest of the fleet: the compiled configuration, the
@@ -180,6 +182,8 @@ pub struct SharedState {
     pub limiters: Arc<Limiters>,
     /// Result records and claims.
     pub records: Records,
+    /// Asks for a configuration check now (a no-op for a fixed configuration).
+    pub refresh: ConfigRefresh,
 }
 
 impl SharedState {
@@ -193,7 +197,7 @@ impl SharedState {
         let store = ConfigStore::connect(url)
             .await
             .map_err(|e| redis_error("connecting to Redis")(e.into()))?;
-        let config = store
+        let (config, refresh) = store
             .watch(refresh.max(Duration::from_millis(50)))
             .await
             .map_err(|e| redis_error("reading the compiled config from Redis")(e.into()))?;
@@ -207,6 +211,7 @@ impl SharedState {
         warn_if_evictable(&limiter).await;
         Ok(Self {
             config,
+            refresh,
             limiters: Arc::new(Limiters::shared(limiter)),
             records: Records::redis(url)
                 .await
@@ -224,6 +229,7 @@ impl SharedState {
             config: rx,
             limiters: Arc::new(Limiters::memory()),
             records: Records::memory(),
+            refresh: ConfigRefresh::default(),
         }
     }
 }
@@ -302,6 +308,7 @@ pub async fn build(
         ..options
     };
     let config = state.config.clone();
+    let refresh = state.refresh.clone();
     let mut handler = Handler::new(
         state.config,
         state.limiters,
@@ -324,6 +331,7 @@ pub async fn build(
         handler: Arc::new(handler),
         metrics,
         config,
+        refresh,
     })
 }
 
