@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::Args;
 use pacer_core::{
     config::ConfigStore,
-    limiter::{Limiter, redis::RedisLimiter},
+    limiter::{Limiter, QuotaKey, redis::RedisLimiter},
 };
 
 /// Validate QuotaPool and ModelChain YAML and write it to Redis (what the operator does).
@@ -46,6 +46,17 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         } else {
             let v = store.put_pool(pool).await?;
             println!("quotapool/{} configured (version {v})", pool.name);
+            // As the operator does: the limiter applies the new limits now (bookings a
+            // lowered limit no longer holds are released), not at the next booking.
+            let limiter = RedisLimiter::connect(&args.redis_url, Default::default()).await?;
+            for model in pool.models.keys() {
+                if let Some(quota) = pool.model_quota(model) {
+                    limiter
+                        .usage(&QuotaKey::new(&pool.project, model), &quota)
+                        .await
+                        .with_context(|| format!("applying {model}'s limits to the limiter"))?;
+                }
+            }
         }
     }
     for chain in &compiled.chains {
