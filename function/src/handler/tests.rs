@@ -1110,6 +1110,15 @@ async fn at_last_step(err: MakeError) -> (Rig, Outcome) {
 }
 
 impl Rig {
+    /// Whether another replica could claim `id` now (nobody holds it).
+    async fn claimable(&self, id: &str) -> bool {
+        self.handler
+            .records()
+            .claim(id, "a-probing-replica", Duration::from_secs(1))
+            .await
+            .unwrap()
+    }
+
     fn models_called(&self) -> Vec<String> {
         self.provider.calls().into_iter().map(|c| c.model).collect()
     }
@@ -1132,6 +1141,15 @@ fn served_by(out: &Outcome, model: &str, attempts: u32) {
     };
     assert_eq!(record.model.as_deref(), Some(model));
     assert_eq!(record.attempts, attempts);
+}
+
+/// The request failed, and its reason says `text`.
+fn failed_saying(out: &Outcome, text: &str) {
+    let Outcome::Failed(record) = out else {
+        panic!("expected a failure, got {out:?}");
+    };
+    let error = record.error.as_deref().unwrap_or("");
+    assert!(error.contains(text), "{error}");
 }
 
 fn failed_with(out: &Outcome, label: &str) {
@@ -1372,15 +1390,11 @@ async fn policy_account_errors_defer_and_alert_at_either_step() {
             );
             assert_eq!(rig.models_called(), [step], "{case}");
             assert_eq!(rig.account_errors(metric), 1, "{case}");
-            let records = rig.handler.records();
-            assert!(records.get("r1").await.unwrap().is_none(), "{case}");
             assert!(
-                records
-                    .claim("r1", "another-replica", Duration::from_secs(30))
-                    .await
-                    .unwrap(),
+                rig.handler.records().get("r1").await.unwrap().is_none(),
                 "{case}"
             );
+            assert!(rig.claimable("r1").await, "{case}");
         }
     }
 }
@@ -1541,17 +1555,7 @@ async fn a_request_that_fits_no_step_fails_with_the_reason() {
         always_image(),
     );
     let out = rig.handle(&body("r1")).await;
-    let Outcome::Failed(record) = &out else {
-        panic!("{out:?}")
-    };
-    assert!(
-        record
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains("exceed a limit of every model"),
-        "{out:?}"
-    );
+    failed_saying(&out, "exceed a limit of every model");
     assert!(rig.provider.calls().is_empty());
 }
 
@@ -1636,14 +1640,7 @@ async fn a_claim_lost_while_waiting_stops_the_call() {
     let out = waiting.await.expect("handler task");
     assert_eq!(deferred(&out).1, DeferReason::InProgress);
     assert_eq!(rig.provider.calls().len(), 1, "only r1 was called");
-    assert!(
-        !rig.handler
-            .records()
-            .claim("r2", "a-third-replica", Duration::from_secs(1))
-            .await
-            .unwrap(),
-        "the new holder keeps its claim"
-    );
+    assert!(!rig.claimable("r2").await, "the new holder keeps its claim");
 }
 
 /// A sink that refuses for good (no permission): the paid-for image is not generated
@@ -1654,13 +1651,7 @@ async fn a_permanent_sink_failure_fails_the_request_once() {
     rig.sink.permanent.store(true, Ordering::SeqCst);
     rig.sink.fail_puts.store(1, Ordering::SeqCst);
     let out = rig.handle(&body("r1")).await;
-    let Outcome::Failed(record) = &out else {
-        panic!("{out:?}")
-    };
-    assert!(
-        record.error.as_deref().unwrap_or("").contains("for good"),
-        "{out:?}"
-    );
+    failed_saying(&out, "for good");
     assert_eq!(rig.provider.calls().len(), 1);
     assert!(matches!(
         rig.handle(&body("r1")).await,
@@ -1679,17 +1670,7 @@ async fn an_output_key_holding_another_request_s_image_fails() {
     };
     served_by(&rig.handle(&with_key("a")).await, A, 1);
     let out = rig.handle(&with_key("b")).await;
-    let Outcome::Failed(record) = &out else {
-        panic!("{out:?}")
-    };
-    assert!(
-        record
-            .error
-            .as_deref()
-            .unwrap_or("")
-            .contains(r#"the image of request "a""#),
-        "{out:?}"
-    );
+    failed_saying(&out, r#"the image of request "a""#);
     assert_eq!(
         rig.provider.calls().len(),
         1,
