@@ -43,6 +43,9 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     for pool in &compiled.pools {
         if args.dry_run {
             println!("quotapool/{} valid (dry run)", pool.name);
+        } else if existing.pools.get(&pool.name) == Some(pool) {
+            // Unchanged: no new version, so no replica reloads for nothing.
+            println!("quotapool/{} unchanged", pool.name);
         } else {
             let v = store.put_pool(pool).await?;
             println!("quotapool/{} configured (version {v})", pool.name);
@@ -62,6 +65,8 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     for chain in &compiled.chains {
         if args.dry_run {
             println!("modelchain/{} valid (dry run)", chain.name);
+        } else if existing.chains.get(&chain.name) == Some(chain) {
+            println!("modelchain/{} unchanged", chain.name);
         } else {
             let v = store.put_chain(chain).await?;
             println!("modelchain/{} configured (version {v})", chain.name);
