@@ -269,6 +269,9 @@ pub struct ModelStats {
     pub max_in_any_window: BTreeMap<&'static str, u64>,
     /// When each accepted request arrived, in milliseconds since the epoch, sorted.
     pub accepted_at_ms: Vec<i64>,
+    /// When each request refused for quota arrived (same clock): with `accepted_at_ms`,
+    /// where a fleet went over.
+    pub rejected_at_ms: Vec<i64>,
     pub tickets: TicketStats,
     pub limits: BTreeMap<&'static str, u64>,
     pub window_s: f64,
@@ -297,6 +300,8 @@ impl ModelStats {
         }
         self.accepted_at_ms.extend_from_slice(&other.accepted_at_ms);
         self.accepted_at_ms.sort_unstable();
+        self.rejected_at_ms.extend_from_slice(&other.rejected_at_ms);
+        self.rejected_at_ms.sort_unstable();
         self.tickets.tagged += other.tickets.tagged;
         self.tickets.untagged += other.tickets.untagged;
         self.tickets.duplicates += other.tickets.duplicates;
@@ -321,6 +326,7 @@ pub struct ModelQuota {
     arrivals: u64,
     accepted: u64,
     accepted_at_ms: Vec<i64>,
+    rejected_at_ms: Vec<i64>,
     tickets: TicketStats,
     rejected: BTreeMap<&'static str, u64>,
     faults: BTreeMap<&'static str, u64>,
@@ -355,6 +361,7 @@ impl ModelQuota {
             arrivals: 0,
             accepted: 0,
             accepted_at_ms: Vec::new(),
+            rejected_at_ms: Vec::new(),
             tickets: TicketStats::default(),
             rejected: BTreeMap::new(),
             faults: BTreeMap::new(),
@@ -442,6 +449,7 @@ impl ModelQuota {
             for e in &exceeded {
                 *self.rejected.entry(e.dim.label()).or_default() += 1;
             }
+            self.rejected_at_ms.push(now_us.div_euclid(1000));
             return Err(exceeded);
         }
         for dim in [Dim::Rpm, Dim::Tpm, Dim::Ipm, Dim::Spend] {
@@ -493,6 +501,7 @@ impl ModelQuota {
             faults: self.faults.clone(),
             max_in_any_window: max,
             accepted_at_ms: self.accepted_at_ms.clone(),
+            rejected_at_ms: self.rejected_at_ms.clone(),
             tickets: self.tickets,
             limits,
             window_s: self.window_s,
