@@ -84,5 +84,8 @@ async fn apply_skips_unchanged_documents_and_applies_a_lowered_limit_at_once() {
             lost += 1;
         }
     }
-    assert_eq!(lost, 2, "two of the four bookings ahead released by the apply");
+    assert_eq!(
+        lost, 2,
+        "two of the four bookings ahead released by the apply"
+    );
 }
