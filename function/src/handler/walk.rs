@@ -267,13 +267,15 @@ impl Handler {
                 State::Wait { ticket, wait } => {
                     self.metrics.limiter_wait.observe(wait.as_secs_f64());
                     if self.wait_out(w, &run, wait).await {
-                        // The model's limits changed while it waited: a cut may have
-                        // released this slot, a removal forbids it. Book again under the
-                        // new limits now, within what is left of the step's wait, rather
-                        // than learn it at the old slot.
+                        // The model left its pool while this waited: its slot is given
+                        // back and the step skipped. (A changed limit is left to the
+                        // check at the slot: a cut that released this booking shows there
+                        // as lost, and releasing and booking again here would only queue
+                        // it behind every slot already handed out.)
                         let _ = w.limiter.release(&ticket).await;
-                        run.max_wait = run.max_wait.saturating_sub(run.started.elapsed());
-                        State::Book
+                        tracing::warn!(model = %run.step.model, pool = %w.pool.name, "the model left its pool's configuration; skipping");
+                        soonest.note(Some(self.options.default_defer), DeferReason::Config);
+                        State::Done(StepEnd::NextStep)
                     } else {
                         self.recheck(w, &mut run, ticket, soonest).await
                     }
@@ -378,8 +380,8 @@ impl Handler {
             .model_quota(model)
     }
 
-    /// Sleeps a booked wait out; returns early with `true` when the configuration changes
-    /// the step's model's limits meanwhile.
+    /// Sleeps a booked wait out; returns early with `true` when the configuration drops the
+    /// step's model (or its pool) meanwhile.
     async fn wait_out(&self, w: &Walk<'_>, run: &StepRun<'_>, wait: Duration) -> bool {
         let until = Instant::now() + wait;
         let mut config = self.config.clone();
@@ -393,7 +395,7 @@ impl Handler {
                         tokio::time::sleep_until(until).await;
                         return false;
                     }
-                    if self.current_quota(w, &run.step.model).as_ref() != Some(&run.quota) {
+                    if self.current_quota(w, &run.step.model).is_none() {
                         return true;
                     }
                 }
