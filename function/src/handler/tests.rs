@@ -1723,23 +1723,3 @@ async fn a_model_removed_while_waiting_is_not_called() {
     assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
     assert_eq!(rig.provider.calls().len(), 1);
 }
-
-/// An admission whose answer arrives a second late (more than half the window's margin):
-/// the slot is given back and booked afresh, so the call never reaches the provider among
-/// the next window's calls while counted in the earlier one.
-#[tokio::test(start_paused = true)]
-async fn a_call_that_would_go_out_late_is_booked_afresh() {
-    let rig = Rig::new(
-        config(&[(A, limits(10, 10_000))], &[(A, Duration::from_secs(60))]),
-        always_image(),
-    );
-    rig.losing.slow_acquires.store(2, Ordering::SeqCst);
-    let asked = Instant::now();
-    served_by(&rig.handle(&body("r1")).await, A, 1);
-    assert_eq!(rig.losing.acquires.load(Ordering::SeqCst), 3);
-    // The call went out on the third booking, made after the two late answers.
-    let tickets = rig.tickets();
-    assert_eq!(tickets.len(), 1);
-    assert!(tickets[0].contains(":3@"), "{tickets:?}");
-    assert!(asked.elapsed() >= Duration::from_secs(2));
-}

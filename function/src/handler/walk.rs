@@ -176,15 +176,7 @@ struct StepRun<'s> {
     attempt: u32,
     /// A lost booking is booked afresh once.
     rebooked: bool,
-    /// When the current booking's call is due, on this process's clock: when its acquire
-    /// was sent plus the booked wait (never later than the slot itself).
-    due: Instant,
-    /// Bookings given back because the call would have gone out late.
-    late: u32,
 }
-
-/// Late bookings given back per step before the message is deferred instead.
-const MAX_LATE_REBOOKS: u32 = 3;
 
 /// The pool model a 429 is about: the one its `QuotaFailure` names when the pool has it
 /// (the provider may name another model's quota), else the one requested.
@@ -365,8 +357,6 @@ impl Handler {
             max_wait,
             attempt: 0,
             rebooked: false,
-            due: Instant::now(),
-            late: 0,
         })
     }
 
@@ -423,7 +413,6 @@ impl Handler {
             }
         }
         let booking_id = delivery.booking_id(w.req, w.index, model);
-        let asked = Instant::now();
         let decision = w
             .limiter
             .acquire(
@@ -436,14 +425,8 @@ impl Handler {
             .await;
         match decision {
             Err(e) => State::Done(StepEnd::Miss(self.limiter_failed(&e, model))),
-            Ok(Decision::Admitted { ticket }) => {
-                run.due = asked;
-                State::Call(ticket)
-            }
-            Ok(Decision::Booked { ticket, wait }) => {
-                run.due = asked + wait;
-                State::Wait { ticket, wait }
-            }
+            Ok(Decision::Admitted { ticket }) => State::Call(ticket),
+            Ok(Decision::Booked { ticket, wait }) => State::Wait { ticket, wait },
             Ok(Decision::Rejected {
                 retry_after,
                 blocking,
@@ -513,27 +496,6 @@ impl Handler {
         delivery: &mut Delivery,
     ) -> State {
         let model = &run.step.model;
-        // Sent later than half its window's margin after its slot (a stalled process, a
-        // slow Redis), the call could reach the provider among the next window's calls:
-        // the slot is given back and booked afresh.
-        let late = Instant::now().saturating_duration_since(run.due);
-        let tolerance = run.quota.margin_for(run.quota.requests.window) / 2;
-        if late > tolerance {
-            if let Err(e) = w.limiter.release(&ticket).await {
-                tracing::debug!(error = %e, "releasing a late booking failed");
-            }
-            run.late += 1;
-            tracing::info!(model = %model, ?late, ?tolerance, "the call would go out late; booking afresh");
-            let left = run.max_wait.saturating_sub(run.started.elapsed());
-            if run.late > MAX_LATE_REBOOKS {
-                return State::Done(StepEnd::Miss(Miss::Defer(
-                    Duration::from_secs(1),
-                    DeferReason::Capacity,
-                )));
-            }
-            run.max_wait = left;
-            return State::Book;
-        }
         if delivery.claim_lost() {
             // Released, not reconciled: nothing was called on it.
             if let Err(e) = w.limiter.release(&ticket).await {
