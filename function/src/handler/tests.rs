@@ -270,8 +270,6 @@ struct Losing {
     fail_checks: AtomicU32,
     acquires: AtomicU32,
     checks: AtomicU32,
-    /// Acquires whose answer comes back a second late (a stalled process, a slow Redis).
-    slow_acquires: AtomicU32,
 }
 
 #[async_trait]
@@ -285,16 +283,9 @@ impl Limiter for Losing {
         max_wait: Duration,
     ) -> pacer_core::limiter::Result<Decision> {
         self.acquires.fetch_add(1, Ordering::SeqCst);
-        let decision = self
-            .inner
+        self.inner
             .acquire(key, quota, request_id, costs, max_wait)
-            .await;
-        let slow = self.slow_acquires.load(Ordering::SeqCst);
-        if slow > 0 {
-            self.slow_acquires.store(slow - 1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        decision
+            .await
     }
 
     async fn check(&self, ticket: &Ticket) -> pacer_core::limiter::Result<Check> {
@@ -389,7 +380,6 @@ impl Rig {
             fail_checks: AtomicU32::new(0),
             acquires: AtomicU32::new(0),
             checks: AtomicU32::new(0),
-            slow_acquires: AtomicU32::new(0),
         });
         let limiters = Limiters::single(losing.clone());
         let handler = Handler::new(
