@@ -1074,8 +1074,9 @@ async fn lowering_a_limit_releases_the_bookings_beyond_it() {
     assert_eq!(max_in_window(&called, w), 10);
 }
 
-/// Raised from 10 to 20: the bookings already made stay, and new bookings fill every
-/// window up to the new limit, never past it.
+/// Raised from 10 to 20: the bookings already made stay; new bookings take the room the
+/// raise opens at once (every window holding now had 10), then fill the queued windows up
+/// to the new limit, never past it.
 #[tokio::test]
 async fn raising_a_limit_fills_windows_up_to_it() {
     let (_, l) = rig_limiter().await;
@@ -1095,14 +1096,70 @@ async fn raising_a_limit_fills_windows_up_to_it() {
         Duration::from_secs(10),
         Some(Duration::ZERO),
     );
+    let change = now_us();
     let new = book_many(&l, &key, &q20, "new", 30).await;
-    assert_eq!(new[9].start_us, old[29].start_us, "{:?}", new[9]);
-    assert!(new[10].start_us > old[29].start_us, "{:?}", new[10]);
+    // Booked one after another, each at its own now.
+    for t in &new[..10] {
+        assert!(
+            t.start_us >= change && t.start_us < old[10].start_us,
+            "at once: {t:?}"
+        );
+    }
+    assert!(new[10].start_us >= old[29].start_us, "{:?}", new[10]);
+    assert!(new[29].start_us > old[29].start_us, "{:?}", new[29]);
     let mut all = old.clone();
     all.extend(new);
     let (called, lost) = check_all(&l, &all).await;
     assert!(lost.is_empty(), "nothing released: {lost:?}");
     assert_eq!(max_in_window(&called, w), 20);
+}
+
+/// Room given back inside a queue (released bookings) is taken by the next request at once,
+/// and only as much as every window holding now allows: the others still queue.
+#[tokio::test]
+async fn room_given_back_inside_a_queue_is_taken_at_once() {
+    let (_, l) = rig_limiter().await;
+    let key = fresh_key("given-back");
+    let w = 10_000_000;
+    let q10 = quota(
+        Some(10),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    );
+    let old = book_many(&l, &key, &q10, "old", 30).await;
+    // One given back in the window holding now and one in the next: a booking now lies in
+    // windows reaching into both.
+    l.release(&old[13]).await.expect("release");
+    let blocked = book_many(&l, &key, &q10, "blocked", 1).await;
+    assert!(
+        blocked[0].start_us > old[29].start_us,
+        "no room now yet: {blocked:?}"
+    );
+    l.release(&old[3]).await.expect("release");
+    let before = now_us();
+    let next = book_many(&l, &key, &q10, "next", 2).await;
+    assert!(
+        next[0].start_us >= before && next[0].start_us < old[10].start_us,
+        "the room now: {:?}",
+        next[0]
+    );
+    assert!(
+        next[1].start_us > old[29].start_us,
+        "behind the queue: {:?}",
+        next[1]
+    );
+    let mut all: Vec<_> = old
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 13)
+        .map(|(_, t)| t.clone())
+        .collect();
+    all.extend(blocked);
+    all.extend(next);
+    let (called, lost) = check_all(&l, &all).await;
+    assert!(lost.is_empty(), "{lost:?}");
+    assert_eq!(max_in_window(&called, w), 10, "{called:?}");
 }
 
 /// A longer window is a lower limit too: bookings that no longer fit are released.

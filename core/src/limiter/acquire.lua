@@ -357,6 +357,56 @@ local function refit(L, W)
   return true
 end
 
+-- Whether a booking at g (before the queue's latest start) keeps every window that holds
+-- g within its limit: the windows ending at g and at each booking starting less than a
+-- window after it, counted exactly. The queue's walk (earliest) counts everything booked
+-- after the cursor, so after a raise or a release it would wait behind bookings that leave
+-- room.
+local function room_at(g, c, L, W, rpd)
+  if S.db > g then return false end
+  if rpd >= 0 and (g >= S.de or S.dc + c[1] > rpd) then return false end
+  local reach = 0
+  for d = 1, 4 do
+    if L[d] >= 0 and c[d] > 0 then
+      if g < S.fs + W[d] then return false end
+      if W[d] > reach then reach = W[d] end
+    end
+  end
+  if reach == 0 then return true end
+  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(g - reach), '(' .. fmt(g + reach),
+    'WITHSCORES', 'LIMIT', 0, CAP)
+  local n = #items / 2
+  if n >= CAP then return false end
+  local at, cost = {}, {}
+  for i = 1, n do
+    at[i] = tonumber(items[2 * i])
+    cost[i] = costs_of(items[2 * i - 1])
+  end
+  for d = 1, 4 do
+    if L[d] >= 0 and c[d] > 0 then
+      local w, room = W[d], L[d] - c[d]
+      -- A sliding sum over the windows (t - w, t], t = g and each later start.
+      local lo, hi, held = 1, 1, 0
+      local function within(t)
+        while hi <= n and at[hi] <= t do
+          held = held + cost[hi][d]
+          hi = hi + 1
+        end
+        while lo < hi and at[lo] <= t - w do
+          held = held - cost[lo][d]
+          lo = lo + 1
+        end
+        return held <= room
+      end
+      if not within(g) then return false end
+      while hi <= n and at[hi] < g + w do
+        if not within(at[hi]) then return false end
+      end
+    end
+  end
+  return true
+end
+
 if op == 'a' then
   local id = ARGV[2]
   local c = { tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]) }
@@ -387,7 +437,8 @@ if op == 'a' then
     if L[d] >= 0 and c[d] > L[d] then return reply(2, -1, 7, c) end
   end
   if rpd >= 0 and c[1] > rpd then return reply(2, -1, 7, c) end
-  -- Callers queue in arrival order: nobody starts before the latest booking.
+  -- Callers queue in arrival order: nobody starts before the latest booking (but see
+  -- the room taken below).
   local s, blocker = now, 1
   if S.ls > s then s, blocker = S.ls, (S.lb > 0 and S.lb or 1) end
   if S.cd > s then s, blocker = S.cd, 6 end
@@ -400,6 +451,14 @@ if op == 'a' then
     else
       advance(d, s0 - W[d])
     end
+  end
+  -- A queue ahead, yet room now (a raised limit, released bookings): take it.
+  local g = math.max(now, S.cd)
+  if S.ls > g and g - now <= max_wait and room_at(g, c, L, W, rpd) then
+    redis.call('HSET', st, 't:' .. id, add(g, c, id))
+    if g < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
+    prune(keep_from)
+    return reply(1, g, 0, c)
   end
   if s0 - now > max_wait then
     prune(keep_from)

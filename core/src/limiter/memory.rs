@@ -53,6 +53,8 @@ pub(crate) struct KeyState {
     base: u64,
     /// Per dimension: entries with a sequence number below this are outside the window.
     cursor: [u64; 4],
+    /// Per dimension: the start the cursor was moved past (the script's `k1..k4`).
+    targets: [i64; 4],
     sums: [i64; 4],
     windows: [i64; 4],
     /// The limits the bookings were made under (the hash's `l1..l4`; `None`: not yet
@@ -111,6 +113,7 @@ impl KeyState {
 
     /// Moves dimension `d`'s cursor past every entry starting at or before `target`.
     fn advance(&mut self, d: usize, target: i64) {
+        self.targets[d] = self.targets[d].max(target);
         while let Some(e) = self.entry(self.cursor[d]) {
             if e.start > target {
                 break;
@@ -122,6 +125,7 @@ impl KeyState {
 
     /// Recomputes dimension `d` from the log (its window changed).
     fn rebuild(&mut self, d: usize, target: i64) {
+        self.targets[d] = target;
         let idx = self.log.partition_point(|e| e.start <= target);
         self.cursor[d] = self.base + idx as u64;
         self.sums[d] = self.log.iter().skip(idx).map(|e| e.costs[d]).sum();
@@ -146,6 +150,84 @@ impl KeyState {
             }
         }
         s0 // unreachable: an empty window always has room for a cost that fits the limit
+    }
+
+    /// Whether a booking at `g` (before the queue's latest start) keeps every window that
+    /// holds `g` within its limit: the windows ending at `g` and at each booking starting
+    /// less than a window after it, counted exactly. The queue's walk ([`Self::earliest`])
+    /// counts everything booked after the cursor, so after a raise or a release it would
+    /// wait behind bookings that leave room.
+    fn room_at(&self, g: i64, costs: &[i64; 4], limits: &Limits) -> bool {
+        if self.day_blocked > g {
+            return false;
+        }
+        if limits.per_day >= 0 && (g >= self.day_end || self.day_count + costs[0] > limits.per_day)
+        {
+            return false;
+        }
+        let dims: Vec<usize> = (0..4)
+            .filter(|&d| limits.limit[d] >= 0 && costs[d] > 0)
+            .collect();
+        if dims.iter().any(|&d| g < self.fence + limits.window_us[d]) {
+            return false;
+        }
+        dims.iter().all(|&d| {
+            let (w, room) = (limits.window_us[d], limits.limit[d] - costs[d]);
+            let from = self.log.partition_point(|e| e.start <= g - w);
+            let near: Vec<(i64, i64)> = self
+                .log
+                .iter()
+                .skip(from)
+                .take_while(|e| e.start < g + w)
+                .map(|e| (e.start, e.costs[d]))
+                .collect();
+            // A sliding sum over the windows (t - w, t], t = g and each later start.
+            let (mut lo, mut hi, mut held) = (0, 0, 0);
+            let mut within = |t: i64| {
+                while hi < near.len() && near[hi].0 <= t {
+                    held += near[hi].1;
+                    hi += 1;
+                }
+                while lo < hi && near[lo].0 <= t - w {
+                    held -= near[lo].1;
+                    lo += 1;
+                }
+                held <= room
+            };
+            std::iter::once(g)
+                .chain(near.iter().map(|(s, _)| *s).filter(|s| *s > g))
+                .all(&mut within)
+        })
+    }
+
+    /// Adds a booking at `start`, before bookings that start later (the script's `add` at a
+    /// start below the latest): later sequence numbers move up by one, and the entry counts
+    /// in a dimension's sum only where it lies after that dimension's cursor.
+    fn insert(&mut self, start: i64, costs: [i64; 4], id: Arc<str>) -> u64 {
+        let idx = self.log.partition_point(|e| e.start <= start);
+        let seq = self.base + idx as u64;
+        for s in self.tickets.values_mut() {
+            if *s >= seq {
+                *s += 1;
+            }
+        }
+        for d in 0..4 {
+            if start > self.targets[d] {
+                self.sums[d] += costs[d];
+            } else {
+                self.cursor[d] += 1;
+            }
+        }
+        self.log.insert(
+            idx,
+            Entry {
+                start,
+                costs,
+                id: Some(id.clone()),
+            },
+        );
+        self.tickets.insert(id, seq);
+        seq
     }
 
     fn roll_day(&mut self, now: i64, calendar: &dyn Calendar) {
@@ -334,7 +416,8 @@ impl KeyState {
                 blocker: Blocker::NeverFits,
             };
         }
-        // Callers queue in arrival order: nobody starts before the latest booking.
+        // Callers queue in arrival order: nobody starts before the latest booking (but see
+        // the room taken below).
         let mut s = now;
         let mut blocker = Blocker::Dimension(Dim::Requests);
         if self.last_start > s {
@@ -356,6 +439,22 @@ impl KeyState {
             }
         }
         let keep_from = now - limits.window_us.iter().copied().max().unwrap_or(0);
+        // A queue ahead, yet room now (a raised limit, released bookings): take it.
+        let g = now.max(self.cooldown);
+        if self.last_start > g && g - now <= max_wait && self.room_at(g, &costs, limits) {
+            self.insert(g, costs, Arc::from(request_id));
+            if g < self.day_end {
+                self.day_count += costs[0];
+            } else {
+                self.next_count += costs[0];
+            }
+            self.prune(keep_from);
+            return Outcome::Start {
+                start: g,
+                now,
+                costs,
+            };
+        }
         let reject = |s: i64, blocker| Outcome::Reject {
             retry_us: Some(s - now),
             blocker,

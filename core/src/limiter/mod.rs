@@ -9,7 +9,11 @@
 //! - callers queue in arrival order: a new request starts no earlier than the latest booked
 //!   start, the shared cooldown and now, so only windows ending at its own start can
 //!   overflow, and the earliest start that fits is found by walking the log forward from the
-//!   cursor, all dimensions at once, all or nothing;
+//!   cursor, all dimensions at once, all or nothing. One exception: while a queue stands
+//!   ahead, a request that fits now (or at the cooldown's end) is booked there, after an
+//!   exact count of every window holding that time, including the bookings that start
+//!   later. The queue's walk counts everything booked after the cursor, so it would leave
+//!   such room unused: room opened by a raised limit or by bookings given back;
 //! - the caller gets back `Admitted`, `Booked` (sleep exactly `wait`, then call) or
 //!   `Rejected` with the earliest time it could fit and what blocks it;
 //! - a booking belongs to one delivery: a retried acquire replays it only while its start
@@ -29,8 +33,8 @@
 //!   at its start if every window ending there holds at most the new limit (counting what
 //!   has started), and released otherwise, so the latest go first; its holder's
 //!   [`Limiter::check`] answers [`Blocker::Lost`] and it books afresh under the new limits
-//!   or defers. A raise keeps every booking where it is and lets new ones fill each window
-//!   up to the new limit. A window that grows past entries already pruned from the log
+//!   or defers. A raise keeps every booking where it is; new ones take the room it opens
+//!   at once (the exception above), then fill each window up to the new limit. A window that grows past entries already pruned from the log
 //!   cannot recount them: they are taken as full, as after a loss (the fence moves to the
 //!   latest pruned start, so each limited dimension waits its new window from it).
 //!   The re-fit happens at the first call that brings the new limits: an acquire, or a

@@ -406,7 +406,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Random arrivals, lumpy costs, releases and reconciles: no window of any dimension
-    /// ever holds more than its limit, and starts follow arrival order.
+    /// ever holds more than its limit, and starts follow arrival order (but for room
+    /// given back by a release or a reconcile, taken at once).
     #[test]
     fn no_window_exceeds_any_limit_and_fifo_holds(
         arrivals in arrivals(),
@@ -426,8 +427,12 @@ proptest! {
             let id = format!("r{i}");
             let d = l.acquire_now(&key(), &q, &id, req(a.tokens), Duration::from_millis(a.max_wait_ms));
             let Some(t) = d.ticket().cloned() else { continue };
-            prop_assert!(t.start_us >= last_start, "FIFO: {} < {}", t.start_us, last_start);
-            last_start = t.start_us;
+            // Only room found at the acquire itself goes ahead of the queue.
+            prop_assert!(
+                t.start_us >= last_start || t.start_us == clock.now_us(),
+                "FIFO: {} < {}", t.start_us, last_start
+            );
+            last_start = last_start.max(t.start_us);
             match a.after {
                 0 => { rt.block_on(l.release(&t)).expect("ok"); }
                 1 => {
@@ -892,8 +897,9 @@ async fn lowering_a_limit_releases_the_bookings_beyond_it() {
     assert_eq!(max_in_window(&called, w), 10, "{called:?}");
 }
 
-/// Raised from 10 to 20: the bookings already made stay where they are, and new bookings
-/// fill every window up to the new limit, never past it.
+/// Raised from 10 to 20: the bookings already made stay where they are; new bookings take
+/// the room the raise opens at once (every window holding now had 10), then fill the queued
+/// windows up to the new limit, never past it.
 #[tokio::test]
 async fn raising_a_limit_fills_windows_up_to_it() {
     let clock = ManualClock::new(T0);
@@ -903,18 +909,65 @@ async fn raising_a_limit_fills_windows_up_to_it() {
     let old = book_many(&l, &q10, "old", 30);
     assert_eq!(old[29].start_us, T0 + 2 * w);
     clock.advance(Duration::from_secs(1));
+    let change = clock.now_us();
     let q20 = quota(Some(20), None, 10, NO_MARGIN);
-    let new = book_many(&l, &q20, "new", 30);
-    // The last queued window takes 10 more, the next one 20.
-    assert_eq!(new[9].start_us, T0 + 2 * w, "{:?}", new[9]);
-    assert_eq!(new[10].start_us, T0 + 3 * w, "{:?}", new[10]);
-    assert_eq!(new[29].start_us, T0 + 3 * w, "{:?}", new[29]);
+    let new = book_many(&l, &q20, "new", 40);
+    assert_eq!(new[0].start_us, change, "at once: {:?}", new[0]);
+    assert_eq!(new[9].start_us, change, "{:?}", new[9]);
+    // The queue's last window takes 10 more, the next one 20.
+    assert_eq!(new[10].start_us, T0 + 2 * w, "{:?}", new[10]);
+    assert_eq!(new[19].start_us, T0 + 2 * w, "{:?}", new[19]);
+    assert_eq!(new[20].start_us, T0 + 3 * w, "{:?}", new[20]);
+    assert_eq!(new[39].start_us, T0 + 3 * w, "{:?}", new[39]);
+    // The window from T0 + 10 s holds the queued 10 and nothing more fits before it.
     let mut all = old.clone();
     all.extend(new);
     let (mut called, lost) = check_all(&l, &clock, &all).await;
     assert!(lost.is_empty(), "nothing released: {lost:?}");
     called.sort();
     assert_eq!(max_in_window(&called, w), 20);
+}
+
+/// Room given back inside a queue (a released booking) is taken by the next request at
+/// once, and only as much as every window holding now allows: the others still queue.
+#[tokio::test]
+async fn room_given_back_inside_a_queue_is_taken_at_once() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let w = 10 * SEC;
+    let q10 = quota(Some(10), None, 10, NO_MARGIN);
+    let old = book_many(&l, &q10, "old", 30);
+    clock.advance(Duration::from_secs(1));
+    // One given back in the window holding now and one in the next: a booking now lies
+    // in windows reaching into both.
+    l.release(&old[13]).await.expect("release");
+    let blocked = book_many(&l, &q10, "blocked", 1);
+    assert_eq!(
+        blocked[0].start_us,
+        T0 + 3 * w,
+        "no room now yet: {blocked:?}"
+    );
+    l.release(&old[3]).await.expect("release");
+    let next = book_many(&l, &q10, "next", 2);
+    assert_eq!(next[0].start_us, T0 + SEC, "the room now: {:?}", next[0]);
+    assert_eq!(
+        next[1].start_us,
+        T0 + 3 * w,
+        "behind the queue: {:?}",
+        next[1]
+    );
+    let mut all: Vec<Ticket> = old
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 13)
+        .map(|(_, t)| t.clone())
+        .collect();
+    all.extend(blocked);
+    all.extend(next);
+    let (mut called, lost) = check_all(&l, &clock, &all).await;
+    assert!(lost.is_empty(), "{lost:?}");
+    called.sort();
+    assert_eq!(max_in_window(&called, w), 10, "{called:?}");
 }
 
 /// A longer window (or a larger margin) is a lower limit too: bookings that no longer fit
