@@ -653,9 +653,9 @@ async fn running_workers_obey_a_lowered_limit_within_two_seconds() {
     limit_change_at_the_simulator(10, 5).await;
 }
 
-/// The same with the limit raised: no window ever holds more than the new limit (how soon
-/// the fleet reaches it is printed: bookings already queued stay where they are, and new
-/// ones queue behind them).
+/// The same with the limit raised: no window ever holds more than the new limit, and the
+/// fleet reaches it within one window of the change taking effect (bookings already queued
+/// stay where they are; new ones take the room the raise opens at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_workers_never_exceed_a_raised_limit() {
     limit_change_at_the_simulator(5, 10).await;
@@ -725,7 +725,9 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
         let _ = axum::serve(listener, app).await;
     });
 
-    // A backlog far deeper than the limit, and three workers eager for it.
+    // Demand at twice the higher limit, arriving all along (a backlog sent at once is told
+    // when to come back, and a hidden message cannot be recalled: only demand still
+    // arriving can use room a raise opens), and three workers eager for it.
     let sqs = rig.sqs().await;
     let s3 = rig.s3().await;
     let mut queues = Vec::new();
@@ -733,17 +735,25 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
         queues.push(rig.create_queue(&name).await);
     }
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
-    for i in 0..150 {
-        let body = serde_json::json!({
-            "id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")
-        });
-        sqs.send_message()
-            .queue_url(&queues[0])
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send a request");
-    }
+    let pace = Duration::from_millis(1_000 * window_s / (2 * before.max(after)));
+    let sender = {
+        let (sqs, queue, ns) = (sqs.clone(), queues[0].clone(), ns.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(pace);
+            for i in 0.. {
+                tick.tick().await;
+                let body = serde_json::json!({
+                    "id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a lighthouse, take {i}")
+                });
+                sqs.send_message()
+                    .queue_url(&queue)
+                    .message_body(body.to_string())
+                    .send()
+                    .await
+                    .expect("send a request");
+            }
+        })
+    };
     let dir = std::env::temp_dir().join(&ns);
     std::fs::create_dir_all(&dir).expect("log folder");
     let mut workers = pacer_tests::Children::default();
@@ -839,11 +849,18 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
         times.len() - before_change >= 2 * after as usize,
         "the fleet kept working after the change"
     );
+    if after > before {
+        assert!(
+            reached.is_some_and(|ms| ms <= 2_000 + w_ms),
+            "{after} calls within one {window_s} s window first {reached:?} ms after the apply"
+        );
+    }
     assert!(
         most(changed_ms + 2_000) <= after as usize,
         "a {window_s} s window starting 2 s after the apply holds {} calls, limit {after}",
         most(changed_ms + 2_000)
     );
+    sender.abort();
     drop(workers);
     sim_task.abort();
     shutdown.cancel();
