@@ -34,7 +34,9 @@ use pacer_core::{
         CompiledChain, CompiledConfig, CompiledPool, CompiledStep, ConfigStore, FailureMode,
         ModelLimits, ProviderKind, RetryConfig,
     },
-    limiter::{Decision, Limiter, SystemClock, memory::MemoryLimiter},
+    limiter::{
+        Decision, Limiter, QuotaKey, SystemClock, memory::MemoryLimiter, redis::RedisLimiter,
+    },
     provider::{ApiKey, ImageProvider, ImageRequest, ImageResponse, ProviderError},
 };
 use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator};
@@ -145,6 +147,9 @@ pub struct LoadtestArgs {
     /// `sink-fail=N` the first N image writes fail (split across --processes children);
     /// `kill-replica@SECS` one replica dies at SECS (--processes: SIGKILL of a child;
     /// otherwise its worker task is aborted, in-flight calls cut off);
+    /// `limit@SECS=N` at SECS the binding limit becomes N, written to --redis-url as
+    /// `pacer apply` writes it (the run fails if a window starting 2 s later holds more
+    /// than N arrivals at the simulator);
     /// `503=P` the simulator answers a fraction P of calls 503 overloaded; `500=P` 500;
     /// `504=P` 504; `429=P` bare ghost 429s under quota; `reset=P` the connection breaks
     /// after the call was counted; `slow=P:MS` a fraction P of answers MS ms late;
@@ -261,6 +266,9 @@ pub struct Report {
     /// Provider calls without their own limiter entry (no ticket or a ticket used before),
     /// counted by the simulator.
     pub uncounted_calls: Option<u64>,
+    /// A `limit@SECS=N` fault's verdict, from the simulator's arrival times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_change: Option<LimitChange>,
     /// Where the fleet's log and the simulator disagree: a run with any fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disagreements: Vec<String>,
@@ -269,7 +277,8 @@ pub struct Report {
     pub faults: Vec<String>,
     /// Image writes failed by `sink-fail`.
     pub sink_failures: u64,
-    /// The binding limit: model, dimension, limit per window, window.
+    /// The binding limit: model, dimension, limit per window, window (after a raise by a
+    /// `limit@` fault, the new limit: what no window may exceed over the whole run).
     pub binding: String,
     pub limit: u64,
     pub window_s: f64,
@@ -300,6 +309,66 @@ pub struct Report {
     pub plot: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Box<Report>>,
+}
+
+/// How the fleet followed a `limit@SECS=N` fault, judged by the simulator's arrival times
+/// (refused calls included) in windows of the binding dimension's length.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct LimitChange {
+    /// Seconds into the run when the new limit was written.
+    pub at_s: f64,
+    pub from: u64,
+    pub to: u64,
+    /// Arrivals from the change on.
+    pub arrivals_after: u64,
+    /// The most arrivals in a window starting at or after the change.
+    pub most_from_change: u64,
+    /// The most arrivals in a window starting 2 s or more after the change: at most `to`,
+    /// or the run fails.
+    pub most_from_2s_after: u64,
+    /// The first window start, in 0.5 s steps after the change, from which no window holds
+    /// more than `to` (`None`: not within 30 s).
+    pub obeyed_after_s: Option<f64>,
+    /// When `to` arrivals first fell within one window, in seconds after the change.
+    pub reached_after_s: Option<f64>,
+}
+
+impl LimitChange {
+    /// The figures from sorted arrival times (unix ms).
+    pub fn judge(times: &[i64], change_ms: i64, window_ms: i64, from: u64, to: u64) -> Self {
+        // The most arrivals in a window [t, t + window) over the windows starting at an
+        // arrival at or after `start`.
+        let most = |start: i64| -> u64 {
+            let after = &times[times.partition_point(|t| *t < start)..];
+            let mut hi = 0;
+            let mut best = 0;
+            for lo in 0..after.len() {
+                while hi < after.len() && after[hi] < after[lo] + window_ms {
+                    hi += 1;
+                }
+                best = best.max(hi - lo);
+            }
+            best as u64
+        };
+        let later = &times[times.partition_point(|t| *t < change_ms)..];
+        let need = usize::try_from(to).unwrap_or(usize::MAX).max(1);
+        let reached = (need..=later.len())
+            .find(|&k| later[k - 1] - later[k - need] < window_ms)
+            .map(|k| (later[k - 1] - change_ms) as f64 / 1000.0);
+        LimitChange {
+            at_s: 0.0,
+            from,
+            to,
+            arrivals_after: later.len() as u64,
+            most_from_change: most(change_ms),
+            most_from_2s_after: most(change_ms + 2_000),
+            obeyed_after_s: (0..=60)
+                .map(|k| k * 500)
+                .find(|d| most(change_ms + d) <= to)
+                .map(|d| d as f64 / 1000.0),
+            reached_after_s: reached,
+        }
+    }
 }
 
 /// The limits and chain a run uses.
@@ -577,6 +646,35 @@ async fn write_config(url: &str, config: &CompiledConfig) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `limit@SECS=N`: the run's pool with the binding limit set to N, written to Redis and
+/// applied to the limiter as `pacer apply` does.
+async fn apply_limit(url: &str, plan: &Plan, to: u64) -> anyhow::Result<()> {
+    let (_, pool) = plan.config.chain(&plan.chain)?;
+    let mut pool = pool.clone();
+    let (model, dim, ..) = &plan.binding;
+    let limits = pool
+        .models
+        .get_mut(model)
+        .context("the binding model is not in its pool")?;
+    if *dim == "ipm" {
+        limits.ipm = Some(to);
+    } else {
+        limits.rpm = Some(to);
+    }
+    let store = ConfigStore::connect(url)
+        .await
+        .context("connecting to Redis")?;
+    store.put_pool(&pool).await?;
+    let limiter = RedisLimiter::connect(url, Default::default()).await?;
+    if let Some(quota) = pool.model_quota(model) {
+        limiter
+            .usage(&QuotaKey::new(&pool.project, model), &quota)
+            .await
+            .context("applying the new limit to the limiter")?;
+    }
+    Ok(())
+}
+
 /// `redis-restart`: everything in the limiter's Redis gone at once, then the config back.
 async fn restart_redis(url: &str, config: &CompiledConfig) -> anyhow::Result<()> {
     let mut conn = redis::Client::open(url)?
@@ -606,7 +704,9 @@ async fn run_once(
         args.faults
             .iter()
             .filter_map(|f| match f {
-                Fault::RedisRestart { at } | Fault::KillReplica { at } => Some((*at, f.clone())),
+                Fault::RedisRestart { at }
+                | Fault::KillReplica { at }
+                | Fault::Limit { at, .. } => Some((*at, f.clone())),
                 _ => None,
             })
             .collect()
@@ -621,6 +721,29 @@ async fn run_once(
             "--fault redis-restart needs --redis-url (the in-memory limiter has no Redis to restart)"
         );
     }
+    if timed.iter().any(|(_, f)| matches!(f, Fault::Limit { .. })) {
+        anyhow::ensure!(
+            args.conn.redis_url.is_some(),
+            "--fault limit@SECS=N needs --redis-url (replicas learn a new limit from the config in Redis)"
+        );
+    }
+    // A limit change: the simulator's own limit is the higher of the two all run long (it
+    // counts arrivals; the new limit is judged from their times).
+    let to_limit = timed.iter().find_map(|(_, f)| match f {
+        Fault::Limit { to, .. } => Some(*to),
+        _ => None,
+    });
+    let mut sim_limits = plan.sim_limits.clone();
+    if let Some(to) = to_limit {
+        for l in sim_limits.iter_mut().filter(|l| l.model == plan.binding.0) {
+            let dim = if plan.binding.1 == "ipm" {
+                &mut l.ipm
+            } else {
+                &mut l.rpm
+            };
+            *dim = dim.map(|v| v.max(to));
+        }
+    }
     let sink_failures = if naive {
         0
     } else {
@@ -632,7 +755,7 @@ async fn run_once(
         (Some(_), false) => None,
         _ => Some(
             Simulator::new(SimConfig {
-                limits: plan.sim_limits.clone(),
+                limits: sim_limits,
                 latency: Duration::from_millis(args.latency_ms),
                 latency_jitter: Duration::from_millis(args.latency_jitter_ms),
                 faults: fault::simulator_faults(
@@ -839,12 +962,17 @@ async fn run_once(
             !naive
                 || !matches!(
                     f,
-                    Fault::RedisRestart { .. } | Fault::KillReplica { .. } | Fault::SinkFail { .. }
+                    Fault::RedisRestart { .. }
+                        | Fault::KillReplica { .. }
+                        | Fault::SinkFail { .. }
+                        | Fault::Limit { .. }
                 )
         })
         .map(ToString::to_string)
         .collect();
     let mut flushed = false;
+    // When a limit fault changed the binding limit (unix ms), and to what.
+    let mut limit_changed: Option<(i64, u64)> = None;
     let mut polls = 0u64;
     let pending = |done: &HashMap<String, ResultRecord>,
                    stored: &std::collections::HashSet<String>| {
@@ -898,6 +1026,15 @@ async fn run_once(
                     flushed = true;
                     fault_log.push(format!(
                         "redis-restart: FLUSHALL at {when:.1} s, config written again"
+                    ));
+                }
+                Fault::Limit { to, .. } => {
+                    let url = args.conn.redis_url.as_deref().unwrap_or_default();
+                    let (model, dim, from, _) = &plan.binding;
+                    apply_limit(url, plan, *to).await?;
+                    limit_changed = Some((now_ms(), *to));
+                    fault_log.push(format!(
+                        "limit: {model} {dim} {from} -> {to} at {when:.1} s, written as `pacer apply` writes it"
                     ));
                 }
                 Fault::KillReplica { .. } => {
@@ -1065,7 +1202,10 @@ async fn run_once(
         .map(|c| c.start_ms)
         .collect();
     arrivals.sort_unstable();
-    let mut over = pacer_core::measure::over_limit_windows(&arrivals, window_ms, limit);
+    // A raised limit: the higher one is what no window may exceed over the whole run.
+    let safe_limit = limit.max(limit_changed.map_or(0, |(_, to)| to));
+    let mut over = pacer_core::measure::over_limit_windows(&arrivals, window_ms, safe_limit);
+    report.limit = safe_limit;
     if let Some(sim) = &sim {
         let stats = sim.stats();
         let models: Vec<String> = plan
@@ -1091,14 +1231,31 @@ async fn run_once(
         }
         report.over_limit_windows = Some(over);
         report.uncounted_calls = figures.uncounted_calls;
+        if let Some((change_ms, to)) = limit_changed {
+            let mut times: Vec<i64> = ["accepted_at_ms", "rejected_at_ms"]
+                .iter()
+                .flat_map(|k| {
+                    stats["models"][&model][*k]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|v| v.as_i64())
+                .collect();
+            times.sort_unstable();
+            report.limit_change = Some(LimitChange {
+                at_s: (change_ms - started) as f64 / 1000.0,
+                ..LimitChange::judge(&times, change_ms, window_ms, limit, to)
+            });
+        }
         report.disagreements = judge::disagreements(&own, &figures);
         report.simulator = Some(figures);
     }
     if let (Some(first), Some(last)) = (starts.first(), starts.last()) {
         let windows = 1.0 + (last - first) as f64 / 1000.0 / window_s;
-        report.utilization_whole_run = starts.len() as f64 / (limit as f64 * windows);
-        report.utilization =
-            steady_utilization(&starts, window_ms, limit).unwrap_or(report.utilization_whole_run);
+        report.utilization_whole_run = starts.len() as f64 / (safe_limit as f64 * windows);
+        report.utilization = steady_utilization(&starts, window_ms, safe_limit)
+            .unwrap_or(report.utilization_whole_run);
     }
 
     // The picture.
@@ -1232,6 +1389,26 @@ pub fn print_table(r: &Report) {
         for f in &r.faults {
             println!("{}: fault: {f}", r.mode);
         }
+        if let Some(c) = &r.limit_change {
+            let secs =
+                |v: Option<f64>| v.map_or_else(|| "never".to_owned(), |v| format!("{v:.1} s"));
+            println!(
+                "{}: limit change {} -> {} at {:.1} s (simulator, at arrival): {} arrivals after it; \
+                 most in a window from the change {}, from 2 s after {}; no window holds more than \
+                 {} from {} after; {} within one window first {} after",
+                r.mode,
+                c.from,
+                c.to,
+                c.at_s,
+                c.arrivals_after,
+                c.most_from_change,
+                c.most_from_2s_after,
+                c.to,
+                secs(c.obeyed_after_s),
+                c.to,
+                secs(c.reached_after_s)
+            );
+        }
         for d in &r.disagreements {
             println!("{}: DISAGREEMENT: {d}", r.mode);
         }
@@ -1262,6 +1439,15 @@ pub async fn run(mut args: LoadtestArgs) -> anyhow::Result<()> {
         .chain(report.baseline.as_deref())
         .flat_map(|r| &r.disagreements)
         .collect();
+    if let Some(c) = &report.limit_change {
+        anyhow::ensure!(
+            c.most_from_2s_after <= c.to,
+            "after the limit went from {} to {}, a window starting 2 s after the change held {} arrivals at the simulator",
+            c.from,
+            c.to,
+            c.most_from_2s_after
+        );
+    }
     anyhow::ensure!(
         disagreements.is_empty(),
         "the fleet's own log and the simulator disagree, so this run's figures cannot be trusted: {}",
@@ -1280,6 +1466,26 @@ pub const DEFAULT_LIMIT: &str = "gemini-3.1-flash-image:rpm=100,ipm=100,window=1
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_change_is_judged_from_arrival_times() {
+        // 20 per 10 s until 15 s, then arrivals every second (10 per window) from 16.5 s.
+        let mut times: Vec<i64> = (0..30).map(|i| i * 500).collect();
+        times.extend((0..20).map(|i| 16_500 + i * 1_000));
+        let c = LimitChange::judge(&times, 15_000, 10_000, 20, 10);
+        assert_eq!(c.arrivals_after, 20);
+        assert_eq!(c.most_from_change, 10);
+        assert_eq!(c.most_from_2s_after, 10);
+        assert_eq!(c.obeyed_after_s, Some(0.0));
+        // The 10th arrival after the change, at 25.5 s, closes the first window of 10.
+        assert_eq!(c.reached_after_s, Some(10.5));
+        // Late: the old pace runs on until 19 s.
+        let mut late: Vec<i64> = (0..38).map(|i| i * 500).collect();
+        late.extend((0..20).map(|i| 19_500 + i * 1_000));
+        let c = LimitChange::judge(&late, 15_000, 10_000, 20, 10);
+        assert!(c.most_from_change > 10, "{c:?}");
+        assert_eq!(c.obeyed_after_s, Some(3.5), "{c:?}");
+    }
 
     #[tokio::test]
     async fn in_memory_fleet_stays_under_the_limit_and_loses_nothing() {

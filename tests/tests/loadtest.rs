@@ -141,3 +141,71 @@ async fn deep_backlog_is_deferred_and_redelivered_without_uncounted_calls() {
     );
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Issue 18's run, compressed: 8 replica processes over Redis and SQS at 3x demand, a step
+/// that waits up to 30 s, the limit changed 8 s in as `pacer apply` writes it. Judged by the
+/// simulator at arrival: lowered (10 -> 5 per 4 s), no window starting 2 s after the change
+/// holds more than 5; raised (5 -> 10), the fleet reaches 10 within one window of it and
+/// never exceeds 10. Both lose nothing, fail nothing and see no upstream 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_changed_mid_run_is_obeyed_within_two_seconds() {
+    let rig = Rig::load();
+    for (from, to) in [(10u64, 5u64), (5, 10)] {
+        let aws = rig.aws_config().await;
+        let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-limit"));
+        let args = LoadtestArgs {
+            replicas: 8,
+            processes: true,
+            child_exe: Some(pacer_tests::pacer_bin()),
+            requests: 60,
+            demand: 3.0,
+            conn: Connections {
+                redis_url: Some(rig.get("REDIS_URL")),
+                queue_url: Some(queue(&rig, "loadtest-limit").await),
+                ..Connections::default()
+            },
+            margin_ms: Some(250),
+            limits: vec![
+                format!("gemini-3.1-flash-image:rpm={from},window=4")
+                    .parse()
+                    .expect("limit"),
+            ],
+            max_wait_seconds: 30,
+            faults: vec![format!("limit@8s={to}").parse().expect("fault")],
+            latency_ms: 200,
+            latency_jitter_ms: 200,
+            out: Some(out.join("images").display().to_string()),
+            plot: out.join("plot.png"),
+            // A bound on the test, not a measurement.
+            timeout_seconds: 180,
+            ..LoadtestArgs::default()
+        };
+        let r = execute(&args, Some(aws), None)
+            .await
+            .expect("the load test runs");
+        assert_safe(&r, 60);
+        let report = serde_json::to_string_pretty(&r).unwrap_or_default();
+        assert_eq!(r.failed, 0, "{report}");
+        let c = r.limit_change.as_ref().expect("the limit change's figures");
+        println!("limit {from} -> {to}: {c:?}");
+        assert_eq!((c.from, c.to), (from, to), "{report}");
+        assert!(
+            c.arrivals_after >= 2 * to,
+            "the fleet kept working: {report}"
+        );
+        assert!(
+            c.most_from_2s_after <= to,
+            "a window starting 2 s after the change holds {} arrivals: {report}",
+            c.most_from_2s_after
+        );
+        if to > from {
+            // Demand keeps arriving at 3x the old limit: the room opens at once.
+            assert!(
+                c.reached_after_s.is_some_and(|s| s <= 2.0 + 4.0),
+                "{to} within one window only {:?} s after the change: {report}",
+                c.reached_after_s
+            );
+        }
+        let _ = std::fs::remove_dir_all(out);
+    }
+}

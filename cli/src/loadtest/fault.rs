@@ -42,11 +42,16 @@ pub enum Fault {
     Slow(f64, u64),
     /// `503-burst=EVERY:LENGTH` (seconds): every EVERY s, answer 503 for LENGTH s.
     OverloadBurst(Schedule),
+    /// `limit@15s=10`: at 15 s the binding limit (the chain's first model, its rpm or ipm)
+    /// becomes 10, written to Redis as `pacer apply` writes it. The simulator's own limit
+    /// is the higher of the two all run long; the run is judged by the simulator's arrival
+    /// times: no window starting 2 s after the change may hold more than the new limit.
+    Limit { at: Duration, to: u64 },
 }
 
 /// How `--fault` values are written, for error messages and the flag's help.
-pub const SYNTAX: &str = "redis-restart@SECS, sink-fail=N, kill-replica@SECS, 503=P, 500=P, \
-                          504=P, 429=P, reset=P, slow=P:MS, 503-burst=EVERY:LENGTH";
+pub const SYNTAX: &str = "redis-restart@SECS, sink-fail=N, kill-replica@SECS, limit@SECS=N, \
+                          503=P, 500=P, 504=P, 429=P, reset=P, slow=P:MS, 503-burst=EVERY:LENGTH";
 
 fn secs(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -66,6 +71,13 @@ impl FromStr for Fault {
         let bad = || format!("--fault {s:?}: expected one of {SYNTAX}");
         let s = s.trim();
         if let Some((name, at)) = s.split_once('@') {
+            if name == "limit" {
+                let (at, to) = at.split_once('=').ok_or_else(bad)?;
+                return Ok(Fault::Limit {
+                    at: secs(at).ok_or_else(bad)?,
+                    to: to.trim().parse().map_err(|_| bad())?,
+                });
+            }
             let at = secs(at).ok_or_else(bad)?;
             return match name {
                 "redis-restart" => Ok(Fault::RedisRestart { at }),
@@ -103,6 +115,7 @@ impl std::fmt::Display for Fault {
             Fault::RedisRestart { at } => write!(f, "redis-restart@{}s", at.as_secs_f64()),
             Fault::SinkFail { writes } => write!(f, "sink-fail={writes}"),
             Fault::KillReplica { at } => write!(f, "kill-replica@{}s", at.as_secs_f64()),
+            Fault::Limit { at, to } => write!(f, "limit@{}s={to}", at.as_secs_f64()),
             Fault::Overload(p) => write!(f, "503={p}"),
             Fault::ServerError(p) => write!(f, "500={p}"),
             Fault::GatewayTimeout(p) => write!(f, "504={p}"),
@@ -131,7 +144,10 @@ pub fn simulator_faults(base: Faults, faults: &[Fault]) -> Faults {
             Fault::Reset(p) => f.reset = p,
             Fault::Slow(p, ms) => (f.slow, f.slow_ms) = (p, ms),
             Fault::OverloadBurst(s) => f.overload_burst = Some(s),
-            Fault::RedisRestart { .. } | Fault::SinkFail { .. } | Fault::KillReplica { .. } => {}
+            Fault::RedisRestart { .. }
+            | Fault::SinkFail { .. }
+            | Fault::KillReplica { .. }
+            | Fault::Limit { .. } => {}
         }
     }
     f
@@ -231,7 +247,17 @@ mod tests {
         assert_eq!("503=0.35".parse(), Ok(Fault::Overload(0.35)));
         assert_eq!("slow=0.1:30000".parse(), Ok(Fault::Slow(0.1, 30_000)));
         assert!("503=1.5".parse::<Fault>().is_err());
+        assert_eq!(
+            "limit@15s=10".parse(),
+            Ok(Fault::Limit {
+                at: Duration::from_secs(15),
+                to: 10
+            })
+        );
+        assert!("limit@15s".parse::<Fault>().is_err());
+        assert!("limit@15s=ten".parse::<Fault>().is_err());
         for text in [
+            "limit@2.5s=20",
             "redis-restart@12s",
             "kill-replica@8.5s",
             "503=0.35",
