@@ -437,7 +437,18 @@ impl Drop for AbortOnDrop {
 #[derive(Default)]
 struct Front {
     fault: Mutex<Option<QuotaFault>>,
+    /// The project's key revoked, or its prepaid credit spent, for a period.
+    account: Mutex<Option<AccountFault>>,
     in_flight: Mutex<BTreeMap<String, usize>>,
+}
+
+/// Every call arriving in the period is refused for the account, as Google refuses a
+/// revoked key (403 PERMISSION_DENIED) and a project whose prepaid credit is spent (402),
+/// alternately. The simulator still counts each arrival: the front changes answers only.
+struct AccountFault {
+    from: Instant,
+    until: Instant,
+    answered: u64,
 }
 
 /// The replica named in a ticket tag `{id}:{image}:{model}:{replica}:{token}:{n}@{start}`.
@@ -484,9 +495,45 @@ async fn front_of_the_simulator(
             *n = n.saturating_add_signed(delta);
         }
     };
+    let account = {
+        let mut f = front.account.lock().unwrap_or_else(|p| p.into_inner());
+        match f.as_mut() {
+            Some(f)
+                if req.uri().path().contains(":generateContent")
+                    && arrived >= f.from
+                    && arrived < f.until =>
+            {
+                f.answered += 1;
+                Some(f.answered)
+            }
+            _ => None,
+        }
+    };
     in_flight(1);
     let answer = next.run(req).await;
     in_flight(-1);
+    if let Some(n) = account {
+        let (status, body) = if n % 2 == 1 {
+            (
+                axum::http::StatusCode::FORBIDDEN,
+                serde_json::json!({"error": {
+                    "code": 403,
+                    "message": "Permission denied: Consumer 'api_key:test-key' has been suspended.",
+                    "status": "PERMISSION_DENIED"
+                }}),
+            )
+        } else {
+            (
+                axum::http::StatusCode::PAYMENT_REQUIRED,
+                serde_json::json!({"error": {
+                    "code": 402,
+                    "message": "Your prepaid credits are depleted. Please add credits to your billing account to continue.",
+                    "status": "FAILED_PRECONDITION"
+                }}),
+            )
+        };
+        return axum::response::IntoResponse::into_response((status, axum::Json(body)));
+    }
     let Some(left) = left else { return answer };
     let body = serde_json::json!({"error": {
         "code": 429,
@@ -963,6 +1010,91 @@ async fn redis_restarts_empty() {
     case.mark_state_lost();
     Rig::apply_config_at(&case.redis.url(), &case.plan.config(&case.ns)).await;
     case.finish().await.check();
+}
+
+/// Issue 12: Redis restarts empty and the config comes back only 6 s later (the operator's
+/// next resync, or someone running `pacer apply`). Meanwhile no replica has a config:
+/// messages wait, deferred, and none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarts_empty_and_the_config_comes_back_later() {
+    let mut case = Case::start(Plan::new("config-back-later")).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    let _ = std::fs::remove_file(case.redis.dir().join("dump.rdb"));
+    case.redis.start_again();
+    case.mark_state_lost();
+    // The scenario's gap, not a wait for something to happen.
+    let gap = Duration::from_secs(6);
+    tokio::time::sleep(gap).await;
+    let before = case.accepted();
+    Rig::apply_config_at(&case.redis.url(), &case.plan.config(&case.ns)).await;
+    case.notes.push(format!(
+        "config back {} s after the restart, {before} accepted by then",
+        gap.as_secs()
+    ));
+    case.finish().await.check();
+}
+
+/// Issue 12: the project's key is revoked mid-run (403) and its prepaid credit spent
+/// (402), answered alternately for 8 s (longer than a window: calls arrive in a burst
+/// at each window's start), then restored. Account errors defer and raise the
+/// pool's account alert (what the operator shows as `AccountProblem`); none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_revoked_then_restored() {
+    let mut plan = Plan::new("key-revoked");
+    // An account error defers its message (and pauses the pool) for 60 s.
+    plan.bound = Duration::from_secs(240);
+    let mut case = Case::start(plan).await;
+    let limit = case.plan.limit;
+    case.wait_accepted(limit).await;
+    let length = Duration::from_secs(8);
+    let from = Instant::now();
+    *case.front.account.lock().expect("lock") = Some(AccountFault {
+        from,
+        until: from + length,
+        answered: 0,
+    });
+    let key = pacer_core::config::account_alert_key(&format!("{}/pool", case.ns));
+    let mut conn = case.redis_conn().await;
+    let mut alert: Option<String> = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alert.is_none() && Instant::now() < deadline {
+        alert = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    case.wait_for(
+        "the end of the account fault",
+        length + Duration::from_secs(1),
+        |_| from.elapsed() > length,
+    )
+    .await;
+    let answered = case
+        .front
+        .account
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .map_or(0, |f| f.answered);
+    let mut figures = case.finish().await;
+    figures.notes.push(format!(
+        "calls refused for the account: {answered}; alert: {}",
+        alert.as_deref().unwrap_or("none")
+    ));
+    if answered == 0 {
+        figures
+            .broken
+            .push("no call arrived while the key was revoked".into());
+    }
+    if alert.is_none() {
+        figures
+            .broken
+            .push(format!("the pool's account alert ({key}) was never raised"));
+    }
+    figures.check();
 }
 
 /// Redis restarts from an older snapshot: SAVE, a window's worth of calls, then a

@@ -211,9 +211,9 @@ impl KeyState {
                 *s += 1;
             }
         }
-        for d in 0..4 {
+        for (d, c) in costs.iter().enumerate() {
             if start > self.targets[d] {
-                self.sums[d] += costs[d];
+                self.sums[d] += c;
             } else {
                 self.cursor[d] += 1;
             }
