@@ -54,8 +54,14 @@ struct Plan {
     shutdown_grace_s: u64,
     /// Start with the sink's bucket missing (the sink-failure case creates it later).
     bucket_missing: bool,
+    /// Apply only the pool at the start (the case applies the chain later).
+    chain_late: bool,
     /// How long the whole case may take before unfinished requests count as lost.
     bound: Duration,
+    /// The queue's redrive policy: dead-letter at this receive (the Lambda template's
+    /// floor is 11). Workers re-send a deferred message from the receive before it, so a
+    /// message dead-lettered here failed to be processed at all.
+    max_receives: u32,
 }
 
 impl Plan {
@@ -74,7 +80,9 @@ impl Plan {
             faults: Faults::default(),
             shutdown_grace_s: 10,
             bucket_missing: false,
+            chain_late: false,
             bound: Duration::from_secs(150),
+            max_receives: 11,
         }
     }
 
@@ -121,6 +129,7 @@ struct Case {
     s3: aws_sdk_s3::Client,
     queue_url: String,
     result_url: String,
+    dlq_url: String,
     workers: Children,
     spawned: usize,
     ids: Vec<String>,
@@ -145,7 +154,13 @@ impl Case {
         let dir = std::env::temp_dir().join(&ns);
         let redis = RedisServer::start(&rig, &dir.join("redis"), &[]);
         let proxy = Toxiproxy::from_rig(&rig).create(&ns, &redis.addr()).await;
-        Rig::apply_config_at(&redis.url(), &plan.config(&ns)).await;
+        let config = plan.config(&ns);
+        let applied = if plan.chain_late {
+            config.split("---").next().unwrap_or_default().to_owned()
+        } else {
+            config
+        };
+        Rig::apply_config_at(&redis.url(), &applied).await;
 
         let mut limit = LimitSpec::new(MODEL);
         limit.rpm = Some(plan.limit);
@@ -174,6 +189,30 @@ impl Case {
         let s3 = rig.s3().await;
         let queue_url = rig.create_queue(&ns).await;
         let result_url = rig.create_queue(&format!("{ns}-results")).await;
+        let dlq_url = rig.create_queue(&format!("{ns}-dlq")).await;
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("the dead-letter queue's ARN")
+            .attributes
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+                    .cloned()
+            })
+            .expect("moto answers with a QueueArn");
+        sqs.set_queue_attributes()
+            .queue_url(&queue_url)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+                serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": plan.max_receives})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .expect("the queue's redrive policy");
         if !plan.bucket_missing {
             create_bucket(&s3, &ns).await;
         }
@@ -204,6 +243,7 @@ impl Case {
             s3,
             queue_url,
             result_url,
+            dlq_url,
             workers: Children::default(),
             spawned: 0,
             ids,
@@ -235,6 +275,10 @@ impl Case {
             .env("PACER_VISIBILITY_SECONDS", "4")
             .env("PACER_WAIT_SECONDS", "1")
             .env("PACER_CLAIM_LEASE_SECONDS", "3")
+            .env(
+                "PACER_RESEND_FROM_RECEIVE",
+                self.plan.max_receives.saturating_sub(1).max(1).to_string(),
+            )
             .env(
                 "PACER_SHUTDOWN_GRACE_SECONDS",
                 self.plan.shutdown_grace_s.to_string(),
@@ -382,6 +426,7 @@ impl Case {
             }
         }
         figures.stored = self.stored_versions().await;
+        figures.dead_lettered = self.dead_lettered().await;
         if let Some(mark) = self.lost_state_at {
             figures.state_lost = true;
             figures.recovery_ms = recovery_ms(&stats, mark, self.plan.limit, self.plan.window());
@@ -389,6 +434,28 @@ impl Case {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = self.proxy.delete().await;
         figures
+    }
+
+    /// The messages in the dead-letter queue (received, so each is counted once).
+    async fn dead_lettered(&self) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let got = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.dlq_url)
+                .max_number_of_messages(10)
+                .visibility_timeout(600)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .expect("receive from the dead-letter queue");
+            let messages = got.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return bodies;
+            }
+            bodies.extend(messages.into_iter().filter_map(|m| m.body));
+        }
     }
 
     /// How many times each image key was written (the bucket is versioned).
@@ -620,6 +687,8 @@ struct Figures {
     failed: Vec<String>,
     lost: Vec<String>,
     stored: BTreeMap<String, usize>,
+    /// Bodies found in the dead-letter queue.
+    dead_lettered: Vec<String>,
     /// Limiter state was lost in this case; the recovery, if the simulator reports the
     /// times of accepted calls.
     state_lost: bool,
@@ -726,7 +795,7 @@ impl Figures {
             Some(ms) => format!("{:.1} s", ms as f64 / 1000.0),
         };
         format!(
-            "FAULT {:<24} requests {} arrivals {} accepted {} (extra {}) rejected {:?} faults {:?} max-window {} | {} | succeeded {} failed {} lost {} stored-twice {} | recovery {} (window {} s) | {:.0} s{}",
+            "FAULT {:<24} requests {} arrivals {} accepted {} (extra {}) rejected {:?} faults {:?} max-window {} | {} | succeeded {} failed {} lost {} stored-twice {} dead-lettered {} | recovery {} (window {} s) | {:.0} s{}",
             self.case,
             self.requests,
             self.arrivals.map_or("?".to_owned(), |a| a.to_string()),
@@ -740,6 +809,7 @@ impl Figures {
             self.failed.len(),
             self.lost.len(),
             self.stored_twice().len(),
+            self.dead_lettered.len(),
             recovery,
             self.window.as_secs(),
             self.elapsed.as_secs_f64(),
@@ -794,6 +864,13 @@ impl Figures {
                 "{} failed, though every fault here is transient: {:?}",
                 self.failed.len(),
                 self.failed
+            ));
+        }
+        if !self.dead_lettered.is_empty() {
+            broken.push(format!(
+                "{} in the dead-letter queue (deferrals must never put a message there): {:?}",
+                self.dead_lettered.len(),
+                self.dead_lettered
             ));
         }
         let twice = self.stored_twice();
@@ -1095,6 +1172,63 @@ async fn key_revoked_then_restored() {
             .push(format!("the pool's account alert ({key}) was never raised"));
     }
     figures.check();
+}
+
+/// Issue 12: a backlog ten windows deep (100 requests, 10 per 5 s, a step that waits at
+/// most 3 s) on a queue that dead-letters at the 3rd receive: messages come back many
+/// times, are re-sent from their 2nd receive, and none reaches the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_ten_windows_deep_never_dead_letters() {
+    let mut plan = Plan::new("backlog-x10");
+    plan.requests = 100;
+    plan.max_receives = 3;
+    plan.bound = Duration::from_secs(200);
+    Case::start(plan).await.finish().await.check();
+}
+
+/// Issue 12: the chain is applied after the workers loaded their config and after its
+/// messages were queued (a chain used within the refresh interval of its creation, or
+/// before it): the first deliveries find no such chain and wait; none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_applied_after_its_messages() {
+    let mut plan = Plan::new("chain-late");
+    plan.chain_late = true;
+    let mut case = Case::start(plan).await;
+    // Until the workers have received messages (and, knowing no such chain, deferred them).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hidden = case
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&case.queue_url)
+            .attribute_names(
+                aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            )
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .and_then(|a| {
+                a.get(
+                    &aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                )
+                .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        if hidden > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker received a message within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let early = case.accepted();
+    Rig::apply_config_at(&case.redis.url(), &case.plan.config(&case.ns)).await;
+    case.notes
+        .push(format!("{early} calls before the chain was applied"));
+    case.finish().await.check();
 }
 
 /// Redis restarts from an older snapshot: SAVE, a window's worth of calls, then a
