@@ -134,6 +134,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     r.error.unwrap_or_else(|| "unknown".into())
                 );
             }
+            Outcome::DeadLetter { reason } => anyhow::bail!("not a request: {reason}"),
             Outcome::Defer { after, reason } => {
                 eprintln!("deferred ({}): trying again in {after:?}", reason.label());
                 tokio::time::sleep(after).await;

@@ -286,7 +286,10 @@ impl Handler {
                 tracing::warn!(error = %e, "rejecting a malformed message");
                 return match GenerationRequest::salvage_id(body) {
                     Some(id) => self.fail(&id, 0, e.to_string(), "").await,
-                    None => Outcome::Failed(ResultRecord::failed("", 0, e.to_string())),
+                    // No id to record a failure under: only the dead-letter queue keeps it.
+                    None => Outcome::DeadLetter {
+                        reason: e.to_string(),
+                    },
                 };
             }
         };

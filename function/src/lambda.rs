@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use crate::{
     handler::HandlerOptions,
-    outcome::{Attempt, Outcome, Process, Requeue, RequeuePolicy, visibility_secs},
+    outcome::{
+        Attempt, DEAD_LETTER_HIDE, Outcome, Process, Requeue, RequeuePolicy, visibility_secs,
+    },
     queue::{Queue as _, QueueError, SqsQueue},
     runtime::{self, RuntimeArgs},
 };
@@ -108,8 +110,21 @@ impl LambdaHandler {
         };
         let outcome = self.processor.process(body, attempt).await;
         tracing::info!(message_id = %id, outcome = outcome.label(), "processed");
-        let Outcome::Defer { after, .. } = outcome else {
-            return None;
+        let after = match outcome {
+            Outcome::Defer { after, .. } => after,
+            Outcome::DeadLetter { reason } => {
+                tracing::warn!(message_id = %id, reason, receive_count, "a message that is not a request, with no id: left for the dead-letter queue");
+                if let (Some(arn), Some(receipt)) =
+                    (&record.event_source_arn, &record.receipt_handle)
+                {
+                    let seconds = visibility_secs(DEAD_LETTER_HIDE);
+                    if let Err(e) = self.requeuer.hide(arn, receipt, seconds).await {
+                        tracing::warn!(error = %e, arn, "hiding a message for the dead-letter queue failed");
+                    }
+                }
+                return Some(id);
+            }
+            _ => return None,
         };
         let Some(arn) = &record.event_source_arn else {
             return Some(id);

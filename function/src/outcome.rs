@@ -20,6 +20,14 @@ pub enum Outcome {
     Failed(ResultRecord),
     /// A redelivery of a request that is already finished: delete the message.
     AlreadyDone(ResultRecord),
+    /// It cannot be processed at all, and has no id to record a result under (a body that
+    /// is not a request): keep it for a person. The message is neither deleted nor re-sent:
+    /// it is hidden for [`DEAD_LETTER_HIDE`] at each receive, so its receives run up to
+    /// the queue's `maxReceiveCount` and SQS moves it to the dead-letter queue.
+    DeadLetter {
+        /// What is wrong with it (logged).
+        reason: String,
+    },
     /// Not now: make the message visible again after `after` (the booked wait, a
     /// cooldown, or a backoff). The queue's receive limit dead-letters a message that is
     /// deferred forever.
@@ -77,7 +85,7 @@ impl DeferReason {
 impl Outcome {
     /// Whether the queue should delete the message.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Outcome::Defer { .. })
+        !matches!(self, Outcome::Defer { .. } | Outcome::DeadLetter { .. })
     }
 
     /// The metric label.
@@ -87,9 +95,16 @@ impl Outcome {
             Outcome::Failed(_) => "failed",
             Outcome::AlreadyDone(_) => "already_done",
             Outcome::Defer { .. } => "deferred",
+            Outcome::DeadLetter { .. } => "dead_letter",
         }
     }
 }
+
+/// How long a message left for the dead-letter queue stays hidden at each receive: with
+/// the template's `maxReceiveCount` of 11 it reaches the dead-letter queue in about 5
+/// minutes; on a queue without a redrive policy it costs one receive per 30 s until the
+/// queue's retention drops it.
+pub const DEAD_LETTER_HIDE: Duration = Duration::from_secs(30);
 
 /// SQS's largest visibility timeout: 12 hours, counted from the receipt.
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);

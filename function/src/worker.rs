@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::{Metrics, OutcomeLabels, ReasonLabels},
-    outcome::{Attempt, Outcome, Process, Requeue, RequeuePolicy},
+    outcome::{Attempt, DEAD_LETTER_HIDE, Outcome, Process, Requeue, RequeuePolicy},
     queue::{Delivery, Queue, QueueError},
 };
 
@@ -178,6 +178,16 @@ impl Context {
                     })
                     .inc();
                 self.requeue(&delivery, *after).await
+            }
+            Outcome::DeadLetter { reason } => {
+                tracing::warn!(
+                    reason,
+                    receive_count = delivery.receive_count,
+                    "a message that is not a request, with no id: left for the dead-letter queue"
+                );
+                self.queue
+                    .change_visibility(&delivery.receipt, DEAD_LETTER_HIDE)
+                    .await
             }
             _ => self.queue.delete(&delivery.receipt).await,
         };
@@ -364,6 +374,33 @@ mod tests {
         // Each copy is hidden at its receives 1 to 9 and re-sent at its 10th: 30
         // deferrals take three copies.
         assert_eq!(metrics.resent.get(), 30);
+    }
+
+    /// A body that is not a request and has no id is kept for a person: hidden at each
+    /// receive, never deleted or re-sent, until the redrive policy dead-letters it (the
+    /// requests around it finish).
+    #[tokio::test(start_paused = true)]
+    async fn a_message_without_an_id_is_dead_lettered_with_its_body() {
+        struct Rejects;
+        #[async_trait]
+        impl Process for Rejects {
+            async fn process(&self, body: &str, _attempt: Attempt) -> Outcome {
+                if body.starts_with('{') {
+                    Outcome::AlreadyDone(ResultRecord::failed(body, 0, "done"))
+                } else {
+                    Outcome::DeadLetter {
+                        reason: "not JSON".into(),
+                    }
+                }
+            }
+        }
+        let queue = Arc::new(MemoryQueue::with_max_receives(11));
+        queue.send("{\"id\": \"ok\"}").await.unwrap();
+        queue.send("<xml/>").await.unwrap();
+        let metrics =
+            run_until_empty(queue.clone(), Arc::new(Rejects), Duration::from_secs(1)).await;
+        assert_eq!(queue.dead_letters(), vec!["<xml/>".to_owned()]);
+        assert_eq!(metrics.resent.get(), 0);
     }
 
     /// A wait to Pacific midnight (20 h) on SQS's 12-hour visibility cap: the message

@@ -960,6 +960,26 @@ async fn an_unknown_chain_defers_at_first_then_fails() {
     assert!(rig.provider.calls().is_empty());
 }
 
+/// A malformed message with a readable id fails under that id (a person can see why); one
+/// with no id has nothing to record a failure under and is left for the dead-letter queue.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_message_fails_under_its_id_or_goes_to_the_dead_letter_queue() {
+    let rig = Rig::new(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        always_image(),
+    );
+    let out = rig.handle(r#"{"id":"r1","chain":"a"}"#).await;
+    let Outcome::Failed(record) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(record.id, "r1");
+    assert!(rig.handler.records().get("r1").await.unwrap().is_some());
+    let out = rig.handle("<xml>not a request</xml>").await;
+    assert!(matches!(out, Outcome::DeadLetter { .. }), "{out:?}");
+    assert!(!out.is_final());
+    assert!(rig.provider.calls().is_empty());
+}
+
 // The error policy, driven through the walk: every `ProviderError` variant at the first and
 // at the last step of a two-step chain (A then B), and the walk's own limits.
 
