@@ -265,7 +265,18 @@ impl Handler {
     /// Fails the request: its record says why. `owner` is the claim to drop ("" when the
     /// request was not claimed).
     async fn fail(&self, id: &str, attempts: u32, reason: String, owner: &str) -> Outcome {
-        let record = ResultRecord::failed(id, attempts, reason);
+        self.fail_with(ResultRecord::failed(id, attempts, reason), owner)
+            .await
+    }
+
+    /// Fails the request for the configuration, before any call: a later delivery of the
+    /// id runs again (the config may be fixed by then).
+    async fn fail_config(&self, id: &str, reason: String) -> Outcome {
+        self.fail_with(ResultRecord::config_failed(id, reason), "")
+            .await
+    }
+
+    async fn fail_with(&self, record: ResultRecord, owner: &str) -> Outcome {
         match self.records.put(&record, owner).await {
             Ok(()) => {
                 self.publish(&record).await;
@@ -299,7 +310,9 @@ impl Handler {
 
     async fn handle_request(&self, req: GenerationRequest, attempt: Attempt) -> Outcome {
         match self.records.get(&req.id).await {
-            Ok(Some(done)) => return Outcome::AlreadyDone(done),
+            // A failure for the configuration runs again: it may have been fixed.
+            Ok(Some(done)) if !done.config_failure => return Outcome::AlreadyDone(done),
+            Ok(Some(_)) => {}
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "reading the result record failed");
@@ -332,21 +345,19 @@ impl Handler {
                 tracing::warn!(error = %e, receive_count = attempt.receive_count, "deferring: the chain may still be being applied");
                 return self.defer(self.options.default_defer, DeferReason::Config);
             }
-            Err(e) => return self.fail(&req.id, 0, e.to_string(), "").await,
+            Err(e) => return self.fail_config(&req.id, e.to_string()).await,
         };
         if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
             return self.fail(&req.id, 0, e.to_string(), "").await;
         }
         let Some(provider) = self.providers.for_pool(pool) else {
             return self
-                .fail(
+                .fail_config(
                     &req.id,
-                    0,
                     format!(
                         "no provider of kind {:?} is configured in this replica",
                         pool.provider
                     ),
-                    "",
                 )
                 .await;
         };
@@ -364,6 +375,7 @@ impl Handler {
         // Finished by another replica between the first read and the claim.
         match self.records.get(&req.id).await {
             Ok(None) => {}
+            Ok(Some(done)) if done.config_failure => {}
             Ok(Some(done)) => {
                 let _ = self.records.unclaim(&req.id, &token).await;
                 return Outcome::AlreadyDone(done);
@@ -429,6 +441,7 @@ impl Handler {
             images: Vec::new(),
             error: None,
             finished_at: String::new(),
+            config_failure: false,
         };
         for index in 0..req.images {
             let key = req.output_key(index);

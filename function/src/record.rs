@@ -59,6 +59,12 @@ pub struct ResultRecord {
     pub error: Option<String>,
     /// When it finished (RFC 3339).
     pub finished_at: String,
+    /// Failed for the configuration (its chain, a model, a provider unknown here), before
+    /// any provider call: a later delivery of this id runs again instead of answering
+    /// "already done", so a request resubmitted once the config is fixed is not refused
+    /// for 15 days.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub config_failure: bool,
 }
 
 impl ResultRecord {
@@ -75,6 +81,15 @@ impl ResultRecord {
             images: Vec::new(),
             error: Some(reason.into()),
             finished_at: jiff::Timestamp::now().to_string(),
+            config_failure: false,
+        }
+    }
+
+    /// A failed record for a configuration problem (see [`ResultRecord::config_failure`]).
+    pub fn config_failed(id: &str, reason: impl Into<String>) -> Self {
+        Self {
+            config_failure: true,
+            ..Self::failed(id, 0, reason)
         }
     }
 }

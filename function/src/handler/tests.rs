@@ -942,22 +942,27 @@ async fn an_unknown_chain_defers_at_first_then_fails() {
         config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
         always_image(),
     );
-    let body = r#"{"id":"r1","chain":"other","prompt":"p"}"#;
+    let other = r#"{"id":"r1","chain":"other","prompt":"p"}"#;
     for receive_count in 1..HandlerOptions::default().unknown_chain_receives {
         let out = rig
-            .handle_attempt(body, Attempt::received(receive_count))
+            .handle_attempt(other, Attempt::received(receive_count))
             .await;
         assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
         assert!(rig.handler.records().get("r1").await.unwrap().is_none());
     }
     let last = HandlerOptions::default().unknown_chain_receives;
-    let out = rig.handle_attempt(body, Attempt::received(last)).await;
+    let out = rig.handle_attempt(other, Attempt::received(last)).await;
     let Outcome::Failed(record) = out else {
         panic!("{out:?}")
     };
     let reason = record.error.unwrap_or_default();
     assert!(reason.contains("other"), "{reason}");
+    assert!(record.config_failure);
     assert!(rig.provider.calls().is_empty());
+    // Resubmitted (or redriven) after the config was fixed: it runs, not "already done".
+    let out = rig.handle_attempt(&body("r1"), Attempt::received(1)).await;
+    assert!(matches!(out, Outcome::Succeeded(_)), "{out:?}");
+    assert_eq!(rig.provider.calls().len(), 1);
 }
 
 /// A malformed message with a readable id fails under that id (a person can see why); one
@@ -968,7 +973,7 @@ async fn a_malformed_message_fails_under_its_id_or_goes_to_the_dead_letter_queue
         config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
         always_image(),
     );
-    let out = rig.handle(r#"{"id":"r1","chain":"a"}"#).await;
+    let out = rig.handle(r#"{"id":"r1","chain":"chain"}"#).await;
     let Outcome::Failed(record) = out else {
         panic!("{out:?}")
     };
