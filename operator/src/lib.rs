@@ -25,6 +25,7 @@ mod pool;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, ResourceExt,
     runtime::{
@@ -40,6 +41,7 @@ use pacer_core::{
     limiter::redis::{RedisLimiter, RedisOptions},
 };
 use pacer_crds::{ModelChain, QuotaPool};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use args::RunArgs;
@@ -144,6 +146,7 @@ impl Operator {
             .build()
             .await?;
         let (mut leading, task) = manager.watch().await;
+        let lease_api: Api<Lease> = Api::namespaced(self.ctx.client.clone(), &namespace);
         tracing::info!(lease = %self.args.lease_name, %namespace, %identity, "waiting for the leader Lease");
         loop {
             if *leading.borrow_and_update() {
@@ -173,6 +176,12 @@ impl Operator {
                 }
             } => {
                 tracing::error!("lost the leader Lease; stopping");
+                stop.cancel();
+                controllers.await;
+                Err(Error::LostLease)
+            }
+            why = lease_watchdog(&lease_api, &self.args.lease_name, &identity, Duration::from_secs(duration)) => {
+                tracing::error!(why, "no longer sure to hold the leader Lease; stopping");
                 stop.cancel();
                 controllers.await;
                 Err(Error::LostLease)
@@ -235,6 +244,46 @@ async fn log_outcome<K, E: std::fmt::Display>(r: Result<K, E>) {
     }
 }
 
+/// Returns once this replica can no longer be sure it holds the Lease: the Lease names
+/// another holder or is gone, or its last renewal seen here plus the lease duration has
+/// passed (the apiserver unreachable: the renewals fail, and a standby takes the Lease
+/// once it expires, so this replica must stop writing by then). The lease manager only
+/// retries a failed renewal; it never says it stopped leading.
+pub async fn lease_watchdog(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+) -> &'static str {
+    let mut valid_until = Instant::now() + duration;
+    loop {
+        tokio::time::sleep((duration / 4).max(Duration::from_millis(250))).await;
+        let asked = Instant::now();
+        match tokio::time::timeout(duration / 2, api.get_opt(name)).await {
+            Ok(Ok(Some(lease))) => {
+                let spec = lease.spec.unwrap_or_default();
+                if spec.holder_identity.as_deref() != Some(identity) {
+                    return "the Lease names another holder";
+                }
+                if let Some(renewed) = spec.renew_time {
+                    // Renewed by this process's own clock: how long ago, on it.
+                    let age = k8s_openapi::jiff::Timestamp::now()
+                        .duration_since(renewed.0)
+                        .unsigned_abs();
+                    let until = asked.checked_sub(age).unwrap_or(asked) + duration;
+                    valid_until = valid_until.max(until);
+                }
+            }
+            Ok(Ok(None)) => return "the Lease is gone",
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading the leader Lease failed"),
+            Err(_) => tracing::warn!("reading the leader Lease timed out"),
+        }
+        if Instant::now() >= valid_until {
+            return "the Lease was not renewed within its duration";
+        }
+    }
+}
+
 async fn release(
     task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
 ) {
@@ -287,4 +336,26 @@ fn default_identity() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("pacer-operator-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An apiserver that stopped answering: the Lease cannot be renewed, so the leader
+    /// steps down once its duration has passed (a standby may hold it by then).
+    #[tokio::test]
+    async fn a_leader_that_cannot_reach_the_apiserver_steps_down() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = kube::Client::try_from(config).expect("client");
+        let api: Api<Lease> = Api::namespaced(client, "default");
+        // A bound on the test, not a measurement.
+        let why = tokio::time::timeout(
+            Duration::from_secs(30),
+            lease_watchdog(&api, "pacer-operator", "me", Duration::from_secs(2)),
+        )
+        .await
+        .expect("the watchdog gives up");
+        assert_eq!(why, "the Lease was not renewed within its duration");
+    }
 }
