@@ -48,6 +48,12 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (the pod name in cluster).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// A deleted object whose config cannot be removed from Redis (Redis down) keeps its
+    /// finalizer this long (seconds); then the deletion finishes (a namespace deletion
+    /// does not hang on Redis) and the removal is retried once Redis answers.
+    #[arg(long, env = "PACER_REMOVAL_PATIENCE_SECONDS", default_value_t = 60)]
+    pub removal_patience_seconds: u64,
 }
 
 impl RunArgs {
@@ -64,6 +70,7 @@ impl RunArgs {
             lease_namespace: None,
             lease_duration_seconds: 15,
             identity: None,
+            removal_patience_seconds: 60,
         }
     }
 

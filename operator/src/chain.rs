@@ -32,16 +32,14 @@ pub(crate) async fn reconcile(chain: Arc<ModelChain>, ctx: Arc<Context>) -> Resu
         .ok_or_else(|| Error::NoNamespace(chain.name_any()))?;
     let key = format!("{ns}/{}", chain.name_any());
     let span = tracing::info_span!("reconcile", kind = KIND, chain = %key);
+    ctx.retry_removals().await;
     let api: Api<ModelChain> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, chain, |event| async {
         match event {
             Finalizer::Apply(chain) => apply(&chain, &ns, &key, &ctx).await,
-            Finalizer::Cleanup(_) => {
-                ctx.store.remove_chain(&key).await?;
-                ctx.metrics
-                    .config_writes
-                    .get_or_create(&crate::metrics::KindLabels { kind: KIND })
-                    .inc();
+            Finalizer::Cleanup(chain) => {
+                ctx.remove_config(KIND, &key, chain.metadata.deletion_timestamp.as_ref())
+                    .await?;
                 ctx.forget(&key);
                 tracing::info!(chain = %key, "removed the chain's config from Redis");
                 Ok(Action::await_change())

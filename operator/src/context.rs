@@ -32,6 +32,10 @@ pub(crate) struct Context {
     /// When each pool's usage was last read, so status patches (which trigger another
     /// reconcile) do not turn into a tight loop while usage keeps moving.
     usage_read: Mutex<HashMap<String, Instant>>,
+    /// How long a deletion waits for Redis before it finishes without removing its config.
+    removal_patience: Duration,
+    /// Config removals deletions could not make (kind, key): retried at every reconcile.
+    pending_removals: Mutex<std::collections::BTreeSet<(&'static str, String)>>,
 }
 
 impl Context {
@@ -45,6 +49,7 @@ impl Context {
         health: Arc<Health>,
         resync: Duration,
         usage_refresh: Duration,
+        removal_patience: Duration,
     ) -> Context {
         Context {
             client,
@@ -57,6 +62,71 @@ impl Context {
             usage_refresh,
             failures: Mutex::default(),
             usage_read: Mutex::default(),
+            removal_patience,
+            pending_removals: Mutex::default(),
+        }
+    }
+
+    async fn remove_now(&self, kind: &'static str, key: &str) -> crate::Result<()> {
+        if kind == "quotapool" {
+            self.store.remove_pool(key).await?;
+        } else {
+            self.store.remove_chain(key).await?;
+        }
+        self.metrics
+            .config_writes
+            .get_or_create(&crate::metrics::KindLabels { kind })
+            .inc();
+        Ok(())
+    }
+
+    /// Removes a deleted object's config from Redis. While Redis is down the deletion
+    /// waits (the error retries it), but only for the removal patience since the object
+    /// was deleted: then it finishes, so deleting a namespace never hangs on Redis, and
+    /// the removal is made at a later reconcile, once Redis answers.
+    pub async fn remove_config(
+        &self,
+        kind: &'static str,
+        key: &str,
+        deleted_at: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    ) -> crate::Result<()> {
+        let Err(e) = self.remove_now(kind, key).await else {
+            return Ok(());
+        };
+        let waited = deleted_at.map_or(Duration::ZERO, |t| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(t.0)
+                .unsigned_abs()
+        });
+        if waited < self.removal_patience {
+            return Err(e);
+        }
+        tracing::error!(
+            kind,
+            object = key,
+            error = %e,
+            "Redis did not answer within the removal patience: the deletion finishes and its \
+             config stays in Redis until this operator removes it once Redis answers"
+        );
+        if let Ok(mut p) = self.pending_removals.lock() {
+            p.insert((kind, key.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Makes the config removals deletions left behind (see [`Context::remove_config`]).
+    pub async fn retry_removals(&self) {
+        let pending: Vec<(&'static str, String)> = match self.pending_removals.lock() {
+            Ok(p) => p.iter().cloned().collect(),
+            Err(_) => return,
+        };
+        for (kind, key) in pending {
+            if self.remove_now(kind, &key).await.is_ok() {
+                tracing::info!(kind, object = %key, "removed a deleted object's config left in Redis");
+                if let Ok(mut p) = self.pending_removals.lock() {
+                    p.remove(&(kind, key));
+                }
+            }
         }
     }
 

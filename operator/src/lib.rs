@@ -109,6 +109,7 @@ impl Operator {
             health,
             args.resync(),
             args.usage_refresh(),
+            Duration::from_secs(args.removal_patience_seconds),
         ));
         Ok(Operator {
             ctx,

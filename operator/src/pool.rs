@@ -37,6 +37,7 @@ pub(crate) async fn reconcile(pool: Arc<QuotaPool>, ctx: Arc<Context>) -> Result
         .ok_or_else(|| Error::NoNamespace(pool.name_any()))?;
     let key = format!("{ns}/{}", pool.name_any());
     let span = tracing::info_span!("reconcile", kind = KIND, pool = %key);
+    ctx.retry_removals().await;
     let api: Api<QuotaPool> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, pool, |event| async {
         match event {
@@ -194,11 +195,8 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
 async fn cleanup(pool: &QuotaPool, key: &str, ctx: &Context) -> Result<Action> {
     // Limiter state is left to expire with its window: a pool recreated at once keeps
     // counting what was already sent.
-    ctx.store.remove_pool(key).await?;
-    ctx.metrics
-        .config_writes
-        .get_or_create(&crate::metrics::KindLabels { kind: KIND })
-        .inc();
+    ctx.remove_config(KIND, key, pool.metadata.deletion_timestamp.as_ref())
+        .await?;
     for m in &pool.spec.models {
         for dim in usage_dimensions() {
             ctx.metrics.usage.remove(&UsageLabels {

@@ -493,6 +493,7 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
         args.lease_namespace = Some(ns.clone());
         args.lease_duration_seconds = 6;
         args.identity = Some(identity.to_owned());
+        args.removal_patience_seconds = 2;
         let client = client.clone();
         async move {
             let shutdown = Shutdown::new();
@@ -561,6 +562,40 @@ async fn redis_outage_degrades_and_recovers_and_a_standby_takes_over() {
         degraded.message
     );
     assert!(!run_a.is_finished(), "the operator died with Redis");
+
+    // A pool deleted while Redis is down: its finalizer waits the removal patience (2 s
+    // here), then lets the deletion finish instead of hanging until Redis is back.
+    let doomed = pool_yaml(&Rig::unique("proj"), 5)
+        .replace("name: images", "name: doomed")
+        .replace(
+            "  apiKeySecret:\n    name: gemini-api-key\n",
+            "  failureMode: local\n  expectedReplicas: 4\n",
+        );
+    let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(&doomed));
+    assert!(ok, "{err}");
+    eventually(
+        Duration::from_secs(15),
+        "the finalizer on the new pool",
+        || async {
+            let p = pools.get("doomed").await.ok()?;
+            (!p.metadata.finalizers.unwrap_or_default().is_empty()).then_some(())
+        },
+    )
+    .await;
+    let (ok, _, err) = kubectl(
+        &rig,
+        &[
+            "delete",
+            "quotapool",
+            "doomed",
+            "-n",
+            &ns,
+            "--wait=true",
+            "--timeout=30s",
+        ],
+        None,
+    );
+    assert!(ok, "deleting a pool while Redis is down hangs: {err}");
 
     // Redis is back, empty: the config is rewritten and Degraded clears.
     let redis = OwnRedis::start(redis.port);
