@@ -67,13 +67,17 @@ struct Started {
     costs: Costs,
 }
 
-/// `clients` callers, each with its own connection, hammering one key until `until`.
+/// `clients` callers, each with its own connection, hammering one key until `until`. With
+/// `give_back`, every 4th booking is released instead of called and every 3rd call is
+/// reconciled to a third of its tokens: the room they give back is taken at once by
+/// other callers (the limiter's exception to its queue), under the same limits.
 async fn hammer(
     urls: Vec<String>,
     key: QuotaKey,
     q: ModelQuota,
     until: Instant,
     max_wait: Duration,
+    give_back: bool,
 ) -> (Vec<Started>, u64) {
     let out = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -94,10 +98,19 @@ async fn hammer(
                         let wait = d.wait().unwrap_or_default();
                         tokio::time::sleep(wait).await;
                         let t = d.ticket().expect("ticket");
+                        let mut costs = t.costs;
+                        if give_back && n.is_multiple_of(4) {
+                            l.release(t).await.expect("release");
+                            continue;
+                        }
+                        if give_back && n.is_multiple_of(3) {
+                            costs.input_tokens /= 3;
+                            l.reconcile(t, costs).await.expect("reconcile");
+                        }
                         out.lock().expect("lock").push(Started {
                             booked_us: t.start_us,
                             arrived_us: now_us(),
-                            costs: t.costs,
+                            costs,
                         });
                     }
                     Ok(Decision::Rejected { retry_after, .. }) => {
@@ -159,7 +172,7 @@ async fn many_concurrent_connections_stay_under_every_limit() {
         Some(Duration::from_millis(150)),
     );
     let until = Instant::now() + Duration::from_secs(7);
-    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window).await;
+    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window, false).await;
     assert_eq!(errors, 0, "no Redis errors expected");
     check_limits(&started, &q, "48 clients");
     // Used nearly all of the binding limit (tokens or requests) over the full windows.
@@ -179,6 +192,26 @@ async fn many_concurrent_connections_stay_under_every_limit() {
         reqs.max(toks) >= 0.9,
         "utilization: requests {reqs:.3}, tokens {toks:.3}"
     );
+}
+
+/// The same with bookings given back (released, reconciled lower) all along: the room is
+/// taken at once, every window still within every limit, by booked start and at arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn room_given_back_under_concurrency_stays_under_every_limit() {
+    let (url, _) = rig_limiter().await;
+    let key = fresh_key("given-back-concurrent");
+    let window = Duration::from_secs(2);
+    let q = quota(
+        Some(40),
+        Some(30_000),
+        window,
+        Some(Duration::from_millis(150)),
+    );
+    let until = Instant::now() + Duration::from_secs(7);
+    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window, true).await;
+    assert_eq!(errors, 0, "no Redis errors expected");
+    assert!(started.len() > 80, "{} calls", started.len());
+    check_limits(&started, &q, "48 clients giving back");
 }
 
 #[tokio::test]
@@ -493,6 +526,7 @@ async fn redis_restart_mid_run_never_exceeds_the_limit() {
         q.clone(),
         until,
         Duration::from_millis(100),
+        false,
     ));
     tokio::time::sleep(Duration::from_secs(3)).await;
     redis.kill(); // state lost: nothing persisted
