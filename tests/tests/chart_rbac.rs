@@ -89,6 +89,8 @@ async fn operator_runs_with_the_charts_service_account_only() {
             "--set",
             &format!("operator.secretNamespaces={{{app_ns}}}"),
             "--set",
+            &format!("operator.watchNamespace={app_ns}"),
+            "--set",
             &format!("redis.url={}", rig.get("REDIS_URL")),
         ],
     );
@@ -202,6 +204,13 @@ spec:
         .get_metadata("gemini-api-key")
         .await
         .expect_err("read Secret elsewhere");
+    assert_eq!(status_code(&denied), Some(403), "{denied}");
+    // Its kinds outside the watched namespace (the chart's RBAC is namespaced).
+    let pools_elsewhere: Api<QuotaPool> = Api::namespaced(client.clone(), &other_ns);
+    let denied = pools_elsewhere
+        .list(&ListParams::default())
+        .await
+        .expect_err("list QuotaPools outside the watched namespace");
     assert_eq!(status_code(&denied), Some(403), "{denied}");
     let own: Api<Secret> = Api::namespaced(client.clone(), &app_ns);
     let denied = own
@@ -325,6 +334,19 @@ fn chart_renders_worker_keda_and_hardened_pods() {
         .find(|e| e["name"] == "PACER_GEMINI_API_KEY")
         .expect("API key env");
     assert_eq!(key["valueFrom"]["secretKeyRef"]["name"], "gemini-api-key");
+
+    // Watching one namespace: its kinds and Events there only, nothing cluster-wide.
+    let docs = render(&rig, &["--set", "operator.watchNamespace=team-a"]);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert!(
+        !kinds.contains(&"ClusterRole") && !kinds.contains(&"ClusterRoleBinding"),
+        "cluster-wide RBAC while watching one namespace: {kinds:?}"
+    );
+    let operator_role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d.to_string().contains("quotapools"))
+        .expect("a Role for the operator's kinds");
+    assert_eq!(operator_role["metadata"]["namespace"], "team-a");
 
     // Secrets: `get` only, only in the release namespace by default, never cluster-wide.
     let docs = render(&rig, &[]);
