@@ -75,6 +75,23 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     let mut children = Children(vec![watch]);
     wait_port(port, "cargo lambda watch").await;
 
+    // The Redis URL and the API key live in Secrets Manager (moto's), as the template
+    // deploys them: the function reads them at start.
+    let secrets = aws_sdk_secretsmanager::Client::new(&rig.aws_config().await);
+    let mut arns = Vec::new();
+    for (name, value) in [
+        (format!("{ns}-redis-url"), rig.get("REDIS_URL")),
+        (format!("{ns}-gemini-key"), "test-key".to_owned()),
+    ] {
+        let out = secrets
+            .create_secret()
+            .name(name)
+            .secret_string(value)
+            .send()
+            .await
+            .expect("create a secret on moto");
+        arns.push(out.arn.expect("the secret's ARN"));
+    }
     let mut function = Command::new(env!("CARGO_BIN_EXE_pacer-lambda"))
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
@@ -83,9 +100,9 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
             format!("http://127.0.0.1:{port}/.rt"),
         )
         .env("AWS_LAMBDA_FUNCTION_NAME", "_")
-        .env("PACER_REDIS_URL", rig.get("REDIS_URL"))
+        .env("PACER_REDIS_URL_SECRET_ARN", &arns[0])
         .env("PACER_GEMINI_BASE_URL", sim.url())
-        .env("PACER_GEMINI_API_KEY", "test-key")
+        .env("PACER_GEMINI_API_KEY_SECRET_ARN", &arns[1])
         .env("PACER_SINK", format!("s3://{ns}/images"))
         .env("AWS_ENDPOINT_URL", rig.get("AWS_ENDPOINT_URL"))
         .env("AWS_ACCESS_KEY_ID", rig.get("AWS_ACCESS_KEY_ID"))

@@ -65,4 +65,24 @@ fn template_wires_partial_batch_failures_dlq_and_visibility() {
             "visibility for timeout {t}"
         );
     }
+    // Secrets stay in Secrets Manager: the function gets their ARNs, never their values.
+    let env = res["PacerFunction"]["Properties"]["Environment"]["Variables"]
+        .as_object()
+        .expect("environment");
+    for plain in ["PACER_REDIS_URL", "PACER_GEMINI_API_KEY"] {
+        assert!(
+            !env.contains_key(plain),
+            "{plain} in the function's environment"
+        );
+    }
+    for arn in [
+        "PACER_REDIS_URL_SECRET_ARN",
+        "PACER_GEMINI_API_KEY_SECRET_ARN",
+    ] {
+        assert!(env.contains_key(arn), "{arn} missing");
+    }
+    assert!(
+        !text.contains("resolve:secretsmanager"),
+        "a secret resolved into the template"
+    );
 }
