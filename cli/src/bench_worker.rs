@@ -126,6 +126,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
         limiter_timeout_ms: 500,
         claim_lease_seconds: 60,
         replica_id: Some("bench".into()),
+        day_seconds: None,
     };
     let replica = runtime::build(
         &rt,

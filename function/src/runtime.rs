@@ -112,6 +112,11 @@ pub struct RuntimeArgs {
     /// This replica's name in claims and logs (default: host name and pid).
     #[arg(long, env = "PACER_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// Rehearsal only: days this many seconds long (from multiples of it since the Unix
+    /// epoch) instead of Pacific days, for per-day limits; the simulator's `--day-seconds`
+    /// must match.
+    #[arg(long, env = "PACER_DAY_SECONDS", hide = true)]
+    pub day_seconds: Option<u64>,
 }
 
 /// Debug output never shows the Redis URL (it may hold a password) or an API key.
@@ -130,6 +135,7 @@ impl std::fmt::Debug for RuntimeArgs {
             .field("limiter_timeout_ms", &self.limiter_timeout_ms)
             .field("claim_lease_seconds", &self.claim_lease_seconds)
             .field("replica_id", &self.replica_id)
+            .field("day_seconds", &self.day_seconds)
             .finish()
     }
 }
@@ -194,6 +200,18 @@ impl SharedState {
         refresh: Duration,
         limiter_timeout: Duration,
     ) -> Result<Self, SetupError> {
+        Self::redis_with_days(url, refresh, limiter_timeout, None).await
+    }
+
+    /// [`SharedState::redis`], with days `day_seconds` long (from multiples of it since the
+    /// Unix epoch) instead of Pacific days: rehearsing a per-day limit in minutes. Every
+    /// replica and the simulator (`pacer simulate --day-seconds`) must use the same length.
+    pub async fn redis_with_days(
+        url: &str,
+        refresh: Duration,
+        limiter_timeout: Duration,
+        day_seconds: Option<u64>,
+    ) -> Result<Self, SetupError> {
         let store = ConfigStore::connect(url)
             .await
             .map_err(|e| redis_error("connecting to Redis")(e.into()))?;
@@ -205,9 +223,19 @@ impl SharedState {
             timeout: limiter_timeout.max(Duration::from_millis(1)),
             ..RedisOptions::default()
         };
-        let limiter = RedisLimiter::connect(url, options)
+        let mut limiter = RedisLimiter::connect(url, options)
             .await
             .map_err(|e| redis_error("connecting the limiter to Redis")(e.into()))?;
+        if let Some(secs) = day_seconds.filter(|s| *s > 0) {
+            tracing::warn!(
+                day_seconds = secs,
+                "rehearsal days: a day is {secs} s, not a Pacific day"
+            );
+            limiter = limiter.with_calendar(Arc::new(pacer_core::limiter::FixedDays {
+                origin_us: 0,
+                day_us: i64::try_from(secs).unwrap_or(i64::MAX / 1_000_000) * 1_000_000,
+            }));
+        }
         warn_if_evictable(&limiter).await;
         Ok(Self {
             config,
@@ -266,10 +294,11 @@ pub async fn build(
     let metrics = Arc::new(Metrics::default());
     let state = match &args.redis_url {
         Some(url) => {
-            let state = SharedState::redis(
+            let state = SharedState::redis_with_days(
                 url,
                 Duration::from_millis(args.config_refresh_ms),
                 Duration::from_millis(args.limiter_timeout_ms),
+                args.day_seconds,
             )
             .await?;
             if state.config.borrow().chains.is_empty() {

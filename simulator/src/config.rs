@@ -35,6 +35,10 @@ pub struct LimitSpec {
     /// The window of the per-minute dimensions (60 s; shorten it to rehearse quickly).
     pub window: Duration,
     pub spend_window: Duration,
+    /// Rehearsal days for `rpd`: this long, from multiples of it since the Unix epoch
+    /// (`None`: Pacific days, as Google counts). Replicas take the same length from
+    /// `PACER_DAY_SECONDS`.
+    pub day: Option<Duration>,
 }
 
 impl LimitSpec {
@@ -49,6 +53,7 @@ impl LimitSpec {
             spend: None,
             window: Duration::from_secs(60),
             spend_window: Duration::from_secs(600),
+            day: None,
         }
     }
 }
@@ -62,7 +67,7 @@ fn parse_secs(s: &str) -> Option<Duration> {
     }
 }
 
-/// `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICROS[,window=S][,spend_window=S]`
+/// `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICROS[,window=S][,spend_window=S][,day=S]`
 impl FromStr for LimitSpec {
     type Err = ConfigError;
 
@@ -102,6 +107,7 @@ impl FromStr for LimitSpec {
                     spec.spend_window =
                         parse_secs(v).ok_or_else(|| bad("spend_window: seconds > 0"))?
                 }
+                "day" => spec.day = Some(parse_secs(v).ok_or_else(|| bad("day: seconds > 0"))?),
                 other => return Err(bad(&format!("unknown dimension {other:?}"))),
             }
         }

@@ -247,6 +247,8 @@ pub struct TicketStats {
 #[derive(Debug)]
 struct Daily {
     limit: Option<u64>,
+    /// Rehearsal days (µs), from multiples of it since the epoch; `None`: Pacific days.
+    length_us: Option<i64>,
     day_end: i64,
     count: u64,
     max_in_any_day: u64,
@@ -347,6 +349,9 @@ impl ModelQuota {
             spend: Window::new(spend_window, spec.and_then(|s| s.spend)),
             daily: Daily {
                 limit: spec.and_then(|s| s.rpd),
+                length_us: spec
+                    .and_then(|s| s.day)
+                    .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX).max(1)),
                 day_end: i64::MIN,
                 count: 0,
                 max_in_any_day: 0,
@@ -415,9 +420,14 @@ impl ModelQuota {
     /// nothing); otherwise returns every exceeded dimension.
     fn admit(&mut self, now_us: i64, costs: Costs) -> Result<(), Vec<Exceeded>> {
         if now_us >= self.daily.day_end {
-            let now = Timestamp::from_microsecond(now_us).unwrap_or(Timestamp::MAX);
-            let next = pacer_core::pacific::next_midnights(now, 1);
-            self.daily.day_end = next.first().map_or(i64::MAX, |t| t.as_microsecond());
+            self.daily.day_end = match self.daily.length_us {
+                Some(len) => (now_us.div_euclid(len) + 1) * len,
+                None => {
+                    let now = Timestamp::from_microsecond(now_us).unwrap_or(Timestamp::MAX);
+                    let next = pacer_core::pacific::next_midnights(now, 1);
+                    next.first().map_or(i64::MAX, |t| t.as_microsecond())
+                }
+            };
             self.daily.count = 0;
         }
         let mut exceeded = Vec::new();
@@ -529,6 +539,28 @@ mod tests {
         s.rpm = Some(rpm);
         s.window = Duration::from_secs(10);
         s
+    }
+
+    /// Rehearsal days: `rpd` resets at multiples of the day length since the epoch, and a
+    /// refusal says when the day ends.
+    #[test]
+    fn compressed_days_reset_the_daily_count() {
+        let mut s = LimitSpec::new("m");
+        s.rpd = Some(2);
+        s.day = Some(Duration::from_secs(20));
+        let mut q = ModelQuota::new(Some(&s), false);
+        // at(0) is 1_800_000_000 s since the epoch: a day start for 20 s days.
+        assert!(q.arrive_at(at(0), Costs::default()).is_ok());
+        assert!(q.arrive_at(at(1_000), Costs::default()).is_ok());
+        let refused = q
+            .arrive_at(at(2_000), Costs::default())
+            .expect_err("the day is full");
+        assert_eq!(refused[0].dim, Dim::Rpd);
+        assert_eq!(refused[0].retry_in, Duration::from_secs(18));
+        assert!(
+            q.arrive_at(at(20_000), Costs::default()).is_ok(),
+            "a new day"
+        );
     }
 
     #[test]

@@ -56,6 +56,9 @@ struct Plan {
     bucket_missing: bool,
     /// Apply only the pool at the start (the case applies the chain later).
     chain_late: bool,
+    /// Requests per day, on rehearsal days `day_s` long (the simulator's and the workers'
+    /// `PACER_DAY_SECONDS`).
+    rpd: Option<(u64, u32)>,
     /// How long the whole case may take before unfinished requests count as lost.
     bound: Duration,
     /// The queue's redrive policy: dead-letter at this receive (the Lambda template's
@@ -81,6 +84,7 @@ impl Plan {
             shutdown_grace_s: 10,
             bucket_missing: false,
             chain_late: false,
+            rpd: None,
             bound: Duration::from_secs(150),
             max_receives: 11,
         }
@@ -96,10 +100,16 @@ impl Plan {
     fn config(&self, ns: &str) -> String {
         format!(
             "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {ns}}}\n\
-             spec:\n  project: {ns}\n  tier: Tier2\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {}, windowSeconds: {}}}\n\
+             spec:\n  project: {ns}\n  tier: Tier2\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {}, windowSeconds: {}{}}}\n\
              ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {ns}}}\n\
              spec:\n  pool: pool\n  requestTimeoutSeconds: {}\n  retry: {{attempts: {}, baseDelayMs: 100, maxDelayMs: 400}}\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: {}}}\n",
-            self.limit, self.window_s, self.request_timeout_s, self.retry_attempts, self.max_wait_s
+            self.limit,
+            self.window_s,
+            self.rpd
+                .map_or(String::new(), |(n, _)| format!(", rpd: {n}")),
+            self.request_timeout_s,
+            self.retry_attempts,
+            self.max_wait_s
         )
     }
 }
@@ -165,6 +175,10 @@ impl Case {
         let mut limit = LimitSpec::new(MODEL);
         limit.rpm = Some(plan.limit);
         limit.window = plan.window();
+        if let Some((rpd, day_s)) = plan.rpd {
+            limit.rpd = Some(rpd);
+            limit.day = Some(Duration::from_secs(u64::from(day_s)));
+        }
         let sim = Simulator::new(SimConfig {
             limits: vec![limit],
             latency: Duration::from_millis(plan.latency_ms),
@@ -263,7 +277,11 @@ impl Case {
         let name = format!("w{}", self.spawned);
         self.spawned += 1;
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(pacer_bin())
+        let mut cmd = Command::new(pacer_bin());
+        if let Some((_, day_s)) = self.plan.rpd {
+            cmd.env("PACER_DAY_SECONDS", day_s.to_string());
+        }
+        let child = cmd
             .arg("worker")
             .env("PACER_QUEUE_URL", &self.queue_url)
             .env("PACER_RESULT_QUEUE_URL", &self.result_url)
@@ -1229,6 +1247,46 @@ async fn chain_applied_after_its_messages() {
     case.notes
         .push(format!("{early} calls before the chain was applied"));
     case.finish().await.check();
+}
+
+/// Issue 12: a per-day limit reached, on rehearsal days of 20 s (15 requests a day, 40
+/// requests): the rest wait for the next day in the queue, hidden until it starts, and
+/// none fails, none is dead-lettered, no day holds more than 15 at the simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_day_limit_waits_for_the_next_day() {
+    let mut plan = Plan::new("per-day");
+    plan.rpd = Some((15, 20));
+    plan.bound = Duration::from_secs(180);
+    let case = Case::start(plan).await;
+    let sim = case.sim.clone();
+    let mut figures = case.finish().await;
+    // Accepted calls per rehearsal day (days start at multiples of 20 s since the epoch).
+    let mut per_day: BTreeMap<i64, u64> = BTreeMap::new();
+    for t in sim.stats()["models"][MODEL]["accepted_at_ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_i64)
+    {
+        *per_day.entry(t.div_euclid(20_000)).or_default() += 1;
+    }
+    let most = per_day.values().copied().max().unwrap_or(0);
+    figures.notes.push(format!(
+        "accepted per day: {:?}",
+        per_day.values().collect::<Vec<_>>()
+    ));
+    if most > 15 {
+        figures
+            .broken
+            .push(format!("{most} calls in one day, limit 15"));
+    }
+    if per_day.len() < 3 {
+        figures.broken.push(format!(
+            "40 requests at 15 a day took {} days",
+            per_day.len()
+        ));
+    }
+    figures.check();
 }
 
 /// Redis restarts from an older snapshot: SAVE, a window's worth of calls, then a
