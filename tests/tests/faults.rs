@@ -351,6 +351,13 @@ impl Case {
         .await;
     }
 
+    /// Restarts the case's Redis with nothing (no dump): state, config and records gone.
+    fn restart_redis_empty(&mut self) {
+        let _ = std::fs::remove_file(self.redis.dir().join("dump.rdb"));
+        self.redis.start_again();
+        self.mark_state_lost();
+    }
+
     /// Records the moment limiter state was lost.
     fn mark_state_lost(&mut self) {
         let uptime_ms = self.sim.stats()["uptime_s"].as_f64().unwrap_or(0.0) * 1000.0;
@@ -1100,9 +1107,7 @@ async fn redis_restarts_empty() {
     let mut case = Case::start(Plan::new("redis-restart-empty")).await;
     let limit = case.plan.limit;
     case.wait_accepted(limit).await;
-    let _ = std::fs::remove_file(case.redis.dir().join("dump.rdb"));
-    case.redis.start_again();
-    case.mark_state_lost();
+    case.restart_redis_empty();
     Rig::apply_config_at(&case.redis.url(), &case.plan.config(&case.ns)).await;
     case.finish().await.check();
 }
@@ -1115,9 +1120,7 @@ async fn redis_restarts_empty_and_the_config_comes_back_later() {
     let mut case = Case::start(Plan::new("config-back-later")).await;
     let limit = case.plan.limit;
     case.wait_accepted(limit).await;
-    let _ = std::fs::remove_file(case.redis.dir().join("dump.rdb"));
-    case.redis.start_again();
-    case.mark_state_lost();
+    case.restart_redis_empty();
     // The scenario's gap, not a wait for something to happen.
     let gap = Duration::from_secs(6);
     tokio::time::sleep(gap).await;

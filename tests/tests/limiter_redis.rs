@@ -160,10 +160,11 @@ fn check_limits(started: &[Started], q: &ModelQuota, what: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn many_concurrent_connections_stay_under_every_limit() {
+/// 48 clients on one fresh key for 7 s, 40 requests and 30 000 tokens per 2 s: what they
+/// started, every window checked against every limit, booked and at arrival.
+async fn hammer_48(name: &str, give_back: bool) -> (Vec<Started>, Duration) {
     let (url, _) = rig_limiter().await;
-    let key = fresh_key("concurrent");
+    let key = fresh_key(name);
     let window = Duration::from_secs(2);
     let q = quota(
         Some(40),
@@ -172,9 +173,15 @@ async fn many_concurrent_connections_stay_under_every_limit() {
         Some(Duration::from_millis(150)),
     );
     let until = Instant::now() + Duration::from_secs(7);
-    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window, false).await;
+    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window, give_back).await;
     assert_eq!(errors, 0, "no Redis errors expected");
-    check_limits(&started, &q, "48 clients");
+    check_limits(&started, &q, name);
+    (started, window)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_connections_stay_under_every_limit() {
+    let (started, window) = hammer_48("concurrent", false).await;
     // Used nearly all of the binding limit (tokens or requests) over the full windows.
     let t0 = started
         .iter()
@@ -198,20 +205,8 @@ async fn many_concurrent_connections_stay_under_every_limit() {
 /// taken at once, every window still within every limit, by booked start and at arrival.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn room_given_back_under_concurrency_stays_under_every_limit() {
-    let (url, _) = rig_limiter().await;
-    let key = fresh_key("given-back-concurrent");
-    let window = Duration::from_secs(2);
-    let q = quota(
-        Some(40),
-        Some(30_000),
-        window,
-        Some(Duration::from_millis(150)),
-    );
-    let until = Instant::now() + Duration::from_secs(7);
-    let (started, errors) = hammer(vec![url; 48], key, q.clone(), until, window, true).await;
-    assert_eq!(errors, 0, "no Redis errors expected");
+    let (started, _) = hammer_48("given-back-concurrent", true).await;
     assert!(started.len() > 80, "{} calls", started.len());
-    check_limits(&started, &q, "48 clients giving back");
 }
 
 #[tokio::test]
