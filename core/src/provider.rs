@@ -360,7 +360,8 @@ pub enum ProviderError {
         reason: BlockReason,
         message: String,
     },
-    /// 402: prepaid credit is spent. Fatal until someone pays.
+    /// 402, or a 429 naming no quota whose message says so: prepaid credit is spent. No call
+    /// succeeds until someone pays (deferred and alerted, never retried at a quota's pace).
     #[error("prepaid credit exhausted: {message}")]
     CreditExhausted { message: String },
     /// 400: the request is malformed or names an unsupported option.
@@ -369,7 +370,8 @@ pub enum ProviderError {
         message: String,
         violations: Vec<FieldViolation>,
     },
-    /// 401/403, or 400 `API_KEY_INVALID`: the key is missing, wrong or not allowed.
+    /// 401/403, 400 `API_KEY_INVALID`, or 400 `FAILED_PRECONDITION` (billing not enabled,
+    /// a region the API does not serve): the account cannot call, whatever the request.
     #[error("unauthorized ({status}): {message}")]
     Unauthorized { status: u16, message: String },
     /// 404: unknown or retired model.

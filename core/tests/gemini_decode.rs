@@ -166,6 +166,38 @@ fn spent_credit_is_fatal() {
     assert!(!e.is_retryable());
 }
 
+/// Spent prepaid credit also arrives as a 429 naming no quota: an account problem (defer
+/// and alert), not a rate limit to retry at the quota's pace.
+#[test]
+fn spent_credit_as_a_429_is_an_account_problem() {
+    let e = error(429, "429_prepayment_credits_depleted.json");
+    assert!(matches!(e, ProviderError::CreditExhausted { .. }), "{e:?}");
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::DeferAndAlert { .. }
+    ));
+    // A quota 429 that happens to mention billing stays a rate limit.
+    let e = error(429, "429_rpm_help_quota_retry.json");
+    assert!(matches!(e, ProviderError::RateLimited { .. }), "{e:?}");
+}
+
+/// 400 FAILED_PRECONDITION (a region the API does not serve, billing not enabled) is the
+/// account's, not the request's: every message would fail alike, so it defers and alerts.
+#[test]
+fn failed_precondition_is_an_account_problem() {
+    let e = error(400, "400_failed_precondition_location.json");
+    assert!(
+        matches!(e, ProviderError::Unauthorized { status: 400, .. }),
+        "{e:?}"
+    );
+    assert!(matches!(
+        e.disposition(&CallContext::first_call()),
+        Disposition::DeferAndAlert { .. }
+    ));
+    let e = error(400, "400_field_violations.json");
+    assert!(matches!(e, ProviderError::Invalid { .. }), "{e:?}");
+}
+
 #[test]
 fn retired_model_is_not_found() {
     let e = decode_error(

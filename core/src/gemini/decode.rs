@@ -152,6 +152,11 @@ pub fn decode_error(
                         quota_metric: v.quota_metric,
                     })
                     .collect();
+            // Spent prepaid credit, answered as a 429 (reported in 2026 next to the 402):
+            // no quota frees it, so retrying at the quota's pace would go on forever.
+            if violations.is_empty() && credit_depleted(&message) {
+                return ProviderError::CreditExhausted { message };
+            }
             // The per-day quota binds longest; otherwise the first one named.
             let binding = violations
                 .iter()
@@ -176,7 +181,9 @@ pub fn decode_error(
         400 => {
             let key_invalid = detail::<wire::ErrorInfo>(&error, wire::ERROR_INFO)
                 .is_some_and(|i| i.reason == "API_KEY_INVALID");
-            if key_invalid {
+            // FAILED_PRECONDITION is the account, not the request: billing not enabled
+            // where the free tier is not offered, a region the API does not serve.
+            if key_invalid || error.status == "FAILED_PRECONDITION" {
                 return ProviderError::Unauthorized { status, message };
             }
             let violations = detail::<wire::BadRequest>(&error, wire::BAD_REQUEST)
@@ -207,6 +214,12 @@ pub fn decode_error(
             violations: Vec::new(),
         },
     }
+}
+
+/// Whether a refusal's message says the project's prepaid credit is spent.
+fn credit_depleted(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    (m.contains("prepayment") || m.contains("prepaid")) && m.contains("credit")
 }
 
 /// The first detail of type `name`, decoded; `None` if absent or malformed.
