@@ -47,19 +47,8 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             // Unchanged: no new version, so no replica reloads for nothing.
             println!("quotapool/{} unchanged", pool.name);
         } else {
-            let v = store.put_pool(pool).await?;
+            let v = put_pool(&store, &args.redis_url, pool).await?;
             println!("quotapool/{} configured (version {v})", pool.name);
-            // As the operator does: the limiter applies the new limits now (bookings a
-            // lowered limit no longer holds are released), not at the next booking.
-            let limiter = RedisLimiter::connect(&args.redis_url, Default::default()).await?;
-            for model in pool.models.keys() {
-                if let Some(quota) = pool.model_quota(model) {
-                    limiter
-                        .usage(&QuotaKey::new(&pool.project, model), &quota)
-                        .await
-                        .with_context(|| format!("applying {model}'s limits to the limiter"))?;
-                }
-            }
         }
     }
     for chain in &compiled.chains {
@@ -73,6 +62,27 @@ pub async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a pool and, as the operator does, has the limiter apply its limits now (bookings
+/// a lowered limit no longer holds are released), not at the next booking. Returns the
+/// config version written.
+pub(crate) async fn put_pool(
+    store: &ConfigStore,
+    redis_url: &str,
+    pool: &pacer_core::config::CompiledPool,
+) -> anyhow::Result<u64> {
+    let v = store.put_pool(pool).await?;
+    let limiter = RedisLimiter::connect(redis_url, Default::default()).await?;
+    for model in pool.models.keys() {
+        if let Some(quota) = pool.model_quota(model) {
+            limiter
+                .usage(&QuotaKey::new(&pool.project, model), &quota)
+                .await
+                .with_context(|| format!("applying {model}'s limits to the limiter"))?;
+        }
+    }
+    Ok(v)
 }
 
 /// Print live usage per pool and model.

@@ -34,9 +34,7 @@ use pacer_core::{
         CompiledChain, CompiledConfig, CompiledPool, CompiledStep, ConfigStore, FailureMode,
         ModelLimits, ProviderKind, RetryConfig,
     },
-    limiter::{
-        Decision, Limiter, QuotaKey, SystemClock, memory::MemoryLimiter, redis::RedisLimiter,
-    },
+    limiter::{Decision, Limiter, SystemClock, memory::MemoryLimiter},
     provider::{ApiKey, ImageProvider, ImageRequest, ImageResponse, ProviderError},
 };
 use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator};
@@ -664,14 +662,7 @@ async fn apply_limit(url: &str, plan: &Plan, to: u64) -> anyhow::Result<()> {
     let store = ConfigStore::connect(url)
         .await
         .context("connecting to Redis")?;
-    store.put_pool(&pool).await?;
-    let limiter = RedisLimiter::connect(url, Default::default()).await?;
-    if let Some(quota) = pool.model_quota(model) {
-        limiter
-            .usage(&QuotaKey::new(&pool.project, model), &quota)
-            .await
-            .context("applying the new limit to the limiter")?;
-    }
+    crate::apply::put_pool(&store, url, &pool).await?;
     Ok(())
 }
 

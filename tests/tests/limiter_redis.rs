@@ -1004,6 +1004,16 @@ async fn keys_with_a_ttl_are_persisted_without_a_fence() {
     }
 }
 
+/// `rpm` requests per 10 s window, no margin: the limit-change tests' quota.
+fn rpm_per_10s(rpm: u64) -> ModelQuota {
+    quota(
+        Some(rpm),
+        None,
+        Duration::from_secs(10),
+        Some(Duration::ZERO),
+    )
+}
+
 /// Books `n` requests of one request each, ids `<prefix><i>`, now.
 async fn book_many(
     l: &RedisLimiter,
@@ -1061,22 +1071,12 @@ async fn lowering_a_limit_releases_the_bookings_beyond_it() {
     let other = connect(&url).await;
     let key = fresh_key("lowered");
     let w = 10_000_000;
-    let q20 = quota(
-        Some(20),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q20 = rpm_per_10s(20);
     let old = book_many(&l, &key, &q20, "old", 60).await;
     assert_eq!(old.len(), 60);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let change = now_us();
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q10 = rpm_per_10s(10);
     let new = book_many(&other, &key, &q10, "new", 20).await;
     assert_eq!(new.len(), 20);
     let mut all = old.clone();
@@ -1111,20 +1111,10 @@ async fn raising_a_limit_fills_windows_up_to_it() {
     let (_, l) = rig_limiter().await;
     let key = fresh_key("raised");
     let w = 10_000_000;
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q10 = rpm_per_10s(10);
     let old = book_many(&l, &key, &q10, "old", 30).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let q20 = quota(
-        Some(20),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q20 = rpm_per_10s(20);
     let change = now_us();
     let new = book_many(&l, &key, &q20, "new", 30).await;
     // Booked one after another, each at its own now.
@@ -1150,12 +1140,7 @@ async fn room_given_back_inside_a_queue_is_taken_at_once() {
     let (_, l) = rig_limiter().await;
     let key = fresh_key("given-back");
     let w = 10_000_000;
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q10 = rpm_per_10s(10);
     let old = book_many(&l, &key, &q10, "old", 30).await;
     // One given back in the window holding now and one in the next: a booking now lies in
     // windows reaching into both.
@@ -1196,12 +1181,7 @@ async fn room_given_back_inside_a_queue_is_taken_at_once() {
 async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
     let (_, l) = rig_limiter().await;
     let key = fresh_key("longer");
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q10 = rpm_per_10s(10);
     let old = book_many(&l, &key, &q10, "old", 30).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let change = now_us();
@@ -1228,18 +1208,8 @@ async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new
     let current = connect(&url).await;
     let key = fresh_key("staleconfig");
     let w = 10_000_000;
-    let q20 = quota(
-        Some(20),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q20 = rpm_per_10s(20);
+    let q10 = rpm_per_10s(10);
     let old = book_many(&stale, &key, &q20, "old", 20).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let change = now_us();
@@ -1310,18 +1280,8 @@ async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
     let (url, l) = rig_limiter().await;
     let operator = connect(&url).await;
     let key = fresh_key("usagerefit");
-    let q20 = quota(
-        Some(20),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
-    let q10 = quota(
-        Some(10),
-        None,
-        Duration::from_secs(10),
-        Some(Duration::ZERO),
-    );
+    let q20 = rpm_per_10s(20);
+    let q10 = rpm_per_10s(10);
     let old = book_many(&l, &key, &q20, "old", 60).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let change = now_us();
