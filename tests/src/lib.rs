@@ -96,6 +96,60 @@ impl Rig {
             .expect("moto answers CreateQueue with a queue URL")
     }
 
+    /// Creates the SQS queue `name` with a dead-letter queue (`<name>-dlq`) that takes a
+    /// message at its `max_receives`th receive, as the Lambda template's redrive policy
+    /// does; returns both URLs (queue, dead-letter queue).
+    pub async fn create_queue_with_dlq(&self, name: &str, max_receives: u32) -> (String, String) {
+        use aws_sdk_sqs::types::QueueAttributeName;
+        let sqs = self.sqs().await;
+        let queue_url = self.create_queue(name).await;
+        let dlq_url = self.create_queue(&format!("{name}-dlq")).await;
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("the dead-letter queue's ARN")
+            .attributes
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .expect("moto answers with a QueueArn");
+        sqs.set_queue_attributes()
+            .queue_url(&queue_url)
+            .attributes(
+                QueueAttributeName::RedrivePolicy,
+                serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .expect("the queue's redrive policy");
+        (queue_url, dlq_url)
+    }
+
+    /// Every body waiting in the queue at `url`, received once each (hidden 10 minutes):
+    /// what a dead-letter queue holds.
+    pub async fn drain_bodies(&self, url: &str) -> Vec<String> {
+        let sqs = self.sqs().await;
+        let mut bodies = Vec::new();
+        loop {
+            let got = sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .visibility_timeout(600)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("receive from {url}: {e:?}"));
+            let messages = got.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return bodies;
+            }
+            bodies.extend(messages.into_iter().filter_map(|m| m.body));
+        }
+    }
+
     /// An S3 client for moto (path-style addressing: moto serves no bucket subdomains).
     pub async fn s3(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::config::Builder::from(&self.aws_config().await)

@@ -201,32 +201,8 @@ impl Case {
 
         let sqs = rig.sqs().await;
         let s3 = rig.s3().await;
-        let queue_url = rig.create_queue(&ns).await;
+        let (queue_url, dlq_url) = rig.create_queue_with_dlq(&ns, plan.max_receives).await;
         let result_url = rig.create_queue(&format!("{ns}-results")).await;
-        let dlq_url = rig.create_queue(&format!("{ns}-dlq")).await;
-        let dlq_arn = sqs
-            .get_queue_attributes()
-            .queue_url(&dlq_url)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .expect("the dead-letter queue's ARN")
-            .attributes
-            .and_then(|a| {
-                a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-                    .cloned()
-            })
-            .expect("moto answers with a QueueArn");
-        sqs.set_queue_attributes()
-            .queue_url(&queue_url)
-            .attributes(
-                aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
-                serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": plan.max_receives})
-                    .to_string(),
-            )
-            .send()
-            .await
-            .expect("the queue's redrive policy");
         if !plan.bucket_missing {
             create_bucket(&s3, &ns).await;
         }
@@ -463,24 +439,7 @@ impl Case {
 
     /// The messages in the dead-letter queue (received, so each is counted once).
     async fn dead_lettered(&self) -> Vec<String> {
-        let mut bodies = Vec::new();
-        loop {
-            let got = self
-                .sqs
-                .receive_message()
-                .queue_url(&self.dlq_url)
-                .max_number_of_messages(10)
-                .visibility_timeout(600)
-                .wait_time_seconds(0)
-                .send()
-                .await
-                .expect("receive from the dead-letter queue");
-            let messages = got.messages.unwrap_or_default();
-            if messages.is_empty() {
-                return bodies;
-            }
-            bodies.extend(messages.into_iter().filter_map(|m| m.body));
-        }
+        self.rig.drain_bodies(&self.dlq_url).await
     }
 
     /// How many times each image key was written (the bucket is versioned).
