@@ -386,3 +386,144 @@ async fn loadtest_processes_agree_with_the_simulator() {
     assert_eq!(r.uncounted_calls, Some(0), "{report}");
     let _ = std::fs::remove_dir_all(out);
 }
+
+/// Issue 12, a stale worker's claim: a worker is frozen (SIGSTOP) while it waits for its
+/// booked turn on a request, past its claim's lease and its message's visibility. Another
+/// worker takes the request over and finishes it; when the frozen one wakes, its wait is
+/// over but its claim is gone: it does not call. The simulator sees the request once and
+/// the image is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
+    let rig = Rig::load();
+    let mut redis = rig.redis().await;
+    let sqs = rig.sqs().await;
+    let s3 = rig.s3().await;
+    let ns = Rig::unique("stale");
+
+    // One call per 4 s: the second request waits for its turn, inside its 10 s budget.
+    let mut limit = LimitSpec::new(MODEL);
+    limit.rpm = Some(1);
+    limit.window = Duration::from_secs(4);
+    let sim = Simulator::new(SimConfig {
+        limits: vec![limit],
+        latency: Duration::from_millis(200),
+        ..SimConfig::default()
+    })
+    .spawn()
+    .await
+    .expect("start simulator");
+    rig.apply_config(&single_model_config(&ns, MODEL, 1, 4, 10))
+        .await;
+    let (queue_url, dlq_url) = rig.create_queue_with_dlq(&ns, 5).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
+    s3.create_bucket().bucket(&ns).send().await.expect("bucket");
+    s3.put_bucket_versioning()
+        .bucket(&ns)
+        .versioning_configuration(
+            aws_sdk_s3::types::VersioningConfiguration::builder()
+                .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("versioning: a second write of an image shows");
+    let sink = format!("s3://{ns}/images");
+    let queues = (queue_url.as_str(), result_queue_url.as_str());
+    for i in 0..2 {
+        let body = serde_json::json!({"id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a heron, take {i}")});
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(body.to_string())
+            .send()
+            .await
+            .expect("send");
+    }
+    let mut workers = Children(vec![spawn_worker(&rig, queues, &sink, &sim.url(), "w0")]);
+    let pid = workers.0[0].id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args(["-s", name, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -s {name} {pid}");
+    };
+
+    // w0 finished one request and holds its claim on the other, waiting for its turn.
+    let start = Instant::now();
+    let waiting = loop {
+        let mut done = 0;
+        let mut held = None;
+        for i in 0..2 {
+            let id = format!("{ns}-r{i}");
+            if result(&mut redis, &id).await.is_some() {
+                done += 1;
+                continue;
+            }
+            let owner: Option<String> = redis
+                .get(format!("pacer:claim:{id}"))
+                .await
+                .expect("claim owner");
+            if owner.is_some_and(|o| o.starts_with("w0:")) {
+                held = Some(id);
+            }
+        }
+        if let (1, Some(id)) = (done, held) {
+            break id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "w0 never finished one request while waiting with a claim on the other (bound on the test)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    signal("STOP");
+    let frozen = Instant::now();
+    // Another worker takes the message over once its visibility and the claim run out.
+    workers
+        .0
+        .push(spawn_worker(&rig, queues, &sink, &sim.url(), "w1"));
+    let finished = loop {
+        if let Some(r) = result(&mut redis, &waiting).await {
+            break r;
+        }
+        assert!(
+            frozen.elapsed() < Duration::from_secs(60),
+            "the frozen worker's request was not taken over within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    signal("CONT");
+    let woke = Instant::now();
+    // Long enough for the woken worker's wait, re-check and call (its turn passed while it
+    // was frozen: it would call at once).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let m = &sim.stats()["models"][MODEL];
+    println!(
+        "stale claim: {waiting} frozen {:?}, finished by another worker; after waking: {m}",
+        woke - frozen
+    );
+    assert_eq!(
+        (m["arrivals"].as_u64(), m["accepted"].as_u64()),
+        (Some(2), Some(2)),
+        "the woken worker called for a request it no longer held: {m}"
+    );
+    let versions = s3
+        .list_object_versions()
+        .bucket(&ns)
+        .send()
+        .await
+        .expect("list versions")
+        .versions
+        .unwrap_or_default();
+    assert_eq!(
+        versions.len(),
+        2,
+        "two images, each written once: {versions:?}"
+    );
+    let record = result(&mut redis, &waiting).await.expect("record");
+    assert_eq!(record["status"], "succeeded", "{record}");
+    drop(workers);
+    let dead = rig.drain_bodies(&dlq_url).await;
+    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+}

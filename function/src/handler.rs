@@ -19,10 +19,7 @@
 //! never dropped, and so is one that arrives before any configuration is loaded.
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -43,11 +40,13 @@ use rand::Rng;
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument;
 
+mod claim;
 mod costs;
 #[cfg(test)]
 mod tests;
 mod walk;
 
+use claim::Claim;
 pub use costs::{
     actual_costs, backoff, booking_costs, estimate_costs, image_price, input_token_bound,
     ticket_tag,
@@ -386,32 +385,9 @@ impl Handler {
                 return self.defer(self.options.default_defer, DeferReason::Infrastructure);
             }
         }
-        let claim_lost = Arc::new(AtomicBool::new(false));
-        let renew = {
-            let (records, id, token) = (self.records.clone(), req.id.clone(), token.clone());
-            let lost = claim_lost.clone();
-            tokio::spawn(async move {
-                let mut renewed = Instant::now();
-                loop {
-                    tokio::time::sleep(lease / 3).await;
-                    match records.claim(&id, &token, lease).await {
-                        Ok(true) => renewed = Instant::now(),
-                        Ok(false) => {
-                            tracing::warn!("the claim was taken over by another replica");
-                            lost.store(true, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(e) if renewed.elapsed() >= lease => {
-                            tracing::warn!(error = %e, "the claim could not be renewed within its lease");
-                            lost.store(true, Ordering::Relaxed);
-                            break;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "renewing the claim failed"),
-                    }
-                }
-            })
-        };
-        let mut delivery = Delivery::new(token.clone(), attempt.deadline, claim_lost);
+        let claim = Claim::granted(self.records.clone(), &req.id, &token, lease);
+        let renew = claim.keep_renewed();
+        let mut delivery = Delivery::new(token.clone(), attempt.deadline, claim);
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;

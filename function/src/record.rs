@@ -8,8 +8,11 @@ use pacer_core::sync::lock;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+// Tokio's clock, so tests with paused time can let a claim's lease run out.
+use tokio::time::Instant;
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -231,6 +234,39 @@ impl Records {
                             .insert(id.to_owned(), (owner.to_owned(), now + lease));
                         Ok(true)
                     }
+                }
+            }
+        }
+    }
+
+    /// Extends `owner`'s claim on `id` by `lease` if `owner` still holds it; false when it
+    /// does not (another owner took it, or it expired: the request may be finished).
+    pub async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool, RecordError> {
+        match self {
+            Records::Redis(redis) => {
+                let script = redis::Script::new(
+                    r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
+                      end
+                      return 0",
+                );
+                let got: i32 = script
+                    .key(claim_key(id))
+                    .arg(owner)
+                    .arg(lease.as_millis().max(1) as u64)
+                    .invoke_async(&mut redis.clone())
+                    .await?;
+                Ok(got == 1)
+            }
+            Records::Memory(m) => {
+                let mut m = lock(m);
+                let now = Instant::now();
+                match m.claims.get_mut(id) {
+                    Some((o, until)) if o == owner && *until > now => {
+                        *until = now + lease;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
                 }
             }
         }

@@ -5,13 +5,7 @@
 //! Every booking a delivery makes is named after the delivery's claim token and a counter,
 //! so no two calls ever share a booking: a redelivered message books afresh (a replay of
 //! its first delivery's booking would call the provider uncounted), and so does a retry.
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use pacer_core::{
     config::{CompiledChain, CompiledPool, CompiledStep},
@@ -24,6 +18,7 @@ use tokio::time::Instant;
 
 use super::{
     Generated, Handler, Miss,
+    claim::Claim,
     costs::{backoff, booking_costs, next_pacific_midnight, ticket_tag},
 };
 use crate::{
@@ -42,23 +37,19 @@ pub(super) struct Delivery {
     pub(super) attempts: u32,
     /// When the caller stops waiting for this delivery (a Lambda invocation's deadline).
     until: Option<Instant>,
-    /// Set when the claim was taken over or could not be renewed within its lease: another
-    /// replica may be generating the request, so no further call goes out.
-    claim_lost: Arc<AtomicBool>,
+    /// The claim on the request: once lost (taken over, or not renewed within its lease)
+    /// another replica may be generating the request, so no further call goes out.
+    claim: Arc<Claim>,
 }
 
 impl Delivery {
-    pub(super) fn new(
-        token: String,
-        until: Option<Instant>,
-        claim_lost: Arc<AtomicBool>,
-    ) -> Delivery {
+    pub(super) fn new(token: String, until: Option<Instant>, claim: Arc<Claim>) -> Delivery {
         Delivery {
             token,
             bookings: 0,
             attempts: 0,
             until,
-            claim_lost,
+            claim,
         }
     }
 
@@ -67,8 +58,10 @@ impl Delivery {
         &self.token
     }
 
-    fn claim_lost(&self) -> bool {
-        self.claim_lost.load(Ordering::Relaxed)
+    /// Whether the claim is still this delivery's, confirmed with the store unless
+    /// recently renewed.
+    async fn claim_held(&self) -> bool {
+        self.claim.held().await
     }
 
     /// Time left before the caller's deadline, if it has one.
@@ -496,7 +489,7 @@ impl Handler {
         delivery: &mut Delivery,
     ) -> State {
         let model = &run.step.model;
-        if delivery.claim_lost() {
+        if !delivery.claim_held().await {
             // Released, not reconciled: nothing was called on it.
             if let Err(e) = w.limiter.release(&ticket).await {
                 tracing::debug!(error = %e, "releasing an unused booking failed");
