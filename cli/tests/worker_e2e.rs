@@ -20,9 +20,24 @@ const MODEL: &str = "gemini-3.1-flash-image";
 const VICTIM_CONCURRENCY: usize = 4;
 
 fn spawn_worker(rig: &Rig, queues: (&str, &str), sink: &str, sim_url: &str, name: &str) -> Child {
+    worker_command(rig, queues, sink, sim_url, name)
+        .spawn()
+        .expect("start pacer worker")
+}
+
+/// A `pacer worker` on the rig, its queue and result queue, sink and provider: 3 s claim
+/// leases and 4 s visibility, so takeovers happen within a test.
+fn worker_command(
+    rig: &Rig,
+    queues: (&str, &str),
+    sink: &str,
+    sim_url: &str,
+    name: &str,
+) -> Command {
     let (queue_url, result_queue_url) = queues;
     let concurrency = if name == "w0" { VICTIM_CONCURRENCY } else { 16 };
-    Command::new(env!("CARGO_BIN_EXE_pacer"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pacer"));
+    command
         .arg("worker")
         .env("PACER_QUEUE_URL", queue_url)
         .env("PACER_RESULT_QUEUE_URL", result_queue_url)
@@ -42,9 +57,8 @@ fn spawn_worker(rig: &Rig, queues: (&str, &str), sink: &str, sim_url: &str, name
         .env("AWS_REGION", rig.get("AWS_REGION"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start pacer worker")
+        .stderr(Stdio::inherit());
+    command
 }
 
 async fn result(
@@ -524,6 +538,285 @@ async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
     let record = result(&mut redis, &waiting).await.expect("record");
     assert_eq!(record["status"], "succeeded", "{record}");
     drop(workers);
+    let dead = rig.drain_bodies(&dlq_url).await;
+    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+}
+
+/// Issue 12, colliding ids and keys, on moto's S3: the second image of `c` and the only
+/// image of `c-1` get keys of their own; a request whose `outputKey` names another
+/// request's image fails saying whose it is, without a call, and never passes that image
+/// off as its own. Every stored object names the request it belongs to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colliding_ids_and_output_keys_stay_apart() {
+    let rig = Rig::load();
+    let sqs = rig.sqs().await;
+    let s3 = rig.s3().await;
+    let ns = Rig::unique("collide");
+    let redis = rig.redis().await;
+    let mut limit = LimitSpec::new(MODEL);
+    limit.rpm = Some(40);
+    limit.window = Duration::from_secs(5);
+    let sim = Simulator::new(SimConfig {
+        limits: vec![limit],
+        ..SimConfig::default()
+    })
+    .spawn()
+    .await
+    .expect("start simulator");
+    rig.apply_config(&single_model_config(&ns, MODEL, 40, 5, 3))
+        .await;
+    let queue_url = rig.create_queue(&ns).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
+    s3.create_bucket().bucket(&ns).send().await.expect("bucket");
+    let _worker = Children(vec![spawn_worker(
+        &rig,
+        (&queue_url, &result_queue_url),
+        &format!("s3://{ns}/images"),
+        &sim.url(),
+        "w1",
+    )]);
+    let chain = format!("{ns}/chain");
+    let id = |s: &str| format!("{ns}-{s}");
+    // Sends `body`, then waits for its final record.
+    let run = |body: serde_json::Value| {
+        let (sqs, queue_url, mut redis) = (sqs.clone(), queue_url.clone(), redis.clone());
+        async move {
+            let id = body["id"].as_str().expect("id").to_owned();
+            sqs.send_message()
+                .queue_url(&queue_url)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .expect("send");
+            let start = Instant::now();
+            loop {
+                if let Some(r) = result(&mut redis, &id).await {
+                    return r;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{id} has no record after 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let c =
+        run(serde_json::json!({"id": id("c"), "chain": chain, "prompt": "a heron", "images": 2}))
+            .await;
+    let c1 = run(serde_json::json!({"id": id("c-1"), "chain": chain, "prompt": "a crane"})).await;
+    let d = run(serde_json::json!({"id": id("d"), "chain": chain, "prompt": "a stork", "outputKey": format!("{}.png", id("c"))})).await;
+    let e = run(serde_json::json!({"id": id("e"), "chain": chain, "prompt": "an egret", "outputKey": "shared/bird.png"})).await;
+    let f = run(serde_json::json!({"id": id("f"), "chain": chain, "prompt": "an ibis", "outputKey": "shared/bird.png"})).await;
+    for (r, status) in [
+        (&c, "succeeded"),
+        (&c1, "succeeded"),
+        (&e, "succeeded"),
+        (&d, "failed"),
+        (&f, "failed"),
+    ] {
+        assert_eq!(r["status"], status, "{r}");
+    }
+    let images = |r: &serde_json::Value| -> Vec<String> {
+        r["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .map(|v| v.as_str().expect("location").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        images(&c),
+        [
+            format!("s3://{ns}/images/{ns}-c.png"),
+            format!("s3://{ns}/images/{ns}-c~1.png")
+        ]
+    );
+    assert_eq!(images(&c1), [format!("s3://{ns}/images/{ns}-c-1.png")]);
+    let error = |r: &serde_json::Value| r["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error(&d).contains(&format!("the image of request \"{}\"", id("c"))),
+        "{d}"
+    );
+    assert!(
+        error(&f).contains(&format!("the image of request \"{}\"", id("e"))),
+        "{f}"
+    );
+    // Every object is its own request's, and nothing else was stored.
+    let listed = s3
+        .list_objects_v2()
+        .bucket(&ns)
+        .send()
+        .await
+        .expect("list")
+        .contents
+        .unwrap_or_default();
+    let mut owners = std::collections::BTreeMap::new();
+    for object in listed {
+        let key = object.key.expect("key");
+        let head = s3
+            .head_object()
+            .bucket(&ns)
+            .key(&key)
+            .send()
+            .await
+            .expect("head");
+        let owner = head
+            .metadata()
+            .and_then(|m| m.get("pacer-request-id"))
+            .cloned()
+            .unwrap_or_default();
+        owners.insert(key, owner);
+    }
+    let want: std::collections::BTreeMap<String, String> = [
+        (format!("images/{ns}-c.png"), id("c")),
+        (format!("images/{ns}-c~1.png"), id("c")),
+        (format!("images/{ns}-c-1.png"), id("c-1")),
+        ("images/shared/bird.png".to_owned(), id("e")),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(owners, want);
+    let m = &sim.stats()["models"][MODEL];
+    assert_eq!(
+        m["arrivals"].as_u64(),
+        Some(4),
+        "only c (two images), c-1 and e reached the provider: {m}"
+    );
+}
+
+/// Sets up an access key that may read but not write the bucket, on a moto server that
+/// then enforces IAM (every request after this setup is authenticated and authorized).
+/// Prints the key id and secret on one line.
+const DENY_PUT_SETUP: &str = r#"
+import json, os, sys, urllib.request
+import boto3
+endpoint, bucket = sys.argv[1], sys.argv[2]
+kw = dict(endpoint_url=endpoint, region_name="us-east-1",
+          aws_access_key_id="setup", aws_secret_access_key="setup")
+iam, s3 = boto3.client("iam", **kw), boto3.client("s3", **kw)
+iam.create_user(UserName="pacer-worker")
+iam.put_user_policy(UserName="pacer-worker", PolicyName="read-only-images",
+    PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "s3:PutObject", "Resource": "*"}]}))
+key = iam.create_access_key(UserName="pacer-worker")["AccessKey"]
+s3.create_bucket(Bucket=bucket)
+req = urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                             headers={"Content-Type": "text/plain"})
+urllib.request.urlopen(req).read()
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+
+/// Issue 12, a sink that refuses for good: the worker's key may not write the bucket
+/// (a moto server enforcing IAM answers PutObject with 403 AccessDenied). Each request is
+/// generated once and fails with the sink's reason; redelivery generates nothing again
+/// and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_refuses_for_good_fails_each_request_once() {
+    let rig = Rig::load();
+    let mut redis = rig.redis().await;
+    let sqs = rig.sqs().await;
+    let ns = Rig::unique("denied");
+    let sim = Simulator::new(SimConfig::default())
+        .spawn()
+        .await
+        .expect("start simulator");
+    rig.apply_config(&single_model_config(&ns, MODEL, 40, 5, 3))
+        .await;
+    let (queue_url, dlq_url) = rig.create_queue_with_dlq(&ns, 3).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
+
+    // A moto of its own for S3, enforcing IAM once set up (the rig's moto accepts any key).
+    let port = pacer_tests::free_port();
+    let moto = Command::new(rig.get("MOTO_SERVER"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    let mut children = Children(vec![moto]);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "moto did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let setup = Command::new(rig.get("PYTHON"))
+        .args(["-c", DENY_PUT_SETUP, &endpoint, &ns])
+        .output()
+        .expect("run the IAM setup with the rig's Python");
+    assert!(
+        setup.status.success(),
+        "IAM setup failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let out = String::from_utf8_lossy(&setup.stdout).to_string();
+    let (key_id, secret) = out.trim().split_once(' ').expect("key id and secret");
+
+    // The read-only key, and this moto for S3 only (SQS stays on the rig's).
+    let worker = worker_command(
+        &rig,
+        (&queue_url, &result_queue_url),
+        &format!("s3://{ns}/images"),
+        &sim.url(),
+        "w1",
+    )
+    .env("AWS_ENDPOINT_URL_S3", &endpoint)
+    .env("AWS_ACCESS_KEY_ID", key_id)
+    .env("AWS_SECRET_ACCESS_KEY", secret)
+    .spawn()
+    .expect("start pacer worker");
+    children.0.push(worker);
+
+    const N: usize = 4;
+    let ids: Vec<String> = (0..N).map(|i| format!("{ns}-r{i}")).collect();
+    for id in &ids {
+        let body =
+            serde_json::json!({"id": id, "chain": format!("{ns}/chain"), "prompt": "a gannet"});
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(body.to_string())
+            .send()
+            .await
+            .expect("send");
+    }
+    let start = Instant::now();
+    let mut records = Vec::new();
+    for id in &ids {
+        loop {
+            if let Some(r) = result(&mut redis, id).await {
+                records.push(r);
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{id} has no record after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for r in &records {
+        assert_eq!(r["status"], "failed", "{r}");
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("AccessDenied: Access Denied") && error.len() < 400,
+            "the sink's reason, in a line: {r}"
+        );
+    }
+    // Longer than the visibility timeout: a message left unacknowledged would be back.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let m = &sim.stats()["models"][MODEL];
+    println!("sink refusing for good: {N} requests, records {records:?}, provider {m}");
+    assert_eq!(
+        m["arrivals"].as_u64(),
+        Some(N as u64),
+        "each request generated once, not again on redelivery: {m}"
+    );
+    drop(children);
     let dead = rig.drain_bodies(&dlq_url).await;
     assert!(dead.is_empty(), "dead-lettered: {dead:?}");
 }

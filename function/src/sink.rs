@@ -202,8 +202,8 @@ impl S3Sink {
         E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug,
     {
-        let code = e
-            .as_service_error()
+        let service = e.as_service_error();
+        let code = service
             .and_then(|s| s.code())
             .unwrap_or_default()
             .to_owned();
@@ -211,9 +211,16 @@ impl S3Sink {
             code.as_str(),
             "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AllAccessDisabled"
         );
+        // S3's own answer in a line (it lands in the request's result record); the whole
+        // error chain only when S3 did not answer (a connection or timeout).
+        let message = match service.map(|s| (s.code(), s.message())) {
+            Some((Some(code), Some(text))) => format!("{code}: {text}"),
+            Some((Some(code), None)) => code.to_owned(),
+            _ => aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+        };
         SinkError {
             location: self.location(key),
-            message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+            message,
             permanent,
         }
     }
