@@ -57,6 +57,22 @@ fn template_wires_partial_batch_failures_dlq_and_visibility() {
         .as_array()
         .expect("allowed");
     assert_eq!(map.len(), allowed.len());
+    // Every allowed timeout leaves a call its budget after the deadline's reserve: a
+    // shorter one would defer every delivery and never call.
+    let call_budget = pacer_function::handler::HandlerOptions::default().call_budget;
+    for t in allowed {
+        let t: u64 = t
+            .as_str()
+            .expect("a string")
+            .parse()
+            .expect("numeric timeout");
+        let usable = std::time::Duration::from_secs(t)
+            .saturating_sub(pacer_function::lambda::DEADLINE_RESERVE);
+        assert!(
+            usable >= call_budget,
+            "FunctionTimeoutSeconds {t} leaves {usable:?}, less than one call's budget {call_budget:?}"
+        );
+    }
     for (timeout, vis) in map {
         let t: u64 = timeout.parse().expect("numeric timeout");
         assert_eq!(

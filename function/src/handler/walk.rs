@@ -37,6 +37,9 @@ pub(super) struct Delivery {
     pub(super) attempts: u32,
     /// When the caller stops waiting for this delivery (a Lambda invocation's deadline).
     until: Option<Instant>,
+    /// All the time the caller gave this delivery (the function timeout, less the
+    /// reserve): no call can ever be given more.
+    whole: Option<Duration>,
     /// The claim on the request: once lost (taken over, or not renewed within its lease)
     /// another replica may be generating the request, so no further call goes out.
     claim: Arc<Claim>,
@@ -49,6 +52,7 @@ impl Delivery {
             bookings: 0,
             attempts: 0,
             until,
+            whole: until.map(|u| u.saturating_duration_since(Instant::now())),
             claim,
         }
     }
@@ -270,7 +274,7 @@ impl Handler {
                 State::Retry(after) => {
                     if delivery
                         .left()
-                        .is_some_and(|left| left < after + self.call_budget(w))
+                        .is_some_and(|left| left < after + self.call_budget(w, delivery))
                     {
                         // No time for another call in this invocation: the next delivery
                         // tries again.
@@ -333,7 +337,7 @@ impl Handler {
         }
         // A booked start must leave room for the call before the caller's deadline.
         if let Some(left) = delivery.left() {
-            let budget = self.call_budget(w);
+            let budget = self.call_budget(w, delivery);
             if left < budget {
                 soonest.note(Some(Duration::ZERO), DeferReason::Deadline);
                 return None;
@@ -638,8 +642,27 @@ impl Handler {
 
     /// What a provider call is given of a deadline-bound delivery's time: the chain's
     /// request timeout, at most the handler's call budget.
-    fn call_budget(&self, w: &Walk<'_>) -> Duration {
-        Duration::from_millis(w.chain.request_timeout_ms.max(1)).min(self.options.call_budget)
+    /// A deadline whose whole time is shorter than that (a function timeout below the
+    /// chain's request timeout plus the reserve) can never start a call: every delivery is
+    /// deferred. That is a setting to fix, said once per process as an error.
+    fn call_budget(&self, w: &Walk<'_>, delivery: &Delivery) -> Duration {
+        let wanted =
+            Duration::from_millis(w.chain.request_timeout_ms.max(1)).min(self.options.call_budget);
+        match delivery.whole {
+            Some(whole) if whole < wanted => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::error!(
+                        chain = %w.chain.name,
+                        available_ms = whole.as_millis() as u64,
+                        wanted_ms = wanted.as_millis() as u64,
+                        "the function's timeout leaves less than one call's time (the chain's request timeout, at most 30 s): every delivery is deferred and none can call; raise the function timeout (the template's FunctionTimeoutSeconds) to that plus 5 s or more, or lower the chain's requestTimeoutSeconds"
+                    );
+                });
+                wanted
+            }
+            _ => wanted,
+        }
     }
 
     /// The limiter could not be asked: defer the message (never call unbooked).
