@@ -218,6 +218,27 @@ pub enum BlockReason {
     Finish(String),
 }
 
+/// Finish reasons that withheld an image this time but may not next time: worth another
+/// call or two, then the next step. Safety and prohibited-content reasons are final.
+const RETRIED_FINISH_REASONS: &[&str] = &[
+    "NO_IMAGE",
+    "IMAGE_RECITATION",
+    "IMAGE_OTHER",
+    "RECITATION",
+    "OTHER",
+    "NO_CANDIDATES",
+];
+
+/// Calls a step makes for an answer without an image (the first and one retry).
+pub const NO_IMAGE_ATTEMPTS: u32 = 2;
+
+impl BlockReason {
+    /// Whether another call may well produce the image (see [`RETRIED_FINISH_REASONS`]).
+    pub fn is_retried(&self) -> bool {
+        matches!(self, BlockReason::Finish(r) if RETRIED_FINISH_REASONS.contains(&r.as_str()))
+    }
+}
+
 impl fmt::Display for BlockReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -277,6 +298,10 @@ pub enum Cause {
     /// The chain names a model the provider does not know (unknown or retired): the
     /// chain's configuration must change.
     Config,
+    /// The model answered without an image, for a reason another try may not have
+    /// (`NO_IMAGE`, `IMAGE_RECITATION`, `IMAGE_OTHER`, words only): after its retries the
+    /// next step is tried, and when no step gives an image the request fails with it.
+    NoImage,
 }
 
 /// What the chain walk does about one failed call: the whole error policy, decided by
@@ -440,6 +465,16 @@ impl ProviderError {
                 after: None,
                 cause: Cause::Config,
             },
+            ProviderError::Blocked { reason, .. } if reason.is_retried() => {
+                if ctx.attempt >= ctx.attempts.min(NO_IMAGE_ATTEMPTS) {
+                    Disposition::NextStep {
+                        after: None,
+                        cause: Cause::NoImage,
+                    }
+                } else {
+                    Disposition::Retry { after: ctx.backoff }
+                }
+            }
             ProviderError::Blocked { .. } | ProviderError::Invalid { .. } => {
                 Disposition::FailRequest
             }
@@ -642,6 +677,49 @@ mod tests {
                 after: Duration::from_millis(250)
             }
         );
+    }
+
+    /// Issue 13, finish reasons: an answer without an image for a reason another call may
+    /// not have is retried once, then the next step; safety blocks stay final.
+    #[test]
+    fn answers_without_an_image_are_retried_once_unless_blocked_for_safety() {
+        let finish = |r: &str| ProviderError::Blocked {
+            reason: BlockReason::Finish(r.into()),
+            message: String::new(),
+        };
+        for r in ["NO_IMAGE", "IMAGE_RECITATION", "IMAGE_OTHER"] {
+            assert_eq!(
+                finish(r).disposition(&ctx(1)),
+                Disposition::Retry {
+                    after: Duration::from_millis(250)
+                },
+                "{r}"
+            );
+            assert_eq!(
+                finish(r).disposition(&ctx(2)),
+                Disposition::NextStep {
+                    after: None,
+                    cause: Cause::NoImage
+                },
+                "{r}"
+            );
+        }
+        for r in [
+            "IMAGE_SAFETY",
+            "IMAGE_PROHIBITED_CONTENT",
+            "PROHIBITED_CONTENT",
+        ] {
+            assert_eq!(
+                finish(r).disposition(&ctx(1)),
+                Disposition::FailRequest,
+                "{r}"
+            );
+        }
+        let prompt = ProviderError::Blocked {
+            reason: BlockReason::Prompt("SAFETY".into()),
+            message: String::new(),
+        };
+        assert_eq!(prompt.disposition(&ctx(1)), Disposition::FailRequest);
     }
 
     #[test]

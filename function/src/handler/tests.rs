@@ -1738,3 +1738,32 @@ async fn a_model_removed_while_waiting_is_not_called() {
     assert_eq!(deferred(&out).1, DeferReason::Config, "{out:?}");
     assert_eq!(rig.provider.calls().len(), 1);
 }
+
+// --- Issue 13, finish reasons.
+
+fn no_image(_: &str) -> ProviderError {
+    ProviderError::Blocked {
+        reason: pacer_core::provider::BlockReason::Finish("NO_IMAGE".into()),
+        message: "I can describe it instead.".into(),
+    }
+}
+
+/// A model that answers in words only is asked once more, then the chain falls through to
+/// its next step, which draws the image.
+#[tokio::test(start_paused = true)]
+async fn an_answer_without_an_image_is_retried_then_the_next_step_serves() {
+    let rig = failing_on(two_steps(), A, no_image);
+    served_by(&rig.handle(&body("r1")).await, B, 3);
+    assert_eq!(rig.models_called(), [A, A, B]);
+}
+
+/// No step draws the prompt: the request fails with the answer, after two calls per step,
+/// instead of being deferred and asked again forever.
+#[tokio::test(start_paused = true)]
+async fn no_image_from_any_step_fails_the_request_with_the_answer() {
+    let rig = Rig::new(two_steps(), Box::new(|_, model| Err(no_image(model))));
+    let out = rig.handle(&body("r1")).await;
+    failed_saying(&out, "no step of chain");
+    failed_saying(&out, "NO_IMAGE");
+    assert_eq!(rig.models_called(), [A, A, B, B]);
+}

@@ -103,6 +103,8 @@ struct Soonest {
     reason: DeferReason,
     /// Steps whose limits the request's costs exceed outright.
     never_fits: usize,
+    /// The last answer without an image, from a step that tried its calls for one.
+    no_image: Option<String>,
 }
 
 impl Soonest {
@@ -130,6 +132,7 @@ fn reason_for_cause(cause: Cause) -> DeferReason {
         Cause::RateLimited => DeferReason::RateLimited,
         Cause::Upstream => DeferReason::Upstream,
         Cause::Config => DeferReason::Config,
+        Cause::NoImage => DeferReason::Upstream,
     }
 }
 
@@ -217,6 +220,7 @@ impl Handler {
             after: None,
             reason: DeferReason::Capacity,
             never_fits: 0,
+            no_image: None,
         };
         for step in &chain.steps {
             match self.run_step(&walk, step, delivery, &mut soonest).await {
@@ -230,6 +234,14 @@ impl Handler {
                 "the request's costs exceed a limit of every model of chain {} (pool {}): \
                  shorten the prompt or raise the pool's limits",
                 chain.name, pool.name
+            )));
+        }
+        // Every step that could run answered without an image: the model will not draw
+        // this prompt (deferring would only ask again and again).
+        if let (None, Some(answer)) = (soonest.after, &soonest.no_image) {
+            return Err(Miss::Fail(format!(
+                "no step of chain {} produced an image ({answer}): rephrase the prompt and resubmit",
+                chain.name
             )));
         }
         Err(Miss::Defer(
@@ -583,6 +595,14 @@ impl Handler {
                     tracing::warn!(error = %e, "sharing the cooldown failed");
                 }
                 soonest.note(Some(cooldown), DeferReason::RateLimited);
+                State::Done(StepEnd::NextStep)
+            }
+            Disposition::NextStep {
+                cause: Cause::NoImage,
+                ..
+            } => {
+                tracing::info!(model = %model, error = %err, "no image after retries; trying the next step");
+                soonest.no_image = Some(format!("{model}: {err}"));
                 State::Done(StepEnd::NextStep)
             }
             Disposition::NextStep { after, cause } => {
