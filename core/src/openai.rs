@@ -179,13 +179,37 @@ pub fn decode_response(body: &[u8]) -> Result<ImageResponse> {
     })
 }
 
-/// Decodes a non-200 answer.
+/// The Google error inside an answer from Gemini's own OpenAI-compatible endpoint: a JSON
+/// array holding Google's envelope (`[{"error": {"code", "message", "status", "details"}}]`,
+/// `RetryInfo` and `QuotaFailure` in the details), or that envelope alone.
+fn google_error(body: &[u8]) -> Option<Vec<u8>> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let envelope = match value {
+        serde_json::Value::Array(mut items) if !items.is_empty() => items.swap_remove(0),
+        other => other,
+    };
+    let error = envelope.get("error")?;
+    let google = error
+        .get("status")
+        .is_some_and(serde_json::Value::is_string)
+        || error
+            .get("details")
+            .is_some_and(serde_json::Value::is_array);
+    google.then(|| serde_json::to_vec(&envelope).unwrap_or_default())
+}
+
+/// Decodes a non-200 answer. Google's own errors (Gemini's OpenAI-compatible endpoint)
+/// are read as the Gemini client reads them, so its retry delay, the quota it names and
+/// the per-day signal are kept.
 pub fn decode_error(
     status: u16,
     body: &[u8],
     model: &str,
     retry_delay: Option<Duration>,
 ) -> ProviderError {
+    if let Some(envelope) = google_error(body) {
+        return crate::gemini::decode_error(status, &envelope, model, retry_delay);
+    }
     let error = serde_json::from_slice::<ErrorEnvelope>(body)
         .map(|e| e.error)
         .unwrap_or_default();
@@ -335,6 +359,41 @@ mod tests {
         assert!(matches!(
             decode_error(429, b"", "m", None),
             ProviderError::RateLimitedBare { .. }
+        ));
+    }
+
+    /// Issue 13, item 7: Gemini's OpenAI-compatible endpoint answers a 429 as a JSON array
+    /// holding Google's envelope; its `RetryInfo` and per-day quota are kept.
+    #[test]
+    fn google_errors_in_an_array_keep_their_retry_delay_and_quota() {
+        let body = br#"[{"error": {"code": 429, "message": "You exceeded your current quota. Please retry in 21.5s.", "status": "RESOURCE_EXHAUSTED", "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_paid_tier_requests", "quotaId": "GenerateRequestsPerDayPerProjectPerModel", "quotaDimensions": {"model": "gemini-3.1-flash-image", "location": "global"}, "quotaValue": "250"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "21s"}]}}]"#;
+        match decode_error(429, body, "gemini-3.1-flash-image", None) {
+            ProviderError::RateLimited {
+                quota,
+                retry_delay,
+                model,
+                ..
+            } => {
+                assert_eq!(quota, QuotaDimension::RequestsPerDay);
+                assert_eq!(model.as_deref(), Some("gemini-3.1-flash-image"));
+                assert!(
+                    retry_delay.is_some_and(|d| d >= Duration::from_secs(21)),
+                    "{retry_delay:?}"
+                );
+            }
+            other => panic!("expected a named quota, got {other:?}"),
+        }
+        let minute = br#"[{"error": {"code": 429, "message": "Resource exhausted.", "status": "RESOURCE_EXHAUSTED", "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}]"#;
+        assert_eq!(
+            decode_error(429, minute, "m", None).retry_delay(),
+            Some(Duration::from_secs(7))
+        );
+        let key = br#"[{"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT", "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}]"#;
+        assert!(matches!(
+            decode_error(400, key, "m", None),
+            ProviderError::Unauthorized { .. }
         ));
     }
 
