@@ -429,6 +429,7 @@ pub fn plan_from_limits(
         failure_mode: FailureMode::Closed,
         expected_replicas: 1,
         api_key_ref: None,
+        api_key_env: None,
         window_margin_ms: margin_ms,
         base_url: None,
     };
@@ -568,6 +569,7 @@ async fn replica(
         Providers {
             gemini: Some(provider),
             openai: None,
+            per_pool: None,
         },
         sink,
         state.records,

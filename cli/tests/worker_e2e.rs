@@ -820,3 +820,118 @@ async fn a_sink_that_refuses_for_good_fails_each_request_once() {
     let dead = rig.drain_bodies(&dlq_url).await;
     assert!(dead.is_empty(), "dead-lettered: {dead:?}");
 }
+
+/// Issue 13, one key per project: two QuotaPools for projects A and B, each naming its own
+/// key variable (`spec.apiKeyEnv`), one worker serving both chains. The simulator tells
+/// projects apart by key: each project sees its own requests, under its own key, within
+/// its own limit. The replica's default key (unknown to the simulator) is never used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pool_calls_with_its_own_project_key() {
+    let rig = Rig::load();
+    let mut redis = rig.redis().await;
+    let sqs = rig.sqs().await;
+    let s3 = rig.s3().await;
+    let ns = Rig::unique("keys");
+    const LIMIT: u64 = 5;
+    let limits = ["proj-a", "proj-b"].map(|project| {
+        let mut limit = LimitSpec::new(MODEL);
+        limit.project = Some(project.to_owned());
+        limit.rpm = Some(LIMIT);
+        limit.window = Duration::from_secs(5);
+        limit
+    });
+    let sim = Simulator::new(SimConfig {
+        projects: vec!["proj-a".into(), "proj-b".into()],
+        keys: vec![
+            "proj-a=key-a".parse().expect("key"),
+            "proj-b=key-b".parse().expect("key"),
+        ],
+        limits: limits.to_vec(),
+        ..SimConfig::default()
+    })
+    .spawn()
+    .await
+    .expect("start simulator");
+    let pool = |name: &str, project: &str, env: &str| {
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  project: {project}-{ns}\n  tier: Tier2\n  windowMarginMs: 250\n  apiKeyEnv: {env}\n  models:\n  - {{name: {MODEL}, rpm: {LIMIT}, windowSeconds: 5}}\n---\n\
+             apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain-{name}, namespace: {ns}}}\n\
+             spec:\n  pool: {name}\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: 3}}\n"
+        )
+    };
+    rig.apply_config(&format!(
+        "{}---\n{}",
+        pool("a", "proj-a", "PACER_TEST_KEY_A"),
+        pool("b", "proj-b", "PACER_TEST_KEY_B")
+    ))
+    .await;
+    let queue_url = rig.create_queue(&ns).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
+    s3.create_bucket().bucket(&ns).send().await.expect("bucket");
+    let worker = worker_command(
+        &rig,
+        (&queue_url, &result_queue_url),
+        &format!("s3://{ns}/images"),
+        &sim.url(),
+        "w1",
+    )
+    .env("PACER_GEMINI_API_KEY", "the-replicas-default-key")
+    .env("PACER_TEST_KEY_A", "key-a")
+    .env("PACER_TEST_KEY_B", "key-b")
+    .spawn()
+    .expect("start pacer worker");
+    let _workers = Children(vec![worker]);
+
+    const N: usize = 8;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        for pool in ["a", "b"] {
+            let id = format!("{ns}-{pool}{i}");
+            let body = serde_json::json!({"id": id, "chain": format!("{ns}/chain-{pool}"), "prompt": format!("a puffin {i}")});
+            sqs.send_message()
+                .queue_url(&queue_url)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .expect("send");
+            ids.push(id);
+        }
+    }
+    let start = Instant::now();
+    for id in &ids {
+        let record = loop {
+            if let Some(r) = result(&mut redis, id).await {
+                break r;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "{id} has no record after 90 s (a call under the wrong key is refused): {}",
+                sim.stats()["projects"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(record["status"], "succeeded", "{record}");
+    }
+    let stats = sim.stats();
+    println!("two projects, two keys: {}", stats["projects"]);
+    for project in ["proj-a", "proj-b"] {
+        let m = &stats["projects"][project][MODEL];
+        assert_eq!(
+            (m["arrivals"].as_u64(), m["accepted"].as_u64()),
+            (Some(N as u64), Some(N as u64)),
+            "{project} saw exactly its own pool's requests, under its key: {m}"
+        );
+        let max = m["max_arrivals_in_any_window"]["rpm"].as_u64();
+        assert!(
+            max.is_some_and(|n| n <= LIMIT),
+            "{project}: {max:?} arrivals in one window, limit {LIMIT}"
+        );
+    }
+    let seen: Vec<&String> = stats["projects"]
+        .as_object()
+        .expect("projects")
+        .keys()
+        .collect();
+    assert_eq!(seen, ["proj-a", "proj-b"], "no call under another key");
+}

@@ -30,7 +30,7 @@ pub const CHAINS_KEY: &str = "pacer:config:chains";
 pub const VERSION_KEY: &str = "pacer:config:version";
 
 /// The provider API a pool's project lives on.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub enum ProviderKind {
     /// Google's Gemini API.
@@ -109,6 +109,10 @@ pub struct CompiledPool {
     /// a reference only, never the key itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_ref: Option<String>,
+    /// The environment variable holding this pool's API key in every replica: a name,
+    /// never the key. None: the replica's default key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
     /// Extra length of every window (default: 1/60 of the window): absorbs the jitter
     /// between a booked start and the provider's arrival clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]

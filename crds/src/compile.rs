@@ -51,6 +51,26 @@ pub fn compile_pool(
             "is empty: set the provider's project id".into(),
         ));
     }
+    if let Some(url) = &spec.base_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(err(
+            "spec.baseUrl",
+            format!("{url:?} is not an http:// or https:// URL"),
+        ));
+    }
+    if let Some(name) = &spec.api_key_env
+        && (name.is_empty()
+            || name.starts_with(|c: char| c.is_ascii_digit())
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        return Err(err(
+            "spec.apiKeyEnv",
+            format!(
+                "{name:?} is not an environment variable name (letters, digits, _): name the variable, never the key"
+            ),
+        ));
+    }
     if spec.models.is_empty() {
         return Err(err(
             "spec.models",
@@ -205,8 +225,12 @@ pub fn compile_pool(
             .api_key_secret
             .as_ref()
             .map(|s| format!("{namespace}/{}#{}", s.name, s.key)),
+        api_key_env: spec.api_key_env.clone(),
         window_margin_ms: spec.window_margin_ms.map(u64::from),
-        base_url: None,
+        base_url: spec
+            .base_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
     })
 }
 
@@ -600,6 +624,23 @@ spec:
         let step = &c.chains[0].steps[1];
         assert_eq!(step.aspect_ratio.as_deref(), Some("1:8"));
         assert_eq!(step.image_size, Some(ImageSize::Half));
+    }
+
+    /// Issue 13: a pool names its own key variable and endpoint; a key pasted where the
+    /// variable's name goes, or an endpoint that is not a URL, is refused by field.
+    #[test]
+    fn a_pool_s_own_key_variable_and_endpoint() {
+        let own = POOL.replace(
+            "  tier: Tier1\n",
+            "  tier: Tier1\n  apiKeyEnv: GEMINI_KEY_PROJECT_A\n  baseUrl: https://proxy.example/\n",
+        );
+        let pool = &compile(&own).unwrap().pools[0];
+        assert_eq!(pool.api_key_env.as_deref(), Some("GEMINI_KEY_PROJECT_A"));
+        assert_eq!(pool.base_url.as_deref(), Some("https://proxy.example"));
+        let e = compile(&own.replace("GEMINI_KEY_PROJECT_A", "AIzaSy-abc.def")).unwrap_err();
+        assert_eq!(e.field, "spec.apiKeyEnv");
+        let e = compile(&own.replace("https://proxy.example/", "proxy.example")).unwrap_err();
+        assert_eq!(e.field, "spec.baseUrl");
     }
 
     #[test]

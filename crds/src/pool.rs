@@ -79,6 +79,21 @@ pub struct QuotaPoolSpec {
     /// only checks it exists; the key is never copied into Redis, status or logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKeyRef>,
+    /// The environment variable holding this pool's API key in every replica (`pacer
+    /// apply`, Lambda, `pacer loadtest`; in Kubernetes, set it on the workers from the
+    /// Secret). Each pool calls with its own project's key: without one, the replica's
+    /// default key (`PACER_GEMINI_API_KEY`) is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub api_key_env: Option<String>,
+    /// The provider's base URL for this pool, when not the replicas' default (a regional
+    /// proxy, a gateway, the simulator); `http://` or `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
+    pub base_url: Option<String>,
 }
 
 fn default_alert() -> u8 {

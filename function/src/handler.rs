@@ -34,7 +34,7 @@ use pacer_core::{
         redis::RedisLimiter,
     },
     models::ImageSize,
-    provider::{ImageProvider, ImageResponse},
+    provider::{ApiKey, ImageProvider, ImageResponse},
 };
 use rand::Rng;
 use tokio::{sync::watch, time::Instant};
@@ -69,14 +69,85 @@ pub struct Providers {
     pub gemini: Option<Arc<dyn ImageProvider>>,
     /// An OpenAI-compatible gateway.
     pub openai: Option<Arc<dyn ImageProvider>>,
+    /// Makes the clients of pools with a key or an endpoint of their own (none: every
+    /// pool uses the clients above).
+    pub per_pool: Option<Arc<PoolClients>>,
 }
 
 impl Providers {
-    fn for_pool(&self, pool: &CompiledPool) -> Option<Arc<dyn ImageProvider>> {
+    /// The client `pool` calls with: its own key and endpoint when it names them (each
+    /// pool bills its own project), else the replica's.
+    fn for_pool(&self, pool: &CompiledPool) -> Result<Arc<dyn ImageProvider>, String> {
+        if let Some(per_pool) = &self.per_pool
+            && (pool.api_key_env.is_some() || pool.base_url.is_some())
+        {
+            return per_pool.for_pool(pool);
+        }
         match pool.provider {
             ProviderKind::Gemini | ProviderKind::Vertex => self.gemini.clone(),
             ProviderKind::OpenaiCompatible => self.openai.clone(),
         }
+        .ok_or_else(|| {
+            format!(
+                "no provider of kind {:?} is configured in this replica",
+                pool.provider
+            )
+        })
+    }
+}
+
+/// Builds a client per (provider kind, endpoint, key variable) on first use and keeps it.
+pub struct PoolClients {
+    make: Box<MakeClient>,
+    made: Mutex<HashMap<ClientId, Arc<dyn ImageProvider>>>,
+}
+
+/// What tells pools' clients apart: provider kind, endpoint, key variable.
+type ClientId = (ProviderKind, Option<String>, Option<String>);
+
+/// Makes a client of `kind` for an endpoint (none: the replica's) and a key (none: the
+/// replica's).
+pub type MakeClient = dyn Fn(ProviderKind, Option<&str>, Option<ApiKey>) -> Result<Arc<dyn ImageProvider>, String>
+    + Send
+    + Sync;
+
+impl PoolClients {
+    /// Per-pool clients made by `make`.
+    pub fn new(make: Box<MakeClient>) -> Self {
+        Self {
+            make,
+            made: Mutex::default(),
+        }
+    }
+
+    fn for_pool(&self, pool: &CompiledPool) -> Result<Arc<dyn ImageProvider>, String> {
+        let id = (
+            pool.provider,
+            pool.base_url.clone(),
+            pool.api_key_env.clone(),
+        );
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = made.get(&id) {
+            return Ok(client.clone());
+        }
+        let key = match &pool.api_key_env {
+            Some(name) => match std::env::var(name) {
+                Ok(value) if !value.trim().is_empty() => Some(ApiKey::new(value.trim())),
+                _ => {
+                    return Err(format!(
+                        "pool {} takes its API key from the environment variable {name} \
+                         (spec.apiKeyEnv), which this replica does not set: set it on every \
+                         replica (in Kubernetes, from the project's Secret)",
+                        pool.name
+                    ));
+                }
+            },
+            None => None,
+        };
+        let client = (self.make)(pool.provider, pool.base_url.as_deref(), key)
+            .map_err(|e| format!("pool {}: {e}", pool.name))?;
+        made.insert(id, client.clone());
+        Ok(client)
     }
 }
 
@@ -349,16 +420,9 @@ impl Handler {
         if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
             return self.fail(&req.id, 0, e.to_string(), "").await;
         }
-        let Some(provider) = self.providers.for_pool(pool) else {
-            return self
-                .fail_config(
-                    &req.id,
-                    format!(
-                        "no provider of kind {:?} is configured in this replica",
-                        pool.provider
-                    ),
-                )
-                .await;
+        let provider = match self.providers.for_pool(pool) {
+            Ok(provider) => provider,
+            Err(reason) => return self.fail_config(&req.id, reason).await,
         };
         // One token per delivery: a duplicate delivery to this same replica must not pass.
         let token = format!("{}:{:016x}", self.owner, rand::rng().random::<u64>());

@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use pacer_core::{
-    config::{CompiledConfig, ConfigRefresh, ConfigStore},
+    config::{CompiledConfig, ConfigRefresh, ConfigStore, ProviderKind},
     gemini::{GeminiClient, GeminiConfig},
     limiter::redis::{RedisLimiter, RedisOptions},
     openai::{OpenAiClient, OpenAiConfig},
@@ -14,7 +14,7 @@ use pacer_core::{
 use tokio::sync::watch;
 
 use crate::{
-    handler::{Handler, HandlerOptions, Limiters, Providers},
+    handler::{Handler, HandlerOptions, Limiters, PoolClients, Providers},
     metrics::Metrics,
     record::Records,
     sink,
@@ -284,6 +284,15 @@ pub fn gemini_provider(
     )?))
 }
 
+/// An OpenAI-compatible client for `base_url`.
+fn openai_provider(base_url: &str, key: ApiKey) -> Result<Arc<dyn ImageProvider>, SetupError> {
+    Ok(Arc::new(OpenAiClient::new(OpenAiConfig {
+        base_url: base_url.trim_end_matches('/').to_owned(),
+        api_key: key,
+        timeout: Duration::from_secs(120),
+    })?))
+}
+
 /// Builds a replica. `local_config` is what it runs with when there is no Redis (the
 /// command line compiles `--config` YAML, or passes its embedded pool and chain).
 pub async fn build(
@@ -320,14 +329,37 @@ pub async fn build(
             SharedState::local(cfg)
         }
     };
-    let gemini = gemini_provider(&args.gemini_base_url, args.api_key()?)?;
+    let default_key = args.api_key()?;
+    let gemini = gemini_provider(&args.gemini_base_url, default_key.clone())?;
     let openai = match &args.openai_base_url {
-        Some(url) => Some(Arc::new(OpenAiClient::new(OpenAiConfig {
-            base_url: url.trim_end_matches('/').to_owned(),
-            api_key: ApiKey::new(args.openai_api_key.clone().unwrap_or_default()),
-            timeout: Duration::from_secs(120),
-        })?) as Arc<dyn ImageProvider>),
+        Some(url) => Some(openai_provider(
+            url,
+            ApiKey::new(args.openai_api_key.clone().unwrap_or_default()),
+        )?),
         None => None,
+    };
+    // Pools naming their own key (spec.apiKeyEnv) or endpoint (spec.baseUrl) get clients
+    // of their own, made on first use: each pool bills its own project.
+    let per_pool = {
+        let gemini_url = args.gemini_base_url.clone();
+        let openai = (args.openai_base_url.clone(), args.openai_api_key.clone());
+        PoolClients::new(Box::new(move |kind, url, key| {
+            let made = match kind {
+                ProviderKind::Gemini | ProviderKind::Vertex => gemini_provider(
+                    url.unwrap_or(&gemini_url),
+                    key.or_else(|| default_key.clone()),
+                ),
+                ProviderKind::OpenaiCompatible => {
+                    let Some(url) = url.or(openai.0.as_deref()) else {
+                        return Err("no OpenAI-compatible endpoint: set spec.baseUrl or PACER_OPENAI_BASE_URL".into());
+                    };
+                    let key =
+                        key.unwrap_or_else(|| ApiKey::new(openai.1.clone().unwrap_or_default()));
+                    openai_provider(url, key)
+                }
+            };
+            made.map_err(|e| e.to_string())
+        }))
     };
     let sink = sink::from_url(&args.sink)
         .await
@@ -344,6 +376,7 @@ pub async fn build(
         Providers {
             gemini: Some(gemini),
             openai,
+            per_pool: Some(Arc::new(per_pool)),
         },
         Arc::from(sink),
         state.records,

@@ -41,6 +41,8 @@ async fn quota_pool_crd_applies_and_round_trips() {
             expected_replicas: None,
             window_margin_ms: None,
             api_key_secret: None,
+            api_key_env: None,
+            base_url: None,
         },
     );
     pools

@@ -228,6 +228,7 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
         failure_mode: FailureMode::Closed,
         expected_replicas: 1,
         api_key_ref: None,
+        api_key_env: None,
         window_margin_ms: Some(0),
         base_url: None,
     };
@@ -388,6 +389,7 @@ impl Rig {
             Providers {
                 gemini: Some(provider.clone()),
                 openai: None,
+                per_pool: None,
             },
             sink.clone(),
             Records::memory(),
@@ -1332,6 +1334,7 @@ async fn policy_a_hung_call_times_out_and_is_retried() {
         Providers {
             gemini: Some(Arc::new(Hangs(rig.provider.clone()))),
             openai: None,
+            per_pool: None,
         },
         rig.sink.clone(),
         Records::memory(),

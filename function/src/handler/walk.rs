@@ -726,6 +726,7 @@ mod tests {
             failure_mode: FailureMode::Closed,
             expected_replicas: 1,
             api_key_ref: None,
+            api_key_env: None,
             window_margin_ms: None,
             base_url: None,
         };
