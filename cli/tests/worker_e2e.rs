@@ -410,7 +410,6 @@ async fn loadtest_processes_agree_with_the_simulator() {
 async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
     let rig = Rig::load();
     let mut redis = rig.redis().await;
-    let sqs = rig.sqs().await;
     let s3 = rig.s3().await;
     let ns = Rig::unique("stale");
 
@@ -443,15 +442,11 @@ async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
         .expect("versioning: a second write of an image shows");
     let sink = format!("s3://{ns}/images");
     let queues = (queue_url.as_str(), result_queue_url.as_str());
-    for i in 0..2 {
-        let body = serde_json::json!({"id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a heron, take {i}")});
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send");
-    }
+    rig.send_bodies(
+        &queue_url,
+        (0..2).map(|i| serde_json::json!({"id": format!("{ns}-r{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a heron, take {i}")})),
+    )
+    .await;
     let mut workers = Children(vec![spawn_worker(&rig, queues, &sink, &sim.url(), "w0")]);
     let pid = workers.0[0].id().to_string();
     let signal = |name: &str| {
@@ -716,7 +711,6 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
 async fn a_sink_that_refuses_for_good_fails_each_request_once() {
     let rig = Rig::load();
     let mut redis = rig.redis().await;
-    let sqs = rig.sqs().await;
     let ns = Rig::unique("denied");
     let sim = Simulator::new(SimConfig::default())
         .spawn()
@@ -774,16 +768,11 @@ async fn a_sink_that_refuses_for_good_fails_each_request_once() {
 
     const N: usize = 4;
     let ids: Vec<String> = (0..N).map(|i| format!("{ns}-r{i}")).collect();
-    for id in &ids {
-        let body =
-            serde_json::json!({"id": id, "chain": format!("{ns}/chain"), "prompt": "a gannet"});
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send");
-    }
+    rig.send_bodies(
+        &queue_url,
+        ids.iter().map(|id| serde_json::json!({"id": id, "chain": format!("{ns}/chain"), "prompt": "a gannet"})),
+    )
+    .await;
     let start = Instant::now();
     let mut records = Vec::new();
     for id in &ids {

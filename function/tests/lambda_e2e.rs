@@ -36,7 +36,6 @@ async fn wait_port(port: u16, what: &str) {
 async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     let rig = Rig::load();
     let mut redis = rig.redis().await;
-    let sqs = rig.sqs().await;
     let s3 = rig.s3().await;
     let ns = Rig::unique("lambda");
 
@@ -140,15 +139,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     println!("benchmark: pacer-lambda cold start (init) {init_ms} ms");
 
     const N: usize = 10;
-    for i in 0..N {
-        let body = serde_json::json!({"id": format!("{ns}-l{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a kite {i}")});
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send");
-    }
+    rig.send_bodies(&queue_url, kites(&ns, N)).await;
     let mapping = Mapping::new(
         &rig,
         &queue_url,
@@ -232,6 +223,14 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
         (Some(0), Some(0)),
         "provider calls without their own limiter entry: {m}"
     );
+}
+
+/// `n` requests `<ns>-l<i>` on the chain `<ns>/chain`.
+fn kites(ns: &str, n: usize) -> impl Iterator<Item = serde_json::Value> {
+    let ns = ns.to_owned();
+    (0..n).map(move |i| {
+        serde_json::json!({"id": format!("{ns}-l{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a kite {i}")})
+    })
 }
 
 async fn succeeded(redis: &mut redis::aio::MultiplexedConnection, ns: &str, n: usize) -> usize {
@@ -448,16 +447,7 @@ async fn a_timeout_shorter_than_the_chain_budget_cuts_no_invocation_off() {
     wait_port(port, "aws-lambda-rie").await;
 
     const N: usize = 10;
-    let sqs = rig.sqs().await;
-    for i in 0..N {
-        let body = serde_json::json!({"id": format!("{ns}-l{i}"), "chain": format!("{ns}/chain"), "prompt": format!("a kite {i}")});
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send");
-    }
+    rig.send_bodies(&queue_url, kites(&ns, N)).await;
     let mapping = Mapping::new(
         &rig,
         &queue_url,

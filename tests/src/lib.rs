@@ -127,6 +127,23 @@ impl Rig {
         (queue_url, dlq_url)
     }
 
+    /// Sends each body (JSON) to the queue at `url`, in order.
+    pub async fn send_bodies(
+        &self,
+        url: &str,
+        bodies: impl IntoIterator<Item = serde_json::Value>,
+    ) {
+        let sqs = self.sqs().await;
+        for body in bodies {
+            sqs.send_message()
+                .queue_url(url)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("send to {url}: {e:?}"));
+        }
+    }
+
     /// Every body waiting in the queue at `url`, received once each (hidden 10 minutes):
     /// what a dead-letter queue holds.
     pub async fn drain_bodies(&self, url: &str) -> Vec<String> {
