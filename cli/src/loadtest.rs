@@ -510,6 +510,10 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
                 let mut spec = LimitSpec::new(model);
                 (spec.rpm, spec.tpm, spec.ipm, spec.rpd) = (l.rpm, l.tpm, l.ipm, l.rpd);
                 spec.window = Duration::from_millis(l.window_ms);
+                // The project's spend, over ten of the model's windows (the pool's spend
+                // window, as the limiter scales it), charged by the simulator from usage.
+                spec.spend = pool.spend_micros_per_10_minutes;
+                spec.spend_window = spec.window * 10;
                 spec
             })
             .collect()

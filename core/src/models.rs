@@ -71,6 +71,26 @@ pub struct ImageCost {
     pub price_micros: u64,
 }
 
+/// What a model bills per million tokens, in micro-dollars: Google charges a call's
+/// `usageMetadata` at these rates (input; text and thinking output; image output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenRates {
+    pub input: u64,
+    pub text_output: u64,
+    pub image_output: u64,
+}
+
+impl TokenRates {
+    /// The spend of `input`, `text_output` (thinking included) and `image_output` tokens,
+    /// in micro-dollars, rounded up.
+    pub fn spend_micros(&self, input: u64, text_output: u64, image_output: u64) -> u64 {
+        let total = u128::from(input) * u128::from(self.input)
+            + u128::from(text_output) * u128::from(self.text_output)
+            + u128::from(image_output) * u128::from(self.image_output);
+        u64::try_from(total.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
 /// A model the built-in table knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelInfo {
@@ -89,6 +109,8 @@ pub struct ModelInfo {
     /// Reasoning tokens an answer reports (`thoughtsTokenCount`): the Pro models think
     /// before drawing. A typical observed count, not a bound.
     pub thought_tokens: u64,
+    /// What its usage is billed at.
+    pub rates: TokenRates,
 }
 
 const fn limits(rpm: u64, tpm: u64, rpd: u64) -> TierLimits {
@@ -138,6 +160,24 @@ const FLASH31_COSTS: [(ImageSize, Option<ImageCost>); 4] = [
     (ImageSize::K4, cost(2520, 151_000)),
 ];
 const PRO_THOUGHT_TOKENS: u64 = 160;
+// Per million tokens: input, text and thinking output, image output (the image rates are
+// the ones the per-image prices above come from).
+const PRO_RATES: TokenRates = TokenRates {
+    input: 2_000_000,
+    text_output: 12_000_000,
+    image_output: 120_000_000,
+};
+const FLASH25_RATES: TokenRates = TokenRates {
+    input: 300_000,
+    text_output: 2_500_000,
+    image_output: 30_000_000,
+};
+// Assumed: 3.1 flash image's input and text rates are taken as 3 flash's ($0.50, $3).
+const FLASH31_RATES: TokenRates = TokenRates {
+    input: 500_000,
+    text_output: 3_000_000,
+    image_output: 60_000_000,
+};
 
 /// The built-in table (last published numbers, late 2025). Every limit and price is only a
 /// default: a `QuotaPool` overrides any of them.
@@ -154,6 +194,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: FLASH31_COSTS,
         extreme_ratios: true,
         thought_tokens: 0,
+        rates: FLASH31_RATES,
     },
     ModelInfo {
         id: "gemini-3-pro-image",
@@ -163,6 +204,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: PRO_COSTS,
         extreme_ratios: false,
         thought_tokens: PRO_THOUGHT_TOKENS,
+        rates: PRO_RATES,
     },
     ModelInfo {
         id: "gemini-2.5-flash-image",
@@ -172,6 +214,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: FLASH25_COSTS,
         extreme_ratios: false,
         thought_tokens: 0,
+        rates: FLASH25_RATES,
     },
     ModelInfo {
         id: "gemini-3-pro-image-preview",
@@ -181,6 +224,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: PRO_COSTS,
         extreme_ratios: false,
         thought_tokens: PRO_THOUGHT_TOKENS,
+        rates: PRO_RATES,
     },
     ModelInfo {
         id: "gemini-3.1-flash-image-preview",
@@ -190,6 +234,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: FLASH31_COSTS,
         extreme_ratios: true,
         thought_tokens: 0,
+        rates: FLASH31_RATES,
     },
     ModelInfo {
         id: "gemini-2.5-flash-image-preview",
@@ -199,6 +244,7 @@ pub const MODELS: &[ModelInfo] = &[
         costs: FLASH25_COSTS,
         extreme_ratios: false,
         thought_tokens: 0,
+        rates: FLASH25_RATES,
     },
 ];
 
@@ -281,6 +327,43 @@ impl ModelInfo {
         takes_ratio(self.extreme_ratios, ratio)
     }
 
+    /// What a call with this `usage` was billed, in micro-dollars: input tokens, text and
+    /// thinking output, image output, each at its rate.
+    pub fn usage_spend_micros(&self, usage: &crate::provider::Usage) -> u64 {
+        let text = usage
+            .candidate_tokens
+            .saturating_sub(usage.image_tokens)
+            .saturating_add(usage.thought_tokens);
+        self.rates
+            .spend_micros(usage.prompt_tokens, text, usage.image_tokens)
+    }
+
+    /// An upper bound of one image call's spend, booked before it: the image at `size`
+    /// (its most expensive size when not offered), its typical thinking, and
+    /// `input_tokens` (a bound) of input.
+    pub fn booking_spend_micros(&self, size: Option<ImageSize>, input_tokens: u64) -> u64 {
+        // The image at its token rate or its published price, whichever is higher (the
+        // published prices are rounded).
+        let tokens = self
+            .image_cost(size.unwrap_or(ImageSize::DEFAULT))
+            .map(|c| c.output_tokens)
+            .unwrap_or_else(|| {
+                ImageSize::ALL
+                    .iter()
+                    .filter_map(|s| self.image_cost(*s))
+                    .map(|c| c.output_tokens)
+                    .max()
+                    .unwrap_or(0)
+            });
+        let image = self
+            .image_price_micros(size)
+            .max(self.rates.spend_micros(0, 0, tokens));
+        image.saturating_add(
+            self.rates
+                .spend_micros(input_tokens, self.thought_tokens, 0),
+        )
+    }
+
     /// The price of one image of `size` (`None`: the default size), in micro-dollars.
     /// A size this model does not offer is priced at its most expensive size: bookings
     /// reserve an upper bound.
@@ -324,6 +407,33 @@ mod tests {
                 .and_then(|m| m.retired)
                 .is_some()
         );
+    }
+
+    #[test]
+    fn usage_is_billed_at_the_model_s_rates_and_bookings_bound_it() {
+        let p = model_info("gemini-3-pro-image").unwrap();
+        // A Pro 1K image with its thinking and a 40-token prompt: 1120 image tokens at
+        // $120/M, 160 thinking tokens at $12/M, 40 input tokens at $2/M.
+        let usage = crate::provider::Usage {
+            prompt_tokens: 40,
+            candidate_tokens: 1120,
+            image_tokens: 1120,
+            thought_tokens: 160,
+            total_tokens: 1320,
+        };
+        assert_eq!(p.usage_spend_micros(&usage), 134_400 + 1_920 + 80);
+        // The booking for a prompt bounded at 40 tokens covers it.
+        assert!(p.booking_spend_micros(None, 40) >= p.usage_spend_micros(&usage));
+        let f = model_info("gemini-3.1-flash-image").unwrap();
+        let four_k = crate::provider::Usage {
+            prompt_tokens: 10,
+            candidate_tokens: 2520,
+            image_tokens: 2520,
+            thought_tokens: 0,
+            total_tokens: 2530,
+        };
+        assert_eq!(f.usage_spend_micros(&four_k), 151_200 + 5);
+        assert!(f.booking_spend_micros(Some(ImageSize::K4), 10) >= f.usage_spend_micros(&four_k));
     }
 
     #[test]

@@ -294,6 +294,42 @@ impl crate::config::CompiledPool {
             .or_else(|| model_info(model).map(|m| m.image_price_micros(size)))
     }
 
+    /// What one image call of `model` at `size` is booked at, in micro-dollars: the
+    /// pool's configured per-image price when it sets one, else the table's upper bound
+    /// (the image, typical thinking, `input_tokens` of input); `None` when neither knows
+    /// the model.
+    pub fn booking_spend_micros(
+        &self,
+        model: &str,
+        size: Option<ImageSize>,
+        input_tokens: u64,
+    ) -> Option<u64> {
+        self.models
+            .get(model)
+            .and_then(|m| m.price_micros_per_image)
+            .or_else(|| model_info(model).map(|m| m.booking_spend_micros(size, input_tokens)))
+    }
+
+    /// What a finished call of `model` spent, in micro-dollars: `images` at the pool's
+    /// configured price when it sets one; else the reported usage at the table's rates;
+    /// `None` when neither applies (keep the booking).
+    pub fn spent_micros(
+        &self,
+        model: &str,
+        usage: Option<&crate::provider::Usage>,
+        images: u64,
+    ) -> Option<u64> {
+        if let Some(price) = self
+            .models
+            .get(model)
+            .and_then(|m| m.price_micros_per_image)
+        {
+            return Some(price.saturating_mul(images));
+        }
+        let usage = usage.filter(|u| u.image_tokens > 0 || u.candidate_tokens > 0)?;
+        model_info(model).map(|m| m.usage_spend_micros(usage))
+    }
+
     /// What the limiter enforces for `model` of this pool (`None`: not one of its models):
     /// the declared limits with the pool's headroom applied, here and nowhere else. The
     /// pool's spend limit is the project's; the limiter keeps one state per (project,

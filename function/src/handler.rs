@@ -33,7 +33,6 @@ use pacer_core::{
         memory::MemoryLimiter,
         redis::RedisLimiter,
     },
-    models::ImageSize,
     provider::{ApiKey, ImageProvider, ImageResponse},
 };
 use rand::Rng;
@@ -566,11 +565,10 @@ impl Handler {
         ticket: &Ticket,
         limiter: &dyn Limiter,
         pool: &CompiledPool,
-        image_size: Option<ImageSize>,
     ) -> Result<Generated, Miss> {
-        let price = image_price(pool, model, image_size);
         let images = u64::try_from(resp.images.len()).unwrap_or(u64::MAX);
-        let actual = actual_costs(&ticket.costs, resp.usage.as_ref(), images, price);
+        let spent = pool.spent_micros(model, resp.usage.as_ref(), images);
+        let actual = actual_costs(&ticket.costs, resp.usage.as_ref(), images, spent);
         if actual.input_tokens > ticket.costs.input_tokens {
             tracing::warn!(
                 booked = ticket.costs.input_tokens,
@@ -591,7 +589,7 @@ impl Handler {
                 location,
                 input_tokens: usage.prompt_tokens,
                 output_tokens: usage.candidate_tokens,
-                cost_micros: price,
+                cost_micros: actual.spend_micros,
             }),
             // Paid for and lost: generating it again on every delivery would not help.
             Err(e) if e.permanent => Err(Miss::Fail(format!(

@@ -26,6 +26,9 @@ pub struct ModelSpec {
     pub thought_tokens: u64,
     /// Takes [`models::EXTREME_ASPECT_RATIOS`] on top of [`models::ASPECT_RATIOS`].
     pub extreme_ratios: bool,
+    /// What usage is billed at (Gemini models: spend is the answer's tokens at these
+    /// rates, as Google bills it); `None`: the per-image price (Imagen).
+    pub rates: Option<models::TokenRates>,
 }
 
 impl ModelSpec {
@@ -37,6 +40,18 @@ impl ModelSpec {
             .iter()
             .find(|(s, _, _)| s == size)
             .map(|(_, tokens, price)| (*tokens, *price))
+    }
+
+    /// What one answer is billed, in micro-dollars: its tokens at the model's rates
+    /// (input, text and thinking output, image output), or the per-image `price`.
+    pub fn spend_micros(&self, input: u64, text_output: u64, image_output: u64, price: u64) -> u64 {
+        self.rates.map_or(price, |r| {
+            r.spend_micros(
+                input,
+                text_output.saturating_add(self.thought_tokens),
+                image_output,
+            )
+        })
     }
 
     /// The `imageSize` values this model takes.
@@ -72,6 +87,7 @@ impl ModelSpec {
             default_size: "1K",
             thought_tokens: 0,
             extreme_ratios: false,
+            rates: models::model_info("gemini-3-pro-image").map(|m| m.rates),
         }
     }
 
@@ -97,6 +113,7 @@ impl ModelSpec {
             default_size: size_on_the_wire(ImageSize::DEFAULT),
             thought_tokens: info.thought_tokens,
             extreme_ratios: info.extreme_ratios,
+            rates: Some(info.rates),
         }
     }
 }
@@ -121,6 +138,7 @@ fn imagen(name: &str, retired_on: Date) -> ModelSpec {
         default_size: "1K",
         thought_tokens: 0,
         extreme_ratios: false,
+        rates: None,
     }
 }
 

@@ -546,10 +546,16 @@ async fn model_action(
     };
     let (image_tokens, price) = spec.cost(parsed.image_size.as_deref()).unwrap_or((0, 0));
     let tokens = prompt_tokens(&parsed.prompt);
+    let caption_tokens = if parsed.text_too {
+        prompt_tokens(&caption(&parsed.prompt))
+    } else {
+        0
+    };
+    // Billed as Google bills it: the answer's tokens at the model's rates.
     let costs = Costs {
         input_tokens: tokens,
         images: 1,
-        spend_micros: price,
+        spend_micros: spec.spend_micros(tokens, caption_tokens, image_tokens, price),
     };
     if let Some(kind) = draw_fault(&sim) {
         sim.with_quota(&arrival.project, model, |q, seen| {
@@ -717,10 +723,7 @@ fn answer(
             let mut candidate_details = Vec::new();
             let mut text_tokens = 0;
             if parsed.text_too {
-                let caption = format!(
-                    "Here is the image: {}",
-                    parsed.prompt.chars().take(60).collect::<String>()
-                );
+                let caption = caption(&parsed.prompt);
                 text_tokens = prompt_tokens(&caption);
                 parts.push(Part {
                     text: Some(caption),
@@ -763,4 +766,12 @@ fn answer(
         }
     }
     serde_json::to_value(&resp).unwrap_or(Value::Null)
+}
+
+/// The words an answer asked for text and image carries with its image.
+fn caption(prompt: &str) -> String {
+    format!(
+        "Here is the image: {}",
+        prompt.chars().take(60).collect::<String>()
+    )
 }

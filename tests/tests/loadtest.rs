@@ -212,3 +212,85 @@ async fn a_limit_changed_mid_run_is_obeyed_within_two_seconds() {
         let _ = std::fs::remove_dir_all(out);
     }
 }
+
+/// A spend-bound run (3 Pro, 4K, 15 requests, 4 replicas) on Redis and moto SQS with
+/// `spend_usd` per spend window (ten 1 s windows); returns the report and the fullest
+/// window's spend with the limit, as the simulator billed them.
+async fn spend_bound_run(rig: &Rig, spend_usd: &str) -> (Report, u64, u64) {
+    let aws = rig.aws_config().await;
+    let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-spend"));
+    std::fs::create_dir_all(&out).expect("temp dir");
+    let pool = out.join("pool.yaml");
+    std::fs::write(
+        &pool,
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: spend, namespace: lt}}\n\
+             spec:\n  project: spend-run\n  tier: Tier2\n  spendPer10MinutesUsd: {spend_usd}\n  windowMarginMs: 500\n\
+             \x20 models:\n  - {{name: gemini-3-pro-image, rpm: 1000, windowSeconds: 1}}\n"
+        ),
+    )
+    .expect("pool YAML");
+    let chain = out.join("chain.yaml");
+    std::fs::write(
+        &chain,
+        "apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {name: spend, namespace: lt}\n\
+         spec:\n  pool: spend\n  steps:\n  - {model: gemini-3-pro-image, maxWaitSeconds: 30, imageSize: 4K}\n",
+    )
+    .expect("chain YAML");
+    let args = LoadtestArgs {
+        replicas: 4,
+        requests: 15,
+        conn: Connections {
+            redis_url: Some(rig.get("REDIS_URL")),
+            queue_url: Some(queue(rig, "loadtest-spend").await),
+            ..Connections::default()
+        },
+        pool: Some(pool),
+        chain: Some(chain),
+        out: Some(out.join("images").display().to_string()),
+        plot: out.join("plot.png"),
+        // A bound on the test: 15 images at 4 or 5 per 10.5 s take 25 to 35 s.
+        timeout_seconds: 120,
+        ..LoadtestArgs::default()
+    };
+    let r = execute(&args, Some(aws), None)
+        .await
+        .expect("the load test runs");
+    let sim = r.simulator.as_ref().expect("the simulator's figures");
+    let limit = sim.limits.get("spend").copied().expect("a spend limit");
+    let most = sim
+        .max_arrivals_in_any_window
+        .as_ref()
+        .and_then(|m| m.get("spend").copied())
+        .expect("spend per window");
+    (r, most, limit)
+}
+
+/// Issue 13: spend billed from usage. The simulator bills each answer's `usageMetadata`
+/// at the model's rates, as Google does (a 4K Pro image with its thinking: about $0.24195,
+/// a little above its rounded list price of $0.24). Bookings bound that, reconciles correct
+/// it from usage: no spend window goes over the project's limit, even one just under five
+/// images' usage (booked at list price, five would fit and the fifth be refused); and with
+/// room for five, at least 95 % of the limit is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_bound_run_uses_the_project_s_spend_as_billed_from_usage() {
+    let rig = Rig::load();
+    for (spend_usd, full) in [("1.205", false), ("1.25", true)] {
+        let (r, most, limit) = spend_bound_run(&rig, spend_usd).await;
+        let report = serde_json::to_string_pretty(&r).unwrap_or_default();
+        println!(
+            "spend-bound run at ${spend_usd}: most spend in one window {most} of {limit} micro-dollars ({:.1} %), 429s {}",
+            most as f64 * 100.0 / limit as f64,
+            r.upstream_429
+        );
+        assert_eq!(r.succeeded, 15, "{report}");
+        assert_eq!(r.upstream_429, 0, "upstream 429s: {report}");
+        assert!(most <= limit, "{report}");
+        if full {
+            assert!(
+                most * 100 >= limit * 95,
+                "only {most} of {limit} used in the fullest window: {report}"
+            );
+        }
+    }
+}

@@ -35,19 +35,22 @@ pub fn estimate_costs(model: &str, prompt: &str, image_size: Option<ImageSize>) 
 }
 
 /// What one image request is booked at in `pool`: one request, one image, the input-token
-/// bound and the image's price.
+/// bound and the spend bound (the pool's configured price, else the table's image price,
+/// typical thinking and the input bound at the model's rates).
 pub fn booking_costs(
     pool: &CompiledPool,
     model: &str,
     prompt: &str,
     image_size: Option<ImageSize>,
 ) -> Costs {
-    Costs::new(
-        1,
-        input_token_bound(prompt),
-        1,
-        image_price(pool, model, image_size),
-    )
+    let input = input_token_bound(prompt);
+    let spend = pool
+        .booking_spend_micros(model, image_size, input)
+        .unwrap_or_else(|| {
+            tracing::warn!(model, pool = %pool.name, "no price for this model: spend is not limited");
+            0
+        });
+    Costs::new(1, input, 1, spend)
 }
 
 /// The price of one image in micro-dollars: the pool's configured price, else the built-in
@@ -62,9 +65,15 @@ pub fn image_price(pool: &CompiledPool, model: &str, size: Option<ImageSize>) ->
 
 /// What a call actually cost, for `reconcile`: what the provider reported, and the booked
 /// estimate for every dimension it did not report (a response without `usageMetadata`
-/// must not free the tokens it used). The actual may exceed the booking: the limiter
-/// charges the overrun, so later bookings see it.
-pub fn actual_costs(booked: &Costs, usage: Option<&Usage>, images: u64, price: u64) -> Costs {
+/// must not free the tokens it used). `spent` is the call's spend when known (its usage at
+/// the model's rates, or the pool's per-image price). The actual may exceed the booking:
+/// the limiter charges the overrun, so later bookings see it.
+pub fn actual_costs(
+    booked: &Costs,
+    usage: Option<&Usage>,
+    images: u64,
+    spent: Option<u64>,
+) -> Costs {
     let input_tokens = usage
         .map(|u| u.prompt_tokens)
         // No prompt costs 0 tokens: a 0 is a field the provider left out.
@@ -74,7 +83,7 @@ pub fn actual_costs(booked: &Costs, usage: Option<&Usage>, images: u64, price: u
         booked.requests.max(1),
         input_tokens,
         images,
-        price.saturating_mul(images),
+        spent.unwrap_or(booked.spend_micros),
     )
 }
 
@@ -110,24 +119,27 @@ mod tests {
     fn unreported_dimensions_keep_the_booking_and_overruns_are_charged() {
         let booked = Costs::new(1, 100, 1, 39_000);
         // No usageMetadata, or one without a prompt count: the estimate stands.
-        assert_eq!(actual_costs(&booked, None, 1, 39_000), booked);
+        assert_eq!(actual_costs(&booked, None, 1, None), booked);
         let empty = Usage::default();
-        assert_eq!(actual_costs(&booked, Some(&empty), 1, 39_000), booked);
+        assert_eq!(actual_costs(&booked, Some(&empty), 1, None), booked);
         // Reported: below the booking frees tokens, above it charges the overrun.
         let usage = |prompt_tokens| Usage {
             prompt_tokens,
             ..Usage::default()
         };
         assert_eq!(
-            actual_costs(&booked, Some(&usage(40)), 1, 39_000).input_tokens,
+            actual_costs(&booked, Some(&usage(40)), 1, None).input_tokens,
             40
         );
         assert_eq!(
-            actual_costs(&booked, Some(&usage(400)), 1, 39_000).input_tokens,
+            actual_costs(&booked, Some(&usage(400)), 1, None).input_tokens,
             400
         );
         // Spend follows the images generated.
-        assert_eq!(actual_costs(&booked, None, 2, 39_000).spend_micros, 78_000);
+        assert_eq!(
+            actual_costs(&booked, None, 2, Some(78_000)).spend_micros,
+            78_000
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use pacer_core::{
         Blocker, Check, Clock, Decision, Limiter, PenaltyScope, QuotaKey, Ticket,
         memory::MemoryLimiter,
     },
+    models::ImageSize,
     provider::{
         Image, ImageProvider, ImageRequest, ImageResponse, ProviderError, QuotaDimension, Usage,
     },

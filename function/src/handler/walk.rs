@@ -544,7 +544,6 @@ impl Handler {
                         &ticket,
                         w.limiter.as_ref(),
                         w.pool,
-                        run.image_req.image_size,
                     )
                     .await;
                 State::Done(match stored {
