@@ -79,3 +79,67 @@ fn chart_templates_operator_with_least_privilege() {
         }
     }
 }
+
+/// Issue 13: each project's key reaches the workers under the variable its QuotaPool's
+/// `apiKeyEnv` names, from its own Secret.
+#[test]
+fn chart_gives_workers_each_pool_s_key_from_its_secret() {
+    let out = Rig::load()
+        .tool("HELM")
+        .args([
+            "template",
+            "pacer",
+            &chart(),
+            "--set",
+            "worker.enabled=true",
+            "--set",
+            "worker.queueUrl=https://sqs.example/q",
+            "--set",
+            "worker.sink=s3://images/out",
+            "--set",
+            "worker.poolKeys[0].env=GEMINI_KEY_PROJECT_A",
+            "--set",
+            "worker.poolKeys[0].secret=gemini-project-a",
+            "--set",
+            "worker.poolKeys[1].env=GEMINI_KEY_PROJECT_B",
+            "--set",
+            "worker.poolKeys[1].secret=gemini-project-b",
+            "--set",
+            "worker.poolKeys[1].key=token",
+        ])
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_slice(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect();
+    let worker = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "Deployment"
+                && d["spec"]["template"]["spec"]["containers"][0]["name"] == "worker"
+        })
+        .expect("the worker Deployment");
+    let env = worker["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env");
+    let from = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["valueFrom"]["secretKeyRef"].clone())
+            .unwrap_or_else(|| panic!("{name} not in the worker's env: {env:?}"))
+    };
+    assert_eq!(
+        from("GEMINI_KEY_PROJECT_A"),
+        serde_json::json!({"name": "gemini-project-a", "key": "api-key"})
+    );
+    assert_eq!(
+        from("GEMINI_KEY_PROJECT_B"),
+        serde_json::json!({"name": "gemini-project-b", "key": "token"})
+    );
+}
