@@ -127,6 +127,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
         claim_lease_seconds: 60,
         replica_id: Some("bench".into()),
         day_seconds: None,
+        pool_keys: Default::default(),
     };
     let replica = runtime::build(
         &rt,

@@ -98,6 +98,8 @@ impl Providers {
 /// Builds a client per (provider kind, endpoint, key variable) on first use and keeps it.
 pub struct PoolClients {
     make: Box<MakeClient>,
+    /// Keys by variable name from elsewhere than the environment (Secrets Manager).
+    keys: std::collections::BTreeMap<String, String>,
     made: Mutex<HashMap<ClientId, Arc<dyn ImageProvider>>>,
 }
 
@@ -113,8 +115,18 @@ pub type MakeClient = dyn Fn(ProviderKind, Option<&str>, Option<ApiKey>) -> Resu
 impl PoolClients {
     /// Per-pool clients made by `make`.
     pub fn new(make: Box<MakeClient>) -> Self {
+        Self::with_keys(Default::default(), make)
+    }
+
+    /// Per-pool clients made by `make`, with keys read elsewhere than the environment
+    /// (by variable name; the environment wins).
+    pub fn with_keys(
+        keys: std::collections::BTreeMap<String, String>,
+        make: Box<MakeClient>,
+    ) -> Self {
         Self {
             make,
+            keys,
             made: Mutex::default(),
         }
     }
@@ -130,13 +142,17 @@ impl PoolClients {
             return Ok(client.clone());
         }
         let key = match &pool.api_key_env {
-            Some(name) => match std::env::var(name) {
-                Ok(value) if !value.trim().is_empty() => Some(ApiKey::new(value.trim())),
+            Some(name) => match std::env::var(name)
+                .ok()
+                .or_else(|| self.keys.get(name).cloned())
+            {
+                Some(value) if !value.trim().is_empty() => Some(ApiKey::new(value.trim())),
                 _ => {
                     return Err(format!(
                         "pool {} takes its API key from the environment variable {name} \
                          (spec.apiKeyEnv), which this replica does not set: set it on every \
-                         replica (in Kubernetes, from the project's Secret)",
+                         replica (in Kubernetes, from the project's Secret; in Lambda, or \
+                         {name}_SECRET_ARN naming a Secrets Manager secret)",
                         pool.name
                     ));
                 }

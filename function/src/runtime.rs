@@ -117,6 +117,11 @@ pub struct RuntimeArgs {
     /// must match.
     #[arg(long, env = "PACER_DAY_SECONDS", hide = true)]
     pub day_seconds: Option<u64>,
+    /// Pools' keys read from elsewhere than the environment (the Lambda function reads
+    /// `<NAME>_SECRET_ARN` secrets at start), by the variable name a pool's `apiKeyEnv`
+    /// gives; the environment variable wins when both are set.
+    #[arg(skip)]
+    pub pool_keys: std::collections::BTreeMap<String, String>,
 }
 
 /// Debug output never shows the Redis URL (it may hold a password) or an API key.
@@ -136,6 +141,7 @@ impl std::fmt::Debug for RuntimeArgs {
             .field("claim_lease_seconds", &self.claim_lease_seconds)
             .field("replica_id", &self.replica_id)
             .field("day_seconds", &self.day_seconds)
+            .field("pool_keys", &self.pool_keys.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -343,23 +349,26 @@ pub async fn build(
     let per_pool = {
         let gemini_url = args.gemini_base_url.clone();
         let openai = (args.openai_base_url.clone(), args.openai_api_key.clone());
-        PoolClients::new(Box::new(move |kind, url, key| {
-            let made = match kind {
-                ProviderKind::Gemini | ProviderKind::Vertex => gemini_provider(
-                    url.unwrap_or(&gemini_url),
-                    key.or_else(|| default_key.clone()),
-                ),
-                ProviderKind::OpenaiCompatible => {
-                    let Some(url) = url.or(openai.0.as_deref()) else {
-                        return Err("no OpenAI-compatible endpoint: set spec.baseUrl or PACER_OPENAI_BASE_URL".into());
-                    };
-                    let key =
-                        key.unwrap_or_else(|| ApiKey::new(openai.1.clone().unwrap_or_default()));
-                    openai_provider(url, key)
-                }
-            };
-            made.map_err(|e| e.to_string())
-        }))
+        PoolClients::with_keys(
+            args.pool_keys.clone(),
+            Box::new(move |kind, url, key| {
+                let made = match kind {
+                    ProviderKind::Gemini | ProviderKind::Vertex => gemini_provider(
+                        url.unwrap_or(&gemini_url),
+                        key.or_else(|| default_key.clone()),
+                    ),
+                    ProviderKind::OpenaiCompatible => {
+                        let Some(url) = url.or(openai.0.as_deref()) else {
+                            return Err("no OpenAI-compatible endpoint: set spec.baseUrl or PACER_OPENAI_BASE_URL".into());
+                        };
+                        let key = key
+                            .unwrap_or_else(|| ApiKey::new(openai.1.clone().unwrap_or_default()));
+                        openai_provider(url, key)
+                    }
+                };
+                made.map_err(|e| e.to_string())
+            }),
+        )
     };
     let sink = sink::from_url(&args.sink)
         .await

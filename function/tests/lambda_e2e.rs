@@ -42,16 +42,24 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     let mut limit = LimitSpec::new(MODEL);
     limit.rpm = Some(4);
     limit.window = Duration::from_secs(4);
+    // The simulator takes only the pool's own key: a call under the function's default
+    // key would be refused.
     let sim = Simulator::new(SimConfig {
         limits: vec![limit],
+        keys: vec!["the-pool-s-key".parse().expect("key")],
         ..SimConfig::default()
     })
     .spawn()
     .await
     .expect("simulator");
-    // Four per 4 s, no waiting in the step: a batch of 10 admits 4 and defers the rest.
-    rig.apply_config(&single_model_config(&ns, MODEL, 4, 4, 0))
-        .await;
+    // Four per 4 s, no waiting in the step: a batch of 10 admits 4 and defers the rest. The
+    // pool calls with its project's key (apiKeyEnv), from Secrets Manager.
+    let config = single_model_config(&ns, MODEL, 4, 4, 0).replace(
+        "  tier: Tier2\n",
+        "  tier: Tier2\n  apiKeyEnv: PACER_TEST_POOL_KEY\n",
+    );
+    assert!(config.contains("apiKeyEnv"), "{config}");
+    rig.apply_config(&config).await;
     let queue_url = rig.create_queue(&ns).await;
     s3.create_bucket().bucket(&ns).send().await.expect("bucket");
 
@@ -83,6 +91,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
     for (name, value) in [
         (format!("{ns}-redis-url"), rig.get("REDIS_URL")),
         (format!("{ns}-gemini-key"), "test-key".to_owned()),
+        (format!("{ns}-pool-key"), "the-pool-s-key".to_owned()),
     ] {
         let out = secrets
             .create_secret()
@@ -104,6 +113,7 @@ async fn lambda_defers_with_batch_item_failures_and_completes_later() {
         .env("PACER_REDIS_URL_SECRET_ARN", &arns[0])
         .env("PACER_GEMINI_BASE_URL", sim.url())
         .env("PACER_GEMINI_API_KEY_SECRET_ARN", &arns[1])
+        .env("PACER_TEST_POOL_KEY_SECRET_ARN", &arns[2])
         .env("PACER_SINK", format!("s3://{ns}/images"))
         .env("AWS_ENDPOINT_URL", rig.get("AWS_ENDPOINT_URL"))
         .env("AWS_ACCESS_KEY_ID", rig.get("AWS_ACCESS_KEY_ID"))

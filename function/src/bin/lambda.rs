@@ -1,7 +1,8 @@
 //! The Lambda entry point (`cargo lambda build --bin pacer-lambda`). Settings come from the
 //! environment (the `PACER_*` variables of `pacer worker`); the Redis URL (it carries the
-//! password) and the API key may instead name Secrets Manager secrets, read once at start,
-//! so neither sits in the function's configuration.
+//! password), the API key and each pool's key (`<NAME>_SECRET_ARN` for a QuotaPool's
+//! `apiKeyEnv: NAME`) may instead name Secrets Manager secrets, read once at start, so none
+//! sits in the function's configuration.
 use clap::Parser;
 use pacer_function::{lambda, runtime::RuntimeArgs};
 
@@ -44,10 +45,25 @@ async fn secret(
         .ok_or_else(|| format!("{setting}: secret {id} holds no string"))
 }
 
+/// Pools' key secrets: every `<NAME>_SECRET_ARN` variable beyond the two settings above
+/// whose `<NAME>` is not set itself (`<NAME>` is what a QuotaPool's `apiKeyEnv` names).
+fn pool_key_secrets() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter_map(|(var, arn)| {
+            let name = var.strip_suffix("_SECRET_ARN")?;
+            let own = matches!(name, "PACER_REDIS_URL" | "PACER_GEMINI_API_KEY");
+            (!own && !arn.trim().is_empty() && std::env::var_os(name).is_none())
+                .then(|| (name.to_owned(), arn))
+        })
+        .collect()
+}
+
 /// Fills the settings the secrets hold.
 async fn resolve_secrets(s: &mut Settings) -> Result<(), String> {
+    let pool_keys = pool_key_secrets();
     let wanted = (s.runtime.redis_url.is_none() && s.redis_url_secret_arn.is_some())
-        || (s.runtime.gemini_api_key.is_none() && s.gemini_api_key_secret_arn.is_some());
+        || (s.runtime.gemini_api_key.is_none() && s.gemini_api_key_secret_arn.is_some())
+        || !pool_keys.is_empty();
     if !wanted {
         return Ok(());
     }
@@ -63,6 +79,10 @@ async fn resolve_secrets(s: &mut Settings) -> Result<(), String> {
     {
         s.runtime.gemini_api_key =
             Some(secret(&client, id, "PACER_GEMINI_API_KEY_SECRET_ARN").await?);
+    }
+    for (name, id) in pool_keys {
+        let value = secret(&client, &id, &format!("{name}_SECRET_ARN")).await?;
+        s.runtime.pool_keys.insert(name, value);
     }
     Ok(())
 }
