@@ -344,17 +344,7 @@ impl ModelInfo {
     pub fn booking_spend_micros(&self, size: Option<ImageSize>, input_tokens: u64) -> u64 {
         // The image at its token rate or its published price, whichever is higher (the
         // published prices are rounded).
-        let tokens = self
-            .image_cost(size.unwrap_or(ImageSize::DEFAULT))
-            .map(|c| c.output_tokens)
-            .unwrap_or_else(|| {
-                ImageSize::ALL
-                    .iter()
-                    .filter_map(|s| self.image_cost(*s))
-                    .map(|c| c.output_tokens)
-                    .max()
-                    .unwrap_or(0)
-            });
+        let tokens = self.bounding_cost(size, |c| c.output_tokens);
         let image = self
             .image_price_micros(size)
             .max(self.rates.spend_micros(0, 0, tokens));
@@ -364,20 +354,26 @@ impl ModelInfo {
         )
     }
 
-    /// The price of one image of `size` (`None`: the default size), in micro-dollars.
-    /// A size this model does not offer is priced at its most expensive size: bookings
-    /// reserve an upper bound.
-    pub fn image_price_micros(&self, size: Option<ImageSize>) -> u64 {
+    /// `of` the image cost at `size` (`None`: the default size), or its largest over the
+    /// sizes offered when this model does not offer `size`: bookings reserve an upper bound.
+    fn bounding_cost(&self, size: Option<ImageSize>, of: impl Fn(ImageCost) -> u64) -> u64 {
         self.image_cost(size.unwrap_or(ImageSize::DEFAULT))
-            .map(|c| c.price_micros)
+            .map(&of)
             .unwrap_or_else(|| {
                 ImageSize::ALL
                     .iter()
                     .filter_map(|s| self.image_cost(*s))
-                    .map(|c| c.price_micros)
+                    .map(&of)
                     .max()
                     .unwrap_or(0)
             })
+    }
+
+    /// The price of one image of `size` (`None`: the default size), in micro-dollars.
+    /// A size this model does not offer is priced at its most expensive size: bookings
+    /// reserve an upper bound.
+    pub fn image_price_micros(&self, size: Option<ImageSize>) -> u64 {
+        self.bounding_cost(size, |c| c.price_micros)
     }
 }
 

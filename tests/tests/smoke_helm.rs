@@ -5,6 +5,26 @@ fn chart() -> String {
     Rig::repo_root().join("charts/pacer").display().to_string()
 }
 
+/// The documents `helm template pacer <chart> ARGS` renders.
+fn template(args: &[&str]) -> Vec<serde_json::Value> {
+    let chart = chart();
+    let out = Rig::load()
+        .tool("HELM")
+        .args(["template", "pacer", chart.as_str()])
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_norway::Deserializer::from_slice(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
 #[test]
 fn chart_lints_clean() {
     let out = Rig::load()
@@ -26,27 +46,7 @@ fn chart_lints_clean() {
 
 #[test]
 fn chart_templates_operator_with_least_privilege() {
-    let out = Rig::load()
-        .tool("HELM")
-        .args([
-            "template",
-            "pacer",
-            &chart(),
-            "--namespace",
-            "pacer-system",
-            "--include-crds",
-        ])
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_slice(&out.stdout)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .filter(|v: &serde_json::Value| !v.is_null())
-        .collect();
+    let docs = template(&["--namespace", "pacer-system", "--include-crds"]);
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     for kind in [
         "CustomResourceDefinition",
@@ -84,40 +84,24 @@ fn chart_templates_operator_with_least_privilege() {
 /// `apiKeyEnv` names, from its own Secret.
 #[test]
 fn chart_gives_workers_each_pool_s_key_from_its_secret() {
-    let out = Rig::load()
-        .tool("HELM")
-        .args([
-            "template",
-            "pacer",
-            &chart(),
-            "--set",
-            "worker.enabled=true",
-            "--set",
-            "worker.queueUrl=https://sqs.example/q",
-            "--set",
-            "worker.sink=s3://images/out",
-            "--set",
-            "worker.poolKeys[0].env=GEMINI_KEY_PROJECT_A",
-            "--set",
-            "worker.poolKeys[0].secret=gemini-project-a",
-            "--set",
-            "worker.poolKeys[1].env=GEMINI_KEY_PROJECT_B",
-            "--set",
-            "worker.poolKeys[1].secret=gemini-project-b",
-            "--set",
-            "worker.poolKeys[1].key=token",
-        ])
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let docs: Vec<serde_json::Value> = serde_norway::Deserializer::from_slice(&out.stdout)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .filter(|v: &serde_json::Value| !v.is_null())
-        .collect();
+    let docs = template(&[
+        "--set",
+        "worker.enabled=true",
+        "--set",
+        "worker.queueUrl=https://sqs.example/q",
+        "--set",
+        "worker.sink=s3://images/out",
+        "--set",
+        "worker.poolKeys[0].env=GEMINI_KEY_PROJECT_A",
+        "--set",
+        "worker.poolKeys[0].secret=gemini-project-a",
+        "--set",
+        "worker.poolKeys[1].env=GEMINI_KEY_PROJECT_B",
+        "--set",
+        "worker.poolKeys[1].secret=gemini-project-b",
+        "--set",
+        "worker.poolKeys[1].key=token",
+    ]);
     let worker = docs
         .iter()
         .find(|d| {
