@@ -72,6 +72,27 @@ async fn result(
     raw.map(|r| serde_json::from_str(&r).expect("result record is JSON"))
 }
 
+/// The final record of `id`, polled until `deadline` (a bound on the test, not a
+/// measurement); past it, panics with `context()`.
+async fn result_by(
+    redis: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+    deadline: Instant,
+    context: impl Fn() -> String,
+) -> serde_json::Value {
+    loop {
+        if let Some(r) = result(redis, id).await {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} has no record in time: {}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     let rig = Rig::load();
@@ -491,16 +512,13 @@ async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
     workers
         .0
         .push(spawn_worker(&rig, queues, &sink, &sim.url(), "w1"));
-    let finished = loop {
-        if let Some(r) = result(&mut redis, &waiting).await {
-            break r;
-        }
-        assert!(
-            frozen.elapsed() < Duration::from_secs(60),
-            "the frozen worker's request was not taken over within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let finished = result_by(
+        &mut redis,
+        &waiting,
+        frozen + Duration::from_secs(60),
+        || "the frozen worker's request was not taken over within 60 s".into(),
+    )
+    .await;
     assert_eq!(finished["status"], "succeeded", "{finished}");
     signal("CONT");
     let woke = Instant::now();
@@ -533,8 +551,7 @@ async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
     let record = result(&mut redis, &waiting).await.expect("record");
     assert_eq!(record["status"], "succeeded", "{record}");
     drop(workers);
-    let dead = rig.drain_bodies(&dlq_url).await;
-    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+    rig.assert_none_dead_lettered(&dlq_url).await;
 }
 
 /// Issue 12, colliding ids and keys, on moto's S3: the second image of `c` and the only
@@ -583,17 +600,8 @@ async fn colliding_ids_and_output_keys_stay_apart() {
                 .send()
                 .await
                 .expect("send");
-            let start = Instant::now();
-            loop {
-                if let Some(r) = result(&mut redis, &id).await {
-                    return r;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(60),
-                    "{id} has no record after 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            result_by(&mut redis, &id, deadline, || "60 s".into()).await
         }
     };
     let c =
@@ -776,17 +784,8 @@ async fn a_sink_that_refuses_for_good_fails_each_request_once() {
     let start = Instant::now();
     let mut records = Vec::new();
     for id in &ids {
-        loop {
-            if let Some(r) = result(&mut redis, id).await {
-                records.push(r);
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{id} has no record after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let deadline = start + Duration::from_secs(60);
+        records.push(result_by(&mut redis, id, deadline, || "60 s".into()).await);
     }
     for r in &records {
         assert_eq!(r["status"], "failed", "{r}");
@@ -806,8 +805,7 @@ async fn a_sink_that_refuses_for_good_fails_each_request_once() {
         "each request generated once, not again on redelivery: {m}"
     );
     drop(children);
-    let dead = rig.drain_bodies(&dlq_url).await;
-    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+    rig.assert_none_dead_lettered(&dlq_url).await;
 }
 
 /// Issue 13, one key per project: two QuotaPools for projects A and B, each naming its own
@@ -889,17 +887,13 @@ async fn each_pool_calls_with_its_own_project_key() {
     }
     let start = Instant::now();
     for id in &ids {
-        let record = loop {
-            if let Some(r) = result(&mut redis, id).await {
-                break r;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "{id} has no record after 90 s (a call under the wrong key is refused): {}",
+        let record = result_by(&mut redis, id, start + Duration::from_secs(90), || {
+            format!(
+                "90 s (a call under the wrong key is refused): {}",
                 sim.stats()["projects"]
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+            )
+        })
+        .await;
         assert_eq!(record["status"], "succeeded", "{record}");
     }
     let stats = sim.stats();

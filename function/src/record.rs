@@ -207,45 +207,29 @@ impl Records {
     /// Claims `id` for `owner` for `lease`; false when another owner holds it. Claiming
     /// again as the same owner extends the lease.
     pub async fn claim(&self, id: &str, owner: &str, lease: Duration) -> Result<bool, RecordError> {
-        match self {
-            Records::Redis(redis) => {
-                let script = redis::Script::new(
-                    r"local cur = redis.call('GET', KEYS[1])
-                      if cur == false or cur == ARGV[1] then
-                        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
-                      end
-                      return 0",
-                );
-                let got: i32 = script
-                    .key(claim_key(id))
-                    .arg(owner)
-                    .arg(lease.as_millis().max(1) as u64)
-                    .invoke_async(&mut redis.clone())
-                    .await?;
-                Ok(got == 1)
-            }
-            Records::Memory(m) => {
-                let mut m = lock(m);
-                let now = Instant::now();
-                match m.claims.get(id) {
-                    Some((o, until)) if o != owner && *until > now => Ok(false),
-                    _ => {
-                        m.claims
-                            .insert(id.to_owned(), (owner.to_owned(), now + lease));
-                        Ok(true)
-                    }
-                }
-            }
-        }
+        self.hold(id, owner, lease, true).await
     }
 
     /// Extends `owner`'s claim on `id` by `lease` if `owner` still holds it; false when it
     /// does not (another owner took it, or it expired: the request may be finished).
     pub async fn renew(&self, id: &str, owner: &str, lease: Duration) -> Result<bool, RecordError> {
+        self.hold(id, owner, lease, false).await
+    }
+
+    /// Sets `owner`'s claim on `id` for `lease` if `owner` holds it, or (`if_free`) if
+    /// nobody does; whether it did.
+    async fn hold(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+        if_free: bool,
+    ) -> Result<bool, RecordError> {
         match self {
             Records::Redis(redis) => {
                 let script = redis::Script::new(
-                    r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+                    r"local cur = redis.call('GET', KEYS[1])
+                      if cur == ARGV[1] or (cur == false and ARGV[3] == '1') then
                         redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1
                       end
                       return 0",
@@ -254,6 +238,7 @@ impl Records {
                     .key(claim_key(id))
                     .arg(owner)
                     .arg(lease.as_millis().max(1) as u64)
+                    .arg(if if_free { "1" } else { "0" })
                     .invoke_async(&mut redis.clone())
                     .await?;
                 Ok(got == 1)
@@ -261,13 +246,15 @@ impl Records {
             Records::Memory(m) => {
                 let mut m = lock(m);
                 let now = Instant::now();
-                match m.claims.get_mut(id) {
-                    Some((o, until)) if o == owner && *until > now => {
-                        *until = now + lease;
-                        Ok(true)
-                    }
-                    _ => Ok(false),
+                let held = match m.claims.get(id) {
+                    Some((o, until)) if *until > now => o == owner,
+                    _ => if_free,
+                };
+                if held {
+                    m.claims
+                        .insert(id.to_owned(), (owner.to_owned(), now + lease));
                 }
+                Ok(held)
             }
         }
     }

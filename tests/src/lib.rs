@@ -127,6 +127,13 @@ impl Rig {
         (queue_url, dlq_url)
     }
 
+    /// Asserts the dead-letter queue at `url` holds nothing (deferrals never put a message
+    /// there), naming what it holds otherwise.
+    pub async fn assert_none_dead_lettered(&self, url: &str) {
+        let dead = self.drain_bodies(url).await;
+        assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+    }
+
     /// Sends each body (JSON) to the queue at `url`, in order.
     pub async fn send_bodies(
         &self,
