@@ -432,6 +432,7 @@ pub fn plan_from_limits(
         api_key_env: None,
         window_margin_ms: margin_ms,
         base_url: None,
+        vertex: None,
     };
     let chain = CompiledChain {
         name: name.clone(),

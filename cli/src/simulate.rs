@@ -118,6 +118,17 @@ pub struct SimulateArgs {
     /// Treat MODEL as retired (404), on top of the built-in shutdown dates (repeatable).
     #[arg(long = "retire", env = "PACER_SIM_RETIRED", value_delimiter = ',')]
     pub retired: Vec<String>,
+
+    /// An access token the Vertex AI routes accept (repeatable), on top of those the
+    /// simulator's `POST /token` issues to a service-account key whose `token_uri` names
+    /// it.
+    #[arg(
+        long = "vertex-token",
+        env = "PACER_SIM_VERTEX_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub vertex_tokens: Vec<String>,
 }
 
 impl SimulateArgs {
@@ -144,6 +155,7 @@ impl SimulateArgs {
             blocks: self.blocks.clone(),
             credits: self.credits.clone(),
             retired: self.retired.clone(),
+            vertex_tokens: self.vertex_tokens.clone(),
         }
     }
 }

@@ -121,6 +121,21 @@ pub struct CompiledPool {
     /// simulator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+    /// Vertex AI's location and credentials (provider `vertex` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex: Option<VertexSettings>,
+}
+
+/// Where a Vertex AI pool calls and with which credentials: a location and a file path,
+/// never a key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct VertexSettings {
+    /// `global` or a region.
+    pub location: String,
+    /// A service-account key file in every replica (None: Google's default credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
 }
 
 impl CompiledPool {

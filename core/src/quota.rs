@@ -396,6 +396,7 @@ mod tests {
             api_key_env: None,
             window_margin_ms: None,
             base_url: None,
+            vertex: None,
         }
     }
 

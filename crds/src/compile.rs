@@ -71,6 +71,14 @@ pub fn compile_pool(
             ),
         ));
     }
+    let vertex = spec.provider == Provider::Vertex;
+    if spec.vertex.is_some() && !vertex {
+        return Err(err(
+            "spec.vertex",
+            "applies to provider vertex only: set spec.provider: vertex or remove spec.vertex"
+                .into(),
+        ));
+    }
     if spec.models.is_empty() {
         return Err(err(
             "spec.models",
@@ -157,6 +165,19 @@ pub fn compile_pool(
             None => None,
         };
         let known = models::model_info(&m.name);
+        // Vertex AI has no AI Studio tiers: its shared quota publishes no per-project
+        // limits, so the rate the pool may use must be declared.
+        if vertex && m.rpm.is_none() {
+            return Err(err(
+                &at("rpm"),
+                format!(
+                    "is required on Vertex AI: {:?} has no tier default there (the AI Studio \
+                     tiers do not apply); set the requests per minute the project may use \
+                     (its provisioned throughput, or a share of the shared quota)",
+                    m.name
+                ),
+            ));
+        }
         // A model the table does not know has no default limits and no price: left out, it
         // would run unlimited and free. Its limits and price must be given.
         if known.is_none() {
@@ -184,7 +205,11 @@ pub fn compile_pool(
             }
         }
         // Limits not given take the tier's published default for the model.
-        let defaults = known.map(|info| info.limits(tier)).unwrap_or_default();
+        let defaults = if vertex {
+            Default::default()
+        } else {
+            known.map(|info| info.limits(tier)).unwrap_or_default()
+        };
         models.insert(
             m.name.clone(),
             config::ModelLimits {
@@ -211,8 +236,12 @@ pub fn compile_pool(
         },
         project: spec.project.clone(),
         models,
-        // Not given: the tier's spend limit.
-        spend_micros_per_10_minutes: spend.or(Some(tier.spend_per_10min_micros())),
+        // Not given: the tier's spend limit (none on Vertex AI, which has no tiers).
+        spend_micros_per_10_minutes: if vertex {
+            spend
+        } else {
+            spend.or(Some(tier.spend_per_10min_micros()))
+        },
         headroom_percent: spec.headroom_percent,
         alert_threshold_percent: spec.alert_threshold_percent,
         failure_mode: match spec.failure_mode {
@@ -231,6 +260,15 @@ pub fn compile_pool(
             .base_url
             .as_ref()
             .map(|u| u.trim_end_matches('/').to_owned()),
+        vertex: vertex.then(|| {
+            let given = spec.vertex.clone().unwrap_or_default();
+            config::VertexSettings {
+                location: given
+                    .location
+                    .unwrap_or_else(|| pacer_core::gemini::vertex::DEFAULT_LOCATION.to_owned()),
+                credentials_file: given.credentials_file,
+            }
+        }),
     })
 }
 
@@ -641,6 +679,50 @@ spec:
         assert_eq!(e.field, "spec.apiKeyEnv");
         let e = compile(&own.replace("https://proxy.example/", "proxy.example")).unwrap_err();
         assert_eq!(e.field, "spec.baseUrl");
+    }
+
+    /// Issue 13: a Vertex AI pool has no AI Studio tier: every rate must be declared, no
+    /// spend limit is assumed, and the location defaults to `global`.
+    #[test]
+    fn a_vertex_pool_declares_its_rates_and_takes_no_tier_defaults() {
+        let vertex = POOL
+            .replace("  tier: Tier1\n", "  provider: vertex\n")
+            .replace("  spendPer10MinutesUsd: 10\n", "");
+        let e = compile(&vertex).unwrap_err();
+        assert_eq!(e.field, "spec.models[0].rpm");
+        assert!(e.problem.contains("Vertex AI"), "{e}");
+        let declared = vertex.replace(
+            "    - name: gemini-3-pro-image\n",
+            "    - name: gemini-3-pro-image\n      rpm: 30\n",
+        );
+        let pool = &compile(&declared).unwrap().pools[0];
+        assert_eq!(pool.models["gemini-3-pro-image"].rpm, Some(30));
+        assert_eq!(
+            pool.models["gemini-3-pro-image"].rpd, None,
+            "no tier default"
+        );
+        assert_eq!(pool.spend_micros_per_10_minutes, None);
+        let settings = pool.vertex.as_ref().expect("vertex settings");
+        assert_eq!(settings.location, "global");
+        assert_eq!(settings.credentials_file, None);
+        let regional = declared.replace(
+            "  provider: vertex\n",
+            "  provider: vertex\n  vertex: {location: us-central1, credentialsFile: /var/run/sa/key.json}\n",
+        );
+        let pool = &compile(&regional).unwrap().pools[0];
+        let settings = pool.vertex.as_ref().expect("vertex settings");
+        assert_eq!(settings.location, "us-central1");
+        assert_eq!(
+            settings.credentials_file.as_deref(),
+            Some("/var/run/sa/key.json")
+        );
+        // Vertex settings on a Gemini API pool are a mistake, said by field.
+        let e = compile(&POOL.replace(
+            "  tier: Tier1\n",
+            "  tier: Tier1\n  vertex: {location: global}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "spec.vertex");
     }
 
     #[test]

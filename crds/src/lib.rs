@@ -12,7 +12,7 @@ mod pool;
 pub use chain::{ChainStep, ImageSize, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy};
 pub use pool::{
     DimensionUsage, FailureMode, ModelLimits, ModelUsage, Provider, QuotaPool, QuotaPoolSpec,
-    QuotaPoolStatus, SecretKeyRef, Tier,
+    QuotaPoolStatus, SecretKeyRef, Tier, VertexSettings,
 };
 
 use kube::CustomResourceExt;

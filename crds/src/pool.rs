@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = kube::core::Rule::new(
     "self.failureMode != 'local' || has(self.expectedReplicas)"
 ).message("failureMode local divides every limit by expectedReplicas: set spec.expectedReplicas").field_path(".expectedReplicas"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.vertex) || self.provider == 'vertex'"
+).message("spec.vertex applies to provider vertex only: set provider: vertex or remove spec.vertex").field_path(".vertex"))]
 #[serde(rename_all = "camelCase")]
 pub struct QuotaPoolSpec {
     /// The API that enforces these quotas: `gemini` (the Gemini API), `vertex` (Gemini on
@@ -94,6 +97,28 @@ pub struct QuotaPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 8, max = 512), regex(pattern = r"^https?://[^\s]+$"))]
     pub base_url: Option<String>,
+    /// Vertex AI settings (provider `vertex` only): the location and the service account
+    /// the replicas call with. Without it: location `global`, credentials from Google's
+    /// default search (workload identity, `GOOGLE_APPLICATION_CREDENTIALS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex: Option<VertexSettings>,
+}
+
+/// How replicas reach Gemini on Vertex AI for this pool's project.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VertexSettings {
+    /// `global` (the default, where the Gemini image models are served first) or a region
+    /// such as `us-central1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub location: Option<String>,
+    /// A service-account key file (JSON) at this path in every replica, for example a
+    /// Secret mounted as a file. Left out: Google's default credentials (workload identity
+    /// on GKE, `GOOGLE_APPLICATION_CREDENTIALS`, the metadata server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub credentials_file: Option<String>,
 }
 
 fn default_alert() -> u8 {

@@ -26,7 +26,7 @@ use std::{
 use async_trait::async_trait;
 use pacer_core::{
     config::FailureMode,
-    config::{CompiledChain, CompiledConfig, CompiledPool, ProviderKind},
+    config::{CompiledChain, CompiledConfig, CompiledPool, ProviderKind, VertexSettings},
     limiter::{
         Limiter, QuotaKey, SystemClock, Ticket,
         failsafe::{BreakerConfig, FailsafeLimiter},
@@ -64,7 +64,7 @@ use crate::{
 /// The providers a replica can reach, by the pool's provider kind.
 #[derive(Clone, Default)]
 pub struct Providers {
-    /// Gemini (and Vertex, through a Gemini-compatible base URL).
+    /// Gemini (and Vertex pools, which get clients of their own through `per_pool`).
     pub gemini: Option<Arc<dyn ImageProvider>>,
     /// An OpenAI-compatible gateway.
     pub openai: Option<Arc<dyn ImageProvider>>,
@@ -78,7 +78,7 @@ impl Providers {
     /// pool bills its own project), else the replica's.
     fn for_pool(&self, pool: &CompiledPool) -> Result<Arc<dyn ImageProvider>, String> {
         if let Some(per_pool) = &self.per_pool
-            && (pool.api_key_env.is_some() || pool.base_url.is_some())
+            && (pool.api_key_env.is_some() || pool.base_url.is_some() || pool.vertex.is_some())
         {
             return per_pool.for_pool(pool);
         }
@@ -103,14 +103,19 @@ pub struct PoolClients {
     made: Mutex<HashMap<ClientId, Arc<dyn ImageProvider>>>,
 }
 
-/// What tells pools' clients apart: provider kind, endpoint, key variable.
-type ClientId = (ProviderKind, Option<String>, Option<String>);
+/// What tells pools' clients apart: provider kind, endpoint, key variable, and on Vertex
+/// AI the project (in the route) with its location and credentials.
+type ClientId = (
+    ProviderKind,
+    Option<String>,
+    Option<String>,
+    Option<(String, VertexSettings)>,
+);
 
-/// Makes a client of `kind` for an endpoint (none: the replica's) and a key (none: the
-/// replica's).
-pub type MakeClient = dyn Fn(ProviderKind, Option<&str>, Option<ApiKey>) -> Result<Arc<dyn ImageProvider>, String>
-    + Send
-    + Sync;
+/// Makes the client `pool` calls with: its endpoint (none: the replica's), `key` (none: the
+/// replica's), and on Vertex AI its project, location and credentials.
+pub type MakeClient =
+    dyn Fn(&CompiledPool, Option<ApiKey>) -> Result<Arc<dyn ImageProvider>, String> + Send + Sync;
 
 impl PoolClients {
     /// Per-pool clients made by `make`.
@@ -136,6 +141,7 @@ impl PoolClients {
             pool.provider,
             pool.base_url.clone(),
             pool.api_key_env.clone(),
+            pool.vertex.clone().map(|v| (pool.project.clone(), v)),
         );
         let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(client) = made.get(&id) {
@@ -159,8 +165,7 @@ impl PoolClients {
             },
             None => None,
         };
-        let client = (self.make)(pool.provider, pool.base_url.as_deref(), key)
-            .map_err(|e| format!("pool {}: {e}", pool.name))?;
+        let client = (self.make)(pool, key).map_err(|e| format!("pool {}: {e}", pool.name))?;
         made.insert(id, client.clone());
         Ok(client)
     }

@@ -5,8 +5,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use pacer_core::{
-    config::{CompiledConfig, ConfigRefresh, ConfigStore, ProviderKind},
-    gemini::{GeminiClient, GeminiConfig},
+    config::{
+        CompiledConfig, CompiledPool, ConfigRefresh, ConfigStore, ProviderKind, VertexSettings,
+    },
+    gemini::{GeminiClient, GeminiConfig, vertex::AccessTokens},
     limiter::redis::{RedisLimiter, RedisOptions},
     openai::{OpenAiClient, OpenAiConfig},
     provider::{ApiKey, ImageProvider},
@@ -290,6 +292,25 @@ pub fn gemini_provider(
     )?))
 }
 
+/// The client of a Vertex AI pool: its project's route at its location (or its
+/// `spec.baseUrl`, such as the simulator), with OAuth access tokens from its service-account
+/// key file or Google's default credentials.
+pub fn vertex_provider(pool: &CompiledPool) -> Result<Arc<dyn ImageProvider>, SetupError> {
+    let settings = pool.vertex.clone().unwrap_or(VertexSettings {
+        location: pacer_core::gemini::vertex::DEFAULT_LOCATION.to_owned(),
+        credentials_file: None,
+    });
+    let tokens = match &settings.credentials_file {
+        Some(path) => AccessTokens::from_key_file(path),
+        None => AccessTokens::from_environment(),
+    };
+    let mut config = GeminiConfig::vertex(&pool.project, &settings.location, Arc::new(tokens));
+    if let Some(url) = &pool.base_url {
+        config = config.base_url(url.trim_end_matches('/'));
+    }
+    Ok(Arc::new(GeminiClient::new(config)?))
+}
+
 /// An OpenAI-compatible client for `base_url`.
 fn openai_provider(base_url: &str, key: ApiKey) -> Result<Arc<dyn ImageProvider>, SetupError> {
     Ok(Arc::new(OpenAiClient::new(OpenAiConfig {
@@ -351,9 +372,11 @@ pub async fn build(
         let openai = (args.openai_base_url.clone(), args.openai_api_key.clone());
         PoolClients::with_keys(
             args.pool_keys.clone(),
-            Box::new(move |kind, url, key| {
-                let made = match kind {
-                    ProviderKind::Gemini | ProviderKind::Vertex => gemini_provider(
+            Box::new(move |pool, key| {
+                let url = pool.base_url.as_deref();
+                let made = match pool.provider {
+                    ProviderKind::Vertex => vertex_provider(pool),
+                    ProviderKind::Gemini => gemini_provider(
                         url.unwrap_or(&gemini_url),
                         key.or_else(|| default_key.clone()),
                     ),

@@ -322,6 +322,8 @@ pub struct SimConfig {
     pub credits: Vec<CreditSpec>,
     /// Models to treat as retired on top of the built-in shutdown dates.
     pub retired: Vec<String>,
+    /// Access tokens the Vertex routes accept on top of those `POST /token` issues.
+    pub vertex_tokens: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -338,6 +340,7 @@ impl Default for SimConfig {
             blocks: Vec::new(),
             credits: Vec::new(),
             retired: Vec::new(),
+            vertex_tokens: Vec::new(),
         }
     }
 }

@@ -1,4 +1,12 @@
 //! The HTTP surface: Google's routes and answers, `GET /_sim/stats` and `POST /_sim/reset`.
+//!
+//! Two surfaces share one set of projects and quotas: the Gemini API
+//! (`/{v1,v1beta}/models/{model}:{method}`, the project chosen by the API key) and Gemini on
+//! Vertex AI (`/{v1,v1beta1}/projects/{project}/locations/{location}/publishers/google/models/{model}:{method}`,
+//! the project in the path, an OAuth access token in `Authorization: Bearer`). Access
+//! tokens come from `POST /token`, the OAuth token endpoint a service-account key file's
+//! `token_uri` can name (a JWT-bearer grant; the assertion's claims are checked, its
+//! signature is not), or are given with `--vertex-token`.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -46,7 +54,18 @@ pub(crate) struct Sim {
     keys: HashMap<String, String>,
     quotas: Mutex<HashMap<String, ProjectState>>,
     credits: Mutex<HashMap<String, u64>>,
+    /// Vertex access tokens issued by `POST /token` (and those given in the config).
+    tokens: Mutex<HashSet<String>>,
     started: Instant,
+}
+
+/// Which of Google's APIs a request came through: they share quotas, and differ in
+/// routes, credentials and how a spent quota is told.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Surface {
+    GeminiApi,
+    /// Vertex's shared quota answers a bare 429, naming no quota and no delay.
+    Vertex,
 }
 
 /// One project's counters: its quota per model, and every ticket its arrivals carried.
@@ -93,12 +112,14 @@ impl Sim {
             })
             .collect();
         let credits = Sim::initial_credits(&config);
+        let tokens = config.vertex_tokens.iter().cloned().collect();
         Sim {
             config,
             models,
             keys,
             quotas: Mutex::new(HashMap::new()),
             credits: Mutex::new(credits),
+            tokens: Mutex::new(tokens),
             started: Instant::now(),
         }
     }
@@ -211,6 +232,11 @@ impl Arrival {
 pub(crate) fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/{version}/models/{action}", post(model_action))
+        .route(
+            "/{version}/projects/{project}/locations/{location}/publishers/google/models/{action}",
+            post(vertex_action),
+        )
+        .route("/token", post(issue_token))
         .route("/_sim/stats", get(stats))
         .route("/_sim/reset", post(reset))
         .with_state(sim)
@@ -458,6 +484,7 @@ enum Framing {
     Predict,
 }
 
+/// The Gemini API: the project is the one the API key belongs to.
 async fn model_action(
     State(sim): State<Arc<Sim>>,
     Path((version, action)): Path<(String, String)>,
@@ -476,14 +503,8 @@ async fn model_action(
             Vec::new(),
         );
     }
-    let framing = match method {
-        "generateContent" => Framing::Json,
-        "streamGenerateContent" if query.get("alt").map(String::as_str) == Some("sse") => {
-            Framing::Sse
-        }
-        "streamGenerateContent" => Framing::Array,
-        "predict" => Framing::Predict,
-        _ => return not_found(&version, model, method),
+    let Some(framing) = framing_of(method, &query) else {
+        return not_found(&version, model, method);
     };
     let Some(key) = api_key(&headers, &query) else {
         return google_error(
@@ -508,17 +529,147 @@ async fn model_action(
             })],
         );
     };
-    let today = arrival.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-    let spec = match sim.models.get(model) {
-        Some(m)
-            if m.predict == (framing == Framing::Predict)
-                && !m.is_retired(today)
-                && !sim.config.retired.iter().any(|r| r == model) =>
-        {
-            m
-        }
-        _ => return not_found(&version, model, method),
+    let call = Call {
+        surface: Surface::GeminiApi,
+        project,
+        model,
+        framing,
+        arrival,
     };
+    let Some(spec) = sim.model_spec(&call) else {
+        return not_found(&version, model, method);
+    };
+    generate(&sim, call, spec, &headers, &body).await
+}
+
+/// Gemini on Vertex AI: the project is in the path; the caller proves itself with an
+/// access token, never an API key.
+async fn vertex_action(
+    State(sim): State<Arc<Sim>>,
+    Path((version, project, location, action)): Path<(String, String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let arrival = Timestamp::now();
+    let (model, method) = action.split_once(':').unwrap_or((action.as_str(), ""));
+    let resource =
+        format!("projects/{project}/locations/{location}/publishers/google/models/{model}");
+    let vertex_not_found = || {
+        google_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!(
+                "Publisher Model `{resource}` was not found or your project does not have access to it. Please ensure you are using a valid model version."
+            ),
+            Vec::new(),
+        )
+    };
+    if version != "v1" && version != "v1beta1" {
+        return google_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "Requested entity was not found.",
+            Vec::new(),
+        );
+    }
+    let Some(framing) = framing_of(method, &query) else {
+        return vertex_not_found();
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let known = token.is_some_and(|t| {
+        sim.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(t)
+    });
+    if !known {
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            Vec::new(),
+        );
+    }
+    if !sim.config.projects.contains(&project) {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            &format!(
+                "Permission 'aiplatform.endpoints.predict' denied on resource '//aiplatform.googleapis.com/{resource}' (or it may not exist)."
+            ),
+            Vec::new(),
+        );
+    }
+    let call = Call {
+        surface: Surface::Vertex,
+        project,
+        model,
+        framing,
+        arrival,
+    };
+    let Some(spec) = sim.model_spec(&call) else {
+        return vertex_not_found();
+    };
+    generate(&sim, call, spec, &headers, &body).await
+}
+
+/// One call that reached a model, on either surface.
+struct Call<'a> {
+    surface: Surface,
+    project: String,
+    model: &'a str,
+    framing: Framing,
+    arrival: Timestamp,
+}
+
+impl Sim {
+    /// The model a call names, if it is served (not retired) for the call's framing.
+    fn model_spec(&self, call: &Call<'_>) -> Option<&ModelSpec> {
+        let today = call
+            .arrival
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .date();
+        self.models.get(call.model).filter(|m| {
+            m.predict == (call.framing == Framing::Predict)
+                && !m.is_retired(today)
+                && !self.config.retired.iter().any(|r| r == call.model)
+        })
+    }
+}
+
+fn framing_of(method: &str, query: &HashMap<String, String>) -> Option<Framing> {
+    Some(match method {
+        "generateContent" => Framing::Json,
+        "streamGenerateContent" if query.get("alt").map(String::as_str) == Some("sse") => {
+            Framing::Sse
+        }
+        "streamGenerateContent" => Framing::Array,
+        "predict" => Framing::Predict,
+        _ => return None,
+    })
+}
+
+/// Counts, decides and answers a call that reached a model.
+async fn generate(
+    sim: &Sim,
+    call: Call<'_>,
+    spec: &ModelSpec,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let Call {
+        surface,
+        project,
+        model,
+        framing,
+        arrival,
+    } = call;
     // From here on the request reached the model: it counts as an arrival, whatever the
     // answer, before any decision about it.
     let arrival = Arrival {
@@ -532,9 +683,9 @@ async fn model_action(
             .map(str::to_owned),
     };
     let parsed = if framing == Framing::Predict {
-        predict_request(&body)
+        predict_request(body)
     } else {
-        validate::generate_content(&body, spec)
+        validate::generate_content(body, spec)
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -557,7 +708,7 @@ async fn model_action(
         images: 1,
         spend_micros: spec.spend_micros(tokens, caption_tokens, image_tokens, price),
     };
-    if let Some(kind) = draw_fault(&sim) {
+    if let Some(kind) = draw_fault(sim) {
         sim.with_quota(&arrival.project, model, |q, seen| {
             q.count_arrival(arrival.at, costs, arrival.ticket_seen(seen));
             q.fault(kind);
@@ -568,7 +719,10 @@ async fn model_action(
     // quotas), so concurrent requests cannot overspend a prepaid balance.
     {
         let mut credits = sim.credits.lock().unwrap_or_else(|p| p.into_inner());
-        let left = credits.get_mut(&arrival.project);
+        // Prepaid credit is the Gemini API's (Vertex bills a Cloud billing account).
+        let left = credits
+            .get_mut(&arrival.project)
+            .filter(|_| surface == Surface::GeminiApi);
         if left.as_deref().is_some_and(|left| *left < price.max(1)) {
             sim.count_only(&arrival, costs);
             // Google's words for it (reported on 402s, and in 2026 on 429s too); the
@@ -584,13 +738,16 @@ async fn model_action(
             q.arrive(arrival.at, costs, arrival.ticket_seen(seen))
         });
         if let Err(exceeded) = decided {
-            return quota_exceeded(&sim, model, &exceeded);
+            return match surface {
+                Surface::GeminiApi => quota_exceeded(sim, model, &exceeded),
+                Surface::Vertex => vertex_exhausted(),
+            };
         }
         if let Some(left) = left {
             *left = left.saturating_sub(price);
         }
     }
-    let wait = latency(&sim);
+    let wait = latency(sim);
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
@@ -603,7 +760,7 @@ async fn model_action(
         return reset_response();
     }
     let answer = answer(
-        &sim,
+        sim,
         spec,
         &parsed,
         tokens,
@@ -629,6 +786,85 @@ async fn model_action(
                 .into_response()
         }
     }
+}
+
+/// Vertex's answer to a spent shared quota: a bare 429 that names no quota and no delay.
+fn vertex_exhausted() -> Response {
+    google_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RESOURCE_EXHAUSTED",
+        "Resource exhausted. Please try again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details.",
+        Vec::new(),
+    )
+}
+
+/// The OAuth token endpoint: a JWT-bearer grant from a service account gets an access
+/// token the Vertex routes accept. The assertion's claims are checked as Google's endpoint
+/// checks them (issuer, a scope, not expired); its signature is not (the simulator holds no
+/// public keys).
+async fn issue_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let refuse = |why: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "invalid_grant", "error_description": why}),
+        )
+    };
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+    {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}),
+        );
+    }
+    let Some(claims) = form
+        .get("assertion")
+        .and_then(|jwt| jwt.split('.').nth(1))
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
+    else {
+        return refuse("Invalid JWT: could not decode the assertion.");
+    };
+    if claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        return refuse("Invalid JWT: no issuer (iss).");
+    }
+    if claims
+        .get("scope")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
+        return refuse("Invalid OAuth scope or ID token audience provided.");
+    }
+    let now = Timestamp::now().as_second();
+    if claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .is_none_or(|exp| exp <= now)
+    {
+        return refuse(
+            "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.",
+        );
+    }
+    let token = format!("ya29.sim-{}", random_id());
+    sim.tokens
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(token.clone());
+    json_response(
+        StatusCode::OK,
+        &json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}),
+    )
 }
 
 fn predict_request(body: &[u8]) -> Result<Parsed, Violation> {

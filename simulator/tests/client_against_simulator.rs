@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use pacer_core::{
-    gemini::{GeminiClient, GeminiConfig},
+    gemini::{GeminiClient, GeminiConfig, vertex::AccessTokens},
     models::ImageSize,
     provider::{
         ApiKey, BlockReason, CallContext, Disposition, ImageProvider, ImageRequest, ProviderError,
@@ -659,4 +659,142 @@ async fn reset_forgets_counts_and_windows() {
     let stats = sim.stats();
     assert_eq!(stats["models"][PRO]["arrivals"], 1);
     assert_eq!(stats["models"][PRO]["tickets"]["duplicates"], 0);
+}
+
+/// An empty directory of this test's own.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pacer-sim-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creates a scratch directory");
+    dir
+}
+
+/// A service-account key file whose `token_uri` is the simulator's token endpoint, with a
+/// fresh RSA key (made by openssl, as Google's key download holds a PKCS#8 key).
+fn vertex_key_file(sim: &RunningSimulator, dir: &std::path::Path) -> std::path::PathBuf {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = serde_json::json!({
+        "type": "service_account",
+        "project_id": "vertex-proj",
+        "private_key_id": "sim-key-1",
+        "private_key": String::from_utf8(out.stdout).expect("pem"),
+        "client_email": "pacer@vertex-proj.iam.gserviceaccount.com",
+        "client_id": "1",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": format!("{}/token", sim.url()),
+    });
+    let path = dir.join("sa.json");
+    std::fs::write(&path, key.to_string()).expect("writes the key file");
+    path
+}
+
+fn vertex_client(sim: &RunningSimulator, key_file: &std::path::Path) -> GeminiClient {
+    let tokens = std::sync::Arc::new(AccessTokens::from_key_file(key_file));
+    GeminiClient::new(
+        GeminiConfig::vertex("vertex-proj", "us-central1", tokens).base_url(sim.url()),
+    )
+    .expect("client")
+}
+
+#[tokio::test]
+async fn vertex_calls_carry_an_oauth_token_and_bill_the_project_in_the_path() {
+    let sim = start(SimConfig {
+        projects: vec!["ai-studio".into(), "vertex-proj".into()],
+        limits: vec![
+            format!("vertex-proj/{PRO}:rpm=1,window=30")
+                .parse()
+                .expect("limit"),
+        ],
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = scratch_dir("vertex-path");
+    let key_file = vertex_key_file(&sim, &dir);
+    let vertex = vertex_client(&sim, &key_file);
+    let r = vertex.generate(PRO, &req()).await.expect("image on Vertex");
+    assert_eq!(r.images[0].mime_type, "image/png");
+    // Vertex's shared quota answers a bare 429: no quota named, no delay.
+    let e = vertex
+        .generate(PRO, &req())
+        .await
+        .expect_err("over the quota");
+    assert!(
+        matches!(
+            e,
+            ProviderError::RateLimitedBare {
+                retry_delay: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let stats = sim.stats();
+    assert_eq!(
+        stats["projects"]["vertex-proj"][PRO]["arrivals"], 2,
+        "{stats}"
+    );
+    assert!(stats["projects"].get("ai-studio").is_none(), "{stats}");
+    // An AI Studio key on a Vertex route, or a token the endpoint never issued: 401.
+    let (status, _, body) = raw(
+        &sim,
+        &format!("/v1/projects/vertex-proj/locations/global/publishers/google/models/{PRO}:generateContent"),
+        r#"{"contents":[{"parts":[{"text":"x"}]}]}"#,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("UNAUTHENTICATED"), "{body}");
+}
+
+#[tokio::test]
+async fn vertex_refuses_a_project_it_does_not_serve_and_a_broken_credential_is_an_account_problem()
+{
+    let sim = start(SimConfig {
+        projects: vec!["other".into()],
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = scratch_dir("vertex-refusals");
+    let key_file = vertex_key_file(&sim, &dir);
+    let e = vertex_client(&sim, &key_file)
+        .generate(PRO, &req())
+        .await
+        .expect_err("project not served");
+    assert!(
+        matches!(e, ProviderError::Unauthorized { status: 403, .. }),
+        "{e:?}"
+    );
+    let missing = dir.join("missing.json");
+    let e = vertex_client(&sim, &missing)
+        .generate(PRO, &req())
+        .await
+        .expect_err("no key file");
+    match &e {
+        ProviderError::Unauthorized {
+            status: 401,
+            message,
+        } => {
+            assert!(message.contains("missing.json"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let stats = sim.stats();
+    assert_eq!(
+        stats["projects"],
+        serde_json::json!({}),
+        "nothing reached a model: {stats}"
+    );
 }

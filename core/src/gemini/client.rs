@@ -1,12 +1,14 @@
 //! [`GeminiClient`]: `POST {base}/{version}/models/{model}:generateContent`, key in
 //! `x-goog-api-key` (never in the URL, so it cannot reach a log line through an error), the
-//! call's limiter booking in [`TICKET_HEADER`].
-use std::time::Duration;
+//! call's limiter booking in [`TICKET_HEADER`]. On Vertex AI ([`GeminiConfig::vertex`]) the
+//! same body goes to the project's route with an OAuth access token instead of a key.
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
 use super::{
     decode::{decode_error, decode_response},
+    vertex::{self, AccessTokens, VertexTarget},
     wire::{Content, GenerateContentRequest, GenerationConfig, ImageConfig, Part},
 };
 use crate::provider::{
@@ -44,6 +46,8 @@ pub struct GeminiConfig {
     pub api_version: ApiVersion,
     /// Whole-request timeout; the answer of an image model takes 5 to 40 s.
     pub timeout: Duration,
+    /// Vertex AI: the project's route and an access token (the key is not sent).
+    pub vertex: Option<VertexTarget>,
 }
 
 impl GeminiConfig {
@@ -53,6 +57,28 @@ impl GeminiConfig {
             api_key,
             api_version: ApiVersion::default(),
             timeout: Duration::from_secs(120),
+            vertex: None,
+        }
+    }
+
+    /// Gemini on Vertex AI for `project` in `location`, authorized by `tokens`: Vertex's
+    /// endpoint for the location and its `v1` API.
+    pub fn vertex(
+        project: impl Into<String>,
+        location: impl Into<String>,
+        tokens: Arc<AccessTokens>,
+    ) -> GeminiConfig {
+        let location = location.into();
+        GeminiConfig {
+            base_url: vertex::base_url(&location),
+            api_key: ApiKey::new(""),
+            api_version: ApiVersion::V1,
+            timeout: Duration::from_secs(120),
+            vertex: Some(VertexTarget {
+                project: project.into(),
+                location,
+                tokens,
+            }),
         }
     }
 
@@ -129,11 +155,15 @@ impl GeminiClient {
                 violations: Vec::new(),
             });
         }
-        Ok(format!(
-            "{}/{}/models/{model}:generateContent",
-            self.config.base_url.trim_end_matches('/'),
-            self.config.api_version.as_str()
-        ))
+        let base = self.config.base_url.trim_end_matches('/');
+        let version = self.config.api_version.as_str();
+        Ok(match &self.config.vertex {
+            Some(target) => format!(
+                "{base}/{}:generateContent",
+                target.model_path(version, model)?
+            ),
+            None => format!("{base}/{version}/models/{model}:generateContent"),
+        })
     }
 
     fn transport(&self, e: reqwest::Error) -> ProviderError {
@@ -159,10 +189,11 @@ impl GeminiClient {
 impl ImageProvider for GeminiClient {
     async fn generate(&self, model: &str, req: &ImageRequest) -> Result<ImageResponse> {
         let url = self.url(model)?;
-        let mut call = self
-            .http
-            .post(url)
-            .header("x-goog-api-key", self.config.api_key.expose());
+        let mut call = self.http.post(url);
+        call = match &self.config.vertex {
+            Some(target) => call.bearer_auth(target.tokens.token().await?),
+            None => call.header("x-goog-api-key", self.config.api_key.expose()),
+        };
         if let Some(ticket) = req.ticket_header() {
             call = call.header(TICKET_HEADER, ticket);
         }

@@ -5,8 +5,10 @@
 //!   [`ProviderError`](crate::provider::ProviderError), plus the duration formats Google
 //!   uses (`RetryInfo`'s protobuf durations, Go durations in messages).
 //! - [`client`]: [`GeminiClient`], one HTTP call per `generate`, no retries inside.
+//! - [`vertex`]: the same calls on Vertex AI (project route, OAuth access tokens).
 pub mod client;
 pub mod decode;
+pub mod vertex;
 pub mod wire;
 
 pub use client::{ApiVersion, GeminiClient, GeminiConfig};

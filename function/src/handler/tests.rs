@@ -232,6 +232,7 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
         api_key_env: None,
         window_margin_ms: Some(0),
         base_url: None,
+        vertex: None,
     };
     let chain = CompiledChain {
         name: "default/chain".into(),

@@ -728,6 +728,7 @@ mod tests {
             api_key_env: None,
             window_margin_ms: None,
             base_url: None,
+            vertex: None,
         };
         assert_eq!(quota_owner(&pool, "a", Some("b")), "b");
         assert_eq!(quota_owner(&pool, "a", Some("models/b")), "b");
