@@ -29,6 +29,8 @@ async fn google_genai_sdk_talks_to_the_simulator() {
     )
     .join("../tests/python/test_sdk_against_simulator.py");
     let sim = Simulator::new(SimConfig {
+        // The first project takes the SDK's key; the Vertex checks name the second.
+        projects: vec!["sim-project".into(), "vertex-proj".into()],
         limits: vec!["gemini-3-pro-image:rpm=1".parse().expect("limit")],
         ..SimConfig::default()
     })

@@ -1,7 +1,8 @@
 """Google's own SDK (google-genai) against the Pacer simulator.
 
 Run by simulator/tests/sdk_against_simulator.rs with the simulator's URL as the first
-argument. The simulator is started with `gemini-3-pro-image:rpm=1` and any key accepted.
+argument. The simulator is started with `gemini-3-pro-image:rpm=1`, any key accepted (for
+project sim-project), and project vertex-proj served on its Vertex AI routes.
 If the SDK cannot talk to the simulator, the simulator is wrong.
 """
 
@@ -174,7 +175,77 @@ def main(base_url: str) -> None:
             assert e.code == 400 and e.status == "INVALID_ARGUMENT", e
             assert "image_size" in e.message, e
 
+    check_vertex(base_url)
     print("google-genai SDK: all checks passed")
+
+
+def check_vertex(base_url: str) -> None:
+    """The Vertex AI routes, with a service account's OAuth token from the simulator's
+    token endpoint, fetched and signed by Google's own auth library."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.oauth2 import credentials as user_credentials
+    from google.oauth2 import service_account
+
+    pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    creds = service_account.Credentials.from_service_account_info(
+        {
+            "type": "service_account",
+            "project_id": "vertex-proj",
+            "private_key_id": "sdk-key",
+            "private_key": pem,
+            "client_email": "sdk@vertex-proj.iam.gserviceaccount.com",
+            "client_id": "1",
+            "token_uri": f"{base_url}/token",
+        },
+        scopes=["https://www.googleapis.com/auth/cloud-platform"],
+    )
+    vertex = genai.Client(
+        vertexai=True,
+        project="vertex-proj",
+        location="us-central1",
+        credentials=creds,
+        http_options=types.HttpOptions(base_url=base_url),
+    )
+    response = vertex.models.generate_content(
+        model=PRO,
+        contents="a lighthouse at dusk",
+        config=types.GenerateContentConfig(
+            response_modalities=["IMAGE"],
+            image_config=types.ImageConfig(aspect_ratio="1:1", image_size="1K"),
+        ),
+    )
+    (blob,) = image_parts(response)
+    assert png_size(blob.data)[0] == png_size(blob.data)[1], "1:1 expected"
+    assert creds.token and creds.token.startswith("ya29."), creds.token
+    # Vertex's shared quota: a bare 429 naming no quota (rpm=1 on this project too).
+    try:
+        vertex.models.generate_content(model=PRO, contents="again")
+        raise AssertionError("expected a 429 on Vertex")
+    except errors.ClientError as e:
+        assert e.code == 429 and e.status == "RESOURCE_EXHAUSTED", e
+        assert not (e.details or {}).get("error", {}).get("details"), e.details
+    # A token the endpoint never issued.
+    stranger = genai.Client(
+        vertexai=True,
+        project="vertex-proj",
+        location="us-central1",
+        credentials=user_credentials.Credentials(token="ya29.forged"),
+        http_options=types.HttpOptions(base_url=base_url),
+    )
+    try:
+        stranger.models.generate_content(model=FLASH, contents="x")
+        raise AssertionError("expected a 401 for a forged token")
+    except errors.ClientError as e:
+        assert e.code == 401 and e.status == "UNAUTHENTICATED", e
 
 
 if __name__ == "__main__":
