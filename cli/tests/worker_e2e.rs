@@ -918,3 +918,131 @@ async fn each_pool_calls_with_its_own_project_key() {
         .collect();
     assert_eq!(seen, ["proj-a", "proj-b"], "no call under another key");
 }
+
+/// A service-account key file (a fresh RSA key from openssl) whose `token_uri` is the
+/// simulator's token endpoint.
+fn vertex_key_file(dir: &std::path::Path, sim_url: &str, project: &str) -> std::path::PathBuf {
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = serde_json::json!({
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": "e2e",
+        "private_key": String::from_utf8(out.stdout).expect("pem"),
+        "client_email": format!("pacer@{project}.iam.gserviceaccount.com"),
+        "client_id": "1",
+        "token_uri": format!("{sim_url}/token"),
+    });
+    std::fs::create_dir_all(dir).expect("key dir");
+    let path = dir.join("sa.json");
+    std::fs::write(&path, key.to_string()).expect("key file");
+    path
+}
+
+/// Issue 13, Vertex AI: its shared quota publishes no limit and answers bare 429s. The
+/// pool declares 10 calls per 5 s; the project's share at the simulator is 5. The workers
+/// call Vertex's route with a service account's access token, and every bare 429 cuts the
+/// rate all replicas book (given back after clean windows): nothing is lost, and the 429s
+/// stay few instead of half of every window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vertex_bare_429s_teach_every_replica_a_lower_rate() {
+    let rig = Rig::load();
+    let mut redis = rig.redis().await;
+    let sqs = rig.sqs().await;
+    let s3 = rig.s3().await;
+    let ns = Rig::unique("vertex");
+    let project = format!("vertex-{ns}");
+    const DECLARED: u64 = 10;
+    const SHARE: u64 = 5;
+    let mut limit = LimitSpec::new(MODEL);
+    limit.project = Some(project.clone());
+    limit.rpm = Some(SHARE);
+    limit.window = Duration::from_secs(5);
+    let sim = Simulator::new(SimConfig {
+        projects: vec![project.clone()],
+        limits: vec![limit],
+        latency: Duration::from_millis(200),
+        ..SimConfig::default()
+    })
+    .spawn()
+    .await
+    .expect("start simulator");
+    let key_file = vertex_key_file(
+        &std::env::temp_dir().join(format!("pacer-{ns}")),
+        &sim.url(),
+        &project,
+    );
+    rig.apply_config(&format!(
+        "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: vx, namespace: {ns}}}\n\
+         spec:\n  provider: vertex\n  project: {project}\n  baseUrl: {url}\n  windowMarginMs: 250\n\
+         \x20 vertex: {{location: us-central1, credentialsFile: {key}}}\n\
+         \x20 models:\n  - {{name: {MODEL}, rpm: {DECLARED}, windowSeconds: 5}}\n---\n\
+         apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: vx-chain, namespace: {ns}}}\n\
+         spec:\n  pool: vx\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: 10}}\n",
+        url = sim.url(),
+        key = key_file.display(),
+    ))
+    .await;
+    let queue_url = rig.create_queue(&ns).await;
+    let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
+    s3.create_bucket().bucket(&ns).send().await.expect("bucket");
+    let workers = ["v1", "v2"].map(|name| {
+        spawn_worker(
+            &rig,
+            (&queue_url, &result_queue_url),
+            &format!("s3://{ns}/images"),
+            &sim.url(),
+            name,
+        )
+    });
+    let _workers = Children(workers.into());
+    const N: usize = 30;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let id = format!("{ns}-{i}");
+        let body = serde_json::json!({"id": id, "chain": format!("{ns}/vx-chain"), "prompt": format!("a gannet {i}")});
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(body.to_string())
+            .send()
+            .await
+            .expect("send");
+        ids.push(id);
+    }
+    let start = Instant::now();
+    for id in &ids {
+        let record = result_by(&mut redis, id, start + Duration::from_secs(150), || {
+            format!("150 s: {}", sim.stats()["projects"])
+        })
+        .await;
+        assert_eq!(record["status"], "succeeded", "{record}");
+    }
+    let took = start.elapsed();
+    let m = sim.stats()["projects"][&project][MODEL].clone();
+    let accepted = m["accepted"].as_u64().unwrap_or(0);
+    let rejected = m["arrivals"].as_u64().unwrap_or(0) - accepted;
+    println!(
+        "vertex, declared {DECLARED}/5 s, share {SHARE}/5 s: {N} requests in {:.1} s, {rejected} bare 429s, {accepted} accepted; simulator {m}",
+        took.as_secs_f64()
+    );
+    assert_eq!(accepted, N as u64, "each request generated once: {m}");
+    // Booked at the declared rate, half of every window's calls would be refused (about
+    // N 429s); learned, a cut per burst of 429s and a probe per clean window.
+    assert!(
+        rejected <= N as u64 / 3,
+        "{rejected} bare 429s for {N} requests: the rate was not learned ({m})"
+    );
+}

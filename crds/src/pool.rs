@@ -267,6 +267,11 @@ pub struct ModelUsage {
     /// Seconds left on a cooldown set by an upstream 429 (0: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_seconds: Option<u64>,
+    /// On a shared quota that answers bare 429s (Vertex AI): the percent of the declared
+    /// request, token and image limits the replicas book now, as learned from those 429s
+    /// (lowered by each burst, raised a tenth per clean window). Absent: the declared rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_rate_percent: Option<u32>,
 }
 
 /// Use of one dimension in the current window.

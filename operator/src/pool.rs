@@ -320,6 +320,9 @@ async fn read_usage(
             daily_used: Some(usage.daily_used),
             daily_limit: usage.daily_limit,
             cooldown_seconds: Some(ceil_secs(cooldown)),
+            // Only where a cut was learned (a shared quota answering bare 429s).
+            learned_rate_percent: (usage.rate_cut_permille > 0)
+                .then(|| 100 - usage.rate_cut_permille.min(1000) / 10),
         });
     }
     Ok(out)

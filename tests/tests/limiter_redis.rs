@@ -1344,3 +1344,55 @@ async fn a_key_empty_after_a_restart_is_fenced_for_a_process_that_never_used_it(
         .expect("acquire");
     assert!(d.ticket().is_none(), "{d:?}");
 }
+
+/// Issue 13 (Vertex AI's shared quota): an unexplained 429 seen by one client cuts the
+/// rate every client books, once per window of 429s; a clean window gives a tenth back.
+/// The twin of the in-memory limiter's test, on Redis's clock.
+#[tokio::test]
+async fn unexplained_429s_cut_the_rate_for_every_client() {
+    let (url, a) = rig_limiter().await;
+    let b = connect(&url).await;
+    let key = fresh_key("learned");
+    let q = quota(Some(10), None, Duration::from_secs(4), Some(Duration::ZERO));
+    let admitted = |l: &RedisLimiter, prefix: &'static str| {
+        let (l, key, q) = (l.clone(), key.clone(), q.clone());
+        async move {
+            let mut n = 0;
+            for i in 0..12 {
+                let d = l
+                    .acquire(&key, &q, &format!("{prefix}{i}"), req(1), Duration::ZERO)
+                    .await
+                    .expect("acquire");
+                if !matches!(d, Decision::Admitted { .. }) {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        }
+    };
+    assert_eq!(admitted(&a, "a").await, 10);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for l in [&a, &b] {
+        l.penalize(&key, Duration::from_millis(100), PenaltyScope::Unexplained)
+            .await
+            .expect("penalize");
+    }
+    let u = b.usage(&key, &q).await.expect("usage");
+    assert_eq!(
+        u.rate_cut_permille, 300,
+        "the two 429s of one window cut once"
+    );
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(admitted(&b, "b").await, 7, "70 % of 10 in the next window");
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(
+        admitted(&a, "c").await,
+        1,
+        "a clean window gives back one of 10"
+    );
+    assert_eq!(
+        a.usage(&key, &q).await.expect("usage").rate_cut_permille,
+        200
+    );
+}

@@ -13,12 +13,15 @@
 --              limits the bookings were made under (l1..l4, -1: unlimited; absent in a
 --              hash written before they were), the latest start pruned from the log (pr: a
 --              window that grows past it cannot be recounted), the server the state was
---              last written on (rid: the first 48 bits of Redis's replication id), and
+--              last written on (rid: the first 48 bits of Redis's replication id), the
+--              learned cut of the windowed rates (ac, per mille: lowered by unexplained
+--              429s, raised after clean windows) and when it last changed (al), and
 --              "t:<request id>" -> the id's latest member.
 -- Neither key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
--- x (release), p (penalize), u (usage). Numbers are integers; they are formatted with %d,
+-- x (release), p (penalize: m per-minute cooldown, d per-day block, a unexplained 429 on
+-- a shared quota), u (usage). Numbers are integers; they are formatted with %d,
 -- never tostring (which turns µs times into floats with exponents).
 local log, st = KEYS[1], KEYS[2]
 local op = ARGV[1]
@@ -38,7 +41,7 @@ local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
 local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
   's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-  'l1', 'l2', 'l3', 'l4', 'pr', 'rid' }
+  'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al' }
 -- Fields that stay absent until known (everything else reads 0 when absent).
 local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
 local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -302,6 +305,23 @@ end
 -- the latest go first. Their holders' check finds them gone (Lost). The latest start (ls)
 -- stays: it is every caller's rollback hint, and new bookings still queue behind it.
 -- Returns whether the recorded limits changed.
+-- The learned cut: a shared quota that answers bare 429s (Vertex AI) has no published
+-- limit, so the rate it takes is learned. The request, token and image limits are cut by
+-- ac per mille; one window without an unexplained 429 gives back 100 per mille (additive
+-- increase), each unexplained 429 takes 30 % of what is left (multiplicative decrease, at
+-- most once per half window: the 429s of one over-full window count once). Applied to L
+-- before refit, so a cut releases the bookings beyond it like any lowered limit.
+local CUT_MAX, CUT_STEP = 900, 100
+local function learned(L, W, raise)
+  if S.ac <= 0 then return end
+  if raise and now - S.al >= W[1] then
+    S.ac, S.al = math.max(0, S.ac - CUT_STEP), now
+  end
+  for d = 1, 3 do
+    if L[d] > 0 then L[d] = math.max(1, math.floor(L[d] * (1000 - S.ac) / 1000)) end
+  end
+end
+
 local function refit(L, W)
   local known = S.l1 ~= nil
   local before = { S.l1, S.l2, S.l3, S.l4 }
@@ -420,6 +440,7 @@ if op == 'a' then
   h[6] = tonumber(ARGV[26]) or 0
   roll_day(b)
   fence(h)
+  learned(L, W, true)
   refit(L, W)
   local function reply(kind, v, blocker, costs)
     save()
@@ -548,6 +569,10 @@ elseif op == 'p' then
   else
     S.cd = math.max(S.cd, now + delay)
   end
+  if scope == 'a' and (S.ac == 0 or now - S.al >= math.floor(win[1] / 2)) then
+    S.ac = math.min(CUT_MAX, 1000 - math.floor((1000 - S.ac) * 7 / 10))
+    S.al = now
+  end
   save()
   return { 1 }
 elseif op == 'u' then
@@ -559,6 +584,7 @@ elseif op == 'u' then
   if not fresh and ARGV[6] then
     local W = { tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) }
     local L = { tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]) }
+    learned(L, W, false)
     if refit(L, W) then save() end
   end
   local out = { now }
@@ -572,6 +598,7 @@ elseif op == 'u' then
   out[#out + 1] = math.max(0, S.db - now)
   out[#out + 1] = today
   out[#out + 1] = math.max(0, S.ls - now)
+  out[#out + 1] = S.ac
   return out
 end
 return redis.error_reply('pacer limiter: unknown operation ' .. tostring(op))

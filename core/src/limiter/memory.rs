@@ -62,7 +62,16 @@ pub(crate) struct KeyState {
     limits: Option<[i64; 4]>,
     /// Request id to its latest booking (the hash's `t:<id>` fields).
     tickets: HashMap<Arc<str>, u64>,
+    /// The learned cut of the windowed rates, per mille (the hash's `ac`), and when it
+    /// last changed (`al`).
+    cut: i64,
+    cut_at: i64,
 }
+
+/// The most the learned cut takes (the rate never falls below a tenth of the limits), and
+/// what one clean window gives back.
+const CUT_MAX: i64 = 900;
+const CUT_STEP: i64 = 100;
 
 /// What the algorithm decided, before it is dressed as a [`Decision`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,6 +337,25 @@ impl KeyState {
     /// The latest start (`last_start`) stays: it is every caller's rollback hint, and new
     /// bookings still queue behind it.
     /// Returns whether the recorded limits changed.
+    /// The limits less the learned cut (the script's `learned`); with `raise`, one window
+    /// since the cut last changed gives back [`CUT_STEP`] first.
+    fn learned(&mut self, now: i64, limits: &Limits, raise: bool) -> Limits {
+        let mut cut_limits = *limits;
+        if self.cut <= 0 {
+            return cut_limits;
+        }
+        if raise && now - self.cut_at >= limits.window_us[0] {
+            self.cut = (self.cut - CUT_STEP).max(0);
+            self.cut_at = now;
+        }
+        for limit in cut_limits.limit.iter_mut().take(3) {
+            if *limit > 0 {
+                *limit = (*limit * (1000 - self.cut) / 1000).max(1);
+            }
+        }
+        cut_limits
+    }
+
     fn refit(&mut self, now: i64, limits: &Limits) -> bool {
         let before = self.limits.replace(limits.limit);
         let Some(before) = before else { return true };
@@ -398,6 +426,7 @@ impl KeyState {
         let (now, fresh) = self.begin(clock_now);
         self.roll_day(now, calendar);
         self.fence(hint, fresh);
+        let limits = &self.learned(now, limits, true);
         let _ = self.refit(now, limits);
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
@@ -657,6 +686,14 @@ impl KeyState {
         match scope {
             PenaltyScope::PerMinute => self.cooldown = self.cooldown.max(now + delay),
             PenaltyScope::PerDay => self.day_blocked = self.day_blocked.max(self.day_end),
+            PenaltyScope::Unexplained => {
+                self.cooldown = self.cooldown.max(now + delay);
+                // The 429s of one over-full window count once.
+                if self.cut == 0 || now - self.cut_at >= self.windows[0] / 2 {
+                    self.cut = CUT_MAX.min(1000 - (1000 - self.cut) * 7 / 10);
+                    self.cut_at = now;
+                }
+            }
         }
     }
 
@@ -665,9 +702,10 @@ impl KeyState {
     /// operator reads usage with the config it has just compiled, so a limit change is
     /// applied here, at once, even while every replica sleeps on its booking.
     pub(crate) fn usage(&mut self, clock_now: i64, quota: &ModelQuota) -> Usage {
-        let limits = Limits::of(quota);
+        let declared = Limits::of(quota);
         if self.generation != 0 {
             let now = clock_now.max(self.now);
+            let limits = self.learned(now, &declared, false);
             if self.refit(now, &limits) {
                 self.now = now;
             }
@@ -677,7 +715,8 @@ impl KeyState {
             .iter()
             .map(|&dim| {
                 let d = dim.index();
-                let used = if self.generation == 0 || self.last_start <= now - limits.window_us[d] {
+                let used = if self.generation == 0 || self.last_start <= now - declared.window_us[d]
+                {
                     0
                 } else {
                     self.sums[d].max(0)
@@ -702,6 +741,7 @@ impl KeyState {
             daily_limit: quota.requests_per_day,
             daily_blocked_remaining: us_dur(self.day_blocked - now),
             queue: us_dur(self.last_start - now),
+            rate_cut_permille: u32::try_from(self.cut).unwrap_or(0),
         }
     }
 

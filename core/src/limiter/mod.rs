@@ -255,6 +255,10 @@ pub enum PenaltyScope {
     PerMinute,
     /// A per-day quota: cool down until the next Pacific midnight.
     PerDay,
+    /// A bare 429 from a shared quota that publishes no limit (Vertex AI): cool down for
+    /// the delay and lower the booked rate of the request, token and image windows, for
+    /// every replica. Each clean window gives back a tenth of the limits.
+    Unexplained,
 }
 
 /// Use of one dimension, for status and monitoring.
@@ -287,6 +291,10 @@ pub struct Usage {
     pub daily_blocked_remaining: Duration,
     /// How far in the future the latest booking starts (the queue's length in time).
     pub queue: Duration,
+    /// The learned cut of the request, token and image limits, per mille (0: the declared
+    /// rate; 300: 70 % of it), set by unexplained 429s ([`PenaltyScope::Unexplained`]).
+    #[serde(default)]
+    pub rate_cut_permille: u32,
 }
 
 /// What went wrong talking to the limiter's store.

@@ -404,6 +404,7 @@ impl Limiter for RedisLimiter {
         let s = match scope {
             PenaltyScope::PerMinute => "m",
             PenaltyScope::PerDay => "d",
+            PenaltyScope::Unexplained => "a",
         };
         self.run(
             key,
@@ -448,6 +449,8 @@ impl Limiter for RedisLimiter {
             daily_used: u64::try_from(get(&r, 7)?).unwrap_or(0),
             daily_limit: quota.requests_per_day,
             queue: us_dur(get(&r, 8)?),
+            // Absent in a reply from a script before it (a mixed-version fleet).
+            rate_cut_permille: get(&r, 9).map_or(0, |c| u32::try_from(c).unwrap_or(0)),
         })
     }
 }

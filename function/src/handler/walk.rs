@@ -8,7 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use pacer_core::{
-    config::{CompiledChain, CompiledPool, CompiledStep},
+    config::{CompiledChain, CompiledPool, CompiledStep, ProviderKind},
     limiter::{Blocker, Check, Decision, Limiter, PenaltyScope, QuotaKey, Ticket},
     models::model_info,
     provider::{CallContext, Cause, Disposition, ImageProvider, ImageRequest, ProviderError},
@@ -575,6 +575,21 @@ impl Handler {
             deadline_in: deadline_in(w.req),
             day_resets_in: next_pacific_midnight(),
         };
+        // Vertex AI's shared quota publishes no limit and answers a bare 429 when the
+        // region is busy: every replica's booked rate is cut (and given back after clean
+        // windows) instead of each one retrying into it.
+        if w.pool.provider == ProviderKind::Vertex
+            && matches!(err, ProviderError::RateLimitedBare { .. })
+        {
+            let key = w.pool.key(model);
+            if let Err(e) = w
+                .limiter
+                .penalize(&key, ctx.backoff, PenaltyScope::Unexplained)
+                .await
+            {
+                tracing::warn!(error = %e, "sharing the learned rate failed");
+            }
+        }
         match err.disposition(&ctx) {
             Disposition::Retry { after } => State::Retry(after),
             Disposition::Penalize {

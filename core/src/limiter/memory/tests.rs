@@ -1138,3 +1138,52 @@ async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
     called.sort();
     assert_eq!(max_in_window(&called, 10 * SEC), 10, "{called:?}");
 }
+
+/// Issue 13: a shared quota that answers bare 429s (Vertex AI) is learned. An unexplained
+/// 429 cuts the windowed rates by 30 % for every caller (the 429s of one window count
+/// once); each clean window gives back a tenth.
+#[tokio::test]
+async fn unexplained_429s_cut_the_rate_and_clean_windows_give_it_back() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(10), None, 10, NO_MARGIN);
+    for i in 0..10 {
+        let d = l.acquire_now(&key(), &q, &format!("r{i}"), req(1), Duration::ZERO);
+        assert!(matches!(d, Decision::Admitted { .. }), "{i}: {d:?}");
+    }
+    clock.advance(Duration::from_secs(5));
+    let k = key();
+    let unexplained = || l.penalize(&k, Duration::from_secs(1), PenaltyScope::Unexplained);
+    unexplained().await.expect("ok");
+    clock.advance(Duration::from_secs(1));
+    unexplained().await.expect("ok");
+    let u = l.usage(&key(), &q).await.expect("usage");
+    assert_eq!(u.rate_cut_permille, 300, "two 429s of one window cut once");
+    // The next window takes 7, not 10.
+    clock.advance(Duration::from_secs(4));
+    let admitted = |prefix: &str| {
+        (0..10)
+            .take_while(|i| {
+                matches!(
+                    l.acquire_now(&key(), &q, &format!("{prefix}{i}"), req(1), Duration::ZERO),
+                    Decision::Admitted { .. }
+                )
+            })
+            .count()
+    };
+    assert_eq!(admitted("a"), 7);
+    // A clean window since the cut: a tenth back (8 in the window, 7 of them taken).
+    clock.advance(Duration::from_secs(5));
+    assert_eq!(admitted("b"), 1);
+    assert_eq!(
+        l.usage(&key(), &q).await.expect("usage").rate_cut_permille,
+        200
+    );
+    // Another 429 a half window later cuts 30 % of what is left: 1000 - 0.7 * 800.
+    clock.advance(Duration::from_secs(5));
+    unexplained().await.expect("ok");
+    assert_eq!(
+        l.usage(&key(), &q).await.expect("usage").rate_cut_permille,
+        440
+    );
+}
