@@ -414,6 +414,7 @@ pub fn plan_from_limits(
             max_wait_ms: max_wait.as_millis() as u64,
             aspect_ratio: None,
             image_size: None,
+            service_tier: None,
         });
     }
     let name = format!("loadtest/{run}");

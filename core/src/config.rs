@@ -165,6 +165,9 @@ pub struct CompiledStep {
     /// spells it, `"512"`, `"1K"`, …; `"0.5K"` is still read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<ImageSize>,
+    /// The service tier this step's calls ask for (None: the standard tier, unsaid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<crate::models::ServiceTier>,
 }
 
 /// Full-jitter exponential backoff for overloaded and server errors.
@@ -474,6 +477,7 @@ mod tests {
         for (size, name) in [(ImageSize::K1, "1K"), (ImageSize::K4, "4K")] {
             let step = CompiledStep {
                 image_size: Some(size),
+                service_tier: None,
                 ..step.clone()
             };
             let json = serde_json::to_string(&step).expect("serializes");

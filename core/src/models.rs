@@ -10,6 +10,47 @@ use serde::{Deserialize, Serialize};
 
 use crate::quota::{Tier, TierLimits};
 
+/// Google's inference service tiers for synchronous calls (`serviceTier` in the request
+/// body). Flex costs half the standard rates and answers in minutes, best effort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    Standard,
+    Flex,
+}
+
+impl ServiceTier {
+    /// As Google's SDKs send it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Standard => "standard",
+            ServiceTier::Flex => "flex",
+        }
+    }
+
+    /// The share of the standard price a call on this tier is billed, in percent.
+    pub fn price_percent(self) -> u64 {
+        match self {
+            ServiceTier::Standard => 100,
+            ServiceTier::Flex => 50,
+        }
+    }
+
+    /// The shortest call timeout that suits the tier: Google targets 1 to 15 minutes for a
+    /// flex answer.
+    pub fn min_call_timeout(self) -> std::time::Duration {
+        match self {
+            ServiceTier::Standard => std::time::Duration::ZERO,
+            ServiceTier::Flex => std::time::Duration::from_secs(15 * 60),
+        }
+    }
+
+    /// `micros` at this tier's price.
+    pub fn price(self, micros: u64) -> u64 {
+        micros.saturating_mul(self.price_percent()) / 100
+    }
+}
+
 /// Image sizes the models accept (`imageConfig.imageSize`). Serde reads and writes them as
 /// Google spells them (`512`, `1K`, `2K`, `4K`); `0.5K` is read as an alias of `512`, as
 /// Pacer accepted it before Google settled on `512` (Google itself refuses `0.5K`).

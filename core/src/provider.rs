@@ -55,6 +55,8 @@ pub struct ImageRequest {
     pub aspect_ratio: Option<String>,
     /// The image size (Gemini); `None` is the model's default.
     pub image_size: Option<ImageSize>,
+    /// Google's service tier (`flex`: half price, answers in minutes); `None`: standard.
+    pub service_tier: Option<crate::models::ServiceTier>,
     /// The limiter booking this call spends, `"{request_id}@{start_us}"`: unique per limiter
     /// log entry. Sent as [`TICKET_HEADER`]; never part of the body.
     pub ticket: Option<String>,

@@ -68,6 +68,21 @@ pub struct ChainStep {
     /// only; `0.5K` is read as an alias), `1K`, `2K` or `4K`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size: Option<ImageSize>,
+    /// Google's service tier for this step's calls: `flex` is billed at half the standard
+    /// rates and answers in minutes, best effort (its calls wait up to 15 minutes, within
+    /// the request's deadline); `standard` (the default) as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<ServiceTier>,
+}
+
+/// Google's synchronous inference tiers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    /// Standard rates and latency.
+    Standard,
+    /// Half the standard rates; answers in 1 to 15 minutes, best effort.
+    Flex,
 }
 
 fn default_max_wait() -> u32 {

@@ -358,6 +358,19 @@ pub fn compile_chain(
         }
         check_step_options(step)
             .map_err(|(field, problem)| err(&format!("spec.steps[{i}].{field}"), problem))?;
+        if let Some(pool) = pool
+            && step.service_tier == Some(crate::chain::ServiceTier::Flex)
+            && pool.provider != config::ProviderKind::Gemini
+        {
+            return Err(err(
+                &format!("spec.steps[{i}].serviceTier"),
+                format!(
+                    "flex is a Gemini API tier; QuotaPool {pool_name} uses provider {:?}: \
+                     remove serviceTier or use a Gemini API pool",
+                    pool.provider
+                ),
+            ));
+        }
     }
     let r = &spec.retry;
     if r.attempts == 0 {
@@ -390,6 +403,10 @@ pub fn compile_chain(
                 max_wait_ms: u64::from(s.max_wait_seconds) * 1000,
                 aspect_ratio: s.aspect_ratio.clone(),
                 image_size: s.image_size.map(image_size),
+                service_tier: s.service_tier.map(|t| match t {
+                    crate::chain::ServiceTier::Standard => models::ServiceTier::Standard,
+                    crate::chain::ServiceTier::Flex => models::ServiceTier::Flex,
+                }),
             })
             .collect(),
         retry: RetryConfig {
@@ -679,6 +696,26 @@ spec:
         assert_eq!(e.field, "spec.apiKeyEnv");
         let e = compile(&own.replace("https://proxy.example/", "proxy.example")).unwrap_err();
         assert_eq!(e.field, "spec.baseUrl");
+    }
+
+    /// Issue 13: a step may ask for the flex tier (half price, answers in minutes), on the
+    /// Gemini API only.
+    #[test]
+    fn a_flex_step_is_compiled_and_refused_off_the_gemini_api() {
+        let flex = format!("{POOL}{CHAIN}").replace(
+            "{model: gemini-3.1-flash-image}",
+            "{model: gemini-3.1-flash-image, serviceTier: flex}",
+        );
+        let c = compile(&flex).unwrap();
+        assert_eq!(
+            c.chains[0].steps[1].service_tier,
+            Some(models::ServiceTier::Flex)
+        );
+        assert_eq!(c.chains[0].steps[0].service_tier, None);
+        let e = compile(&flex.replace("  tier: Tier1\n", "  provider: openaiCompatible\n"))
+            .unwrap_err();
+        assert_eq!(e.field, "spec.steps[1].serviceTier");
+        assert!(compile(&flex.replace("serviceTier: flex", "serviceTier: cheap")).is_err());
     }
 
     /// Issue 13: a Vertex AI pool has no AI Studio tier: every rate must be declared, no

@@ -9,7 +9,9 @@ mod chain;
 pub mod compile;
 mod pool;
 
-pub use chain::{ChainStep, ImageSize, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy};
+pub use chain::{
+    ChainStep, ImageSize, ModelChain, ModelChainSpec, ModelChainStatus, RetryPolicy, ServiceTier,
+};
 pub use pool::{
     DimensionUsage, FailureMode, ModelLimits, ModelUsage, Provider, QuotaPool, QuotaPoolSpec,
     QuotaPoolStatus, SecretKeyRef, Tier, VertexSettings,

@@ -33,6 +33,7 @@ use pacer_core::{
         memory::MemoryLimiter,
         redis::RedisLimiter,
     },
+    models::ServiceTier,
     provider::{ApiKey, ImageProvider, ImageResponse},
 };
 use rand::Rng;
@@ -586,9 +587,12 @@ impl Handler {
         ticket: &Ticket,
         limiter: &dyn Limiter,
         pool: &CompiledPool,
+        tier: Option<ServiceTier>,
     ) -> Result<Generated, Miss> {
         let images = u64::try_from(resp.images.len()).unwrap_or(u64::MAX);
-        let spent = pool.spent_micros(model, resp.usage.as_ref(), images);
+        let spent = pool
+            .spent_micros(model, resp.usage.as_ref(), images)
+            .map(|micros| tier.map_or(micros, |t| t.price(micros)));
         let actual = actual_costs(&ticket.costs, resp.usage.as_ref(), images, spent);
         if actual.input_tokens > ticket.costs.input_tokens {
             tracing::warn!(

@@ -696,6 +696,8 @@ async fn generate(
         }
     };
     let (image_tokens, price) = spec.cost(parsed.image_size.as_deref()).unwrap_or((0, 0));
+    // Flex is billed at half the standard rates.
+    let tier_price = |micros: u64| if parsed.flex { micros / 2 } else { micros };
     let tokens = prompt_tokens(&parsed.prompt);
     let caption_tokens = if parsed.text_too {
         prompt_tokens(&caption(&parsed.prompt))
@@ -706,7 +708,7 @@ async fn generate(
     let costs = Costs {
         input_tokens: tokens,
         images: 1,
-        spend_micros: spec.spend_micros(tokens, caption_tokens, image_tokens, price),
+        spend_micros: tier_price(spec.spend_micros(tokens, caption_tokens, image_tokens, price)),
     };
     if let Some(kind) = draw_fault(sim) {
         sim.with_quota(&arrival.project, model, |q, seen| {
@@ -723,7 +725,10 @@ async fn generate(
         let left = credits
             .get_mut(&arrival.project)
             .filter(|_| surface == Surface::GeminiApi);
-        if left.as_deref().is_some_and(|left| *left < price.max(1)) {
+        if left
+            .as_deref()
+            .is_some_and(|left| *left < tier_price(price).max(1))
+        {
             sim.count_only(&arrival, costs);
             // Google's words for it (reported on 402s, and in 2026 on 429s too); the
             // status name of the 402 is assumed.
@@ -744,7 +749,7 @@ async fn generate(
             };
         }
         if let Some(left) = left {
-            *left = left.saturating_sub(price);
+            *left = left.saturating_sub(tier_price(price));
         }
     }
     let wait = latency(sim);
@@ -887,6 +892,7 @@ fn predict_request(body: &[u8]) -> Result<Parsed, Violation> {
             .and_then(Value::as_str)
             .map(str::to_owned),
         image_size: None,
+        flex: false,
     })
 }
 

@@ -23,6 +23,26 @@ pub struct Parsed {
     pub text_too: bool,
     pub aspect_ratio: Option<String>,
     pub image_size: Option<String>,
+    /// `serviceTier: flex`: billed at half the standard rates.
+    pub flex: bool,
+}
+
+/// `serviceTier` values, as Google's SDKs send them (the enum's names are read too).
+const SERVICE_TIERS: &[&str] = &["unspecified", "standard", "flex", "priority"];
+
+/// The request's service tier, checked.
+fn service_tier(value: &Value) -> Result<Option<String>, Violation> {
+    let Some(v) = value
+        .get("serviceTier")
+        .or_else(|| value.get("service_tier"))
+    else {
+        return Ok(None);
+    };
+    v.as_str()
+        .map(str::to_ascii_lowercase)
+        .filter(|t| SERVICE_TIERS.contains(&t.as_str()))
+        .map(Some)
+        .ok_or_else(|| invalid("service_tier", "ServiceTier", v))
 }
 
 const TOP: &[&str] = &[
@@ -34,6 +54,7 @@ const TOP: &[&str] = &[
     "tool_config",
     "cached_content",
     "model",
+    "service_tier",
 ];
 const CONTENT: &[&str] = &["role", "parts"];
 const PART: &[&str] = &[
@@ -217,6 +238,7 @@ pub fn generate_content(body: &[u8], model: &ModelSpec) -> Result<Parsed, Violat
         message: format!("Invalid JSON payload received. {e}"),
     })?;
     check_names(&value)?;
+    let tier = service_tier(&value)?;
     let request: GenerateContentRequest = serde_json::from_value(value).map_err(|e| Violation {
         field: String::new(),
         message: format!("Invalid JSON payload received. {e}"),
@@ -238,6 +260,7 @@ pub fn generate_content(body: &[u8], model: &ModelSpec) -> Result<Parsed, Violat
         text_too: true,
         aspect_ratio: None,
         image_size: None,
+        flex: tier.as_deref() == Some("flex"),
     };
     if let Some(config) = &request.generation_config {
         generation_config(config, model, &mut parsed)?;
@@ -324,6 +347,17 @@ mod tests {
         assert_eq!(p.prompt, "a cat");
         assert_eq!(p.aspect_ratio.as_deref(), Some("16:9"));
         assert!(!p.text_too);
+    }
+
+    #[test]
+    fn the_flex_tier_is_read_and_a_bad_tier_refused() {
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]}],"serviceTier":"flex"}"#;
+        assert!(generate_content(body, &pro()).expect("flex").flex);
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]}],"serviceTier":"standard"}"#;
+        assert!(!generate_content(body, &pro()).expect("standard").flex);
+        let body = br#"{"contents":[{"parts":[{"text":"a"}]}],"serviceTier":"cheap"}"#;
+        let v = generate_content(body, &pro()).expect_err("bad tier");
+        assert_eq!(v.field, "service_tier");
     }
 
     #[test]

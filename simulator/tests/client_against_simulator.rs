@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pacer_core::{
     gemini::{GeminiClient, GeminiConfig, vertex::AccessTokens},
-    models::ImageSize,
+    models::{ImageSize, ServiceTier},
     provider::{
         ApiKey, BlockReason, CallContext, Disposition, ImageProvider, ImageRequest, ProviderError,
         QuotaDimension,
@@ -797,4 +797,42 @@ async fn vertex_refuses_a_project_it_does_not_serve_and_a_broken_credential_is_a
         serde_json::json!({}),
         "nothing reached a model: {stats}"
     );
+}
+
+/// Issue 13: a step on the flex tier sends `serviceTier: flex`, which the simulator (as
+/// Google) bills at half the standard rates.
+#[tokio::test]
+async fn flex_calls_are_billed_at_half_the_standard_rates() {
+    let sim = start(SimConfig {
+        projects: vec!["standard".into(), "flex".into()],
+        keys: vec![
+            "standard=k-standard".parse().expect("key"),
+            "flex=k-flex".parse().expect("key"),
+        ],
+        ..SimConfig::default()
+    })
+    .await;
+    let standard = req().image_size(ImageSize::K1);
+    let mut flex = standard.clone();
+    flex.service_tier = Some(ServiceTier::Flex);
+    assert_eq!(
+        serde_json::to_value(GeminiClient::request_body(&flex)).expect("json")["serviceTier"],
+        "flex"
+    );
+    client(&sim, "k-standard")
+        .generate(PRO, &standard)
+        .await
+        .expect("standard image");
+    client(&sim, "k-flex")
+        .generate(PRO, &flex)
+        .await
+        .expect("flex image");
+    let stats = sim.stats();
+    let spend = |project: &str| {
+        stats["projects"][project][PRO]["max_in_any_window"]["spend"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{project}'s spend: {stats}"))
+    };
+    assert!(spend("standard") > 0, "{stats}");
+    assert_eq!(spend("flex"), spend("standard") / 2, "{stats}");
 }

@@ -175,6 +175,16 @@ def main(base_url: str) -> None:
             assert e.code == 400 and e.status == "INVALID_ARGUMENT", e
             assert "image_size" in e.message, e
 
+    # The flex tier, as the SDK sends it (serviceTier in the request body).
+    flex = client.models.generate_content(
+        model=FLASH,
+        contents="a lighthouse, no hurry",
+        config=types.GenerateContentConfig(
+            response_modalities=["IMAGE"], service_tier="flex"
+        ),
+    )
+    assert len(image_parts(flex)) == 1, flex
+
     check_vertex(base_url)
     print("google-genai SDK: all checks passed")
 

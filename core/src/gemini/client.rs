@@ -140,6 +140,7 @@ impl GeminiClient {
                 candidate_count: None,
                 image_config,
             }),
+            service_tier: req.service_tier.map(|t| t.as_str().to_owned()),
         }
     }
 

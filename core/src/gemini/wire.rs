@@ -14,6 +14,9 @@ pub struct GenerateContentRequest {
     pub contents: Vec<Content>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation_config: Option<GenerationConfig>,
+    /// `flex`, `standard` or `priority`; absent: standard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

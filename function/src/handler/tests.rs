@@ -245,6 +245,7 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
                 max_wait_ms: wait.as_millis() as u64,
                 aspect_ratio: None,
                 image_size: None,
+                service_tier: None,
             })
             .collect(),
         retry: RetryConfig {

@@ -329,6 +329,7 @@ impl Handler {
             .clone()
             .or_else(|| step.aspect_ratio.clone());
         image_req.image_size = w.req.image_size.or(step.image_size);
+        image_req.service_tier = step.service_tier;
         // The request was checked against the chain: some step takes its options, maybe
         // not this one (only 3.1 flash takes 1:8), which the provider would refuse.
         if let Some(info) = model_info(&step.model) {
@@ -342,7 +343,10 @@ impl Handler {
                 return None;
             }
         }
-        let estimate = booking_costs(w.pool, &step.model, &w.req.prompt, image_req.image_size);
+        let mut estimate = booking_costs(w.pool, &step.model, &w.req.prompt, image_req.image_size);
+        if let Some(tier) = step.service_tier {
+            estimate.spend_micros = tier.price(estimate.spend_micros);
+        }
         let mut max_wait = Duration::from_millis(step.max_wait_ms);
         if let Some(left) = deadline_in(w.req) {
             max_wait = max_wait.min(left);
@@ -517,6 +521,9 @@ impl Handler {
         delivery.attempts += 1;
         run.image_req.ticket = Some(ticket_tag(&ticket));
         let mut timeout = Duration::from_millis(w.chain.request_timeout_ms.max(1));
+        if let Some(tier) = run.step.service_tier {
+            timeout = timeout.max(tier.min_call_timeout());
+        }
         if let Some(left) = delivery.left() {
             timeout = timeout.min(left);
         }
@@ -544,6 +551,7 @@ impl Handler {
                         &ticket,
                         w.limiter.as_ref(),
                         w.pool,
+                        run.step.service_tier,
                     )
                     .await;
                 State::Done(match stored {
