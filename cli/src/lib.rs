@@ -12,6 +12,7 @@ pub mod generate;
 pub mod loadtest;
 pub mod plot;
 pub mod simulate;
+pub mod top;
 pub mod worker;
 
 /// Pacer keeps a fleet of image generators under a provider's project-wide rate limits.
@@ -40,6 +41,8 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Print live usage per pool and model.
     Usage(apply::UsageArgs),
+    /// A live terminal view of every pool and model (`--once`: one frame as text).
+    Top(top::TopArgs),
 }
 
 pub use pacer_core::process::init_tracing;
@@ -55,6 +58,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args).await,
         Command::Apply(args) => apply::apply(args).await,
         Command::Usage(args) => apply::usage(args).await,
+        Command::Top(args) => top::run(args).await,
     }
 }
 
