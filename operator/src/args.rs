@@ -54,6 +54,16 @@ pub struct RunArgs {
     /// does not hang on Redis) and the removal is retried once Redis answers.
     #[arg(long, env = "PACER_REMOVAL_PATIENCE_SECONDS", default_value_t = 60)]
     pub removal_patience_seconds: u64,
+
+    /// The typical length of one provider call, in seconds, for the replica count served
+    /// at `/scale/{namespace}/{pool}` (image models answer in 5 to 40 s).
+    #[arg(long, env = "PACER_SCALE_CALL_SECONDS", default_value_t = 20.0)]
+    pub scale_call_seconds: f64,
+
+    /// Messages one worker replica works on at once (its PACER_CONCURRENCY), for the same
+    /// replica count.
+    #[arg(long, env = "PACER_SCALE_REPLICA_CONCURRENCY", default_value_t = 64)]
+    pub scale_replica_concurrency: u32,
 }
 
 impl RunArgs {
@@ -71,6 +81,8 @@ impl RunArgs {
             lease_duration_seconds: 15,
             identity: None,
             removal_patience_seconds: 60,
+            scale_call_seconds: 20.0,
+            scale_replica_concurrency: 64,
         }
     }
 

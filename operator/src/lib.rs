@@ -21,6 +21,7 @@ pub mod error;
 mod http;
 pub mod metrics;
 mod pool;
+pub mod scale;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -79,14 +80,19 @@ impl Operator {
     ) -> Result<Operator> {
         let metrics = Arc::new(Metrics::default());
         let health = Arc::new(Health::default());
+        let scale = Arc::new(scale::ScaleBoard::new(
+            args.scale_call_seconds,
+            args.scale_replica_concurrency,
+        ));
         let metrics_addr = http::serve(
             args.metrics_addr,
             metrics.clone(),
             health.clone(),
+            scale.clone(),
             shutdown.clone(),
         )
         .await?;
-        tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
+        tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz and /scale");
 
         let redis = connect_redis(&args.redis_url, &shutdown).await?;
         health
@@ -99,6 +105,10 @@ impl Operator {
                 controller: "pacer-operator".into(),
                 instance: Some(identity),
             },
+        );
+        scale.connect(
+            ConfigStore::new(redis.clone()),
+            RedisLimiter::from_manager(redis.clone(), RedisOptions::default()),
         );
         let ctx = Arc::new(Context::new(
             client,

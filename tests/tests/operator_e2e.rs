@@ -343,6 +343,27 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
         "{text}"
     );
     assert!(text.contains("pacer_operator_usage_ratio{"), "{text}");
+    // The replicas the quota can keep busy, for KEDA's metrics-api trigger (issue 16).
+    let scale = http_get(metrics_addr, &format!("/scale/{pool_key}")).await;
+    let body = scale.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let advice: serde_json::Value = serde_json::from_str(body).expect("scale advice is JSON");
+    println!("scale advice for {pool_key}: {advice}");
+    assert!(
+        advice["callsPerSecond"].as_f64().is_some_and(|r| r > 0.0),
+        "{advice}"
+    );
+    assert!(
+        advice["replicas"]
+            .as_u64()
+            .is_some_and(|n| (1..=4).contains(&n)),
+        "a few replicas at most: {advice}"
+    );
+    assert!(
+        http_get(metrics_addr, &format!("/scale/{ns}/no-such-pool"))
+            .await
+            .contains(" 404 "),
+        "an unknown pool is 404"
+    );
     assert!(
         http_get(metrics_addr, "/readyz")
             .await
