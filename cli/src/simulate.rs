@@ -1,6 +1,7 @@
 //! `pacer simulate`: serves the Gemini simulator (see the `pacer_simulator` crate).
 use std::{net::SocketAddr, time::Duration};
 
+use anyhow::Context as _;
 use clap::Args;
 use pacer_simulator::{
     Faults, LimitSpec, SimConfig, Simulator,
@@ -129,6 +130,12 @@ pub struct SimulateArgs {
         hide_env_values = true
     )]
     pub vertex_tokens: Vec<String>,
+
+    /// Write a service-account key file for the first project to this path once listening:
+    /// its `token_uri` is this simulator, so a Vertex AI pool whose
+    /// `spec.vertex.credentialsFile` names it rehearses Google's OAuth flow.
+    #[arg(long, env = "PACER_SIM_WRITE_VERTEX_KEY")]
+    pub write_vertex_key: Option<std::path::PathBuf>,
 }
 
 impl SimulateArgs {
@@ -170,6 +177,15 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         "Gemini simulator listening; counts at GET /_sim/stats, cleared by POST /_sim/reset"
     );
     println!("http://{addr}");
+    if let Some(path) = &args.write_vertex_key {
+        let project = args.projects.first().map_or("sim-project", String::as_str);
+        std::fs::write(
+            path,
+            pacer_simulator::oauth::service_account_json(&format!("http://{addr}"), project),
+        )
+        .with_context(|| format!("writing --write-vertex-key {}", path.display()))?;
+        tracing::info!(path = %path.display(), project, "wrote a Vertex AI rehearsal key file");
+    }
     tokio::select! {
         served = simulator.serve(listener) => served?,
         _ = pacer_core::process::shutdown_signal() => tracing::info!("stopped by a signal"),

@@ -919,39 +919,6 @@ async fn each_pool_calls_with_its_own_project_key() {
     assert_eq!(seen, ["proj-a", "proj-b"], "no call under another key");
 }
 
-/// A service-account key file (a fresh RSA key from openssl) whose `token_uri` is the
-/// simulator's token endpoint.
-fn vertex_key_file(dir: &std::path::Path, sim_url: &str, project: &str) -> std::path::PathBuf {
-    let out = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = serde_json::json!({
-        "type": "service_account",
-        "project_id": project,
-        "private_key_id": "e2e",
-        "private_key": String::from_utf8(out.stdout).expect("pem"),
-        "client_email": format!("pacer@{project}.iam.gserviceaccount.com"),
-        "client_id": "1",
-        "token_uri": format!("{sim_url}/token"),
-    });
-    std::fs::create_dir_all(dir).expect("key dir");
-    let path = dir.join("sa.json");
-    std::fs::write(&path, key.to_string()).expect("key file");
-    path
-}
-
 /// Issue 13, Vertex AI: its shared quota publishes no limit and answers bare 429s. The
 /// pool declares 10 calls per 5 s; the project's share at the simulator is 5. The workers
 /// call Vertex's route with a service account's access token, and every bare 429 cuts the
@@ -980,11 +947,11 @@ async fn vertex_bare_429s_teach_every_replica_a_lower_rate() {
     .spawn()
     .await
     .expect("start simulator");
-    let key_file = vertex_key_file(
-        &std::env::temp_dir().join(format!("pacer-{ns}")),
-        &sim.url(),
-        &project,
-    );
+    let key_dir = std::env::temp_dir().join(format!("pacer-{ns}"));
+    std::fs::create_dir_all(&key_dir).expect("key dir");
+    let key_file = key_dir.join("sa.json");
+    sim.write_vertex_key_file(&key_file, &project)
+        .expect("key file");
     rig.apply_config(&format!(
         "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: vx, namespace: {ns}}}\n\
          spec:\n  provider: vertex\n  project: {project}\n  baseUrl: {url}\n  windowMarginMs: 250\n\

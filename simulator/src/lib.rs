@@ -22,6 +22,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 pub mod config;
 pub mod image;
 pub mod models;
+pub mod oauth;
 pub mod quota;
 mod server;
 pub mod validate;
@@ -112,6 +113,17 @@ impl RunningSimulator {
 
     pub fn stats(&self) -> serde_json::Value {
         self.sim.stats()
+    }
+
+    /// Writes a service-account key file for `project` whose tokens come from this
+    /// simulator (see [`oauth`]): what a Vertex AI pool's `credentialsFile` names in a
+    /// rehearsal.
+    pub fn write_vertex_key_file(
+        &self,
+        path: &std::path::Path,
+        project: &str,
+    ) -> std::io::Result<()> {
+        std::fs::write(path, oauth::service_account_json(&self.url(), project))
     }
 }
 

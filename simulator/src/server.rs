@@ -496,12 +496,7 @@ async fn model_action(
     let arrival = Timestamp::now();
     let (model, method) = action.split_once(':').unwrap_or((action.as_str(), ""));
     if version != "v1" && version != "v1beta" {
-        return google_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "Requested entity was not found.",
-            Vec::new(),
-        );
+        return unknown_version();
     }
     let Some(framing) = framing_of(method, &query) else {
         return not_found(&version, model, method);
@@ -566,12 +561,7 @@ async fn vertex_action(
         )
     };
     if version != "v1" && version != "v1beta1" {
-        return google_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "Requested entity was not found.",
-            Vec::new(),
-        );
+        return unknown_version();
     }
     let Some(framing) = framing_of(method, &query) else {
         return vertex_not_found();
@@ -641,6 +631,16 @@ impl Sim {
                 && !self.config.retired.iter().any(|r| r == call.model)
         })
     }
+}
+
+/// Google's answer to a path under an API version it does not serve.
+fn unknown_version() -> Response {
+    google_error(
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+        "Requested entity was not found.",
+        Vec::new(),
+    )
 }
 
 fn framing_of(method: &str, query: &HashMap<String, String>) -> Option<Framing> {

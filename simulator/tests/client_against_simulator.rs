@@ -669,36 +669,11 @@ fn scratch_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A service-account key file whose `token_uri` is the simulator's token endpoint, with a
-/// fresh RSA key (made by openssl, as Google's key download holds a PKCS#8 key).
+/// A key file for the simulator's Vertex routes.
 fn vertex_key_file(sim: &RunningSimulator, dir: &std::path::Path) -> std::path::PathBuf {
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ])
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = serde_json::json!({
-        "type": "service_account",
-        "project_id": "vertex-proj",
-        "private_key_id": "sim-key-1",
-        "private_key": String::from_utf8(out.stdout).expect("pem"),
-        "client_email": "pacer@vertex-proj.iam.gserviceaccount.com",
-        "client_id": "1",
-        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-        "token_uri": format!("{}/token", sim.url()),
-    });
     let path = dir.join("sa.json");
-    std::fs::write(&path, key.to_string()).expect("writes the key file");
+    sim.write_vertex_key_file(&path, "vertex-proj")
+        .expect("writes the key file");
     path
 }
 
