@@ -10,7 +10,8 @@
 //!   operator after a short run (an operator reconciling pools on the rig's apiserver, a
 //!   worker generating requests from moto's SQS against the simulator, Redis slowed and
 //!   then cut off behind toxiproxy), and every family they serve has a panel;
-//! - both are off by default, and the chart lints clean with both on.
+//! - both are off by default, the chart lints clean with both on, and the rig's apiserver
+//!   accepts the PrometheusRule and ServiceMonitor against the Prometheus Operator's CRDs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -20,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use pacer_function::{
     handler::HandlerOptions,
     queue::SqsQueue,
@@ -312,6 +314,84 @@ fn monitoring_is_off_by_default_and_lints_clean_when_on() {
     let text = stdout_and_err(&out);
     assert!(out.status.success(), "helm lint:\n{text}");
     assert!(text.contains("0 chart(s) failed"), "{text}");
+}
+
+/// The rig's apiserver, with the Prometheus Operator's own CRDs (from its Go module)
+/// applied, accepts the chart's PrometheusRule, ServiceMonitor and dashboard ConfigMap
+/// (server-side dry run: the CRDs' schemas check every rule's fields and durations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_objects_pass_the_apiservers_validation() {
+    let rig = Rig::load();
+    let client = rig.kube().await;
+    let crds = PathBuf::from(rig.get("PROMETHEUS_OPERATOR_CRDS"));
+    for kind in ["prometheusrules", "servicemonitors"] {
+        let file = crds.join(format!("monitoring.coreos.com_{kind}.yaml"));
+        let file = file.display().to_string();
+        let (ok, out, err) = kubectl(
+            &rig,
+            &["apply", "--server-side", "--force-conflicts", "-f", &file],
+            None,
+        );
+        assert!(ok, "apply the {kind} CRD ({file}): {out}{err}");
+        let name = format!("{kind}.monitoring.coreos.com");
+        let established = kube::runtime::wait::await_condition(
+            kube::Api::<CustomResourceDefinition>::all(client.clone()),
+            &name,
+            kube::runtime::wait::conditions::is_crd_established(),
+        );
+        tokio::time::timeout(Duration::from_secs(30), established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not established within 30 s"))
+            .unwrap_or_else(|e| panic!("watch CRD {name}: {e}"));
+    }
+    let ns = Rig::unique("pacer-mon");
+    create_namespace(&client, &ns).await;
+    let out = rig
+        .tool("HELM")
+        .args(["template", RELEASE])
+        .arg(chart())
+        .args(["--namespace", &ns])
+        .args(["--set", "prometheusRule.enabled=true"])
+        .args(["--set", "prometheusRule.labels.release=monitoring"])
+        .args(["--set", "prometheusRule.alertLabels.team=images"])
+        .args(["--set", "grafanaDashboard.enabled=true"])
+        .args(["--set", "serviceMonitor.enabled=true"])
+        .output()
+        .expect("run helm");
+    assert!(out.status.success(), "{}", stdout_and_err(&out));
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    let docs: Vec<&str> = rendered
+        .split("\n---")
+        .filter(|d| {
+            [
+                "kind: PrometheusRule",
+                "kind: ServiceMonitor",
+                "kind: ConfigMap",
+            ]
+            .iter()
+            .any(|k| d.contains(k))
+        })
+        .collect();
+    assert_eq!(docs.len(), 3, "rendered:\n{rendered}");
+    let (ok, stdout, err) = kubectl(
+        &rig,
+        &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+        Some(&docs.join("\n---\n")),
+    );
+    assert!(
+        ok,
+        "the apiserver rejected the monitoring objects:\n{stdout}{err}"
+    );
+    for object in [
+        "prometheusrule.monitoring.coreos.com/pacer",
+        "servicemonitor.monitoring.coreos.com/pacer-operator",
+        "configmap/pacer-dashboard",
+    ] {
+        assert!(
+            stdout.contains(&format!("{object} created (server dry run)")),
+            "{object} not accepted: {stdout}"
+        );
+    }
 }
 
 /// The metric names a PromQL expression reads. Label matchers, ranges and strings are
