@@ -317,14 +317,15 @@ fn monitoring_is_off_by_default_and_lints_clean_when_on() {
 }
 
 /// The rig's apiserver, with the Prometheus Operator's own CRDs (from its Go module)
-/// applied, accepts the chart's PrometheusRule, ServiceMonitor and dashboard ConfigMap
+/// applied, accepts the chart's PrometheusRule, ServiceMonitor, the workers' PodMonitor and
+/// the dashboard ConfigMap
 /// (server-side dry run: the CRDs' schemas check every rule's fields and durations).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitoring_objects_pass_the_apiservers_validation() {
     let rig = Rig::load();
     let client = rig.kube().await;
     let crds = PathBuf::from(rig.get("PROMETHEUS_OPERATOR_CRDS"));
-    for kind in ["prometheusrules", "servicemonitors"] {
+    for kind in ["prometheusrules", "servicemonitors", "podmonitors"] {
         let file = crds.join(format!("monitoring.coreos.com_{kind}.yaml"));
         let file = file.display().to_string();
         let (ok, out, err) = kubectl(
@@ -356,6 +357,12 @@ async fn monitoring_objects_pass_the_apiservers_validation() {
         .args(["--set", "prometheusRule.alertLabels.team=images"])
         .args(["--set", "grafanaDashboard.enabled=true"])
         .args(["--set", "serviceMonitor.enabled=true"])
+        .args(["--set", "worker.enabled=true"])
+        .args([
+            "--set",
+            "worker.queueUrl=https://sqs.us-east-1.amazonaws.com/123/pacer",
+        ])
+        .args(["--set", "worker.sink=s3://images/pacer"])
         .output()
         .expect("run helm");
     assert!(out.status.success(), "{}", stdout_and_err(&out));
@@ -366,13 +373,14 @@ async fn monitoring_objects_pass_the_apiservers_validation() {
             [
                 "kind: PrometheusRule",
                 "kind: ServiceMonitor",
+                "kind: PodMonitor",
                 "kind: ConfigMap",
             ]
             .iter()
             .any(|k| d.contains(k))
         })
         .collect();
-    assert_eq!(docs.len(), 3, "rendered:\n{rendered}");
+    assert_eq!(docs.len(), 4, "rendered:\n{rendered}");
     let (ok, stdout, err) = kubectl(
         &rig,
         &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
@@ -385,6 +393,7 @@ async fn monitoring_objects_pass_the_apiservers_validation() {
     for object in [
         "prometheusrule.monitoring.coreos.com/pacer",
         "servicemonitor.monitoring.coreos.com/pacer-operator",
+        "podmonitor.monitoring.coreos.com/pacer-worker",
         "configmap/pacer-dashboard",
     ] {
         assert!(
