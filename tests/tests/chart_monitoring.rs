@@ -11,7 +11,8 @@
 //!   worker generating requests from moto's SQS against the simulator, Redis slowed and
 //!   then cut off behind toxiproxy), and every family they serve has a panel;
 //! - both are off by default, the chart lints clean with both on, and the rig's apiserver
-//!   accepts the PrometheusRule and ServiceMonitor against the Prometheus Operator's CRDs.
+//!   accepts the PrometheusRule, the ServiceMonitor and the workers' PodMonitor against the
+//!   Prometheus Operator's CRDs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
