@@ -10,6 +10,7 @@
 //! | `pacer_function_resent_total` | | deferrals sent again as a fresh message (late receives, so the receive count restarts) |
 //! | `pacer_function_in_flight` | | messages being processed now |
 //! | `pacer_function_limiter_wait_seconds` | | booked waits returned by the limiter |
+//! | `pacer_function_limiter_unavailable_total` | `mode` | bookings decided without the shared limiter (Redis unreachable or its breaker open), by the pool's failure mode: `closed` (deferred), `open` (admitted unchecked), `local` (booked on the replica's own share); alert on any |
 use std::{
     net::SocketAddr,
     sync::{
@@ -18,6 +19,7 @@ use std::{
     },
 };
 
+use pacer_core::limiter::{Decision, Error as LimiterError, Origin};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -41,6 +43,11 @@ pub struct AccountLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     pub model: String,
     pub result: &'static str,
@@ -56,6 +63,7 @@ pub struct Metrics {
     pub resent: Counter,
     pub in_flight: Gauge,
     pub limiter_wait: Histogram,
+    pub limiter_unavailable: Family<ModeLabels, Counter>,
     /// False once the replica is shutting down (health turns 503 so it gets no new work).
     pub healthy: AtomicBool,
 }
@@ -93,6 +101,12 @@ impl Default for Metrics {
             "Booked waits from the limiter",
             limiter_wait.clone(),
         );
+        let limiter_unavailable = Family::<ModeLabels, Counter>::default();
+        registry.register(
+            "limiter_unavailable",
+            "Bookings decided without the shared limiter (Redis unreachable), by failure mode",
+            limiter_unavailable.clone(),
+        );
         Self {
             registry,
             messages,
@@ -102,12 +116,34 @@ impl Default for Metrics {
             resent,
             in_flight,
             limiter_wait,
+            limiter_unavailable,
             healthy: AtomicBool::new(true),
         }
     }
 }
 
 impl Metrics {
+    /// Counts a booking the shared limiter did not decide: the failsafe limiter refused it
+    /// (`closed`: only it answers `Unavailable`) or issued the ticket itself (`open`,
+    /// `local`). A `local` fallback that rejects leaves no ticket and is not counted; the
+    /// replica's next booking is.
+    pub fn count_limiter_fallback(&self, decision: &Result<Decision, LimiterError>) {
+        let mode = match decision {
+            Err(LimiterError::Unavailable { .. }) => "closed",
+            Ok(Decision::Admitted { ticket } | Decision::Booked { ticket, .. }) => {
+                match ticket.origin {
+                    Origin::Shared => return,
+                    Origin::Local => "local",
+                    Origin::Unchecked => "open",
+                }
+            }
+            _ => return,
+        };
+        self.limiter_unavailable
+            .get_or_create(&ModeLabels { mode })
+            .inc();
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -142,5 +178,66 @@ impl Metrics {
             }
         });
         Ok(bound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use pacer_core::{
+        limiter::{QuotaKey, Ticket},
+        quota::Costs,
+    };
+
+    use super::*;
+
+    fn ticket(origin: Origin) -> Ticket {
+        Ticket {
+            key: QuotaKey::new("p", "m"),
+            request_id: "r".into(),
+            start_us: 0,
+            costs: Costs::default(),
+            origin,
+        }
+    }
+
+    #[test]
+    fn bookings_without_the_shared_limiter_are_counted_by_mode() {
+        let m = Metrics::default();
+        let admitted = |origin| {
+            Ok(Decision::Admitted {
+                ticket: ticket(origin),
+            })
+        };
+        m.count_limiter_fallback(&admitted(Origin::Shared));
+        m.count_limiter_fallback(&Ok(Decision::Booked {
+            ticket: ticket(Origin::Shared),
+            wait: Duration::from_secs(1),
+        }));
+        m.count_limiter_fallback(&Err(LimiterError::Timeout(Duration::from_millis(1))));
+        assert!(
+            !m.render()
+                .contains("pacer_function_limiter_unavailable_total{"),
+            "{}",
+            m.render()
+        );
+        m.count_limiter_fallback(&Err(LimiterError::Unavailable {
+            retry_after: Duration::from_secs(1),
+        }));
+        m.count_limiter_fallback(&admitted(Origin::Unchecked));
+        m.count_limiter_fallback(&Ok(Decision::Booked {
+            ticket: ticket(Origin::Local),
+            wait: Duration::from_secs(1),
+        }));
+        m.count_limiter_fallback(&admitted(Origin::Local));
+        let text = m.render();
+        for line in [
+            "pacer_function_limiter_unavailable_total{mode=\"closed\"} 1",
+            "pacer_function_limiter_unavailable_total{mode=\"open\"} 1",
+            "pacer_function_limiter_unavailable_total{mode=\"local\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
     }
 }

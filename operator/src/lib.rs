@@ -138,7 +138,11 @@ impl Operator {
     /// so a stale leader never writes).
     pub async fn run(self) -> Result<()> {
         if !self.args.leader_elect {
+            // Alone by configuration: this replica leads (the leader gauge is what alerts
+            // read to know that something reconciles).
+            self.ctx.metrics.leader.set(1);
             self.controllers(self.shutdown.clone()).await;
+            self.ctx.metrics.leader.set(0);
             return Ok(());
         }
         let client = self.ctx.client.clone();

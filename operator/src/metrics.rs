@@ -7,7 +7,7 @@
 //! | `pacer_operator_reconcile_duration_seconds` | histogram | `kind` | time per reconcile |
 //! | `pacer_operator_config_writes_total` | counter | `kind` | config entries written to (or removed from) Redis |
 //! | `pacer_operator_usage_ratio` | gauge | `pool`, `model`, `dimension` | used / limit in the current window (0 to 1+) |
-//! | `pacer_operator_leader` | gauge | | 1 while this replica holds the Lease |
+//! | `pacer_operator_leader` | gauge | | 1 while this replica runs the controllers: it holds the Lease, or runs without leader election |
 use std::time::Instant;
 
 use prometheus_client::{
@@ -88,7 +88,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         registry.register(
             "leader",
-            "1 while this replica holds the leader Lease",
+            "1 while this replica runs the controllers (holds the leader Lease, or runs without leader election)",
             leader.clone(),
         );
         Metrics {

@@ -436,6 +436,7 @@ impl Handler {
                 run.max_wait,
             )
             .await;
+        self.metrics.count_limiter_fallback(&decision);
         match decision {
             Err(e) => State::Done(StepEnd::Miss(self.limiter_failed(&e, model))),
             Ok(Decision::Admitted { ticket }) => State::Call(ticket),
