@@ -89,9 +89,10 @@ impl QuotaKey {
         }
     }
 
-    /// The hash tag every Redis key of this pair shares (one Cluster slot).
+    /// The hash tag every Redis key of this pair shares (one Cluster slot; see
+    /// [`crate::keys`]).
     pub fn hash_tag(&self) -> String {
-        format!("{{pacer:{}:{}}}", self.project, self.model)
+        crate::keys::limiter_tag(&self.project, &self.model)
     }
 
     /// The Redis sorted set of booked starts.
