@@ -47,7 +47,97 @@ impl Rig {
     }
 }
 
+/// Which of the rig's Redis a test runs on: tests that take either run on both (see
+/// [`on_both_redis!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisKind {
+    /// The single server (`REDIS_URL`).
+    Single,
+    /// The three-primary Redis Cluster (`REDIS_CLUSTER_URL`, one of its nodes).
+    Cluster,
+}
+
+impl RedisKind {
+    /// The rig variable holding its URL.
+    pub fn env(self) -> &'static str {
+        match self {
+            RedisKind::Single => "REDIS_URL",
+            RedisKind::Cluster => "REDIS_CLUSTER_URL",
+        }
+    }
+}
+
+/// Runs each named `async fn name(kind: RedisKind)` as two tests, `name::single` and
+/// `name::cluster`, one per Redis of the rig.
+#[macro_export]
+macro_rules! on_both_redis {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn single() {
+                super::$name($crate::RedisKind::Single).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$name($crate::RedisKind::Cluster).await
+            }
+        }
+    )*};
+}
+
+/// A connection to the Redis at `url` that routes by key on a cluster (a test's raw
+/// commands: `DEL`, `DUMP`, `PTTL`, `GET`…), or a panic saying how to start the rig.
+pub async fn redis_at(url: &str) -> pacer_core::connection::RedisConnection {
+    pacer_core::connection::RedisConnection::open(
+        url,
+        pacer_core::connection::RedisOptions {
+            timeout: std::time::Duration::from_secs(5),
+            connect_timeout: std::time::Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!("cannot reach Redis at {url} ({e}); is the rig up? run `tests/rig/up`")
+    })
+}
+
+/// The keys matching `pattern` on every primary (`SCAN`, node by node: a cluster has no
+/// one keyspace, and Pacer itself never lists keys).
+pub async fn scan_keys(
+    conn: &pacer_core::connection::RedisConnection,
+    pattern: &str,
+) -> Vec<String> {
+    let mut scan = redis::cmd("SCAN");
+    // One SCAN call per node with a count large enough for a test's keyspace.
+    scan.arg(0)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1_000_000);
+    let mut keys = Vec::new();
+    for (node, answer) in conn
+        .on_every_primary(&scan)
+        .await
+        .unwrap_or_else(|e| panic!("SCAN {pattern}: {e}"))
+    {
+        let (cursor, found): (String, Vec<String>) = answer
+            .and_then(|v| Ok(redis::from_redis_value(v)?))
+            .unwrap_or_else(|e| panic!("SCAN {pattern} on {node:?}: {e}"));
+        assert_eq!(
+            cursor, "0",
+            "SCAN {pattern} on {node:?} did not finish in one call"
+        );
+        keys.extend(found);
+    }
+    keys
+}
+
 impl Rig {
+    /// The URL of one of the rig's Redis.
+    pub fn redis_url(&self, kind: RedisKind) -> String {
+        self.get(kind.env())
+    }
+
     /// A multiplexed connection to the rig's Redis.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         let url = self.get("REDIS_URL");

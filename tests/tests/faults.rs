@@ -351,11 +351,11 @@ impl Case {
             .expect("the case's Redis")
     }
 
-    /// Which worker names hold claims right now (`pacer:claim:<id>` = `<owner>:<token>`).
+    /// Which worker names hold claims right now (`{pacer:<id>}:claim` = `<owner>:<token>`).
     async fn claim_holders(&self) -> BTreeMap<String, usize> {
         let mut conn = self.redis_conn().await;
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("pacer:claim:*")
+            .arg("{pacer:*}:claim")
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
