@@ -740,3 +740,182 @@ impl Proxy {
         toxiproxy_call(&self.http, reqwest::Method::DELETE, &self.url(), None).await;
     }
 }
+
+/// A Redis Cluster of a test's own (three primaries, three replicas, started by
+/// `tests/rig/redis-cluster`, the script the rig's cluster comes from), for tests that kill
+/// a node: the rig's cluster is shared. Every node is SIGKILLed when it is dropped.
+pub struct RedisCluster {
+    dir: PathBuf,
+    url: String,
+    /// (port, pid) of each node, in start order.
+    nodes: Vec<(u16, u32)>,
+}
+
+impl RedisCluster {
+    /// Starts a cluster with its files under `dir`; waits until it is healthy.
+    pub fn start(rig: &Rig, dir: &std::path::Path) -> RedisCluster {
+        std::fs::create_dir_all(dir).expect("cluster folder");
+        let script = rig.get("REDIS_CLUSTER_SCRIPT");
+        let out = std::process::Command::new(&script)
+            .arg(dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("run {script} (start the rig with tests/rig/up): {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script} {} failed: {text}",
+            dir.display()
+        );
+        let var = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{script} printed no {name}: {text}"))
+                .to_owned()
+        };
+        let ports: Vec<u16> = var("REDIS_CLUSTER_PORTS")
+            .split(',')
+            .map(|p| p.parse().expect("a port"))
+            .collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let pid =
+                    std::fs::read_to_string(dir.join(format!("pids/redis-cluster-{}.pid", i + 1)))
+                        .ok()
+                        .and_then(|p| p.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("no pid for node {port}"));
+                (*port, pid)
+            })
+            .collect();
+        RedisCluster {
+            dir: dir.to_owned(),
+            url: var("REDIS_CLUSTER_URL"),
+            nodes,
+        }
+    }
+
+    /// One node's URL (any node will do: clients learn the rest).
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The ports of the nodes still running.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.0).collect()
+    }
+
+    /// The port of the primary serving `key`'s slot, as node `via` sees the cluster.
+    pub async fn primary_of(&self, key: &str) -> u16 {
+        for port in self.ports() {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+                continue;
+            };
+            let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let Ok(slot) = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async::<u16>(&mut c)
+                .await
+            else {
+                continue;
+            };
+            let Ok(slots) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<redis::Value>>(&mut c)
+                .await
+            else {
+                continue;
+            };
+            // Each range: start, end, then [host, port, id, …] of its primary, then replicas.
+            for range in slots {
+                let redis::Value::Array(parts) = range else {
+                    continue;
+                };
+                let number = |v: Option<&redis::Value>| match v {
+                    Some(redis::Value::Int(n)) => Some(*n),
+                    _ => None,
+                };
+                let (Some(a), Some(b)) = (number(parts.first()), number(parts.get(1))) else {
+                    continue;
+                };
+                let Some(redis::Value::Array(node)) = parts.get(2) else {
+                    continue;
+                };
+                if (a..=b).contains(&i64::from(slot))
+                    && let Some(p) = number(node.get(1))
+                {
+                    return u16::try_from(p).expect("a port");
+                }
+            }
+        }
+        panic!(
+            "no node of the cluster at {} knows the primary of {key}",
+            self.url
+        )
+    }
+
+    /// SIGKILLs the node on `port` (nothing saved on the way out) and forgets it.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.nodes.iter().position(|n| n.0 == port) {
+            let (_, pid) = self.nodes.remove(i);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits (bounded by `within`) until a node other than `dead` is the primary of
+    /// `key`'s slot and every live node reports `cluster_state:ok`; returns its port.
+    pub async fn wait_for_new_primary(
+        &self,
+        key: &str,
+        dead: u16,
+        within: std::time::Duration,
+    ) -> u16 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let primary = self.primary_of(key).await;
+            if primary != dead && self.all_ok().await {
+                return primary;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no replica took over from the primary on {dead} within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn all_ok(&self) -> bool {
+        for port in self.ports() {
+            let ok = async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                Some(info.lines().any(|l| l.trim() == "cluster_state:ok"))
+            }
+            .await;
+            if ok != Some(true) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for port in self.ports() {
+            self.kill(port);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
