@@ -287,6 +287,36 @@ async fn generate_everything(layout: Layout) -> String {
             "the API key leaked into a record"
         );
     }
+    // What a finished request leaves in Redis: its record (the claim is gone), as
+    // `MEMORY USAGE` counts it (key, value, TTL and allocator overhead). The README's
+    // memory figure per request comes from here.
+    let mut sizes = Vec::with_capacity(N);
+    for i in 0..N {
+        let id = format!("{ns}-r{i}");
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(pacer_core::keys::result(&id))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut redis)
+            .await
+            .expect("MEMORY USAGE");
+        let claim: Option<String> = redis
+            .get(pacer_core::keys::claim(&id))
+            .await
+            .expect("claim");
+        assert_eq!(claim, None, "{id}: a finished request still holds a claim");
+        sizes.push(bytes);
+    }
+    let (max, mean) = (
+        sizes.iter().max().copied().unwrap_or(0),
+        sizes.iter().sum::<u64>() / sizes.len().max(1) as u64,
+    );
+    eprintln!("{layout:?}: a finished request's record: {mean} bytes on average, {max} at most");
+    assert!(
+        max <= 1024,
+        "a result record takes {max} bytes (README: under 1 KiB)"
+    );
     let bad = result(&mut redis, &format!("{ns}-bad"))
         .await
         .expect("bad record");
