@@ -1349,3 +1349,43 @@ pacer_tests::on_both_redis!(
     a_window_grown_past_pruned_bookings_waits_for_them,
     a_usage_read_with_the_new_limits_applies_them_at_once,
 );
+
+/// A cluster behind an ACL user, as managed services give it: the user and password in
+/// the URL reach every node the cluster client learns of (one decision on each primary),
+/// and a wrong password is refused at connect, not at the first decision.
+#[tokio::test]
+async fn a_cluster_behind_an_acl_user_takes_the_user_from_the_url() {
+    let rig = Rig::load();
+    let user = format!("pacer-acl-{}", now_us());
+    // ACL users are per node on a cluster: create it on every node, replicas too.
+    for port in rig.get("REDIS_CLUSTER_PORTS").split(',') {
+        let mut c = raw(&format!("redis://127.0.0.1:{port}")).await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("on")
+            .arg(">s3cret")
+            .arg("resetkeys")
+            .arg("~{pacer:*")
+            .arg("~pacer:*")
+            .arg("+@all")
+            .query_async(&mut c)
+            .await
+            .expect("ACL SETUSER");
+    }
+    let url = rig.get("REDIS_CLUSTER_URL");
+    let with = |password: &str| url.replacen("redis://", &format!("redis://{user}:{password}@"), 1);
+    let l = connect(&with("s3cret")).await;
+    let q = quota(Some(10), None, Duration::from_secs(30), None);
+    // Enough pairs that every primary answers at least one.
+    for i in 0..24 {
+        let key = fresh_key(&format!("acl-{i}"));
+        let d = l
+            .acquire(&key, &q, "a", req(1), Duration::ZERO)
+            .await
+            .expect("a decision as the ACL user");
+        assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
+    }
+    let refused = RedisLimiter::connect(&with("wrong"), RedisOptions::default()).await;
+    assert!(refused.is_err(), "a wrong password was accepted");
+}
