@@ -1389,3 +1389,30 @@ async fn a_cluster_behind_an_acl_user_takes_the_user_from_the_url() {
     let refused = RedisLimiter::connect(&with("wrong"), RedisOptions::default()).await;
     assert!(refused.is_err(), "a wrong password was accepted");
 }
+
+/// One process decides for pairs on every primary of a cluster. The server a pair's state
+/// was written on is tracked per pair: a pair new to this process, on another primary than
+/// its previous decision's, is not taken for state lost in a failover (a process-wide "last
+/// server" would fence every such pair for a window).
+#[tokio::test]
+async fn pairs_on_every_primary_are_not_fenced_for_each_other() {
+    let (_, l) = rig_limiter(RedisKind::Cluster).await;
+    let q = quota(Some(10), None, Duration::from_secs(30), None);
+    let mut admitted = 0;
+    // 24 pairs: every primary holds some of them, and consecutive pairs change primary.
+    for i in 0..24 {
+        let key = fresh_key(&format!("spread-{i}"));
+        for id in ["a", "b"] {
+            let d = l
+                .acquire(&key, &q, id, req(1), Duration::ZERO)
+                .await
+                .expect("a decision");
+            assert!(
+                matches!(d, Decision::Admitted { .. }),
+                "pair {i} request {id}: {d:?}"
+            );
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 48);
+}
