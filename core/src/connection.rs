@@ -140,33 +140,45 @@ impl RedisConnection {
     }
 }
 
-/// Whether the node at `client` runs in cluster mode (`cluster_enabled:1` in `INFO
-/// cluster`). A server that refuses `INFO` is taken as standalone: managed cluster services
-/// answer it, and a refused standalone server still works.
+/// Whether the node at `client` runs in cluster mode: `cluster_enabled:1` in `INFO
+/// cluster`, or, where `INFO` is refused (a renamed or forbidden command), an answer to
+/// `CLUSTER INFO` (a standalone server refuses it: "cluster support disabled"). A server
+/// that refuses both is taken as standalone.
 async fn is_cluster(client: &redis::Client, options: RedisOptions) -> RedisResult<bool> {
     let mut probe = timed(
         options.connect_timeout,
         client.get_multiplexed_async_connection(),
     )
     .await?;
+    let limit = options.timeout.max(options.connect_timeout);
+    let refused = |e: &RedisError| {
+        matches!(
+            e.kind(),
+            redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+        )
+    };
     let info = timed(
-        options.timeout.max(options.connect_timeout),
+        limit,
         redis::cmd("INFO")
             .arg("cluster")
             .query_async::<String>(&mut probe),
     )
     .await;
     match info {
-        Ok(info) => Ok(info.lines().any(|l| l.trim() == "cluster_enabled:1")),
-        // The server refused INFO (a renamed or forbidden command): standalone.
-        Err(e)
-            if matches!(
-                e.kind(),
-                redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
-            ) =>
-        {
-            Ok(false)
-        }
+        Ok(info) => return Ok(info.lines().any(|l| l.trim() == "cluster_enabled:1")),
+        Err(e) if !refused(&e) => return Err(e),
+        Err(_) => {}
+    }
+    let cluster_info = timed(
+        limit,
+        redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async::<String>(&mut probe),
+    )
+    .await;
+    match cluster_info {
+        Ok(info) => Ok(info.contains("cluster_state:")),
+        Err(e) if refused(&e) => Ok(false),
         Err(e) => Err(e),
     }
 }

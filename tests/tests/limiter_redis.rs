@@ -1416,3 +1416,33 @@ async fn pairs_on_every_primary_are_not_fenced_for_each_other() {
     }
     assert_eq!(admitted, 48);
 }
+
+/// A server that refuses `INFO` (renamed away, as some managed services do) is still
+/// found standalone (its `CLUSTER INFO` refuses too) and decides; the script then knows no
+/// server id, and the callers' hints alone tell a lost state.
+#[tokio::test]
+async fn a_server_that_refuses_info_is_found_standalone_and_decides() {
+    let rig = Rig::load();
+    let dir = std::env::temp_dir().join(format!("pacer-noinfo-{}", now_us()));
+    let server = pacer_tests::RedisServer::start(&rig, &dir, &["--rename-command", "INFO", ""]);
+    let conn = raw(&server.url()).await;
+    assert!(
+        !conn.is_cluster(),
+        "a standalone server taken for a cluster"
+    );
+    let l = connect(&server.url()).await;
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    let key = fresh_key("noinfo");
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(60))
+        .await
+        .expect("a");
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(60))
+        .await
+        .expect("b");
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    assert!(matches!(b, Decision::Booked { .. }), "{b:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
