@@ -1446,3 +1446,63 @@ async fn a_server_that_refuses_info_is_found_standalone_and_decides() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `rediss://`: the detection probe and the limiter speak TLS to a server that only takes
+/// TLS on that port (a self-signed certificate, so the URL says `#insecure`: Pacer verifies
+/// servers against Mozilla's roots, as managed services' certificates chain to them).
+#[tokio::test]
+async fn a_tls_only_port_is_reached_with_rediss() {
+    let rig = Rig::load();
+    let dir = std::env::temp_dir().join(format!("pacer-tls-{}", now_us()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (tests/rig/install)");
+    assert!(made.success(), "openssl could not make a certificate");
+    let tls_port = free_port().to_string();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let server = pacer_tests::RedisServer::start(
+        &rig,
+        &dir,
+        &[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
+    let l = connect(&url).await;
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    let key = fresh_key("tls");
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(60))
+        .await
+        .expect("a decision over TLS");
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    // The TLS port does not speak plain Redis: the URL's scheme matters.
+    let plain = RedisLimiter::connect(
+        &format!("redis://127.0.0.1:{tls_port}"),
+        RedisOptions {
+            connect_timeout: Duration::from_secs(1),
+            ..RedisOptions::default()
+        },
+    )
+    .await;
+    assert!(plain.is_err(), "plain Redis spoken to a TLS port");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
