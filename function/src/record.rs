@@ -8,6 +8,8 @@
 //! one Cluster slot (see `pacer_core::keys`). They may live in a Redis of their own
 //! (`PACER_RECORDS_REDIS_URL`): at 2,000 requests a minute, 15 days of records are far
 //! bigger than the limiter's state, and must not push the limiter's Redis toward eviction.
+use pacer_core::connection::{RedisConnection, RedisOptions};
+use pacer_core::keys::{claim as claim_key, result as result_key};
 use pacer_core::sync::lock;
 use std::{
     collections::HashMap,
@@ -100,9 +102,6 @@ impl ResultRecord {
         }
     }
 }
-
-use pacer_core::connection::{RedisConnection, RedisOptions};
-use pacer_core::keys::{claim as claim_key, result as result_key};
 
 /// Result records and generation claims: in Redis for a fleet, in memory for one process.
 #[derive(Clone)]
