@@ -15,6 +15,7 @@
 //! one slot: [`crate::keys`] names every key and its hash tag, and nothing in Pacer uses
 //! `KEYS` or a script over keys of two slots. Commands about the server rather than a key
 //! (`INFO`, `CONFIG GET`) go to every primary through [`RedisConnection::on_every_primary`].
+//! Where `INFO` is refused, `CLUSTER INFO` decides.
 use std::time::Duration;
 
 use redis::{
@@ -65,8 +66,9 @@ impl std::fmt::Debug for RedisConnection {
 }
 
 impl RedisConnection {
-    /// Connects to `url`, detecting cluster mode from `INFO cluster` on that node. Every
-    /// attempt is bounded by `options.connect_timeout`, every command by `options.timeout`.
+    /// Connects to `url`, detecting cluster mode from that node (`INFO cluster`, or
+    /// `CLUSTER INFO` where `INFO` is refused). Every attempt is bounded by
+    /// `options.connect_timeout`, every command by `options.timeout`.
     pub async fn open(url: &str, options: RedisOptions) -> RedisResult<RedisConnection> {
         let client = redis::Client::open(url)?;
         if is_cluster(&client, options).await? {
@@ -101,7 +103,7 @@ impl RedisConnection {
         matches!(self, RedisConnection::Cluster(_))
     }
 
-    /// Runs a server command (`INFO`, `CONFIG GET`, `MEMORY USAGE` of no key…) on the one
+    /// Runs a command about the server rather than a key (`INFO`, `CONFIG GET`, `SCAN`) on the one
     /// server, or on every primary of a cluster: each node's answer (or its error) with the
     /// node's address (`""` for a standalone server).
     pub async fn on_every_primary(
