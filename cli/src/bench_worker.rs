@@ -115,6 +115,7 @@ async fn bench(args: &WorkerBenchArgs, url: &str) -> anyhow::Result<Report> {
                 spec:\n  pool: bench\n  steps:\n  - {model: gemini-3.1-flash-image}\n";
     let rt = RuntimeArgs {
         redis_url: None,
+        records_redis_url: None,
         gemini_base_url: url.to_owned(),
         gemini_api_key: Some("bench".into()),
         gemini_api_key_file: None,

@@ -676,8 +676,8 @@ async fn apply_limit(url: &str, plan: &Plan, to: u64) -> anyhow::Result<()> {
 
 /// `redis-restart`: everything in the limiter's Redis gone at once, then the config back.
 async fn restart_redis(url: &str, config: &CompiledConfig) -> anyhow::Result<()> {
-    let mut conn = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
+    // On a cluster FLUSHALL goes to every primary.
+    let mut conn = pacer_core::connection::RedisConnection::open(url, Default::default())
         .await
         .context("connecting to Redis for redis-restart")?;
     redis::cmd("FLUSHALL")

@@ -11,7 +11,7 @@ use std::{
 };
 
 use pacer_simulator::{LimitSpec, SimConfig, Simulator, config::BlockRule};
-use pacer_tests::{Children, Rig, single_model_config};
+use pacer_tests::{Children, RedisKind, Rig, scan_keys, single_model_config};
 use redis::AsyncCommands;
 
 const MODEL: &str = "gemini-3.1-flash-image";
@@ -23,6 +23,14 @@ fn spawn_worker(rig: &Rig, queues: (&str, &str), sink: &str, sim_url: &str, name
     worker_command(rig, queues, sink, sim_url, name)
         .spawn()
         .expect("start pacer worker")
+}
+
+/// Where the fleet keeps its state: the limiter and config in one of the rig's Redis,
+/// records and claims in the same one or (`PACER_RECORDS_REDIS_URL`) another.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    redis: RedisKind,
+    records: RedisKind,
 }
 
 /// A `pacer worker` on the rig, its queue and result queue, sink and provider: 3 s claim
@@ -62,11 +70,11 @@ fn worker_command(
 }
 
 async fn result(
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut (impl redis::aio::ConnectionLike + Send + Sync),
     id: &str,
 ) -> Option<serde_json::Value> {
     let raw: Option<String> = redis
-        .get(format!("pacer:result:{id}"))
+        .get(pacer_core::keys::result(id))
         .await
         .expect("redis get");
     raw.map(|r| serde_json::from_str(&r).expect("result record is JSON"))
@@ -75,7 +83,7 @@ async fn result(
 /// The final record of `id`, polled until `deadline` (a bound on the test, not a
 /// measurement); past it, panics with `context()`.
 async fn result_by(
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut (impl redis::aio::ConnectionLike + Send + Sync),
     id: &str,
     deadline: Instant,
     context: impl Fn() -> String,
@@ -95,8 +103,49 @@ async fn result_by(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
+    generate_everything(Layout {
+        redis: RedisKind::Single,
+        records: RedisKind::Single,
+    })
+    .await;
+}
+
+/// The same on the rig's Redis Cluster: limiter, config, records and claims spread over
+/// three primaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_generate_everything_on_a_redis_cluster() {
+    generate_everything(Layout {
+        redis: RedisKind::Cluster,
+        records: RedisKind::Cluster,
+    })
+    .await;
+}
+
+/// The limiter and config on the cluster, records and claims apart on the single Redis
+/// (`PACER_RECORDS_REDIS_URL`): none of them lands in the limiter's Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_keep_records_in_a_redis_of_their_own() {
+    let layout = Layout {
+        redis: RedisKind::Cluster,
+        records: RedisKind::Single,
+    };
+    let ns = generate_everything(layout).await;
     let rig = Rig::load();
-    let mut redis = rig.redis().await;
+    let limiter_redis = pacer_tests::redis_at(&rig.redis_url(layout.redis)).await;
+    let misplaced = scan_keys(&limiter_redis, &format!("{{pacer:{ns}-*")).await;
+    assert!(
+        misplaced.is_empty(),
+        "records or claims in the limiter's Redis: {misplaced:?}"
+    );
+}
+
+/// Three workers generate 60 requests (and two that fail) while one is SIGKILLed holding
+/// a claim; returns the run's namespace.
+async fn generate_everything(layout: Layout) -> String {
+    let rig = Rig::load();
+    let limiter_url = rig.redis_url(layout.redis);
+    let records_url = rig.redis_url(layout.records);
+    let mut redis = pacer_tests::redis_at(&records_url).await;
     let sqs = rig.sqs().await;
     let s3 = rig.s3().await;
     let ns = Rig::unique("e2e");
@@ -119,8 +168,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     .expect("start simulator");
 
     // The configuration, as `pacer apply` writes it: the pool matches the simulator's quota.
-    rig.apply_config(&single_model_config(&ns, MODEL, 40, 5, 3))
-        .await;
+    Rig::apply_config_at(&limiter_url, &single_model_config(&ns, MODEL, 40, 5, 3)).await;
 
     let queue_url = rig.create_queue(&ns).await;
     let result_queue_url = rig.create_queue(&format!("{ns}-results")).await;
@@ -151,13 +199,17 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     let mut workers = Children(
         (0..3)
             .map(|i| {
-                spawn_worker(
+                worker_command(
                     &rig,
                     (&queue_url, &result_queue_url),
                     &sink,
                     &sim.url(),
                     &format!("w{i}"),
                 )
+                .env("PACER_REDIS_URL", &limiter_url)
+                .env("PACER_RECORDS_REDIS_URL", &records_url)
+                .spawn()
+                .expect("start pacer worker")
             })
             .collect(),
     );
@@ -165,10 +217,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
     // with its replica id): it is mid-request, between claiming and recording.
     let start = Instant::now();
     let victim_claim = loop {
-        let keys: Vec<String> = redis
-            .keys(format!("pacer:claim:{ns}-*"))
-            .await
-            .expect("claim keys");
+        let keys = scan_keys(&redis, &format!("{{pacer:{ns}-*}}:claim")).await;
         let mut held = None;
         for key in keys {
             let owner: Option<String> = redis.get(&key).await.expect("claim owner");
@@ -238,6 +287,36 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
             "the API key leaked into a record"
         );
     }
+    // What a finished request leaves in Redis: its record (the claim is gone), as
+    // `MEMORY USAGE` counts it (key, value, TTL and allocator overhead). The README's
+    // memory figure per request comes from here.
+    let mut sizes = Vec::with_capacity(N);
+    for i in 0..N {
+        let id = format!("{ns}-r{i}");
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(pacer_core::keys::result(&id))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut redis)
+            .await
+            .expect("MEMORY USAGE");
+        let claim: Option<String> = redis
+            .get(pacer_core::keys::claim(&id))
+            .await
+            .expect("claim");
+        assert_eq!(claim, None, "{id}: a finished request still holds a claim");
+        sizes.push(bytes);
+    }
+    let (max, mean) = (
+        sizes.iter().max().copied().unwrap_or(0),
+        sizes.iter().sum::<u64>() / sizes.len().max(1) as u64,
+    );
+    eprintln!("{layout:?}: a finished request's record: {mean} bytes on average, {max} at most");
+    assert!(
+        max <= 1024,
+        "a result record takes {max} bytes (README: under 1 KiB)"
+    );
     let bad = result(&mut redis, &format!("{ns}-bad"))
         .await
         .expect("bad record");
@@ -356,6 +435,7 @@ async fn workers_generate_everything_survive_sigkill_and_never_regenerate() {
         after, accepted,
         "a redelivered message reached the provider again"
     );
+    ns
 }
 
 /// `pacer loadtest --processes`: four replica processes of this binary share only Redis
@@ -490,7 +570,7 @@ async fn a_worker_frozen_past_its_claim_does_not_call_on_waking() {
                 continue;
             }
             let owner: Option<String> = redis
-                .get(format!("pacer:claim:{id}"))
+                .get(pacer_core::keys::claim(&id))
                 .await
                 .expect("claim owner");
             if owner.is_some_and(|o| o.starts_with("w0:")) {

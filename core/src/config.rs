@@ -2,13 +2,14 @@
 //! model) and chains (the fallback order a workload uses), as the operator or `pacer apply`
 //! wrote them into Redis.
 //!
-//! Layout in Redis (one logical database, no hash tags needed: config is read rarely):
+//! Layout in Redis (one hash tag, so a change is one `MULTI` on one Cluster slot; see
+//! [`crate::keys`] for every key):
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `pacer:config:pools` | hash | pool name (`namespace/name`) → JSON [`CompiledPool`] |
-//! | `pacer:config:chains` | hash | chain name (`namespace/name`) → JSON [`CompiledChain`] |
-//! | `pacer:config:version` | integer | bumped in the same transaction as every change |
+//! | `{pacer:config}:pools` | hash | pool name (`namespace/name`) → JSON [`CompiledPool`] |
+//! | `{pacer:config}:chains` | hash | chain name (`namespace/name`) → JSON [`CompiledChain`] |
+//! | `{pacer:config}:version` | integer | bumped in the same transaction as every change |
 //!
 //! Replicas poll the version (one `GET`, twice a second by default) and reload both hashes
 //! when it moves, so a `kubectl apply` reaches every replica within about a second, and
@@ -22,12 +23,8 @@ use tokio::sync::watch;
 
 use crate::models::ImageSize;
 
-/// Redis key of the pools hash.
-pub const POOLS_KEY: &str = "pacer:config:pools";
-/// Redis key of the chains hash.
-pub const CHAINS_KEY: &str = "pacer:config:chains";
-/// Redis key of the configuration version.
-pub const VERSION_KEY: &str = "pacer:config:version";
+use crate::connection::{RedisConnection, RedisOptions};
+pub use crate::keys::{CHAINS_KEY, POOLS_KEY, VERSION_KEY};
 
 /// The provider API a pool's project lives on.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -289,14 +286,14 @@ impl ConfigError {
 /// Reads and writes the compiled configuration in Redis.
 #[derive(Clone)]
 pub struct ConfigStore {
-    redis: redis::aio::ConnectionManager,
+    redis: RedisConnection,
 }
 
 /// The Redis key of a pool's account alert: raised by a replica whose provider answered
 /// that the account is broken (bad key, spent credit), expiring unless raised again; the
 /// operator shows it as the pool's `AccountProblem` condition.
 pub fn account_alert_key(pool: &str) -> String {
-    format!("pacer:alert:account:{pool}")
+    crate::keys::account_alert(pool)
 }
 
 impl ConfigStore {
@@ -305,15 +302,26 @@ impl ConfigStore {
         Ok(self.redis.clone().get(account_alert_key(pool)).await?)
     }
 
-    /// A store over an existing connection manager.
-    pub fn new(redis: redis::aio::ConnectionManager) -> Self {
+    /// A store over an existing connection (share one per process).
+    pub fn new(redis: RedisConnection) -> Self {
         Self { redis }
     }
 
-    /// Connects to `url` (`redis://`, `rediss://`, with a password or ACL user).
+    /// Connects to `url` (`redis://`, `rediss://`, with a password or ACL user; any node
+    /// of a Redis Cluster).
     pub async fn connect(url: &str) -> Result<Self, ConfigError> {
-        let client = redis::Client::open(url)?;
-        Ok(Self::new(redis::aio::ConnectionManager::new(client).await?))
+        let options = RedisOptions {
+            // Config reads are rare and not on a request's path: a slow answer is better
+            // than a failed reload.
+            timeout: Duration::from_secs(5),
+            ..RedisOptions::default()
+        };
+        Ok(Self::new(RedisConnection::open(url, options).await?))
+    }
+
+    /// The connection this store uses (to share with a limiter).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.redis
     }
 
     /// Writes (or replaces) a pool and bumps the version, atomically.

@@ -3,6 +3,10 @@
 //!
 //! - [`config`]: the compiled configuration (pools and chains) and its layout in Redis,
 //!   written by the operator or `pacer apply` and watched by every replica.
+//! - [`connection`]: the one way into Redis: a standalone server or a Redis Cluster,
+//!   detected from any node's URL.
+//! - [`keys`]: every Redis key Pacer writes and the hash tag that keeps the keys of one
+//!   script or transaction in one Cluster slot.
 //! - [`pacific`]: the provider's calendar day (requests per day reset at midnight in
 //!   America/Los_Angeles), with 23 h and 25 h days computed from the tz database.
 //! - [`provider`]: the [`provider::ImageProvider`] trait every backend implements, its
@@ -24,7 +28,9 @@
 //! - [`process`]: one tracing set-up and one shutdown signal for every binary.
 //! - [`sync`]: locking that survives a panicking holder.
 pub mod config;
+pub mod connection;
 pub mod gemini;
+pub mod keys;
 pub mod limiter;
 pub mod measure;
 pub mod models;

@@ -2,8 +2,14 @@
 //! optionally sent to a result queue). It is the other half of idempotency: a request
 //! whose record is final is acknowledged on redelivery without any work.
 //!
-//! Keys: `pacer:result:<id>` (JSON, kept [`RESULT_TTL`]) and `pacer:claim:<id>` (which
+//! Keys: `{pacer:<id>}:result` (JSON, kept [`RESULT_TTL`]) and `{pacer:<id>}:claim` (which
 //! replica is generating it right now, with a lease so a crashed replica's claim expires).
+//! The two share a hash tag, so the script that stores a record and drops its claim runs on
+//! one Cluster slot (see `pacer_core::keys`). They may live in a Redis of their own
+//! (`PACER_RECORDS_REDIS_URL`): at 2,000 requests a minute, 15 days of records are far
+//! bigger than the limiter's state, and must not push the limiter's Redis toward eviction.
+use pacer_core::connection::{RedisConnection, RedisOptions};
+use pacer_core::keys::{claim as claim_key, result as result_key};
 use pacer_core::sync::lock;
 use std::{
     collections::HashMap,
@@ -97,21 +103,23 @@ impl ResultRecord {
     }
 }
 
-fn result_key(id: &str) -> String {
-    format!("pacer:result:{id}")
-}
-
-fn claim_key(id: &str) -> String {
-    format!("pacer:claim:{id}")
-}
-
 /// Result records and generation claims: in Redis for a fleet, in memory for one process.
 #[derive(Clone)]
 pub enum Records {
     /// Shared by every replica.
-    Redis(redis::aio::ConnectionManager),
+    Redis(RedisRecords),
     /// One process only (`pacer demo`, `pacer generate` without Redis).
     Memory(Arc<Mutex<MemoryRecords>>),
+}
+
+/// The fleet's records in Redis.
+#[derive(Clone)]
+pub struct RedisRecords {
+    /// Result records and claims.
+    records: RedisConnection,
+    /// The limiter's Redis (the same connection unless records live apart), where account
+    /// alerts go: the operator and every replica read them with the config.
+    alerts: RedisConnection,
 }
 
 /// The in-memory store's contents.
@@ -132,19 +140,32 @@ impl Records {
         Records::Memory(Arc::default())
     }
 
-    /// The fleet's store in the Redis at `url` (one managed, reconnecting connection).
+    /// The fleet's store in the Redis at `url` (standalone or any node of a Cluster; one
+    /// reconnecting connection), with account alerts in the same Redis.
     pub async fn redis(url: &str) -> Result<Self, RecordError> {
-        let client = redis::Client::open(url)?;
-        Ok(Records::Redis(
-            redis::aio::ConnectionManager::new(client).await?,
-        ))
+        let conn = RedisConnection::open(url, Self::options()).await?;
+        Ok(Self::redis_apart(conn.clone(), conn))
+    }
+
+    /// Records and claims on `records`, account alerts on `alerts` (the limiter's Redis).
+    pub fn redis_apart(records: RedisConnection, alerts: RedisConnection) -> Self {
+        Records::Redis(RedisRecords { records, alerts })
+    }
+
+    /// Settings for a records connection: a record is written once per request, so a
+    /// slow answer is waited for longer than a limiter decision is.
+    pub fn options() -> RedisOptions {
+        RedisOptions {
+            timeout: Duration::from_secs(2),
+            ..RedisOptions::default()
+        }
     }
 
     /// The final record of `id`, if there is one.
     pub async fn get(&self, id: &str) -> Result<Option<ResultRecord>, RecordError> {
         match self {
-            Records::Redis(redis) => {
-                let raw: Option<String> = redis.clone().get(result_key(id)).await?;
+            Records::Redis(r) => {
+                let raw: Option<String> = r.records.clone().get(result_key(id)).await?;
                 // A record that does not parse is treated as absent: the request runs again
                 // and overwrites it (the sink check still prevents a second generation).
                 Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
@@ -158,7 +179,7 @@ impl Records {
     /// never replaced by a failed one (a malformed duplicate of a finished request).
     pub async fn put(&self, record: &ResultRecord, owner: &str) -> Result<(), RecordError> {
         match self {
-            Records::Redis(redis) => {
+            Records::Redis(r) => {
                 let script = redis::Script::new(
                     r#"local cur = redis.call('GET', KEYS[1])
                       local kept = cur and ARGV[3] ~= 'succeeded'
@@ -183,7 +204,7 @@ impl Records {
                     .arg(RESULT_TTL.as_secs())
                     .arg(status)
                     .arg(owner)
-                    .invoke_async::<i32>(&mut redis.clone())
+                    .invoke_async::<i32>(&mut r.records.clone())
                     .await?;
                 Ok(())
             }
@@ -226,7 +247,7 @@ impl Records {
         if_free: bool,
     ) -> Result<bool, RecordError> {
         match self {
-            Records::Redis(redis) => {
+            Records::Redis(r) => {
                 let script = redis::Script::new(
                     r"local cur = redis.call('GET', KEYS[1])
                       if cur == ARGV[1] or (cur == false and ARGV[3] == '1') then
@@ -239,7 +260,7 @@ impl Records {
                     .arg(owner)
                     .arg(lease.as_millis().max(1) as u64)
                     .arg(if if_free { "1" } else { "0" })
-                    .invoke_async(&mut redis.clone())
+                    .invoke_async(&mut r.records.clone())
                     .await?;
                 Ok(got == 1)
             }
@@ -278,9 +299,9 @@ impl Records {
         message: &str,
         ttl: Duration,
     ) -> Result<(), RecordError> {
-        if let Records::Redis(redis) = self {
+        if let Records::Redis(r) = self {
             let key = pacer_core::config::account_alert_key(pool);
-            redis
+            r.alerts
                 .clone()
                 .set_ex::<_, _, ()>(key, message, ttl.as_secs().max(1))
                 .await?;
@@ -291,14 +312,14 @@ impl Records {
     /// Gives up a claim (the request was deferred), if `owner` still holds it.
     pub async fn unclaim(&self, id: &str, owner: &str) -> Result<(), RecordError> {
         match self {
-            Records::Redis(redis) => {
+            Records::Redis(r) => {
                 let script = redis::Script::new(
                     r"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end return 0",
                 );
                 script
                     .key(claim_key(id))
                     .arg(owner)
-                    .invoke_async::<i32>(&mut redis.clone())
+                    .invoke_async::<i32>(&mut r.records.clone())
                     .await?;
                 Ok(())
             }

@@ -8,6 +8,7 @@ use pacer_core::{
     config::{
         CompiledConfig, CompiledPool, ConfigRefresh, ConfigStore, ProviderKind, VertexSettings,
     },
+    connection::RedisConnection,
     gemini::{GeminiClient, GeminiConfig, vertex::AccessTokens},
     limiter::redis::{RedisLimiter, RedisOptions},
     openai::{OpenAiClient, OpenAiConfig},
@@ -70,6 +71,12 @@ pub struct RuntimeArgs {
     #[arg(long, env = "PACER_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// A Redis of its own for result records and claims (standalone or any node of a
+    /// Cluster); default: the one at PACER_REDIS_URL. Records are kept 15 days and
+    /// outgrow the limiter's state by far: apart, they cannot push it toward eviction.
+    #[arg(long, env = "PACER_RECORDS_REDIS_URL", hide_env_values = true)]
+    pub records_redis_url: Option<String>,
+
     /// Gemini's base URL (a proxy, a gateway's Gemini route, or `pacer simulate`).
     #[arg(long, env = "PACER_GEMINI_BASE_URL", default_value = pacer_core::gemini::client::DEFAULT_BASE_URL)]
     pub gemini_base_url: String,
@@ -131,6 +138,7 @@ impl std::fmt::Debug for RuntimeArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuntimeArgs")
             .field("redis_url", &redacted(&self.redis_url))
+            .field("records_redis_url", &redacted(&self.records_redis_url))
             .field("gemini_base_url", &self.gemini_base_url)
             .field("gemini_api_key", &redacted(&self.gemini_api_key))
             .field("gemini_api_key_file", &self.gemini_api_key_file)
@@ -208,17 +216,19 @@ impl SharedState {
         refresh: Duration,
         limiter_timeout: Duration,
     ) -> Result<Self, SetupError> {
-        Self::redis_with_days(url, refresh, limiter_timeout, None).await
+        Self::redis_with_days(url, refresh, limiter_timeout, None, None).await
     }
 
     /// [`SharedState::redis`], with days `day_seconds` long (from multiples of it since the
     /// Unix epoch) instead of Pacific days: rehearsing a per-day limit in minutes. Every
     /// replica and the simulator (`pacer simulate --day-seconds`) must use the same length.
+    /// Records and claims go to `records_url` when given (`PACER_RECORDS_REDIS_URL`).
     pub async fn redis_with_days(
         url: &str,
         refresh: Duration,
         limiter_timeout: Duration,
         day_seconds: Option<u64>,
+        records_url: Option<&str>,
     ) -> Result<Self, SetupError> {
         let store = ConfigStore::connect(url)
             .await
@@ -245,13 +255,31 @@ impl SharedState {
             }));
         }
         warn_if_evictable(&limiter).await;
+        let records = match records_url {
+            None => Records::redis(url)
+                .await
+                .map_err(|e| redis_error("connecting the result store to Redis")(e.into()))?,
+            Some(records_url) => {
+                let records = RedisConnection::open(records_url, Records::options())
+                    .await
+                    .map_err(|e| {
+                        redis_error("connecting to the records' Redis (PACER_RECORDS_REDIS_URL)")(
+                            e.into(),
+                        )
+                    })?;
+                let alerts = RedisConnection::open(url, Records::options())
+                    .await
+                    .map_err(|e| {
+                        redis_error("connecting the result store to the limiter's Redis")(e.into())
+                    })?;
+                Records::redis_apart(records, alerts)
+            }
+        };
         Ok(Self {
             config,
             refresh,
             limiters: Arc::new(Limiters::shared(limiter)),
-            records: Records::redis(url)
-                .await
-                .map_err(|e| redis_error("connecting the result store to Redis")(e.into()))?,
+            records,
         })
     }
 
@@ -335,6 +363,7 @@ pub async fn build(
                 Duration::from_millis(args.config_refresh_ms),
                 Duration::from_millis(args.limiter_timeout_ms),
                 args.day_seconds,
+                args.records_redis_url.as_deref(),
             )
             .await?;
             if state.config.borrow().chains.is_empty() {

@@ -247,7 +247,7 @@ async fn succeeded(redis: &mut redis::aio::MultiplexedConnection, ns: &str, n: u
     let mut done = 0;
     for i in 0..n {
         let r: Option<String> = redis
-            .get(format!("pacer:result:{ns}-l{i}"))
+            .get(pacer_core::keys::result(&format!("{ns}-l{i}")))
             .await
             .expect("redis");
         if r.is_some_and(|r| r.contains("\"succeeded\"")) {

@@ -108,12 +108,12 @@ impl Operator {
         );
         scale.connect(
             ConfigStore::new(redis.clone()),
-            RedisLimiter::from_manager(redis.clone(), RedisOptions::default()),
+            RedisLimiter::from_connection(redis.clone(), RedisOptions::default()),
         );
         let ctx = Arc::new(Context::new(
             client,
             ConfigStore::new(redis.clone()),
-            RedisLimiter::from_manager(redis, RedisOptions::default()),
+            RedisLimiter::from_connection(redis, RedisOptions::default()),
             recorder,
             metrics,
             health,
@@ -314,23 +314,19 @@ async fn release(
     }
 }
 
+/// Connects to Redis (standalone or any node of a Cluster), retrying until it answers or
+/// the operator is asked to stop.
 async fn connect_redis(
     url: &str,
     shutdown: &CancellationToken,
-) -> Result<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url)
-        .map_err(|e| Error::Config(pacer_core::config::ConfigError::Redis(e)))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
+) -> Result<pacer_core::connection::RedisConnection> {
+    let options = RedisOptions {
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+    };
     let mut delay = Duration::from_millis(250);
     loop {
-        match client
-            .get_connection_manager_with_config(config.clone())
-            .await
-        {
+        match pacer_core::connection::RedisConnection::open(url, options).await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "Redis unreachable; retrying");

@@ -47,7 +47,97 @@ impl Rig {
     }
 }
 
+/// Which of the rig's Redis a test runs on: tests that take either run on both (see
+/// [`on_both_redis!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisKind {
+    /// The single server (`REDIS_URL`).
+    Single,
+    /// The three-primary Redis Cluster (`REDIS_CLUSTER_URL`, one of its nodes).
+    Cluster,
+}
+
+impl RedisKind {
+    /// The rig variable holding its URL.
+    pub fn env(self) -> &'static str {
+        match self {
+            RedisKind::Single => "REDIS_URL",
+            RedisKind::Cluster => "REDIS_CLUSTER_URL",
+        }
+    }
+}
+
+/// Runs each named `async fn name(kind: RedisKind)` as two tests, `name::single` and
+/// `name::cluster`, one per Redis of the rig.
+#[macro_export]
+macro_rules! on_both_redis {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn single() {
+                super::$name($crate::RedisKind::Single).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$name($crate::RedisKind::Cluster).await
+            }
+        }
+    )*};
+}
+
+/// A connection to the Redis at `url` that routes by key on a cluster (a test's raw
+/// commands: `DEL`, `DUMP`, `PTTL`, `GET`…), or a panic saying how to start the rig.
+pub async fn redis_at(url: &str) -> pacer_core::connection::RedisConnection {
+    pacer_core::connection::RedisConnection::open(
+        url,
+        pacer_core::connection::RedisOptions {
+            timeout: std::time::Duration::from_secs(5),
+            connect_timeout: std::time::Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!("cannot reach Redis at {url} ({e}); is the rig up? run `tests/rig/up`")
+    })
+}
+
+/// The keys matching `pattern` on every primary (`SCAN`, node by node: a cluster has no
+/// one keyspace, and Pacer itself never lists keys).
+pub async fn scan_keys(
+    conn: &pacer_core::connection::RedisConnection,
+    pattern: &str,
+) -> Vec<String> {
+    let mut scan = redis::cmd("SCAN");
+    // One SCAN call per node with a count large enough for a test's keyspace.
+    scan.arg(0)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1_000_000);
+    let mut keys = Vec::new();
+    for (node, answer) in conn
+        .on_every_primary(&scan)
+        .await
+        .unwrap_or_else(|e| panic!("SCAN {pattern}: {e}"))
+    {
+        let (cursor, found): (String, Vec<String>) = answer
+            .and_then(|v| Ok(redis::from_redis_value(v)?))
+            .unwrap_or_else(|e| panic!("SCAN {pattern} on {node:?}: {e}"));
+        assert_eq!(
+            cursor, "0",
+            "SCAN {pattern} on {node:?} did not finish in one call"
+        );
+        keys.extend(found);
+    }
+    keys
+}
+
 impl Rig {
+    /// The URL of one of the rig's Redis.
+    pub fn redis_url(&self, kind: RedisKind) -> String {
+        self.get(kind.env())
+    }
+
     /// A multiplexed connection to the rig's Redis.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         let url = self.get("REDIS_URL");
@@ -648,5 +738,184 @@ impl Proxy {
     /// Deletes the proxy.
     pub async fn delete(&self) {
         toxiproxy_call(&self.http, reqwest::Method::DELETE, &self.url(), None).await;
+    }
+}
+
+/// A Redis Cluster of a test's own (three primaries, three replicas, started by
+/// `tests/rig/redis-cluster`, the script the rig's cluster comes from), for tests that kill
+/// a node: the rig's cluster is shared. Every node is SIGKILLed when it is dropped.
+pub struct RedisCluster {
+    dir: PathBuf,
+    url: String,
+    /// (port, pid) of each node, in start order.
+    nodes: Vec<(u16, u32)>,
+}
+
+impl RedisCluster {
+    /// Starts a cluster with its files under `dir`; waits until it is healthy.
+    pub fn start(rig: &Rig, dir: &std::path::Path) -> RedisCluster {
+        std::fs::create_dir_all(dir).expect("cluster folder");
+        let script = rig.get("REDIS_CLUSTER_SCRIPT");
+        let out = std::process::Command::new(&script)
+            .arg(dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("run {script} (start the rig with tests/rig/up): {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script} {} failed: {text}",
+            dir.display()
+        );
+        let var = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{script} printed no {name}: {text}"))
+                .to_owned()
+        };
+        let ports: Vec<u16> = var("REDIS_CLUSTER_PORTS")
+            .split(',')
+            .map(|p| p.parse().expect("a port"))
+            .collect();
+        let nodes = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let pid =
+                    std::fs::read_to_string(dir.join(format!("pids/redis-cluster-{}.pid", i + 1)))
+                        .ok()
+                        .and_then(|p| p.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("no pid for node {port}"));
+                (*port, pid)
+            })
+            .collect();
+        RedisCluster {
+            dir: dir.to_owned(),
+            url: var("REDIS_CLUSTER_URL"),
+            nodes,
+        }
+    }
+
+    /// One node's URL (any node will do: clients learn the rest).
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The ports of the nodes still running.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.0).collect()
+    }
+
+    /// The port of the primary serving `key`'s slot, as node `via` sees the cluster.
+    pub async fn primary_of(&self, key: &str) -> u16 {
+        for port in self.ports() {
+            let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+                continue;
+            };
+            let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                continue;
+            };
+            let Ok(slot) = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async::<u16>(&mut c)
+                .await
+            else {
+                continue;
+            };
+            let Ok(slots) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Vec<redis::Value>>(&mut c)
+                .await
+            else {
+                continue;
+            };
+            // Each range: start, end, then [host, port, id, …] of its primary, then replicas.
+            for range in slots {
+                let redis::Value::Array(parts) = range else {
+                    continue;
+                };
+                let number = |v: Option<&redis::Value>| match v {
+                    Some(redis::Value::Int(n)) => Some(*n),
+                    _ => None,
+                };
+                let (Some(a), Some(b)) = (number(parts.first()), number(parts.get(1))) else {
+                    continue;
+                };
+                let Some(redis::Value::Array(node)) = parts.get(2) else {
+                    continue;
+                };
+                if (a..=b).contains(&i64::from(slot))
+                    && let Some(p) = number(node.get(1))
+                {
+                    return u16::try_from(p).expect("a port");
+                }
+            }
+        }
+        panic!(
+            "no node of the cluster at {} knows the primary of {key}",
+            self.url
+        )
+    }
+
+    /// SIGKILLs the node on `port` (nothing saved on the way out) and forgets it.
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.nodes.iter().position(|n| n.0 == port) {
+            let (_, pid) = self.nodes.remove(i);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits (bounded by `within`) until a node other than `dead` is the primary of
+    /// `key`'s slot and every live node reports `cluster_state:ok`; returns its port.
+    pub async fn wait_for_new_primary(
+        &self,
+        key: &str,
+        dead: u16,
+        within: std::time::Duration,
+    ) -> u16 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let primary = self.primary_of(key).await;
+            if primary != dead && self.all_ok().await {
+                return primary;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no replica took over from the primary on {dead} within {within:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn all_ok(&self) -> bool {
+        for port in self.ports() {
+            let ok = async {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                Some(info.lines().any(|l| l.trim() == "cluster_state:ok"))
+            }
+            .await;
+            if ok != Some(true) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for port in self.ports() {
+            self.kill(port);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -734,6 +734,7 @@ async fn dashboard_panels_query_metrics_a_worker_and_the_operator_serve() {
     let out = std::env::temp_dir().join(Rig::unique("pacer-monitoring-images"));
     let runtime_args = RuntimeArgs {
         redis_url: Some(proxied_url.clone()),
+        records_redis_url: None,
         gemini_base_url: sim.url(),
         gemini_api_key: Some("test-key".into()),
         gemini_api_key_file: None,

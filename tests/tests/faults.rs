@@ -3,7 +3,8 @@
 //! while one fault is injected with real tools: a missing bucket, 503 bursts, hung calls,
 //! SIGKILL and SIGTERM, Redis restarted empty or from an older snapshot, a lagging replica
 //! promoted behind the same address (toxiproxy), one limiter key deleted, a network
-//! blackhole and added latency (toxiproxy), a 429 cooldown while tickets are booked.
+//! blackhole and added latency (toxiproxy), a 429 cooldown while tickets are booked, and a
+//! Redis Cluster primary SIGKILLed under load (its replica promoted by the cluster).
 //!
 //! The fleet is judged only by what the simulator counted at arrival (`/_sim/stats`) and
 //! by what reached the sink and the result queue, never by Pacer's own view. For every case:
@@ -29,7 +30,7 @@ use std::{
 };
 
 use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator, config::Schedule};
-use pacer_tests::{Children, Proxy, RedisServer, Rig, Toxiproxy, pacer_bin};
+use pacer_tests::{Children, Proxy, RedisCluster, RedisServer, Rig, Toxiproxy, pacer_bin};
 use serde_json::Value;
 
 const MODEL: &str = "gemini-3.1-flash-image";
@@ -65,6 +66,14 @@ struct Plan {
     /// floor is 11). Workers re-send a deferred message from the receive before it, so a
     /// message dead-lettered here failed to be processed at all.
     max_receives: u32,
+    /// Run on a Redis Cluster of the case's own (limiter, config, records and claims)
+    /// instead of a single server behind toxiproxy.
+    cluster: bool,
+    /// The model's price per image in US dollars, when the pool sets one (0: calls cost
+    /// nothing, so the spend window never fences them).
+    price_usd: Option<f64>,
+    /// The most a recovery may take, when tighter than the suite's general bound.
+    recovery_bound: Option<Duration>,
 }
 
 impl Plan {
@@ -87,6 +96,9 @@ impl Plan {
             rpd: None,
             bound: Duration::from_secs(150),
             max_receives: 11,
+            cluster: false,
+            price_usd: None,
+            recovery_bound: None,
         }
     }
 
@@ -100,13 +112,15 @@ impl Plan {
     fn config(&self, ns: &str) -> String {
         format!(
             "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: pool, namespace: {ns}}}\n\
-             spec:\n  project: {ns}\n  tier: Tier2\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {}, windowSeconds: {}{}}}\n\
+             spec:\n  project: {ns}\n  tier: Tier2\n  windowMarginMs: 500\n  models:\n  - {{name: {MODEL}, rpm: {}, windowSeconds: {}{}{}}}\n\
              ---\napiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: chain, namespace: {ns}}}\n\
              spec:\n  pool: pool\n  requestTimeoutSeconds: {}\n  retry: {{attempts: {}, baseDelayMs: 100, maxDelayMs: 400}}\n  steps:\n  - {{model: {MODEL}, maxWaitSeconds: {}}}\n",
             self.limit,
             self.window_s,
             self.rpd
                 .map_or(String::new(), |(n, _)| format!(", rpd: {n}")),
+            self.price_usd
+                .map_or(String::new(), |p| format!(", priceUsdPerImage: {p}")),
             self.request_timeout_s,
             self.retry_attempts,
             self.max_wait_s
@@ -130,6 +144,9 @@ struct Case {
     dir: PathBuf,
     redis: RedisServer,
     proxy: Proxy,
+    /// The case's own Redis Cluster, when the plan asks for one (then the workers use it,
+    /// not `redis`).
+    cluster: Option<RedisCluster>,
     sim: Simulator,
     sim_url: String,
     /// The thin front before the simulator (see [`Front`]).
@@ -164,13 +181,19 @@ impl Case {
         let dir = std::env::temp_dir().join(&ns);
         let redis = RedisServer::start(&rig, &dir.join("redis"), &[]);
         let proxy = Toxiproxy::from_rig(&rig).create(&ns, &redis.addr()).await;
+        let cluster = plan
+            .cluster
+            .then(|| RedisCluster::start(&rig, &dir.join("cluster")));
         let config = plan.config(&ns);
         let applied = if plan.chain_late {
             config.split("---").next().unwrap_or_default().to_owned()
         } else {
             config
         };
-        Rig::apply_config_at(&redis.url(), &applied).await;
+        let state_url = cluster
+            .as_ref()
+            .map_or_else(|| redis.url(), RedisCluster::url);
+        Rig::apply_config_at(&state_url, &applied).await;
 
         let mut limit = LimitSpec::new(MODEL);
         limit.rpm = Some(plan.limit);
@@ -225,6 +248,7 @@ impl Case {
             dir,
             redis,
             proxy,
+            cluster,
             sim,
             sim_url,
             front,
@@ -261,7 +285,7 @@ impl Case {
             .arg("worker")
             .env("PACER_QUEUE_URL", &self.queue_url)
             .env("PACER_RESULT_QUEUE_URL", &self.result_url)
-            .env("PACER_REDIS_URL", format!("redis://{}", self.proxy.listen))
+            .env("PACER_REDIS_URL", self.workers_redis_url())
             .env("PACER_GEMINI_BASE_URL", &self.sim_url)
             .env("PACER_GEMINI_API_KEY", "test-key")
             .env("PACER_SINK", format!("s3://{}/images", self.ns))
@@ -343,22 +367,29 @@ impl Case {
         });
     }
 
-    async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis.url())
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("the case's Redis")
+    /// Where the workers keep their state: the case's cluster, or its Redis through
+    /// toxiproxy.
+    fn workers_redis_url(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.url(),
+            None => format!("redis://{}", self.proxy.listen),
+        }
     }
 
-    /// Which worker names hold claims right now (`pacer:claim:<id>` = `<owner>:<token>`).
+    /// A connection to the case's Redis (its cluster's when it has one), not through
+    /// toxiproxy.
+    async fn redis_conn(&self) -> pacer_core::connection::RedisConnection {
+        let url = self
+            .cluster
+            .as_ref()
+            .map_or_else(|| self.redis.url(), RedisCluster::url);
+        pacer_tests::redis_at(&url).await
+    }
+
+    /// Which worker names hold claims right now (`{pacer:<id>}:claim` = `<owner>:<token>`).
     async fn claim_holders(&self) -> BTreeMap<String, usize> {
         let mut conn = self.redis_conn().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("pacer:claim:*")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
+        let keys = pacer_tests::scan_keys(&conn, "{pacer:*}:claim").await;
         let mut holders = BTreeMap::new();
         for key in keys {
             let owner: Option<String> = redis::cmd("GET")
@@ -677,6 +708,8 @@ struct Figures {
     /// times of accepted calls.
     state_lost: bool,
     recovery_ms: Option<u64>,
+    /// The plan's own recovery bound, if it has one.
+    recovery_bound: Option<Duration>,
     notes: Vec<String>,
     /// Extra failures a case found (its own property).
     broken: Vec<String>,
@@ -727,6 +760,7 @@ impl Figures {
             faults: counts(&m["faults"]),
             windows,
             tickets,
+            recovery_bound: plan.recovery_bound,
             ..Figures::default()
         }
     }
@@ -866,6 +900,18 @@ impl Figures {
             broken.push(format!(
                 "{stored_images} images in the sink for {} succeeded requests",
                 self.succeeded
+            ));
+        }
+        if let (Some(ms), Some(bound)) = (self.recovery_ms, self.recovery_bound)
+            && ms > bound.as_millis() as u64
+        {
+            broken.push(format!(
+                "throughput not back to the limit within {bound:?} of the loss: {}",
+                if ms == u64::MAX {
+                    "never".to_owned()
+                } else {
+                    format!("{ms} ms")
+                },
             ));
         }
         if let Some(ms) = self.recovery_ms {
@@ -1484,4 +1530,61 @@ async fn quota_429_while_tickets_are_booked() {
             .push("the simulator reports no accepted_at_ms".into()),
     }
     figures.check();
+}
+
+/// A Redis Cluster primary is SIGKILLed under load: the one holding the (project, model)'s
+/// limiter state. Its replica is promoted by the cluster itself (node timeout 2 s, no
+/// `CLUSTER FAILOVER`), the workers' cluster clients find the new primary, and the limiter
+/// fences the pair once (the promoted replica has another replication id than the server
+/// the state was written on: what it had not received may be gone). Requests whose record
+/// or claim lived on the dead primary wait, deferred, like everything else during the
+/// outage. Returns when the case is judged; `plan` says whether calls are priced.
+async fn cluster_primary_killed_under_load(mut plan: Plan) {
+    plan.cluster = true;
+    plan.requests = 60;
+    let mut case = Case::start(plan).await;
+    let key = pacer_core::limiter::QuotaKey::new(&case.ns, MODEL).state_key();
+    let limit = case.plan.limit;
+    case.wait_accepted(limit + limit / 2).await;
+    let cluster = case.cluster.as_mut().expect("the case's cluster");
+    let primary = cluster.primary_of(&key).await;
+    let killed_at = Instant::now();
+    let accepted_at_kill = case.accepted();
+    case.cluster.as_mut().expect("cluster").kill(primary);
+    let promoted = case
+        .cluster
+        .as_ref()
+        .expect("cluster")
+        .wait_for_new_primary(&key, primary, Duration::from_secs(30))
+        .await;
+    let promotion = killed_at.elapsed();
+    // Recovery is measured from the promotion: before it the pair's slot has no primary.
+    case.mark_state_lost();
+    case.notes.push(format!(
+        "primary :{primary} SIGKILLed at {accepted_at_kill} accepted; replica :{promoted} promoted {:.1} s later",
+        promotion.as_secs_f64()
+    ));
+    case.finish().await.check();
+}
+
+/// Unpriced calls (the pool prices the model at $0): only the per-minute windows fence,
+/// so throughput is back to the limit one window after the promotion, counted as the
+/// fence counts it: from the latest start anyone had booked (bookings queue up to the
+/// step's max wait ahead), plus SQS's whole-second redelivery and a loaded machine's
+/// scheduling (3 s). Measured: 8.3 s after the promotion with 5 s windows and 3 s waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed() {
+    let mut plan = Plan::new("cluster-primary-killed");
+    plan.price_usd = Some(0.0);
+    plan.recovery_bound = Some(
+        plan.window() + Duration::from_secs(u64::from(plan.max_wait_s)) + Duration::from_secs(3),
+    );
+    cluster_primary_killed_under_load(plan).await;
+}
+
+/// Priced calls: the spend dimension is fenced too, for its own window (ten request
+/// windows here, ten minutes in production), as after any loss of limiter state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed_with_priced_calls() {
+    cluster_primary_killed_under_load(Plan::new("cluster-killed-priced")).await;
 }

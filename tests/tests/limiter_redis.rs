@@ -1,5 +1,7 @@
-//! The Redis limiter on a real Redis: the rig's for most tests, a private `redis-server`
-//! for the restart test (so it can be killed without disturbing the rig).
+//! The Redis limiter on a real Redis: the rig's for most tests, each run twice, on the
+//! single server and on the three-primary Cluster (`name::single`, `name::cluster`); a
+//! private `redis-server` for the restart tests (so it can be killed without disturbing
+//! the rig; a cluster primary lost is the failover test's, in `cluster_failover.rs`).
 use pacer_core::measure::max_in_window;
 use std::{
     process::{Child, Command, Stdio},
@@ -7,6 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use pacer_core::connection::RedisConnection;
 use pacer_core::{
     limiter::{
         Blocker, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
@@ -14,7 +17,7 @@ use pacer_core::{
     },
     quota::{Costs, Dim, DimensionQuota, ModelQuota},
 };
-use pacer_tests::{Rig, free_port};
+use pacer_tests::{RedisKind, Rig, free_port};
 
 fn now_us() -> i64 {
     SystemTime::now()
@@ -36,8 +39,13 @@ async fn connect(url: &str) -> RedisLimiter {
         })
 }
 
-async fn rig_limiter() -> (String, RedisLimiter) {
-    let url = Rig::load().get("REDIS_URL");
+async fn rig_limiter(kind: RedisKind) -> (String, RedisLimiter) {
+    let url = Rig::load().redis_url(kind);
+    assert_eq!(
+        raw(&url).await.is_cluster(),
+        kind == RedisKind::Cluster,
+        "{url} is not the kind of Redis the rig says ({kind:?})"
+    );
     let l = connect(&url).await;
     (url, l)
 }
@@ -162,8 +170,8 @@ fn check_limits(started: &[Started], q: &ModelQuota, what: &str) {
 
 /// 48 clients on one fresh key for 7 s, 40 requests and 30 000 tokens per 2 s: what they
 /// started, every window checked against every limit, booked and at arrival.
-async fn hammer_48(name: &str, give_back: bool) -> (Vec<Started>, Duration) {
-    let (url, _) = rig_limiter().await;
+async fn hammer_48(kind: RedisKind, name: &str, give_back: bool) -> (Vec<Started>, Duration) {
+    let (url, _) = rig_limiter(kind).await;
     let key = fresh_key(name);
     let window = Duration::from_secs(2);
     let q = quota(
@@ -179,9 +187,8 @@ async fn hammer_48(name: &str, give_back: bool) -> (Vec<Started>, Duration) {
     (started, window)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn many_concurrent_connections_stay_under_every_limit() {
-    let (started, window) = hammer_48("concurrent", false).await;
+async fn many_concurrent_connections_stay_under_every_limit(kind: RedisKind) {
+    let (started, window) = hammer_48(kind, "concurrent", false).await;
     // Used nearly all of the binding limit (tokens or requests) over the full windows.
     let t0 = started
         .iter()
@@ -203,15 +210,13 @@ async fn many_concurrent_connections_stay_under_every_limit() {
 
 /// The same with bookings given back (released, reconciled lower) all along: the room is
 /// taken at once, every window still within every limit, by booked start and at arrival.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn room_given_back_under_concurrency_stays_under_every_limit() {
-    let (started, _) = hammer_48("given-back-concurrent", true).await;
+async fn room_given_back_under_concurrency_stays_under_every_limit(kind: RedisKind) {
+    let (started, _) = hammer_48(kind, "given-back-concurrent", true).await;
     assert!(started.len() > 80, "{} calls", started.len());
 }
 
-#[tokio::test]
-async fn same_request_id_returns_same_ticket() {
-    let (_, l) = rig_limiter().await;
+async fn same_request_id_returns_same_ticket(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("idem");
     let q = quota(Some(1), None, Duration::from_secs(30), None);
     let a = l
@@ -231,9 +236,8 @@ async fn same_request_id_returns_same_ticket() {
     assert_eq!(b.ticket(), b2.ticket());
 }
 
-#[tokio::test]
-async fn script_flush_reloads_and_keeps_state() {
-    let (url, l) = rig_limiter().await;
+async fn script_flush_reloads_and_keeps_state(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("flush");
     let q = quota(Some(1), None, Duration::from_secs(30), None);
     assert!(matches!(
@@ -242,11 +246,8 @@ async fn script_flush_reloads_and_keeps_state() {
             .expect("a"),
         Decision::Admitted { .. }
     ));
-    let mut raw = redis::Client::open(url.as_str())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
+    // On a cluster SCRIPT FLUSH reaches every node.
+    let mut raw = raw(&url).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut raw)
@@ -263,9 +264,8 @@ async fn script_flush_reloads_and_keeps_state() {
     );
 }
 
-#[tokio::test]
-async fn cooldown_is_shared_between_two_clients() {
-    let (url, a) = rig_limiter().await;
+async fn cooldown_is_shared_between_two_clients(kind: RedisKind) {
+    let (url, a) = rig_limiter(kind).await;
     let b = connect(&url).await;
     let key = fresh_key("cooldown");
     let q = quota(Some(100), None, Duration::from_secs(60), None);
@@ -314,9 +314,8 @@ async fn cooldown_is_shared_between_two_clients() {
     assert_eq!(d.blocker(), Some(Blocker::Daily), "{d:?}");
 }
 
-#[tokio::test]
-async fn reconcile_and_release_free_capacity() {
-    let (_, l) = rig_limiter().await;
+async fn reconcile_and_release_free_capacity(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("reconcile");
     let q = quota(Some(2), Some(100), Duration::from_secs(60), None);
     let a = l
@@ -358,9 +357,8 @@ async fn reconcile_and_release_free_capacity() {
     assert_eq!((u.dimensions[0].used, u.dimensions[1].used), (2, 41));
 }
 
-#[tokio::test]
-async fn daily_quota_rolls_over_on_short_days() {
-    let (_, l) = rig_limiter().await;
+async fn daily_quota_rolls_over_on_short_days(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("day");
     let day = 1_500_000;
     let l = l.with_calendar(Arc::new(FixedDays {
@@ -397,8 +395,7 @@ async fn daily_quota_rolls_over_on_short_days() {
     assert!(matches!(d, Decision::Admitted { .. }), "a new day: {d:?}");
 }
 
-#[tokio::test]
-async fn daily_quota_follows_compressed_pacific_dst_days() {
+async fn daily_quota_follows_compressed_pacific_dst_days(kind: RedisKind) {
     // Real Pacific day starts around the November 2026 DST change (24 h, 25 h, 24 h days),
     // replayed with one hour lasting 40 ms so the script picks days by Redis time.
     use pacer_core::limiter::{Calendar, PacificCalendar};
@@ -415,7 +412,7 @@ async fn daily_quota_follows_compressed_pacific_dst_days() {
         25 * 40_000,
         "1 November is 25 hours long"
     );
-    let (_, l) = rig_limiter().await;
+    let (_, l) = rig_limiter(kind).await;
     let l = l.with_calendar(Arc::new(ListedDays(scaled.clone())));
     let key = fresh_key("dst");
     let mut q = quota(None, None, Duration::from_secs(1), Some(Duration::ZERO));
@@ -537,12 +534,9 @@ async fn redis_restart_mid_run_never_exceeds_the_limit() {
     assert!(after > 0, "requests were admitted again after the restart");
 }
 
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn")
+/// Raw commands by key, on either Redis (routed to the key's primary on a cluster).
+async fn raw(url: &str) -> RedisConnection {
+    pacer_tests::redis_at(url).await
 }
 
 fn ticket_of(d: &Decision) -> pacer_core::limiter::Ticket {
@@ -564,9 +558,8 @@ fn assert_within_a_second_after(start: i64, earliest: i64, what: &str) {
 
 /// A booking belongs to one delivery: once its start has passed, the same id books afresh
 /// and both entries count; reconcile and release reach the entry they name.
-#[tokio::test]
-async fn same_request_id_books_afresh_once_its_start_has_passed() {
-    let (url, l) = rig_limiter().await;
+async fn same_request_id_books_afresh_once_its_start_has_passed(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("redeliver");
     let window = Duration::from_secs(30);
     let q = quota(Some(1), None, window, None);
@@ -609,7 +602,7 @@ async fn same_request_id_books_afresh_once_its_start_has_passed() {
     );
 }
 
-async fn dump(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u8> {
+async fn dump(conn: &mut RedisConnection, key: &str) -> Vec<u8> {
     redis::cmd("DUMP")
         .arg(key)
         .query_async(conn)
@@ -617,7 +610,7 @@ async fn dump(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u8
         .expect("DUMP")
 }
 
-async fn restore(conn: &mut redis::aio::MultiplexedConnection, key: &str, data: &[u8]) {
+async fn restore(conn: &mut RedisConnection, key: &str, data: &[u8]) {
     let _: () = redis::cmd("RESTORE")
         .arg(key)
         .arg(0)
@@ -628,7 +621,7 @@ async fn restore(conn: &mut redis::aio::MultiplexedConnection, key: &str, data: 
         .expect("RESTORE");
 }
 
-async fn del(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+async fn del(conn: &mut RedisConnection, keys: &[String]) {
     let _: () = redis::cmd("DEL")
         .arg(keys)
         .query_async(conn)
@@ -638,9 +631,8 @@ async fn del(conn: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
 
 /// Limit 2 per minute; book A, snapshot, book B, restore the snapshot (same generation,
 /// B lost), book C: C must not start inside A and B's window.
-#[tokio::test]
-async fn rollback_to_an_older_snapshot_is_fenced() {
-    let (url, l) = rig_limiter().await;
+async fn rollback_to_an_older_snapshot_is_fenced(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("rollback");
     let q = quota(Some(2), None, Duration::from_secs(60), None);
     let w = q.effective_window_us(Dim::Requests);
@@ -714,9 +706,8 @@ async fn flushall_fences_each_dimension_with_its_own_window() {
 
 /// Two callers that saw the old state: the second, whose latest start is not later, does
 /// not push the fence out again.
-#[tokio::test]
-async fn stale_callers_do_not_extend_the_fence() {
-    let (url, first) = rig_limiter().await;
+async fn stale_callers_do_not_extend_the_fence(kind: RedisKind) {
+    let (url, first) = rig_limiter(kind).await;
     let second = connect(&url).await;
     let key = fresh_key("stale");
     let q = quota(Some(2), None, Duration::from_secs(3), None);
@@ -753,9 +744,8 @@ async fn stale_callers_do_not_extend_the_fence() {
 
 /// Only the log lost (the hash still counts its bookings): detected, fenced once, and the
 /// limit is usable again right after the fence.
-#[tokio::test]
-async fn losing_only_the_log_is_detected() {
-    let (url, l) = rig_limiter().await;
+async fn losing_only_the_log_is_detected(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("logloss");
     let q = quota(Some(2), None, Duration::from_secs(2), None);
     let w = q.effective_window_us(Dim::Requests);
@@ -787,9 +777,8 @@ async fn losing_only_the_log_is_detected() {
 
 /// Only the state hash lost: a caller that saw it waits the dimension's own window from the
 /// latest start, not the longest window.
-#[tokio::test]
-async fn losing_only_the_state_is_detected() {
-    let (url, l) = rig_limiter().await;
+async fn losing_only_the_state_is_detected(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("stateloss");
     let mut q = quota(Some(1), None, Duration::from_secs(2), None);
     q.spend_micros = DimensionQuota {
@@ -813,10 +802,9 @@ async fn losing_only_the_state_is_detected() {
 
 /// A check that finds the state lost fences it, so a process that never saw the old state
 /// cannot book into the lost window either.
-#[tokio::test]
-async fn check_on_lost_state_reports_lost_and_fences() {
+async fn check_on_lost_state_reports_lost_and_fences(kind: RedisKind) {
     use pacer_core::limiter::Check;
-    let (url, l) = rig_limiter().await;
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("checklost");
     let q = quota(Some(1), None, Duration::from_secs(2), None);
     let w = q.effective_window_us(Dim::Requests);
@@ -857,9 +845,8 @@ async fn check_on_lost_state_reports_lost_and_fences() {
 
 /// Limiter keys carry no TTL: a `volatile-*` eviction policy can never take one of them
 /// alone.
-#[tokio::test]
-async fn limiter_keys_carry_no_ttl() {
-    let (url, l) = rig_limiter().await;
+async fn limiter_keys_carry_no_ttl(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("ttl");
     let q = quota(Some(5), None, Duration::from_secs(2), None);
     l.acquire(&key, &q, "a", req(1), Duration::ZERO)
@@ -881,10 +868,9 @@ async fn limiter_keys_carry_no_ttl() {
 
 /// A queue longer than a window: a booking far ahead stays in the log until its start, so
 /// its check passes.
-#[tokio::test]
-async fn bookings_behind_a_long_queue_survive_until_their_start() {
+async fn bookings_behind_a_long_queue_survive_until_their_start(kind: RedisKind) {
     use pacer_core::limiter::Check;
-    let (_, l) = rig_limiter().await;
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("longqueue");
     let q = quota(
         Some(1),
@@ -907,10 +893,9 @@ async fn bookings_behind_a_long_queue_survive_until_their_start() {
 }
 
 /// The rig's Redis runs with the default policy, which keeps limiter state whole.
-#[tokio::test]
-async fn eviction_policy_is_read_and_judged() {
+async fn eviction_policy_is_read_and_judged(kind: RedisKind) {
     use pacer_core::limiter::redis::eviction_policy_is_safe;
-    let (_, l) = rig_limiter().await;
+    let (_, l) = rig_limiter(kind).await;
     let policy = l.eviction_policy().await.expect("CONFIG GET");
     assert_eq!(policy.as_deref(), Some("noeviction"));
     assert!(eviction_policy_is_safe("noeviction"));
@@ -920,9 +905,8 @@ async fn eviction_policy_is_read_and_judged() {
 
 /// After a loss, what only the callers still know of the day comes back with them: the
 /// day's count and a per-day block.
-#[tokio::test]
-async fn lost_state_keeps_the_day_count_and_block_the_callers_saw() {
-    let (url, l) = rig_limiter().await;
+async fn lost_state_keeps_the_day_count_and_block_the_callers_saw(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let l = l.with_calendar(Arc::new(FixedDays {
         origin_us: now_us() - 1_000_000,
         day_us: 3_600_000_000,
@@ -968,9 +952,8 @@ async fn lost_state_keeps_the_day_count_and_block_the_callers_saw() {
 /// Keys that carry a TTL (written by an earlier version, or by one still running during a
 /// rollout) lose it at the next decision, and that is no evidence of a loss: nothing is
 /// fenced.
-#[tokio::test]
-async fn keys_with_a_ttl_are_persisted_without_a_fence() {
-    let (url, l) = rig_limiter().await;
+async fn keys_with_a_ttl_are_persisted_without_a_fence(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let key = fresh_key("persist");
     let q = quota(Some(1), None, Duration::from_secs(2), None);
     let w = q.effective_window_us(Dim::Requests);
@@ -1065,9 +1048,8 @@ async fn check_all(
 /// (by another replica, which has the new config first). The bookings beyond the new limit
 /// that have not started are released at once, latest first; their holders see Lost at
 /// check, and no window from the change on holds more than 10.
-#[tokio::test]
-async fn lowering_a_limit_releases_the_bookings_beyond_it() {
-    let (url, l) = rig_limiter().await;
+async fn lowering_a_limit_releases_the_bookings_beyond_it(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let other = connect(&url).await;
     let key = fresh_key("lowered");
     let w = 10_000_000;
@@ -1106,9 +1088,8 @@ async fn lowering_a_limit_releases_the_bookings_beyond_it() {
 /// Raised from 10 to 20: the bookings already made stay; new bookings take the room the
 /// raise opens at once (every window holding now had 10), then fill the queued windows up
 /// to the new limit, never past it.
-#[tokio::test]
-async fn raising_a_limit_fills_windows_up_to_it() {
-    let (_, l) = rig_limiter().await;
+async fn raising_a_limit_fills_windows_up_to_it(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("raised");
     let w = 10_000_000;
     let q10 = rpm_per_10s(10);
@@ -1135,9 +1116,8 @@ async fn raising_a_limit_fills_windows_up_to_it() {
 
 /// Room given back inside a queue (released bookings) is taken by the next request at once,
 /// and only as much as every window holding now allows: the others still queue.
-#[tokio::test]
-async fn room_given_back_inside_a_queue_is_taken_at_once() {
-    let (_, l) = rig_limiter().await;
+async fn room_given_back_inside_a_queue_is_taken_at_once(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("given-back");
     let w = 10_000_000;
     let q10 = rpm_per_10s(10);
@@ -1177,9 +1157,8 @@ async fn room_given_back_inside_a_queue_is_taken_at_once() {
 }
 
 /// A longer window is a lower limit too: bookings that no longer fit are released.
-#[tokio::test]
-async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
-    let (_, l) = rig_limiter().await;
+async fn a_longer_window_releases_the_bookings_beyond_the_limit(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("longer");
     let q10 = rpm_per_10s(10);
     let old = book_many(&l, &key, &q10, "old", 30).await;
@@ -1202,9 +1181,8 @@ async fn a_longer_window_releases_the_bookings_beyond_the_limit() {
 
 /// A replica still on the old config books under the old, higher limit after the change;
 /// the next acquire on the new config releases that booking too.
-#[tokio::test]
-async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new() {
-    let (url, stale) = rig_limiter().await;
+async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new(kind: RedisKind) {
+    let (url, stale) = rig_limiter(kind).await;
     let current = connect(&url).await;
     let key = fresh_key("staleconfig");
     let w = 10_000_000;
@@ -1230,9 +1208,8 @@ async fn a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new
 
 /// A window that grows past entries already pruned from the log cannot recount them: they
 /// are taken as full, so nothing starts inside a new window with them.
-#[tokio::test]
-async fn a_window_grown_past_pruned_bookings_waits_for_them() {
-    let (_, l) = rig_limiter().await;
+async fn a_window_grown_past_pruned_bookings_waits_for_them(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
     let key = fresh_key("grown");
     let short = quota(
         Some(2),
@@ -1275,9 +1252,8 @@ async fn a_window_grown_past_pruned_bookings_waits_for_them() {
 
 /// The operator reads usage with the config it has just compiled: that read applies a
 /// lowered limit at once, while every replica sleeps on its booking and none acquires.
-#[tokio::test]
-async fn a_usage_read_with_the_new_limits_applies_them_at_once() {
-    let (url, l) = rig_limiter().await;
+async fn a_usage_read_with_the_new_limits_applies_them_at_once(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
     let operator = connect(&url).await;
     let key = fresh_key("usagerefit");
     let q20 = rpm_per_10s(20);
@@ -1348,9 +1324,8 @@ async fn a_key_empty_after_a_restart_is_fenced_for_a_process_that_never_used_it(
 /// Issue 13 (Vertex AI's shared quota): an unexplained 429 seen by one client cuts the
 /// rate every client books, once per window of 429s; a clean window gives a tenth back.
 /// The twin of the in-memory limiter's test, on Redis's clock.
-#[tokio::test]
-async fn unexplained_429s_cut_the_rate_for_every_client() {
-    let (url, a) = rig_limiter().await;
+async fn unexplained_429s_cut_the_rate_for_every_client(kind: RedisKind) {
+    let (url, a) = rig_limiter(kind).await;
     let b = connect(&url).await;
     let key = fresh_key("learned");
     let q = quota(Some(10), None, Duration::from_secs(4), Some(Duration::ZERO));
@@ -1395,4 +1370,191 @@ async fn unexplained_429s_cut_the_rate_for_every_client() {
         a.usage(&key, &q).await.expect("usage").rate_cut_permille,
         200
     );
+}
+
+pacer_tests::on_both_redis!(
+    many_concurrent_connections_stay_under_every_limit,
+    room_given_back_under_concurrency_stays_under_every_limit,
+    same_request_id_returns_same_ticket,
+    script_flush_reloads_and_keeps_state,
+    cooldown_is_shared_between_two_clients,
+    reconcile_and_release_free_capacity,
+    daily_quota_rolls_over_on_short_days,
+    daily_quota_follows_compressed_pacific_dst_days,
+    same_request_id_books_afresh_once_its_start_has_passed,
+    rollback_to_an_older_snapshot_is_fenced,
+    stale_callers_do_not_extend_the_fence,
+    losing_only_the_log_is_detected,
+    losing_only_the_state_is_detected,
+    check_on_lost_state_reports_lost_and_fences,
+    limiter_keys_carry_no_ttl,
+    bookings_behind_a_long_queue_survive_until_their_start,
+    eviction_policy_is_read_and_judged,
+    lost_state_keeps_the_day_count_and_block_the_callers_saw,
+    keys_with_a_ttl_are_persisted_without_a_fence,
+    lowering_a_limit_releases_the_bookings_beyond_it,
+    raising_a_limit_fills_windows_up_to_it,
+    room_given_back_inside_a_queue_is_taken_at_once,
+    a_longer_window_releases_the_bookings_beyond_the_limit,
+    a_booking_made_on_the_old_config_is_released_by_the_next_one_on_the_new,
+    a_window_grown_past_pruned_bookings_waits_for_them,
+    a_usage_read_with_the_new_limits_applies_them_at_once,
+    unexplained_429s_cut_the_rate_for_every_client,
+);
+
+/// A cluster behind an ACL user, as managed services give it: the user and password in
+/// the URL reach every node the cluster client learns of (one decision on each primary),
+/// and a wrong password is refused at connect, not at the first decision.
+#[tokio::test]
+async fn a_cluster_behind_an_acl_user_takes_the_user_from_the_url() {
+    let rig = Rig::load();
+    let user = format!("pacer-acl-{}", now_us());
+    // ACL users are per node on a cluster: create it on every node, replicas too.
+    for port in rig.get("REDIS_CLUSTER_PORTS").split(',') {
+        let mut c = raw(&format!("redis://127.0.0.1:{port}")).await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg("on")
+            .arg(">s3cret")
+            .arg("resetkeys")
+            .arg("~{pacer:*")
+            .arg("~pacer:*")
+            .arg("+@all")
+            .query_async(&mut c)
+            .await
+            .expect("ACL SETUSER");
+    }
+    let url = rig.get("REDIS_CLUSTER_URL");
+    let with = |password: &str| url.replacen("redis://", &format!("redis://{user}:{password}@"), 1);
+    let l = connect(&with("s3cret")).await;
+    let q = quota(Some(10), None, Duration::from_secs(30), None);
+    // Enough pairs that every primary answers at least one.
+    for i in 0..24 {
+        let key = fresh_key(&format!("acl-{i}"));
+        let d = l
+            .acquire(&key, &q, "a", req(1), Duration::ZERO)
+            .await
+            .expect("a decision as the ACL user");
+        assert!(matches!(d, Decision::Admitted { .. }), "{d:?}");
+    }
+    let refused = RedisLimiter::connect(&with("wrong"), RedisOptions::default()).await;
+    assert!(refused.is_err(), "a wrong password was accepted");
+}
+
+/// One process decides for pairs on every primary of a cluster. The server a pair's state
+/// was written on is tracked per pair: a pair new to this process, on another primary than
+/// its previous decision's, is not taken for state lost in a failover (a process-wide "last
+/// server" would fence every such pair for a window).
+#[tokio::test]
+async fn pairs_on_every_primary_are_not_fenced_for_each_other() {
+    let (_, l) = rig_limiter(RedisKind::Cluster).await;
+    let q = quota(Some(10), None, Duration::from_secs(30), None);
+    let mut admitted = 0;
+    // 24 pairs: every primary holds some of them, and consecutive pairs change primary.
+    for i in 0..24 {
+        let key = fresh_key(&format!("spread-{i}"));
+        for id in ["a", "b"] {
+            let d = l
+                .acquire(&key, &q, id, req(1), Duration::ZERO)
+                .await
+                .expect("a decision");
+            assert!(
+                matches!(d, Decision::Admitted { .. }),
+                "pair {i} request {id}: {d:?}"
+            );
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 48);
+}
+
+/// A server that refuses `INFO` (renamed away, as some managed services do) is still
+/// found standalone (its `CLUSTER INFO` refuses too) and decides; the script then knows no
+/// server id, and the callers' hints alone tell a lost state.
+#[tokio::test]
+async fn a_server_that_refuses_info_is_found_standalone_and_decides() {
+    let rig = Rig::load();
+    let dir = std::env::temp_dir().join(format!("pacer-noinfo-{}", now_us()));
+    let server = pacer_tests::RedisServer::start(&rig, &dir, &["--rename-command", "INFO", ""]);
+    let conn = raw(&server.url()).await;
+    assert!(
+        !conn.is_cluster(),
+        "a standalone server taken for a cluster"
+    );
+    let l = connect(&server.url()).await;
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    let key = fresh_key("noinfo");
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(60))
+        .await
+        .expect("a");
+    let b = l
+        .acquire(&key, &q, "b", req(1), Duration::from_secs(60))
+        .await
+        .expect("b");
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    assert!(matches!(b, Decision::Booked { .. }), "{b:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `rediss://`: the detection probe and the limiter speak TLS to a server that only takes
+/// TLS on that port (a self-signed certificate, so the URL says `#insecure`: Pacer verifies
+/// servers against Mozilla's roots, as managed services' certificates chain to them).
+#[tokio::test]
+async fn a_tls_only_port_is_reached_with_rediss() {
+    let rig = Rig::load();
+    let dir = std::env::temp_dir().join(format!("pacer-tls-{}", now_us()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (tests/rig/install)");
+    assert!(made.success(), "openssl could not make a certificate");
+    let tls_port = free_port().to_string();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let server = pacer_tests::RedisServer::start(
+        &rig,
+        &dir,
+        &[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
+    let l = connect(&url).await;
+    let q = quota(Some(1), None, Duration::from_secs(30), None);
+    let key = fresh_key("tls");
+    let a = l
+        .acquire(&key, &q, "a", req(1), Duration::from_secs(60))
+        .await
+        .expect("a decision over TLS");
+    assert!(matches!(a, Decision::Admitted { .. }), "{a:?}");
+    // The TLS port does not speak plain Redis: the URL's scheme matters.
+    let plain = RedisLimiter::connect(
+        &format!("redis://127.0.0.1:{tls_port}"),
+        RedisOptions {
+            connect_timeout: Duration::from_secs(1),
+            ..RedisOptions::default()
+        },
+    )
+    .await;
+    assert!(plain.is_err(), "plain Redis spoken to a TLS port");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@
 //! queued at once, deeper than a step's max wait: messages are deferred and redelivered).
 use pacer::connect::Connections;
 use pacer::loadtest::{LoadtestArgs, Report, execute};
-use pacer_tests::Rig;
+use pacer_tests::{RedisKind, Rig};
 
 async fn queue(rig: &Rig, name: &str) -> String {
     rig.create_queue(&Rig::unique(name)).await
@@ -39,8 +39,8 @@ fn assert_safe(r: &Report, requests: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing() {
+/// On both of the rig's Redis: the single server and the three-primary Cluster.
+async fn fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing(kind: RedisKind) {
     let rig = Rig::load();
     let aws = rig.aws_config().await;
     let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest"));
@@ -49,7 +49,7 @@ async fn fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing() {
         requests: 240,
         demand: 3.0,
         conn: Connections {
-            redis_url: Some(rig.get("REDIS_URL")),
+            redis_url: Some(rig.redis_url(kind)),
             queue_url: Some(queue(&rig, "loadtest").await),
             ..Connections::default()
         },
@@ -294,3 +294,5 @@ async fn a_spend_bound_run_uses_the_project_s_spend_as_billed_from_usage() {
         }
     }
 }
+
+pacer_tests::on_both_redis!(fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing);

@@ -14,7 +14,7 @@ use pacer_core::{
 };
 use pacer_crds::{ModelChain, QuotaPool};
 use pacer_operator::{Operator, RunArgs, Shutdown};
-use pacer_tests::{Rig, create_namespace, free_port, install_crds, kubectl};
+use pacer_tests::{RedisKind, Rig, create_namespace, free_port, install_crds, kubectl};
 
 fn pool_yaml(project: &str, rpm: u64) -> String {
     format!(
@@ -108,14 +108,14 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_reconciles_pools_and_chains_into_redis() {
+/// On both of the rig's Redis: the single server and the three-primary Cluster.
+async fn operator_reconciles_pools_and_chains_into_redis(redis_kind: RedisKind) {
     let rig = Rig::load();
     let client = rig.kube().await;
     install_crds(&client).await;
     let ns = Rig::unique("op-e2e");
     create_namespace(&client, &ns).await;
-    let redis_url = rig.get("REDIS_URL");
+    let redis_url = rig.redis_url(redis_kind);
     let store = ConfigStore::connect(&redis_url).await.expect("redis");
     let mut secret = Secret::default();
     secret.metadata.name = Some("gemini-api-key".into());
@@ -254,7 +254,7 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
 
     // A replica's account alert (its provider answered 401/403/402) shows as the pool's
     // AccountProblem condition while it lasts, and clears when it expires.
-    let mut raw = rig.redis().await;
+    let mut raw = pacer_tests::redis_at(&redis_url).await;
     redis::cmd("SET")
         .arg(pacer_core::config::account_alert_key(&pool_key))
         .arg("credit_exhausted (gemini-3-pro-image): prepaid credit spent")
@@ -300,7 +300,7 @@ async fn operator_reconciles_pools_and_chains_into_redis() {
     }
 
     // Redis loses the config (flush, restart): it is back within a resync (2 s here).
-    let mut conn = rig.redis().await;
+    let mut conn = pacer_tests::redis_at(&redis_url).await;
     let _: () = redis::cmd("HDEL")
         .arg(pacer_core::config::POOLS_KEY)
         .arg(&pool_key)
@@ -922,3 +922,5 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
 }
+
+pacer_tests::on_both_redis!(operator_reconciles_pools_and_chains_into_redis);

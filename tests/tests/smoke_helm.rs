@@ -127,3 +127,44 @@ fn chart_gives_workers_each_pool_s_key_from_its_secret() {
         serde_json::json!({"name": "gemini-project-b", "key": "token"})
     );
 }
+
+/// Records and claims in a Redis of their own: the workers get PACER_RECORDS_REDIS_URL from
+/// its Secret; without it set, no such variable (the records stay in the limiter's Redis).
+#[test]
+fn chart_gives_workers_a_records_redis_when_asked() {
+    let worker_env = |extra: &[&str]| {
+        let mut args = vec![
+            "--set",
+            "worker.enabled=true",
+            "--set",
+            "worker.queueUrl=https://sqs.example/q",
+            "--set",
+            "worker.sink=s3://images/out",
+        ];
+        args.extend_from_slice(extra);
+        let docs = template(&args);
+        let worker = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Deployment"
+                    && d["spec"]["template"]["spec"]["containers"][0]["name"] == "worker"
+            })
+            .expect("the worker Deployment")
+            .clone();
+        worker["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .expect("env")
+            .clone()
+    };
+    let records = |env: &[serde_json::Value]| {
+        env.iter()
+            .find(|e| e["name"] == "PACER_RECORDS_REDIS_URL")
+            .cloned()
+    };
+    assert_eq!(records(&worker_env(&[])), None);
+    let env = worker_env(&["--set", "redis.records.existingSecret.name=records-redis"]);
+    assert_eq!(
+        records(&env).map(|e| e["valueFrom"]["secretKeyRef"].clone()),
+        Some(serde_json::json!({"name": "records-redis", "key": "url"}))
+    );
+}

@@ -39,6 +39,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   {{- end }}
 {{- end -}}
 
+{{/* PACER_RECORDS_REDIS_URL from a Secret or a plain value; nothing when neither is set. */}}
+{{- define "pacer.recordsRedisEnv" -}}
+{{- with .Values.redis.records }}
+{{- if .existingSecret.name }}
+- name: PACER_RECORDS_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret.name }}
+      key: {{ .existingSecret.key }}
+{{- else if .url }}
+- name: PACER_RECORDS_REDIS_URL
+  value: {{ .url | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Namespaces whose Secrets the operator may get. */}}
 {{- define "pacer.secretNamespaces" -}}
 {{- if .Values.operator.secretNamespaces -}}

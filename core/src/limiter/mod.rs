@@ -50,7 +50,11 @@
 //!   call on the new config fits its booking again, so such bookings last only until then.
 //!
 //! - [`memory`]: the in-process limiter (embedded default; per-replica fallback).
-//! - [`redis`]: the shared limiter, one Lua script per decision.
+//! - [`redis`]: the shared limiter, one Lua script per decision, on a standalone Redis or
+//!   a Redis Cluster: a (project, model)'s two keys share one hash tag, so each decision
+//!   runs on one primary and pairs spread over the primaries (see [`crate::keys`]). On a
+//!   cluster the server a pair's state lives on is tracked per pair, so a failover is
+//!   fenced for the pairs of the failed primary only.
 //! - [`failsafe`]: what happens when Redis is unreachable (closed, open, local) behind a
 //!   circuit breaker.
 use std::{
@@ -89,9 +93,10 @@ impl QuotaKey {
         }
     }
 
-    /// The hash tag every Redis key of this pair shares (one Cluster slot).
+    /// The hash tag every Redis key of this pair shares (one Cluster slot; see
+    /// [`crate::keys`]).
     pub fn hash_tag(&self) -> String {
-        format!("{{pacer:{}:{}}}", self.project, self.model)
+        crate::keys::limiter_tag(&self.project, &self.model)
     }
 
     /// The Redis sorted set of booked starts.

@@ -1,10 +1,11 @@
 //! The shared limiter: one Lua script (`acquire.lua`) per decision, one round trip.
 //!
 //! One [`RedisLimiter`] per process: it is cheap to clone and shares one
-//! `ConnectionManager`, which reconnects by itself. Every call is bounded by a short
-//! timeout so a slow Redis cannot stall request handling; the failsafe layer decides what
-//! happens then. The `redis` crate's `Script` sends `EVALSHA` and reloads the script on
-//! `NOSCRIPT` (after a `SCRIPT FLUSH` or a restart).
+//! [`RedisConnection`] (standalone or Cluster), which reconnects by itself. Every call is
+//! bounded by a short timeout so a slow Redis cannot stall request handling; the failsafe
+//! layer decides what happens then. The `redis` crate's `Script` sends `EVALSHA` (on a
+//! cluster, to the primary of the pair's slot) and reloads the script on `NOSCRIPT` (after a
+//! `SCRIPT FLUSH`, a restart or a failover to a replica that never ran it).
 use std::{
     collections::HashMap,
     sync::{
@@ -15,13 +16,15 @@ use std::{
 };
 
 use async_trait::async_trait;
-use redis::{Script, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use redis::Script;
 
 use super::{
     Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Hint, Limiter, Limits,
     Origin, PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64,
     dur_us, us_dur,
 };
+use crate::connection::RedisConnection;
+pub use crate::connection::RedisOptions;
 use crate::quota::{Costs, Dim, ModelQuota};
 
 /// The limiter script, loaded once per Redis and run by its SHA.
@@ -36,28 +39,10 @@ fn server_id(info: &str) -> Option<i64> {
     i64::from_str_radix(hex.get(..12)?, 16).ok()
 }
 
-/// Connection settings.
-#[derive(Debug, Clone, Copy)]
-pub struct RedisOptions {
-    /// The most one decision may take, round trip included.
-    pub timeout: Duration,
-    /// The most one (re)connection attempt may take.
-    pub connect_timeout: Duration,
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        RedisOptions {
-            timeout: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(2),
-        }
-    }
-}
-
 /// The shared limiter on Redis (standalone or Cluster: a pair's keys share one slot).
 #[derive(Clone)]
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     script: Arc<Script>,
     timeout: Duration,
     calendar: Arc<dyn Calendar>,
@@ -65,8 +50,15 @@ pub struct RedisLimiter {
     days: Arc<Mutex<[i64; 4]>>,
     /// The server this process last talked to (the first 48 bits of its replication id;
     /// 0: unknown), sent with every decision: a key found empty on another server was
-    /// lost with the old one.
+    /// lost with the old one. Standalone only: see `servers`.
     server: Arc<AtomicI64>,
+    /// On a cluster, the server each pair's state was last seen on. One process talks to
+    /// every primary, so a process-wide "last server" would differ from the next pair's
+    /// primary all the time and fence every new pair for nothing; per pair, a pair found
+    /// empty on another server than its last one (a primary failed over to a replica that
+    /// had not received it) is still caught. What a per-pair record cannot know: a pair
+    /// this process never decided for, on a primary replaced before its first decision.
+    servers: Arc<Mutex<HashMap<QuotaKey, i64>>>,
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -80,27 +72,22 @@ impl std::fmt::Debug for RedisLimiter {
 
 impl RedisLimiter {
     /// Connects to `url` (`redis://`, `rediss://` for TLS, with `user:password@` for ACL
-    /// users or `:password@`).
+    /// users or `:password@`; any node of a Redis Cluster).
     pub async fn connect(url: &str, options: RedisOptions) -> Result<RedisLimiter> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = tokio::time::timeout(
-            options.connect_timeout,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| Error::Timeout(options.connect_timeout))??;
-        let limiter = RedisLimiter::from_manager(conn, options);
+        let conn = RedisConnection::open(url, options).await.map_err(|e| {
+            if e.is_timeout() {
+                Error::Timeout(options.connect_timeout)
+            } else {
+                e.into()
+            }
+        })?;
+        let limiter = RedisLimiter::from_connection(conn, options);
         limiter.learn_server().await;
         Ok(limiter)
     }
 
-    /// A limiter on an existing connection manager (share one per process).
-    pub fn from_manager(conn: ConnectionManager, options: RedisOptions) -> RedisLimiter {
+    /// A limiter on an existing connection (share one per process).
+    pub fn from_connection(conn: RedisConnection, options: RedisOptions) -> RedisLimiter {
         RedisLimiter {
             conn,
             script: Arc::new(Script::new(SCRIPT)),
@@ -109,21 +96,43 @@ impl RedisLimiter {
             hints: Arc::default(),
             days: Arc::default(),
             server: Arc::default(),
+            servers: Arc::default(),
         }
     }
 
-    /// Remembers the server a reply came from (its field `at`; 0 where INFO is refused).
-    fn saw_server(&self, reply: &[i64], at: usize) {
+    /// The server `key`'s state was last seen on, as sent to the script.
+    fn server_for(&self, key: &QuotaKey) -> i64 {
+        if self.conn.is_cluster() {
+            crate::sync::lock(&self.servers)
+                .get(key)
+                .copied()
+                .unwrap_or(0)
+        } else {
+            self.server.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Remembers the server a reply about `key` came from (its field `at`; 0 where INFO is
+    /// refused).
+    fn saw_server(&self, key: &QuotaKey, reply: &[i64], at: usize) {
         if let Some(&id) = reply.get(at)
             && id > 0
         {
-            self.server.store(id, Ordering::Relaxed);
+            if self.conn.is_cluster() {
+                crate::sync::lock(&self.servers).insert(key.clone(), id);
+            } else {
+                self.server.store(id, Ordering::Relaxed);
+            }
         }
     }
 
     /// Learns the server before the first decision, so a process that connected before a
-    /// restart knows the old server even for keys it has not used yet.
+    /// restart knows the old server even for keys it has not used yet. (Not on a cluster:
+    /// there the server is per pair, learnt from its first decision.)
     async fn learn_server(&self) {
+        if self.conn.is_cluster() {
+            return;
+        }
         let mut conn = self.conn.clone();
         let info: redis::RedisResult<String> = redis::cmd("INFO")
             .arg("replication")
@@ -170,7 +179,8 @@ impl RedisLimiter {
     }
 
     /// The Redis server's `maxmemory-policy`, or `None` where `CONFIG GET` is refused (as
-    /// on many managed services: check the provider's settings by hand there).
+    /// on many managed services: check the provider's settings by hand there). On a
+    /// cluster every primary is asked and an unsafe answer from any of them is returned.
     ///
     /// # What Pacer needs from Redis
     ///
@@ -193,32 +203,33 @@ impl RedisLimiter {
     ///   (`appendfsync everysec`) avoids the pause and keeps the state, at the cost of a
     ///   disk write per second.
     pub async fn eviction_policy(&self) -> Result<Option<String>> {
-        let mut conn = self.conn.clone();
-        let reply = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("maxmemory-policy")
-                .query_async::<Vec<String>>(&mut conn),
-        )
-        .await
-        .map_err(|_| Error::Timeout(self.timeout))?;
-        match reply {
-            Ok(pair) => Ok(pair.get(1).cloned()),
-            // The server answered with an error (unknown or renamed command, no permission):
-            // the setting cannot be read from here.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
-                    ) | redis::ErrorKind::Extension
-                ) =>
-            {
-                Ok(None)
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let answers = tokio::time::timeout(self.timeout, self.conn.on_every_primary(&cmd))
+            .await
+            .map_err(|_| Error::Timeout(self.timeout))??;
+        let mut policies = Vec::new();
+        for (_node, answer) in answers {
+            match answer.and_then(|v| Ok(redis::from_redis_value::<Vec<String>>(v)?)) {
+                Ok(pair) => policies.extend(pair.get(1).cloned()),
+                // The server answered with an error (unknown or renamed command, no
+                // permission): the setting cannot be read from here.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
+                        ) | redis::ErrorKind::Extension
+                    ) => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        // On a cluster every primary holds limiter state: the least safe one decides.
+        Ok(policies
+            .iter()
+            .find(|p| !eviction_policy_is_safe(p))
+            .or(policies.first())
+            .cloned())
     }
 
     async fn run(&self, key: &QuotaKey, args: Vec<String>) -> Result<Vec<i64>> {
@@ -292,11 +303,11 @@ impl Limiter for RedisLimiter {
                     &h[2],
                     &h[3],
                     &h[4],
-                    &self.server.load(Ordering::Relaxed),
+                    &self.server_for(key),
                 ]),
             )
             .await?;
-        self.saw_server(&reply, 13);
+        self.saw_server(key, &reply, 13);
         let (kind, v, blocker, now) = (
             get(&reply, 0)?,
             get(&reply, 1)?,
@@ -357,11 +368,11 @@ impl Limiter for RedisLimiter {
                     &b[1],
                     &b[2],
                     &b[3],
-                    &self.server.load(Ordering::Relaxed),
+                    &self.server_for(&ticket.key),
                 ]),
             )
             .await?;
-        self.saw_server(&r, 8);
+        self.saw_server(&ticket.key, &r, 8);
         // A check on a state that is gone (and was not fenced) leaves the hint alone, so
         // the next acquire still sees the loss.
         if let Some(hint) = Hint::from_reply(&r, [3, 4, 5, 6, 7]) {

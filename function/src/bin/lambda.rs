@@ -14,6 +14,10 @@ struct Settings {
     /// `PACER_REDIS_URL` is not set.
     #[arg(long, env = "PACER_REDIS_URL_SECRET_ARN")]
     redis_url_secret_arn: Option<String>,
+    /// A Secrets Manager secret (ARN or name) whose string is the records' Redis URL, used
+    /// when `PACER_RECORDS_REDIS_URL` is not set.
+    #[arg(long, env = "PACER_RECORDS_REDIS_URL_SECRET_ARN")]
+    records_redis_url_secret_arn: Option<String>,
     /// A Secrets Manager secret (ARN or name) whose string is the Gemini API key, used when
     /// `PACER_GEMINI_API_KEY` is not set.
     #[arg(long, env = "PACER_GEMINI_API_KEY_SECRET_ARN")]
@@ -45,13 +49,16 @@ async fn secret(
         .ok_or_else(|| format!("{setting}: secret {id} holds no string"))
 }
 
-/// Pools' key secrets: every `<NAME>_SECRET_ARN` variable beyond the two settings above
+/// Pools' key secrets: every `<NAME>_SECRET_ARN` variable beyond the settings above
 /// whose `<NAME>` is not set itself (`<NAME>` is what a QuotaPool's `apiKeyEnv` names).
 fn pool_key_secrets() -> Vec<(String, String)> {
     std::env::vars()
         .filter_map(|(var, arn)| {
             let name = var.strip_suffix("_SECRET_ARN")?;
-            let own = matches!(name, "PACER_REDIS_URL" | "PACER_GEMINI_API_KEY");
+            let own = matches!(
+                name,
+                "PACER_REDIS_URL" | "PACER_RECORDS_REDIS_URL" | "PACER_GEMINI_API_KEY"
+            );
             (!own && !arn.trim().is_empty() && std::env::var_os(name).is_none())
                 .then(|| (name.to_owned(), arn))
         })
@@ -62,6 +69,7 @@ fn pool_key_secrets() -> Vec<(String, String)> {
 async fn resolve_secrets(s: &mut Settings) -> Result<(), String> {
     let pool_keys = pool_key_secrets();
     let wanted = (s.runtime.redis_url.is_none() && s.redis_url_secret_arn.is_some())
+        || (s.runtime.records_redis_url.is_none() && s.records_redis_url_secret_arn.is_some())
         || (s.runtime.gemini_api_key.is_none() && s.gemini_api_key_secret_arn.is_some())
         || !pool_keys.is_empty();
     if !wanted {
@@ -73,6 +81,12 @@ async fn resolve_secrets(s: &mut Settings) -> Result<(), String> {
         && let Some(id) = &s.redis_url_secret_arn
     {
         s.runtime.redis_url = Some(secret(&client, id, "PACER_REDIS_URL_SECRET_ARN").await?);
+    }
+    if s.runtime.records_redis_url.is_none()
+        && let Some(id) = &s.records_redis_url_secret_arn
+    {
+        s.runtime.records_redis_url =
+            Some(secret(&client, id, "PACER_RECORDS_REDIS_URL_SECRET_ARN").await?);
     }
     if s.runtime.gemini_api_key.is_none()
         && let Some(id) = &s.gemini_api_key_secret_arn

@@ -1,0 +1,109 @@
+//! Every Redis key Pacer writes, in one place, and the hash tag each one carries.
+//!
+//! The same names serve a standalone Redis and a Redis Cluster. A cluster hashes only the
+//! part of a key between the first `{` and the next `}` (its hash tag) when there is one,
+//! so keys that one script or one `MULTI` touches together carry the same tag and live in
+//! one slot. Tags are chosen on purpose: as wide as atomicity needs, no wider, so the load
+//! spreads over every primary.
+//!
+//! | key | type | hash tag | touched together with |
+//! |---|---|---|---|
+//! | `{pacer:<project>:<model>}:log` | sorted set | `pacer:<project>:<model>` | `…:st`, in every limiter decision (`acquire.lua`) |
+//! | `{pacer:<project>:<model>}:st` | hash | `pacer:<project>:<model>` | `…:log` |
+//! | `{pacer:config}:pools` | hash | `pacer:config` | the other two config keys, in one `MULTI` |
+//! | `{pacer:config}:chains` | hash | `pacer:config` | as above |
+//! | `{pacer:config}:version` | integer | `pacer:config` | as above |
+//! | `pacer:alert:account:<pool>` | string, TTL | none | nothing (one `SET`, one `GET`) |
+//! | `{pacer:<id>}:result` | string (JSON), TTL 15 days | `pacer:<id>` | `…:claim`, when the record is stored and the claim dropped in one script |
+//! | `{pacer:<id>}:claim` | string, TTL (lease) | `pacer:<id>` | `…:result` |
+//!
+//! One (project, model) is one slot, so a cluster spreads a fleet's pairs over its
+//! primaries, and a decision is still one script on one node. The compiled config is one
+//! slot: it is small and read rarely (a `GET` of the version twice a second per replica,
+//! the hashes only when it moves). Each request's record and claim share a slot of their
+//! own, so records spread evenly. The tags start with `pacer:`, so a tag is never empty
+//! (an empty `{}` is no tag at all: the whole key would be hashed) whatever an id holds;
+//! an id that itself contains `}` only shortens the tag, the same way for both keys.
+//!
+//! Result records and claims may live in a Redis of their own (`PACER_RECORDS_REDIS_URL`);
+//! everything else lives in the limiter's. The account alert is read with the config, so
+//! it is written to the limiter's Redis too.
+//!
+//! Until issue 14 the config keys were `pacer:config:{pools,chains,version}` and records
+//! `pacer:result:<id>` and `pacer:claim:<id>` (both cross-slot on a cluster). After an
+//! upgrade the operator writes the config again on its next resync (or run `pacer apply`
+//! again); records written before it are not found, so a redelivery of an old request runs
+//! again, and the sink's check (an object found carrying the request's id) still keeps it
+//! from being generated twice.
+
+// The compiled config's three keys share the tag `pacer:config`: they change in one `MULTI`.
+
+/// The hash of pools: name (`namespace/name`) → JSON `CompiledPool`.
+pub const POOLS_KEY: &str = "{pacer:config}:pools";
+/// The hash of chains: name (`namespace/name`) → JSON `CompiledChain`.
+pub const CHAINS_KEY: &str = "{pacer:config}:chains";
+/// The config version, bumped in the same transaction as every change.
+pub const VERSION_KEY: &str = "{pacer:config}:version";
+
+/// The hash tag of a (project, model)'s limiter keys.
+pub fn limiter_tag(project: &str, model: &str) -> String {
+    format!("{{pacer:{project}:{model}}}")
+}
+
+/// A pool's account alert (a revoked key, spent credit): set with a TTL by the replica
+/// that met it, read by every replica and the operator.
+pub fn account_alert(pool: &str) -> String {
+    format!("pacer:alert:account:{pool}")
+}
+
+/// A request's final result record.
+pub fn result(id: &str) -> String {
+    format!("{{pacer:{id}}}:result")
+}
+
+/// Which replica is generating a request right now (with a lease).
+pub fn claim(id: &str) -> String {
+    format!("{{pacer:{id}}}:claim")
+}
+
+/// The hash tag a key is placed by in a cluster: between the first `{` and the next `}`
+/// if that is not empty, else the whole key (Redis's rule).
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{')
+        && let Some(len) = key[open + 1..].find('}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_used_together_share_a_hash_tag() {
+        for k in [POOLS_KEY, CHAINS_KEY, VERSION_KEY] {
+            assert_eq!(hash_tag(k), "pacer:config", "{k}");
+        }
+        for id in ["r1", "}", "}x", "a}b", "{x}", "", "ns-r{7}"] {
+            assert_eq!(hash_tag(&result(id)), hash_tag(&claim(id)), "id {id:?}");
+            assert!(hash_tag(&result(id)).starts_with("pacer:"), "id {id:?}");
+        }
+        assert_ne!(hash_tag(&result("a")), hash_tag(&result("b")));
+        let log = format!("{}:log", limiter_tag("p", "m"));
+        let st = format!("{}:st", limiter_tag("p", "m"));
+        assert_eq!(hash_tag(&log), hash_tag(&st));
+        assert_eq!(hash_tag(&log), "pacer:p:m");
+    }
+
+    #[test]
+    fn the_hash_tag_follows_redis() {
+        assert_eq!(hash_tag("{user1000}.following"), "user1000");
+        assert_eq!(hash_tag("foo{}{bar}"), "foo{}{bar}");
+        assert_eq!(hash_tag("foo{{bar}}zap"), "{bar");
+        assert_eq!(hash_tag("foo{bar}{zap}"), "bar");
+        assert_eq!(hash_tag("plain"), "plain");
+    }
+}
