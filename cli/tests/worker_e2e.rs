@@ -1086,6 +1086,20 @@ async fn vertex_bare_429s_teach_every_replica_a_lower_rate() {
         took.as_secs_f64()
     );
     assert_eq!(accepted, N as u64, "each request generated once: {m}");
+    // Every successful call's duration reached the pool's totals (the operator sizes the
+    // fleet from them): 30 calls of at least the simulator's 200 ms.
+    let (ms, n): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+        .arg(pacer_core::keys::call_times(&format!("{ns}/vx")))
+        .arg("ms")
+        .arg("n")
+        .query_async(&mut redis)
+        .await
+        .expect("HMGET");
+    assert_eq!(n, Some(N as u64), "one duration per successful call");
+    assert!(
+        ms.is_some_and(|ms| ms >= 200 * N as u64),
+        "{ms:?} ms for {N} calls of 200 ms or more"
+    );
     // Booked at the declared rate, half of every window's calls would be refused (about
     // N 429s); learned, a cut per burst of 429s and a probe per clean window.
     assert!(

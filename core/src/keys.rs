@@ -14,6 +14,7 @@
 //! | `{pacer:config}:chains` | hash | `pacer:config` | as above |
 //! | `{pacer:config}:version` | integer | `pacer:config` | as above |
 //! | `pacer:alert:account:<pool>` | string, TTL | none | nothing (one `SET`, one `GET`) |
+//! | `pacer:calls:<pool>` | hash (`ms`, `n`) | none | nothing (two `HINCRBY` in a pipeline) |
 //! | `{pacer:<id>}:result` | string (JSON), TTL 15 days | `pacer:<id>` | `…:claim`, when the record is stored and the claim dropped in one script |
 //! | `{pacer:<id>}:claim` | string, TTL (lease) | `pacer:<id>` | `…:result` |
 //!
@@ -54,6 +55,12 @@ pub fn limiter_tag(project: &str, model: &str) -> String {
 /// that met it, read by every replica and the operator.
 pub fn account_alert(pool: &str) -> String {
     format!("pacer:alert:account:{pool}")
+}
+
+/// A pool's provider calls so far, summed by every replica (`ms` taken, `n` calls): the
+/// operator sizes the fleet from their latest mean.
+pub fn call_times(pool: &str) -> String {
+    format!("pacer:calls:{pool}")
 }
 
 /// A request's final result record.

@@ -210,6 +210,19 @@ impl Limiters {
     }
 
     /// The limiter for `pool`.
+    /// Adds a provider call's duration to the pool's totals in Redis, in the background
+    /// (the operator sizes the fleet from them); nothing without Redis.
+    pub fn note_call(&self, pool: &str, took: Duration) {
+        if let Some(redis) = self.shared.clone() {
+            let pool = pool.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = redis.note_call(&pool, took).await {
+                    tracing::debug!(error = %e, "noting a call's duration failed");
+                }
+            });
+        }
+    }
+
     pub fn for_pool(&self, pool: &CompiledPool) -> Arc<dyn Limiter> {
         let Some(shared) = &self.shared else {
             return self.local.clone();

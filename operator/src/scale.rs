@@ -11,7 +11,9 @@
 //! ```
 //!
 //! with a model counted as 0 while it cools down after a 429 or its day is spent (no replica
-//! could call it before then). A backlog of 10,000 under 20 per 10 s with 1 s calls needs
+//! could call it before then). `call_seconds` is observed: every replica adds each call's
+//! duration to the pool's totals in Redis, and the mean of the calls since the previous
+//! read is used (the configured typical length until a call was seen). A backlog of 10,000 under 20 per 10 s with 1 s calls needs
 //! ceil(2 * 1 / 64) = 1 replica, not 200: the chart's ScaledObject takes the smaller of this
 //! and the queue's own count.
 use pacer_core::{
@@ -30,8 +32,10 @@ pub struct Advice {
     pub replicas: u32,
     /// The calls per second the quota admits now.
     pub calls_per_second: f64,
-    /// The assumed length of one call.
+    /// The length of one call: observed, or the configured typical length.
     pub call_seconds: f64,
+    /// Whether `call_seconds` was observed (the mean of the pool's recent calls).
+    pub call_seconds_observed: bool,
     /// Messages one replica works on at once.
     pub concurrency: u32,
     /// Why it is 0, when it is.
@@ -45,6 +49,36 @@ pub struct ScaleBoard {
     call_seconds: f64,
     concurrency: u32,
     source: std::sync::OnceLock<(ConfigStore, RedisLimiter)>,
+    /// Per pool: the call totals at the previous read and the mean observed then.
+    calls: std::sync::Mutex<std::collections::HashMap<String, CallTimes>>,
+}
+
+/// A pool's call totals as last read, and the mean call length they gave.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CallTimes {
+    pub ms: u64,
+    pub n: u64,
+    pub mean_seconds: Option<f64>,
+}
+
+impl CallTimes {
+    /// The totals read now, against the previous read: the mean of the calls in between,
+    /// else the previous mean (no call since), else the mean of everything (first read).
+    pub fn next(self, ms: u64, n: u64) -> CallTimes {
+        let mean_seconds = if n > self.n && ms >= self.ms {
+            Some((ms - self.ms) as f64 / (n - self.n) as f64 / 1000.0)
+        } else if n < self.n || self.mean_seconds.is_none() {
+            // Totals reset (a flushed Redis) or never read: what is there.
+            (n > 0).then(|| ms as f64 / n as f64 / 1000.0)
+        } else {
+            self.mean_seconds
+        };
+        CallTimes {
+            ms,
+            n,
+            mean_seconds,
+        }
+    }
 }
 
 impl ScaleBoard {
@@ -53,6 +87,7 @@ impl ScaleBoard {
             call_seconds: call_seconds.max(0.001),
             concurrency: concurrency.max(1),
             source: std::sync::OnceLock::new(),
+            calls: std::sync::Mutex::default(),
         }
     }
 
@@ -82,12 +117,21 @@ impl ScaleBoard {
                 .map_err(|e| e.to_string())?;
             usage.push((model.clone(), u));
         }
-        Ok(Some(advise(
+        let (ms, n) = limiter.call_totals(pool).await.map_err(|e| e.to_string())?;
+        let observed = {
+            let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = calls.entry(pool.to_owned()).or_default();
+            *entry = entry.next(ms, n);
+            entry.mean_seconds.filter(|s| *s > 0.0)
+        };
+        let mut advice = advise(
             compiled,
             &usage,
-            self.call_seconds,
+            observed.unwrap_or(self.call_seconds),
             self.concurrency,
-        )))
+        );
+        advice.call_seconds_observed = observed.is_some();
+        Ok(Some(advice))
     }
 }
 
@@ -139,6 +183,7 @@ pub fn advise(
         replicas,
         calls_per_second: rate,
         call_seconds,
+        call_seconds_observed: false,
         concurrency,
         idle_because: (replicas == 0).then(|| {
             if idle.is_empty() {
@@ -185,6 +230,26 @@ mod tests {
             queue: Duration::from_secs(500),
             rate_cut_permille: 0,
         }
+    }
+
+    /// The call length is the mean of the calls since the previous read.
+    #[test]
+    fn the_call_length_is_the_mean_of_the_latest_calls() {
+        let first = CallTimes::default().next(30_000, 3);
+        assert_eq!(
+            first.mean_seconds,
+            Some(10.0),
+            "everything on the first read"
+        );
+        let next = first.next(32_000, 5);
+        assert_eq!(next.mean_seconds, Some(1.0), "two calls of 1 s since");
+        assert_eq!(
+            next.next(32_000, 5).mean_seconds,
+            Some(1.0),
+            "no call since: kept"
+        );
+        assert_eq!(next.next(4_000, 2).mean_seconds, Some(2.0), "totals reset");
+        assert_eq!(CallTimes::default().next(0, 0).mean_seconds, None);
     }
 
     /// Issue 16: a backlog under 20 per 10 s with 1 s calls needs one replica of 64 slots,

@@ -358,6 +358,30 @@ async fn operator_reconciles_pools_and_chains_into_redis(redis_kind: RedisKind) 
             .is_some_and(|n| (1..=4).contains(&n)),
         "a few replicas at most: {advice}"
     );
+    assert_eq!(
+        advice["callSecondsObserved"], false,
+        "no call seen yet: {advice}"
+    );
+    // Replicas report their calls' durations; the advice follows the latest ones.
+    let reporter = RedisLimiter::connect(&redis_url, Default::default())
+        .await
+        .expect("limiter");
+    for _ in 0..4 {
+        reporter
+            .note_call(&pool_key, Duration::from_millis(1500))
+            .await
+            .expect("note a call");
+    }
+    let scale = http_get(metrics_addr, &format!("/scale/{pool_key}")).await;
+    let body = scale.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let observed: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    println!("after four 1.5 s calls: {observed}");
+    assert_eq!(observed["callSecondsObserved"], true, "{observed}");
+    assert_eq!(observed["callSeconds"], 1.5, "{observed}");
+    assert_eq!(
+        observed["replicas"], 1,
+        "8.7 calls/s x 1.5 s / 64: {observed}"
+    );
     assert!(
         http_get(metrics_addr, &format!("/scale/{ns}/no-such-pool"))
             .await

@@ -143,6 +143,40 @@ impl RedisLimiter {
         }
     }
 
+    /// Adds one provider call's duration to `pool`'s running totals, which the operator
+    /// reads to size the fleet ([`crate::keys::call_times`]).
+    pub async fn note_call(&self, pool: &str, took: Duration) -> Result<()> {
+        let key = crate::keys::call_times(pool);
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .cmd("HINCRBY")
+            .arg(&key)
+            .arg("ms")
+            .arg(ms)
+            .ignore()
+            .cmd("HINCRBY")
+            .arg(&key)
+            .arg("n")
+            .arg(1)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// `pool`'s call totals: (milliseconds, calls), both 0 before the first call.
+    pub async fn call_totals(&self, pool: &str) -> Result<(u64, u64)> {
+        let mut conn = self.conn.clone();
+        let (ms, n): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(crate::keys::call_times(pool))
+            .arg("ms")
+            .arg("n")
+            .query_async(&mut conn)
+            .await?;
+        Ok((ms.unwrap_or(0), n.unwrap_or(0)))
+    }
+
     /// The same limiter with another calendar (tests: short days).
     pub fn with_calendar(mut self, calendar: Arc<dyn Calendar>) -> RedisLimiter {
         self.calendar = calendar;

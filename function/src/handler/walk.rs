@@ -528,8 +528,12 @@ impl Handler {
         if let Some(left) = delivery.left() {
             timeout = timeout.min(left);
         }
+        let began = Instant::now();
         let call = tokio::time::timeout(timeout, w.provider.generate(model, &run.image_req)).await;
         let result = call.unwrap_or(Err(ProviderError::Timeout { after: timeout }));
+        if result.is_ok() {
+            self.limiters.note_call(&w.pool.name, began.elapsed());
+        }
         let label = match &result {
             Ok(_) => "ok",
             Err(e) => e.metric_label(),
