@@ -235,7 +235,8 @@ const RETRIED_FINISH_REASONS: &[&str] = &[
 pub const NO_IMAGE_ATTEMPTS: u32 = 2;
 
 impl BlockReason {
-    /// Whether another call may well produce the image (see [`RETRIED_FINISH_REASONS`]).
+    /// Whether another call may well produce the image: `NO_IMAGE`, `IMAGE_RECITATION`,
+    /// `IMAGE_OTHER` and the like (the list is `RETRIED_FINISH_REASONS`).
     pub fn is_retried(&self) -> bool {
         matches!(self, BlockReason::Finish(r) if RETRIED_FINISH_REASONS.contains(&r.as_str()))
     }

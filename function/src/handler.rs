@@ -3,7 +3,7 @@
 //!
 //! For one delivery it parses the message, skips work already done (the result record, then
 //! the sink), claims the request so no other replica generates it at the same time, and walks
-//! the chain ([`walk`]): estimate the costs (an upper bound, [`costs`]), `acquire` with the
+//! the chain (`walk`): estimate the costs (an upper bound, `costs`), `acquire` with the
 //! step's max wait bounded by the deadline, sleep exactly the booked wait, re-`check` the
 //! booking, call the provider, `reconcile` with the real usage, store the image, write the
 //! result. Every booking carries the delivery's claim token, so a redelivered message books
