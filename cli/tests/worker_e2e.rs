@@ -1008,7 +1008,6 @@ async fn each_pool_calls_with_its_own_project_key() {
 async fn vertex_bare_429s_teach_every_replica_a_lower_rate() {
     let rig = Rig::load();
     let mut redis = rig.redis().await;
-    let sqs = rig.sqs().await;
     let s3 = rig.s3().await;
     let ns = Rig::unique("vertex");
     let project = format!("vertex-{ns}");
@@ -1057,18 +1056,14 @@ async fn vertex_bare_429s_teach_every_replica_a_lower_rate() {
     });
     let _workers = Children(workers.into());
     const N: usize = 30;
-    let mut ids = Vec::new();
-    for i in 0..N {
-        let id = format!("{ns}-{i}");
-        let body = serde_json::json!({"id": id, "chain": format!("{ns}/vx-chain"), "prompt": format!("a gannet {i}")});
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(body.to_string())
-            .send()
-            .await
-            .expect("send");
-        ids.push(id);
-    }
+    let ids: Vec<String> = (0..N).map(|i| format!("{ns}-{i}")).collect();
+    rig.send_bodies(
+        &queue_url,
+        ids.iter().enumerate().map(|(i, id)| {
+            serde_json::json!({"id": id, "chain": format!("{ns}/vx-chain"), "prompt": format!("a gannet {i}")})
+        }),
+    )
+    .await;
     let start = Instant::now();
     for id in &ids {
         let record = result_by(&mut redis, id, start + Duration::from_secs(150), || {

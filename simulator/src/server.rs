@@ -835,20 +835,16 @@ async fn issue_token(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     else {
         return refuse("Invalid JWT: could not decode the assertion.");
     };
-    if claims
-        .get("iss")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .is_empty()
-    {
+    let named = |claim: &str| {
+        claims
+            .get(claim)
+            .and_then(Value::as_str)
+            .is_some_and(|v| !v.is_empty())
+    };
+    if !named("iss") {
         return refuse("Invalid JWT: no issuer (iss).");
     }
-    if claims
-        .get("scope")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .is_empty()
-    {
+    if !named("scope") {
         return refuse("Invalid OAuth scope or ID token audience provided.");
     }
     let now = Timestamp::now().as_second();
