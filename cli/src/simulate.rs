@@ -50,7 +50,9 @@ pub struct SimulateArgs {
     /// A quota, `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICRODOLLARS[,window=SECONDS][,spend_window=SECONDS]`
     /// (repeatable; `;`-separated in the env var). Omitted dimensions are unlimited; 0 is
     /// Google's "limit: 0". `window` (default 60) applies to rpm, tpm and ipm;
-    /// `spend_window` defaults to 600. rpd resets at midnight America/Los_Angeles.
+    /// `spend_window` defaults to 600. rpd resets at midnight America/Los_Angeles. Spend is
+    /// the project's, shared by its models, as Google counts it: the smallest `spend` of the
+    /// project's model specs, or `[PROJECT/]*:spend=MICRODOLLARS[,spend_window=SECONDS]`.
     #[arg(long = "limit", env = "PACER_SIM_LIMITS", value_delimiter = ';')]
     pub limits: Vec<LimitSpec>,
 

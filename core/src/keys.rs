@@ -8,8 +8,10 @@
 //!
 //! | key | type | hash tag | touched together with |
 //! |---|---|---|---|
-//! | `{pacer:<project>:<model>}:log` | sorted set | `pacer:<project>:<model>` | `…:st`, in every limiter decision (`acquire.lua`) |
-//! | `{pacer:<project>:<model>}:st` | hash | `pacer:<project>:<model>` | `…:log` |
+//! | `{pacer:<project>}:<model>:log` | sorted set | `pacer:<project>` | `…:<model>:st` and the project's spend keys, in every limiter decision (`acquire.lua`) |
+//! | `{pacer:<project>}:<model>:st` | hash | `pacer:<project>` | as above |
+//! | `{pacer:<project>}:*spend:log` | sorted set | `pacer:<project>` | `…:*spend:st` and one model's two keys, in a decision of a pool that limits spend |
+//! | `{pacer:<project>}:*spend:st` | hash | `pacer:<project>` | as above |
 //! | `{pacer:config}:pools` | hash | `pacer:config` | the other two config keys, in one `MULTI` |
 //! | `{pacer:config}:chains` | hash | `pacer:config` | as above |
 //! | `{pacer:config}:version` | integer | `pacer:config` | as above |
@@ -18,8 +20,10 @@
 //! | `{pacer:<id>}:result` | string (JSON), TTL 15 days | `pacer:<id>` | `…:claim`, when the record is stored and the claim dropped in one script |
 //! | `{pacer:<id>}:claim` | string, TTL (lease) | `pacer:<id>` | `…:result` |
 //!
-//! One (project, model) is one slot, so a cluster spreads a fleet's pairs over its
-//! primaries, and a decision is still one script on one node. The compiled config is one
+//! One project is one slot: Google's spend limit is the project's, shared by its models, so
+//! a decision books the model's windows and the project's spend in one script on one node.
+//! A cluster spreads a fleet's projects over its primaries (one busy project needs well
+//! under one core: about 100 decisions a second at Tier 3). The compiled config is one
 //! slot: it is small and read rarely (a `GET` of the version twice a second per replica,
 //! the hashes only when it moves). Each request's record and claim share a slot of their
 //! own, so records spread evenly. The tags start with `pacer:`, so a tag is never empty
@@ -36,6 +40,10 @@
 //! again); records written before it are not found, so a redelivery of an old request runs
 //! again, and the sink's check (an object found carrying the request's id) still keeps it
 //! from being generated twice.
+//!
+//! Until issue 13 a limiter state's tag was `pacer:<project>:<model>`; a project's spend
+//! is shared by its models, so the tag is now the project's (see the README on upgrading:
+//! old and new workers must not run side by side).
 
 // The compiled config's three keys share the tag `pacer:config`: they change in one `MULTI`.
 
@@ -46,9 +54,15 @@ pub const CHAINS_KEY: &str = "{pacer:config}:chains";
 /// The config version, bumped in the same transaction as every change.
 pub const VERSION_KEY: &str = "{pacer:config}:version";
 
-/// The hash tag of a (project, model)'s limiter keys.
-pub fn limiter_tag(project: &str, model: &str) -> String {
-    format!("{{pacer:{project}:{model}}}")
+/// The hash tag of a project's limiter keys (every model's, and the project's spend).
+pub fn limiter_tag(project: &str) -> String {
+    format!("{{pacer:{project}}}")
+}
+
+/// The prefix of one limiter state's two keys (`…:log`, `…:st`): a model of a project, or
+/// with `model` `None` the project's spend state. `*` is in no model id.
+pub fn limiter_state(project: &str, model: Option<&str>) -> String {
+    format!("{}:{}", limiter_tag(project), model.unwrap_or("*spend"))
 }
 
 /// A pool's account alert (a revoked key, spent credit): set with a TTL by the replica
@@ -99,10 +113,13 @@ mod tests {
             assert!(hash_tag(&result(id)).starts_with("pacer:"), "id {id:?}");
         }
         assert_ne!(hash_tag(&result("a")), hash_tag(&result("b")));
-        let log = format!("{}:log", limiter_tag("p", "m"));
-        let st = format!("{}:st", limiter_tag("p", "m"));
+        let log = format!("{}:log", limiter_state("p", Some("m")));
+        let st = format!("{}:st", limiter_state("p", Some("m")));
+        let spend = format!("{}:st", limiter_state("p", None));
         assert_eq!(hash_tag(&log), hash_tag(&st));
-        assert_eq!(hash_tag(&log), "pacer:p:m");
+        assert_eq!(hash_tag(&log), hash_tag(&spend));
+        assert_eq!(hash_tag(&log), "pacer:p");
+        assert_ne!(hash_tag(&log), hash_tag(&limiter_state("q", Some("m"))));
     }
 
     #[test]

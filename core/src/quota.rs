@@ -133,7 +133,9 @@ pub struct ModelQuota {
     pub input_tokens: DimensionQuota,
     /// Images per window.
     pub images: DimensionQuota,
-    /// Spend per window, in micro-dollars.
+    /// Spend per window, in micro-dollars: the project's, shared by all of its models
+    /// (Google's spend limit is per project). Both limiters book it in one state per
+    /// project, in the same step as the model's own dimensions.
     pub spend_micros: DimensionQuota,
     /// Requests per Pacific calendar day.
     pub requests_per_day: Option<u64>,
@@ -332,12 +334,11 @@ impl crate::config::CompiledPool {
 
     /// What the limiter enforces for `model` of this pool (`None`: not one of its models):
     /// the declared limits with the pool's headroom applied, here and nowhere else. The
-    /// pool's spend limit is the project's; the limiter keeps one state per (project,
-    /// model), so it is split evenly between the pool's models.
+    /// pool's spend limit is the project's, whole: the limiter books every model's spend
+    /// in one state per project, so a chain's busy model can use all of it.
     pub fn model_quota(&self, model: &str) -> Option<ModelQuota> {
         let m = self.models.get(model)?;
         let minute = Duration::from_millis(m.window_ms.max(1));
-        let models = u64::try_from(self.models.len().max(1)).unwrap_or(1);
         let dq = |limit| DimensionQuota {
             limit,
             window: minute,
@@ -351,7 +352,7 @@ impl crate::config::CompiledPool {
                 input_tokens: dq(m.tpm),
                 images: dq(m.ipm),
                 spend_micros: DimensionQuota {
-                    limit: self.spend_micros_per_10_minutes.map(|s| s / models),
+                    limit: self.spend_micros_per_10_minutes,
                     window: spend_window,
                 },
                 requests_per_day: m.rpd,
@@ -401,14 +402,14 @@ mod tests {
     }
 
     #[test]
-    fn headroom_applies_once_and_spend_is_split_between_models() {
+    fn headroom_applies_once_and_spend_is_the_project_s() {
         let pool = pool(10, Some(10_000_000));
         let pro = pool.model_quota("gemini-3-pro-image").expect("in pool");
         assert_eq!(pro.requests.limit, Some(18));
         assert_eq!(pro.input_tokens.limit, Some(90_000));
         assert_eq!(pro.requests_per_day, Some(225));
-        // $10 split between two models, then 10 % headroom.
-        assert_eq!(pro.spend_micros.limit, Some(4_500_000));
+        // The project's $10 for each model (booked in one state), then 10 % headroom.
+        assert_eq!(pro.spend_micros.limit, Some(9_000_000));
         assert_eq!(pro.spend_micros.window, Duration::from_secs(600));
         let flash = pool.model_quota("gemini-3.1-flash-image").expect("in pool");
         assert_eq!(flash.requests.limit, Some(90));

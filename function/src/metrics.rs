@@ -199,6 +199,7 @@ mod tests {
             start_us: 0,
             costs: Costs::default(),
             origin,
+            project_spend: false,
         }
     }
 

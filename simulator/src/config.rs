@@ -19,12 +19,20 @@ pub enum ConfigError {
     DetailsOrder(String),
 }
 
+/// The `MODEL` of a spec that sets a project's spend and nothing else (`[PROJECT/]*:spend=N`).
+pub const ANY_MODEL: &str = "*";
+
 /// One project's quota for one model. `None` is unlimited; `Some(0)` is Google's
 /// "limit: 0" (a free-tier project on an image model).
+///
+/// Spend is the exception: Google counts it per project, across the project's models, so
+/// `spend` and `spend_window` set the project's one spend window
+/// ([`SimConfig::project_spend`] says which spec wins).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitSpec {
     /// `None`: applies to every project (each project counts on its own).
     pub project: Option<String>,
+    /// A model name, or [`ANY_MODEL`] for a spec that sets only the project's spend.
     pub model: String,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
@@ -56,6 +64,30 @@ impl LimitSpec {
             day: None,
         }
     }
+
+    fn spend_limit(&self) -> SpendLimit {
+        SpendLimit {
+            micros: self.spend,
+            window: self.spend_window,
+        }
+    }
+}
+
+/// A project's spend quota: micro-dollars per `window`, shared by all its models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendLimit {
+    /// `None`: unlimited (still measured).
+    pub micros: Option<u64>,
+    pub window: Duration,
+}
+
+impl Default for SpendLimit {
+    fn default() -> SpendLimit {
+        SpendLimit {
+            micros: None,
+            window: Duration::from_secs(600),
+        }
+    }
 }
 
 fn parse_secs(s: &str) -> Option<Duration> {
@@ -67,7 +99,10 @@ fn parse_secs(s: &str) -> Option<Duration> {
     }
 }
 
-/// `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICROS[,window=S][,spend_window=S][,day=S]`
+const ANY_MODEL_FIELDS: &str = "MODEL `*` sets a project's spend: spend=MICROS[,spend_window=S]";
+
+/// `[PROJECT/]MODEL:rpm=N,tpm=N,ipm=N,rpd=N,spend=MICROS[,window=S][,spend_window=S][,day=S]`,
+/// or `[PROJECT/]*:spend=MICROS[,spend_window=S]` for the project's spend alone.
 impl FromStr for LimitSpec {
     type Err = ConfigError;
 
@@ -94,6 +129,9 @@ impl FromStr for LimitSpec {
                     .parse::<u64>()
                     .map_err(|_| bad("expected a whole number"))
             };
+            if spec.model == ANY_MODEL && !matches!(k.trim(), "spend" | "spend_window") {
+                return Err(bad(ANY_MODEL_FIELDS));
+            }
             match k.trim() {
                 "rpm" => spec.rpm = Some(n()?),
                 "tpm" => spec.tpm = Some(n()?),
@@ -110,6 +148,9 @@ impl FromStr for LimitSpec {
                 "day" => spec.day = Some(parse_secs(v).ok_or_else(|| bad("day: seconds > 0"))?),
                 other => return Err(bad(&format!("unknown dimension {other:?}"))),
             }
+        }
+        if spec.model == ANY_MODEL && spec.spend.is_none() {
+            return Err(bad(ANY_MODEL_FIELDS));
         }
         Ok(spec)
     }
@@ -345,6 +386,40 @@ impl Default for SimConfig {
     }
 }
 
+impl SimConfig {
+    /// The spec that sets `model`'s quota in `project`: the project's own, else the one
+    /// naming no project.
+    pub fn model_limit(&self, project: &str, model: &str) -> Option<&LimitSpec> {
+        let named = |l: &&LimitSpec| l.model == model && l.project.as_deref() == Some(project);
+        let any = |l: &&LimitSpec| l.model == model && l.project.is_none();
+        self.limits
+            .iter()
+            .find(named)
+            .or_else(|| self.limits.iter().find(any))
+    }
+
+    /// `project`'s spend quota, one for all its models (Google counts spend per project).
+    /// A `*` spec sets it (`PROJECT/*`, else `*`); otherwise the specs that set the
+    /// project's models ([`Self::model_limit`], for every model a spec names) do, and if
+    /// they disagree the smallest `spend` wins, with its own `spend_window` (on a tie, the
+    /// longer window: the stricter). None of them: unlimited, over 600 s.
+    pub fn project_spend(&self, project: &str) -> SpendLimit {
+        if let Some(any) = self.model_limit(project, ANY_MODEL) {
+            return any.spend_limit();
+        }
+        let mut models: Vec<&str> = self.limits.iter().map(|l| l.model.as_str()).collect();
+        models.sort_unstable();
+        models.dedup();
+        models
+            .into_iter()
+            .filter_map(|m| self.model_limit(project, m))
+            .filter(|l| l.spend.is_some())
+            .map(LimitSpec::spend_limit)
+            .min_by_key(|s| (s.micros, std::cmp::Reverse(s.window)))
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,6 +447,56 @@ mod tests {
         assert!("m:rpm=x".parse::<LimitSpec>().is_err());
         assert!("m:bogus=1".parse::<LimitSpec>().is_err());
         assert!("nocolon".parse::<LimitSpec>().is_err());
+    }
+
+    #[test]
+    fn any_model_sets_only_the_spend() {
+        let l: LimitSpec = "acme/*:spend=5000,spend_window=60".parse().expect("parses");
+        assert_eq!(
+            (l.project.as_deref(), l.model.as_str(), l.spend),
+            (Some("acme"), ANY_MODEL, Some(5000))
+        );
+        assert_eq!(l.spend_window, Duration::from_secs(60));
+        assert!("*:rpm=1,spend=5".parse::<LimitSpec>().is_err());
+        assert!("*:spend_window=60".parse::<LimitSpec>().is_err());
+        assert!("*:spend=5,window=5".parse::<LimitSpec>().is_err());
+    }
+
+    /// Spend is the project's: its model specs set it (the smallest wins), a `*` spec
+    /// overrides them, a project's own spec for a model shadows the unprefixed one.
+    #[test]
+    fn project_spend_comes_from_the_specs_that_apply() {
+        let config = |specs: &[&str]| SimConfig {
+            limits: specs.iter().map(|s| s.parse().expect("limit")).collect(),
+            ..SimConfig::default()
+        };
+        let spend = |c: &SimConfig, p: &str| {
+            let s = c.project_spend(p);
+            (s.micros, s.window.as_secs())
+        };
+        let c = config(&[
+            "a:spend=300,spend_window=60",
+            "b:spend=200,spend_window=30",
+            "acme/b:rpm=5",
+            "acme/c:spend=100,spend_window=120",
+        ]);
+        assert_eq!(spend(&c, "other"), (Some(200), 30));
+        // acme's b spec sets no spend; a's applies, c's is smaller.
+        assert_eq!(spend(&c, "acme"), (Some(100), 120));
+        let c = config(&["a:spend=300", "*:spend=900,spend_window=60"]);
+        assert_eq!(spend(&c, "acme"), (Some(900), 60));
+        let c = config(&["*:spend=900", "acme/*:spend=50"]);
+        assert_eq!(
+            (spend(&c, "acme"), spend(&c, "b")),
+            ((Some(50), 600), (Some(900), 600))
+        );
+        let c = config(&["a:spend=10,spend_window=60", "b:spend=10,spend_window=90"]);
+        assert_eq!(
+            spend(&c, "p"),
+            (Some(10), 90),
+            "a tie takes the stricter window"
+        );
+        assert_eq!(spend(&config(&["a:rpm=1"]), "p"), (None, 600));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! - [`config`]: [`SimConfig`] and the flag syntax of limits, keys, blocks and schedules.
 //! - [`quota`]: counting at arrival (sliding or calendar windows, Pacific days); what
-//!   arrived in any window (refused requests included) and what was accepted.
+//!   arrived in any window (refused requests included) and what was accepted. Spend
+//!   counts per project, shared by its models, as Google's spend quota does.
 //! - [`models`]: the model facts it serves, read from core's one model table (sizes,
 //!   tokens, prices, ratios, reasoning tokens, shutdown dates), plus the retired Imagen
 //!   models.

@@ -1,6 +1,8 @@
 //! Quota enforcement the way Google does it: a request counts when it arrives, on the
 //! server's clock, all dimensions at once. Sliding windows by default, calendar (fixed)
-//! windows optionally; requests per day reset at Pacific midnight.
+//! windows optionally; requests per day reset at Pacific midnight. Requests, tokens and
+//! images count per (project, model) in [`ModelQuota`]; spend counts per project, in one
+//! [`ProjectSpend`] that every model of the project admits against.
 //!
 //! Deliberately independent of Pacer's limiter: this plays the provider that the limiter
 //! must stay under, and measures whether it did. Two measurements, kept apart:
@@ -19,7 +21,7 @@ use std::{
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::config::LimitSpec;
+use crate::config::{LimitSpec, SpendLimit};
 
 /// A quota dimension, with the names Google uses for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,6 +120,8 @@ pub struct Exceeded {
 struct Window {
     len_us: i64,
     limit: Option<u64>,
+    /// Checked in calendar windows instead of sliding ones (measured sliding either way).
+    fixed: bool,
     log: VecDeque<(i64, u64)>,
     sum: u64,
     fixed_index: i64,
@@ -126,10 +130,11 @@ struct Window {
 }
 
 impl Window {
-    fn new(len: Duration, limit: Option<u64>) -> Window {
+    fn new(len: Duration, limit: Option<u64>, fixed: bool) -> Window {
         Window {
             len_us: i64::try_from(len.as_micros()).unwrap_or(i64::MAX).max(1),
             limit,
+            fixed,
             log: VecDeque::new(),
             sum: 0,
             fixed_index: i64::MIN,
@@ -153,10 +158,10 @@ impl Window {
         }
     }
 
-    fn check(&self, now: i64, cost: u64, fixed: bool) -> Option<Duration> {
+    fn check(&self, now: i64, cost: u64) -> Option<Duration> {
         let limit = self.limit?;
         let micros = |us: i64| Duration::from_micros(u64::try_from(us.max(0)).unwrap_or(0));
-        if fixed {
+        if self.fixed {
             if self.fixed_sum + cost <= limit {
                 return None;
             }
@@ -260,14 +265,15 @@ pub struct ModelStats {
     /// Every request that reached the model, whatever the answer.
     pub arrivals: u64,
     /// The most arrivals' cost in any sliding window of each dimension (`rpm`, `tpm`,
-    /// `ipm`, `spend`), refused ones included.
+    /// `ipm`, `spend`), refused ones included. `spend` is the project's (all its models).
     pub max_arrivals_in_any_window: BTreeMap<&'static str, u64>,
     pub accepted: u64,
     /// Quota refusals by dimension (one request exceeding two dimensions counts in both).
     pub rejected: BTreeMap<&'static str, u64>,
     /// Injected faults by kind (`ghost_429`, `overload`, `server_error`, ...).
     pub faults: BTreeMap<&'static str, u64>,
-    /// The most accepted cost in any window (never above the limit, by construction).
+    /// The most accepted cost in any window (never above the limit, by construction);
+    /// `spend` is the project's.
     pub max_in_any_window: BTreeMap<&'static str, u64>,
     /// When each accepted request arrived, in milliseconds since the epoch, sorted.
     pub accepted_at_ms: Vec<i64>,
@@ -310,7 +316,54 @@ impl ModelStats {
     }
 }
 
-/// The quota state of one (project, model).
+/// A project's spend figures for `/_sim/stats` (each of its models reports the same
+/// `max_in_any_window` and `max_arrivals_in_any_window` under `spend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SpendStats {
+    /// Micro-dollars per window; `None` (`null`): unlimited.
+    pub limit: Option<u64>,
+    pub window_s: f64,
+    /// The most accepted spend in any window (never above the limit, by construction).
+    pub max_in_any_window: u64,
+    /// The most spend that arrived in any window, refused requests included.
+    pub max_arrivals_in_any_window: u64,
+}
+
+/// One project's spend window. Google's spend quota ("spend per 10 minutes") is the
+/// project's, shared by all its models: each model's [`ModelQuota`] admits against, and
+/// measures into, this one window, so two models cannot spend twice the limit.
+#[derive(Debug)]
+pub struct ProjectSpend {
+    window: Window,
+    window_s: f64,
+    arrived: ArrivalWindow,
+    /// The latest arrival time on any of the project's models, so this window's log stays
+    /// ordered too (see `ModelQuota::last_us`).
+    last_us: i64,
+}
+
+impl ProjectSpend {
+    pub fn new(limit: SpendLimit, fixed: bool) -> ProjectSpend {
+        ProjectSpend {
+            window: Window::new(limit.window, limit.micros, fixed),
+            window_s: limit.window.as_secs_f64(),
+            arrived: ArrivalWindow::new(limit.window),
+            last_us: i64::MIN,
+        }
+    }
+
+    pub fn stats(&self) -> SpendStats {
+        SpendStats {
+            limit: self.window.limit,
+            window_s: self.window_s,
+            max_in_any_window: self.window.max_in_any_window,
+            max_arrivals_in_any_window: self.arrived.max,
+        }
+    }
+}
+
+/// The quota state of one (project, model): every dimension but spend, which is the
+/// project's ([`ProjectSpend`], passed to each call).
 #[derive(Debug)]
 pub struct ModelQuota {
     fixed: bool,
@@ -318,10 +371,9 @@ pub struct ModelQuota {
     rpm: Window,
     tpm: Window,
     ipm: Window,
-    spend: Window,
     daily: Daily,
-    /// All arrivals, per dimension (rpm, tpm, ipm, spend).
-    arrived: [ArrivalWindow; 4],
+    /// All arrivals, per dimension (rpm, tpm, ipm).
+    arrived: [ArrivalWindow; 3],
     /// The latest arrival time: arrivals are stamped before parsing and counted under the
     /// lock, so a later one can reach the lock first; clamping keeps the logs ordered.
     last_us: i64,
@@ -334,19 +386,20 @@ pub struct ModelQuota {
     faults: BTreeMap<&'static str, u64>,
 }
 
-const WINDOWED: [Dim; 4] = [Dim::Rpm, Dim::Tpm, Dim::Ipm, Dim::Spend];
+/// The dimensions a model counts in its own windows (spend is the project's).
+const PER_MODEL: [Dim; 3] = [Dim::Rpm, Dim::Tpm, Dim::Ipm];
 
 impl ModelQuota {
+    /// The model's quota from `spec`, whose `spend` and `spend_window` are ignored here:
+    /// they set the project's [`ProjectSpend`].
     pub fn new(spec: Option<&LimitSpec>, fixed: bool) -> ModelQuota {
         let window = spec.map_or(Duration::from_secs(60), |s| s.window);
-        let spend_window = spec.map_or(Duration::from_secs(600), |s| s.spend_window);
         ModelQuota {
             fixed,
             window_s: window.as_secs_f64(),
-            rpm: Window::new(window, spec.and_then(|s| s.rpm)),
-            tpm: Window::new(window, spec.and_then(|s| s.tpm)),
-            ipm: Window::new(window, spec.and_then(|s| s.ipm)),
-            spend: Window::new(spend_window, spec.and_then(|s| s.spend)),
+            rpm: Window::new(window, spec.and_then(|s| s.rpm), fixed),
+            tpm: Window::new(window, spec.and_then(|s| s.tpm), fixed),
+            ipm: Window::new(window, spec.and_then(|s| s.ipm), fixed),
             daily: Daily {
                 limit: spec.and_then(|s| s.rpd),
                 length_us: spec
@@ -360,7 +413,6 @@ impl ModelQuota {
                 ArrivalWindow::new(window),
                 ArrivalWindow::new(window),
                 ArrivalWindow::new(window),
-                ArrivalWindow::new(spend_window),
             ],
             last_us: i64::MIN,
             arrivals: 0,
@@ -374,15 +426,24 @@ impl ModelQuota {
     }
 
     /// Counts an arrival, before any decision about it: every request that reaches the
-    /// model counts here, whatever it is answered. Returns the arrival's time on the
-    /// simulator's (monotonic) clock, in microseconds.
-    pub fn count_arrival(&mut self, now: Timestamp, costs: Costs, ticket: TicketSeen) -> i64 {
-        let now_us = now.as_microsecond().max(self.last_us);
+    /// model counts here (and its spend in the project's `spend`), whatever it is
+    /// answered. Returns the arrival's time on the simulator's (monotonic) clock, in
+    /// microseconds.
+    pub fn count_arrival(
+        &mut self,
+        spend: &mut ProjectSpend,
+        now: Timestamp,
+        costs: Costs,
+        ticket: TicketSeen,
+    ) -> i64 {
+        let now_us = now.as_microsecond().max(self.last_us).max(spend.last_us);
         self.last_us = now_us;
+        spend.last_us = now_us;
         self.arrivals += 1;
-        for (w, dim) in self.arrived.iter_mut().zip(WINDOWED) {
+        for (w, dim) in self.arrived.iter_mut().zip(PER_MODEL) {
             w.record(now_us, costs.of(dim));
         }
+        spend.arrived.record(now_us, costs.of(Dim::Spend));
         match ticket {
             TicketSeen::Untagged => self.tickets.untagged += 1,
             TicketSeen::Fresh => self.tickets.tagged += 1,
@@ -395,30 +456,36 @@ impl ModelQuota {
     }
 
     /// Counts the arrival ([`Self::count_arrival`]), then decides it: admitted if every
-    /// dimension has room, all or nothing.
+    /// dimension has room, the project's spend included, all or nothing.
     pub fn arrive(
         &mut self,
+        spend: &mut ProjectSpend,
         now: Timestamp,
         costs: Costs,
         ticket: TicketSeen,
     ) -> Result<(), Vec<Exceeded>> {
-        let now_us = self.count_arrival(now, costs, ticket);
-        self.admit(now_us, costs)
+        let now_us = self.count_arrival(spend, now, costs, ticket);
+        self.admit(spend, now_us, costs)
     }
 
-    fn window_mut(&mut self, dim: Dim) -> Option<&mut Window> {
-        match dim {
-            Dim::Rpm => Some(&mut self.rpm),
-            Dim::Tpm => Some(&mut self.tpm),
-            Dim::Ipm => Some(&mut self.ipm),
-            Dim::Spend => Some(&mut self.spend),
-            Dim::Rpd => None,
-        }
+    /// The windows a request of this model counts in: its own, and the project's spend.
+    fn windows<'a>(&'a mut self, spend: &'a mut ProjectSpend) -> [(Dim, &'a mut Window); 4] {
+        [
+            (Dim::Rpm, &mut self.rpm),
+            (Dim::Tpm, &mut self.tpm),
+            (Dim::Ipm, &mut self.ipm),
+            (Dim::Spend, &mut spend.window),
+        ]
     }
 
     /// Admits an arrival counted at `now_us` if every dimension has room (all or
     /// nothing); otherwise returns every exceeded dimension.
-    fn admit(&mut self, now_us: i64, costs: Costs) -> Result<(), Vec<Exceeded>> {
+    fn admit(
+        &mut self,
+        spend: &mut ProjectSpend,
+        now_us: i64,
+        costs: Costs,
+    ) -> Result<(), Vec<Exceeded>> {
         if now_us >= self.daily.day_end {
             self.daily.day_end = match self.daily.length_us {
                 Some(len) => (now_us.div_euclid(len) + 1) * len,
@@ -431,18 +498,14 @@ impl ModelQuota {
             self.daily.count = 0;
         }
         let mut exceeded = Vec::new();
-        for dim in [Dim::Rpm, Dim::Tpm, Dim::Ipm, Dim::Spend] {
-            let fixed = self.fixed;
-            let cost = costs.of(dim);
-            if let Some(w) = self.window_mut(dim) {
-                w.prune(now_us);
-                if let (Some(limit), Some(retry_in)) = (w.limit, w.check(now_us, cost, fixed)) {
-                    exceeded.push(Exceeded {
-                        dim,
-                        limit,
-                        retry_in,
-                    });
-                }
+        for (dim, w) in self.windows(spend) {
+            w.prune(now_us);
+            if let (Some(limit), Some(retry_in)) = (w.limit, w.check(now_us, costs.of(dim))) {
+                exceeded.push(Exceeded {
+                    dim,
+                    limit,
+                    retry_in,
+                });
             }
         }
         if let Some(limit) = self.daily.limit
@@ -462,11 +525,8 @@ impl ModelQuota {
             self.rejected_at_ms.push(now_us.div_euclid(1000));
             return Err(exceeded);
         }
-        for dim in [Dim::Rpm, Dim::Tpm, Dim::Ipm, Dim::Spend] {
-            let cost = costs.of(dim);
-            if let Some(w) = self.window_mut(dim) {
-                w.admit(now_us, cost);
-            }
+        for (dim, w) in self.windows(spend) {
+            w.admit(now_us, costs.of(dim));
         }
         self.daily.count += 1;
         self.daily.max_in_any_day = self.daily.max_in_any_day.max(self.daily.count);
@@ -480,14 +540,15 @@ impl ModelQuota {
         *self.faults.entry(kind).or_default() += 1;
     }
 
-    pub fn stats(&self) -> ModelStats {
+    /// The model's figures; under `spend`, its project's (`spend`).
+    pub fn stats(&self, spend: &ProjectSpend) -> ModelStats {
         let mut max = BTreeMap::new();
         let mut limits = BTreeMap::new();
         for (dim, w) in [
             (Dim::Rpm, &self.rpm),
             (Dim::Tpm, &self.tpm),
             (Dim::Ipm, &self.ipm),
-            (Dim::Spend, &self.spend),
+            (Dim::Spend, &spend.window),
         ] {
             max.insert(dim.label(), w.max_in_any_window);
             if let Some(l) = w.limit {
@@ -498,10 +559,11 @@ impl ModelQuota {
         if let Some(l) = self.daily.limit {
             limits.insert(Dim::Rpd.label(), l);
         }
-        let max_arrivals = WINDOWED
+        let max_arrivals = PER_MODEL
             .iter()
             .zip(&self.arrived)
             .map(|(dim, w)| (dim.label(), w.max))
+            .chain([(Dim::Spend.label(), spend.arrived.max)])
             .collect();
         ModelStats {
             arrivals: self.arrivals,
@@ -528,9 +590,42 @@ mod tests {
         Timestamp::from_millisecond(1_800_000_000_000 + ms).expect("in range")
     }
 
-    impl ModelQuota {
+    /// A model alone in its project, with the project's spend from its own spec.
+    struct Alone {
+        model: ModelQuota,
+        spend: ProjectSpend,
+    }
+
+    impl Alone {
+        fn new(spec: Option<&LimitSpec>, fixed: bool) -> Alone {
+            let limit = spec.map_or_else(SpendLimit::default, |s| SpendLimit {
+                micros: s.spend,
+                window: s.spend_window,
+            });
+            Alone {
+                model: ModelQuota::new(spec, fixed),
+                spend: ProjectSpend::new(limit, fixed),
+            }
+        }
+
+        fn arrive(&mut self, now: Timestamp, c: Costs, t: TicketSeen) -> Result<(), Vec<Exceeded>> {
+            self.model.arrive(&mut self.spend, now, c, t)
+        }
+
         fn arrive_at(&mut self, now: Timestamp, c: Costs) -> Result<(), Vec<Exceeded>> {
             self.arrive(now, c, TicketSeen::Untagged)
+        }
+
+        fn count_arrival(&mut self, now: Timestamp, c: Costs, t: TicketSeen) -> i64 {
+            self.model.count_arrival(&mut self.spend, now, c, t)
+        }
+
+        fn fault(&mut self, kind: &'static str) {
+            self.model.fault(kind);
+        }
+
+        fn stats(&self) -> ModelStats {
+            self.model.stats(&self.spend)
         }
     }
 
@@ -548,7 +643,7 @@ mod tests {
         let mut s = LimitSpec::new("m");
         s.rpd = Some(2);
         s.day = Some(Duration::from_secs(20));
-        let mut q = ModelQuota::new(Some(&s), false);
+        let mut q = Alone::new(Some(&s), false);
         // at(0) is 1_800_000_000 s since the epoch: a day start for 20 s days.
         assert!(q.arrive_at(at(0), Costs::default()).is_ok());
         assert!(q.arrive_at(at(1_000), Costs::default()).is_ok());
@@ -565,7 +660,7 @@ mod tests {
 
     #[test]
     fn sliding_window_counts_at_arrival() {
-        let mut q = ModelQuota::new(Some(&spec(2)), false);
+        let mut q = Alone::new(Some(&spec(2)), false);
         let c = Costs::default();
         assert!(q.arrive_at(at(0), c).is_ok());
         assert!(q.arrive_at(at(4_000), c).is_ok());
@@ -579,7 +674,7 @@ mod tests {
 
     #[test]
     fn fixed_window_resets_on_the_boundary() {
-        let mut q = ModelQuota::new(Some(&spec(1)), true);
+        let mut q = Alone::new(Some(&spec(1)), true);
         let c = Costs::default();
         // 1_800_000_000_000 ms is a multiple of 10 s: window boundaries at at(10_000k).
         assert!(q.arrive_at(at(9_000), c).is_ok());
@@ -592,7 +687,7 @@ mod tests {
 
     #[test]
     fn a_burst_over_the_limit_counts_every_arrival() {
-        let mut q = ModelQuota::new(Some(&spec(20)), false);
+        let mut q = Alone::new(Some(&spec(20)), false);
         let c = Costs {
             input_tokens: 7,
             images: 1,
@@ -622,8 +717,8 @@ mod tests {
 
     #[test]
     fn arrivals_slide_like_the_quota_window() {
-        let mut q = ModelQuota::new(None, false);
-        let mut q10 = ModelQuota::new(Some(&spec(100)), false);
+        let mut q = Alone::new(None, false);
+        let mut q10 = Alone::new(Some(&spec(100)), false);
         let c = Costs::default();
         // 60 s window by default: 3 arrivals at 0, 30 and 59.999 s, then one at 60 s
         // (the one at 0 has left: windows are (t - 60 s, t]).
@@ -642,7 +737,7 @@ mod tests {
 
     #[test]
     fn arrivals_out_of_order_are_clamped_and_faults_count() {
-        let mut q = ModelQuota::new(Some(&spec(5)), false);
+        let mut q = Alone::new(Some(&spec(5)), false);
         let c = Costs::default();
         q.count_arrival(at(1_000), c, TicketSeen::Fresh);
         q.fault("ghost_429");
@@ -667,8 +762,8 @@ mod tests {
 
     #[test]
     fn merged_stats_add_counts_and_keep_the_largest_window() {
-        let mut a = ModelQuota::new(Some(&spec(1)), false);
-        let mut b = ModelQuota::new(Some(&spec(1)), false);
+        let mut a = Alone::new(Some(&spec(1)), false);
+        let mut b = Alone::new(Some(&spec(1)), false);
         let c = Costs::default();
         for ms in [0, 1, 2] {
             let _ = a.arrive(at(ms), c, TicketSeen::Fresh);
@@ -684,9 +779,99 @@ mod tests {
         assert_eq!((m.tickets.tagged, m.tickets.untagged), (3, 1));
     }
 
+    fn spending(micros: u64) -> Costs {
+        Costs {
+            spend_micros: micros,
+            ..Costs::default()
+        }
+    }
+
+    /// Spend is the project's: what one model spent, another model of the project cannot;
+    /// another project's models count on their own; each model reports the project's
+    /// figures.
+    #[test]
+    fn models_of_a_project_share_its_spend_window() {
+        let limit = SpendLimit {
+            micros: Some(100),
+            window: Duration::from_secs(10),
+        };
+        let mut acme = ProjectSpend::new(limit, false);
+        let mut other = ProjectSpend::new(limit, false);
+        let mut pro = ModelQuota::new(None, false);
+        let mut flash = ModelQuota::new(None, false);
+        let mut elsewhere = ModelQuota::new(None, false);
+        let u = TicketSeen::Untagged;
+        assert!(pro.arrive(&mut acme, at(0), spending(70), u).is_ok());
+        let refused = flash
+            .arrive(&mut acme, at(1_000), spending(40), u)
+            .expect_err("the project's spend is used up");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            (refused[0].dim, refused[0].limit, refused[0].retry_in),
+            (Dim::Spend, 100, Duration::from_secs(9))
+        );
+        assert_eq!(
+            refused[0].dim.quota_id(false),
+            "GenerateContentSpendPer10MinutesPerProject"
+        );
+        // A refused request spends nothing: 30 still fit.
+        assert!(flash.arrive(&mut acme, at(2_000), spending(30), u).is_ok());
+        assert!(
+            elsewhere
+                .arrive(&mut other, at(2_000), spending(100), u)
+                .is_ok()
+        );
+        for s in [pro.stats(&acme), flash.stats(&acme)] {
+            assert_eq!(s.max_in_any_window["spend"], 100);
+            assert_eq!(s.max_arrivals_in_any_window["spend"], 140);
+            assert_eq!(s.limits["spend"], 100);
+        }
+        assert_eq!(flash.stats(&acme).rejected["spend"], 1);
+        assert!(!pro.stats(&acme).rejected.contains_key("spend"));
+        assert_eq!(
+            acme.stats(),
+            SpendStats {
+                limit: Some(100),
+                window_s: 10.0,
+                max_in_any_window: 100,
+                max_arrivals_in_any_window: 140,
+            }
+        );
+        assert_eq!(elsewhere.stats(&other).max_in_any_window["spend"], 100);
+        // The window slides for the project: at 10 s the first 70 has left it.
+        assert!(flash.arrive(&mut acme, at(10_000), spending(70), u).is_ok());
+    }
+
+    /// A request over one model's own limit spends nothing of the project's window.
+    #[test]
+    fn a_refusal_elsewhere_spends_nothing() {
+        let limit = SpendLimit {
+            micros: Some(100),
+            window: Duration::from_secs(10),
+        };
+        let mut acme = ProjectSpend::new(limit, true);
+        let mut pro = ModelQuota::new(Some(&spec(1)), true);
+        let mut flash = ModelQuota::new(None, true);
+        let u = TicketSeen::Untagged;
+        assert!(pro.arrive(&mut acme, at(0), spending(10), u).is_ok());
+        let refused = pro
+            .arrive(&mut acme, at(1), spending(50), u)
+            .expect_err("over rpm");
+        assert_eq!(refused[0].dim, Dim::Rpm);
+        assert!(flash.arrive(&mut acme, at(2), spending(90), u).is_ok());
+        assert_eq!(acme.stats().max_in_any_window, 100);
+        // Fixed windows: the project's spend resets on the calendar boundary.
+        assert!(flash.arrive(&mut acme, at(9_999), spending(1), u).is_err());
+        assert!(
+            flash
+                .arrive(&mut acme, at(10_000), spending(100), u)
+                .is_ok()
+        );
+    }
+
     #[test]
     fn limit_zero_rejects_everything() {
-        let mut q = ModelQuota::new(Some(&spec(0)), false);
+        let mut q = Alone::new(Some(&spec(0)), false);
         assert!(q.arrive_at(at(0), Costs::default()).is_err());
     }
 }

@@ -27,10 +27,10 @@ use rand::Rng as _;
 use serde_json::{Value, json};
 
 use crate::{
-    config::{Detail as DetailKind, DetailsOrder, SimConfig},
+    config::{ANY_MODEL, Detail as DetailKind, DetailsOrder, SimConfig},
     image,
     models::{self, ModelSpec},
-    quota::{Costs, Exceeded, ModelQuota, ModelStats, TicketSeen},
+    quota::{Costs, Exceeded, ModelQuota, ModelStats, ProjectSpend, TicketSeen},
     validate::{self, Parsed, Violation},
     wire::{
         BadRequest, Blob, Candidate, Content, Detail, ErrorInfo, ErrorResponse, FieldViolation,
@@ -68,10 +68,11 @@ enum Surface {
     Vertex,
 }
 
-/// One project's counters: its quota per model, and every ticket its arrivals carried.
-#[derive(Default)]
+/// One project's counters: its quota per model, its spend (shared by its models), and
+/// every ticket its arrivals carried.
 struct ProjectState {
     models: HashMap<String, ModelQuota>,
+    spend: ProjectSpend,
     tickets: HashSet<String>,
 }
 
@@ -91,7 +92,7 @@ impl Sim {
             .into_iter()
             .map(|m| (m.name.clone(), m))
             .collect();
-        for limit in &config.limits {
+        for limit in config.limits.iter().filter(|l| l.model != ANY_MODEL) {
             models
                 .entry(limit.model.clone())
                 .or_insert_with(|| ModelSpec::generic(&limit.model));
@@ -140,32 +141,29 @@ impl Sim {
         &self,
         project: &str,
         model: &str,
-        f: impl FnOnce(&mut ModelQuota, &mut HashSet<String>) -> T,
+        f: impl FnOnce(&mut ModelQuota, &mut ProjectSpend, &mut HashSet<String>) -> T,
     ) -> T {
+        let fixed = self.config.fixed_windows;
         let mut quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
-        let state = quotas.entry(project.to_owned()).or_default();
-        let quota = state.models.entry(model.to_owned()).or_insert_with(|| {
-            let spec = self
-                .config
-                .limits
-                .iter()
-                .find(|l| l.model == model && l.project.as_deref() == Some(project))
-                .or_else(|| {
-                    self.config
-                        .limits
-                        .iter()
-                        .find(|l| l.model == model && l.project.is_none())
-                });
-            ModelQuota::new(spec, self.config.fixed_windows)
-        });
-        f(quota, &mut state.tickets)
+        let state = quotas
+            .entry(project.to_owned())
+            .or_insert_with(|| ProjectState {
+                models: HashMap::new(),
+                spend: ProjectSpend::new(self.config.project_spend(project), fixed),
+                tickets: HashSet::new(),
+            });
+        let quota = state
+            .models
+            .entry(model.to_owned())
+            .or_insert_with(|| ModelQuota::new(self.config.model_limit(project, model), fixed));
+        f(quota, &mut state.spend, &mut state.tickets)
     }
 
     /// Counts an arrival that is answered without a quota decision (invalid, fault,
     /// spent credit).
     fn count_only(&self, arrival: &Arrival, costs: Costs) {
-        self.with_quota(&arrival.project, &arrival.model, |q, seen| {
-            q.count_arrival(arrival.at, costs, arrival.ticket_seen(seen));
+        self.with_quota(&arrival.project, &arrival.model, |q, spend, seen| {
+            q.count_arrival(spend, arrival.at, costs, arrival.ticket_seen(seen));
         });
     }
 
@@ -178,14 +176,19 @@ impl Sim {
         *credits = Sim::initial_credits(&self.config);
     }
 
-    /// Stats as served by `/_sim/stats`.
+    /// Stats as served by `/_sim/stats`: `models` (each model's figures over every
+    /// project) and `projects` (each project's figures by model, plus its `spend`: the
+    /// window its models share, which each model's `spend` figures also report).
     pub(crate) fn stats(&self) -> Value {
         let quotas = self.quotas.lock().unwrap_or_else(|p| p.into_inner());
-        let mut projects: BTreeMap<String, BTreeMap<String, ModelStats>> = BTreeMap::new();
+        let mut projects: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         let mut models: BTreeMap<String, ModelStats> = BTreeMap::new();
         for (project, state) in quotas.iter() {
+            let entry = projects.entry(project.clone()).or_default();
+            // Models are keyed by name next to it: one named `spend` would hide it.
+            entry.insert("spend".to_owned(), json!(state.spend.stats()));
             for (model, q) in &state.models {
-                let s = q.stats();
+                let s = q.stats(&state.spend);
                 models
                     .entry(model.clone())
                     .or_insert_with(|| ModelStats {
@@ -195,10 +198,7 @@ impl Sim {
                         ..ModelStats::default()
                     })
                     .merge(&s);
-                projects
-                    .entry(project.clone())
-                    .or_default()
-                    .insert(model.clone(), s);
+                entry.insert(model.clone(), json!(s));
             }
         }
         json!({
@@ -711,8 +711,8 @@ async fn generate(
         spend_micros: tier_price(spec.spend_micros(tokens, caption_tokens, image_tokens, price)),
     };
     if let Some(kind) = draw_fault(sim) {
-        sim.with_quota(&arrival.project, model, |q, seen| {
-            q.count_arrival(arrival.at, costs, arrival.ticket_seen(seen));
+        sim.with_quota(&arrival.project, model, |q, spend, seen| {
+            q.count_arrival(spend, arrival.at, costs, arrival.ticket_seen(seen));
             q.fault(kind);
         });
         return fault_response(kind);
@@ -739,8 +739,8 @@ async fn generate(
                 Vec::new(),
             );
         }
-        let decided = sim.with_quota(&arrival.project, model, |q, seen| {
-            q.arrive(arrival.at, costs, arrival.ticket_seen(seen))
+        let decided = sim.with_quota(&arrival.project, model, |q, spend, seen| {
+            q.arrive(spend, arrival.at, costs, arrival.ticket_seen(seen))
         });
         if let Err(exceeded) = decided {
             return match surface {
@@ -761,7 +761,7 @@ async fn generate(
         p > 0.0 && rand::rng().random::<f64>() < p
     };
     if reset {
-        sim.with_quota(&arrival.project, model, |q, _| q.fault("reset"));
+        sim.with_quota(&arrival.project, model, |q, _, _| q.fault("reset"));
         return reset_response();
     }
     let answer = answer(
@@ -1012,4 +1012,112 @@ fn caption(prompt: &str) -> String {
         "Here is the image: {}",
         prompt.chars().take(60).collect::<String>()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Simulator, config::KeySpec};
+
+    const PRO: &str = "gemini-3-pro-image";
+    const FLASH: &str = "gemini-3.1-flash-image";
+
+    fn config(limits: &[String]) -> SimConfig {
+        SimConfig {
+            projects: vec!["acme".into(), "other".into()],
+            keys: ["acme=k-acme", "other=k-other"]
+                .iter()
+                .map(|k| k.parse::<KeySpec>().expect("key"))
+                .collect(),
+            limits: limits.iter().map(|l| l.parse().expect("limit")).collect(),
+            ..SimConfig::default()
+        }
+    }
+
+    /// Sends one image request; returns the status and the body.
+    async fn call(url: &str, key: &str, model: &str) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1beta/models/{model}:generateContent"))
+            .header("x-goog-api-key", key)
+            .body(r#"{"contents":[{"parts":[{"text":"a lighthouse"}]}]}"#)
+            .send()
+            .await
+            .expect("sent");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// What one request to `model` spends, read from an unlimited simulator's stats.
+    async fn spend_of(model: &str) -> u64 {
+        let sim = Simulator::new(config(&[])).spawn().await.expect("binds");
+        assert_eq!(call(&sim.url(), "k-acme", model).await.0, 200);
+        sim.stats()["projects"]["acme"]["spend"]["max_in_any_window"]
+            .as_u64()
+            .filter(|&s| s > 0)
+            .expect("a spend")
+    }
+
+    /// Google's spend quota is the project's: a spec for one model limits the spend of
+    /// all the project's models together, and only that project's.
+    #[tokio::test]
+    async fn a_project_spends_its_limit_once_across_its_models() {
+        let (pro, flash) = (spend_of(PRO).await, spend_of(FLASH).await);
+        // Room for a Pro and half a Flash: a Flash alone fits, but not after the Pro.
+        let limit = pro + flash / 2;
+        let sim = Simulator::new(config(&[format!("acme/{PRO}:spend={limit}")]))
+            .spawn()
+            .await
+            .expect("binds");
+        let url = sim.url();
+        assert_eq!(call(&url, "k-acme", PRO).await.0, 200);
+        let (status, body) = call(&url, "k-acme", FLASH).await;
+        assert_eq!(status, 429, "{body}");
+        let violations = body["error"]["details"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d.get("violations").is_some()))
+            .map(|d| d["violations"].clone())
+            .expect("a QuotaFailure");
+        assert_eq!(
+            violations,
+            json!([{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_spend",
+                "quotaId": "GenerateContentSpendPer10MinutesPerProject",
+                "quotaDimensions": {"location": "global", "model": FLASH},
+                "quotaValue": limit.to_string(),
+            }])
+        );
+        // Another project's models count on their own (and no spec limits its spend).
+        assert_eq!(call(&url, "k-other", FLASH).await.0, 200);
+        assert_eq!(call(&url, "k-other", FLASH).await.0, 200);
+
+        let stats = sim.stats();
+        let acme = &stats["projects"]["acme"];
+        assert_eq!(
+            acme["spend"],
+            json!({
+                "limit": limit,
+                "window_s": 600.0,
+                "max_in_any_window": pro,
+                "max_arrivals_in_any_window": pro + flash,
+            }),
+            "{stats}"
+        );
+        for model in [PRO, FLASH] {
+            let m = &acme[model];
+            assert_eq!(m["max_in_any_window"]["spend"], pro, "{model}: {m}");
+            assert_eq!(m["max_arrivals_in_any_window"]["spend"], pro + flash);
+            assert_eq!(m["limits"]["spend"], limit);
+        }
+        assert_eq!(acme[FLASH]["rejected"]["spend"], 1);
+        let other = &stats["projects"]["other"];
+        assert_eq!(other["spend"]["limit"], Value::Null);
+        assert_eq!(other["spend"]["max_in_any_window"], 2 * flash);
+        assert_eq!(other[FLASH]["max_in_any_window"]["spend"], 2 * flash);
+        // A model's figures over every project keep the largest project's (acme's Flash
+        // reports acme's spend, the Pro's).
+        assert_eq!(
+            stats["models"][FLASH]["max_in_any_window"]["spend"],
+            pro.max(2 * flash)
+        );
+    }
 }

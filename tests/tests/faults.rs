@@ -1390,7 +1390,10 @@ async fn lagging_replica_promoted() {
 async fn delete_limiter_key(case: &mut Case, suffix: &str) {
     let limit = case.plan.limit;
     case.wait_accepted(limit).await;
-    let key = format!("{{pacer:{}:{MODEL}}}:{suffix}", case.ns);
+    let key = format!(
+        "{}:{suffix}",
+        pacer_core::keys::limiter_state(&case.ns, Some(MODEL))
+    );
     let mut conn = case.redis_conn().await;
     let n: u64 = redis::cmd("DEL")
         .arg(&key)

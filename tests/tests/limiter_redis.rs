@@ -1372,7 +1372,107 @@ async fn unexplained_429s_cut_the_rate_for_every_client(kind: RedisKind) {
     );
 }
 
+/// A project's spend limit with both models of a chain at 10 µ$ per 2 s window (no margin).
+fn spend_quota(limit: u64) -> ModelQuota {
+    let mut q = ModelQuota::unlimited().with_windows(Duration::from_secs(2));
+    q.spend_micros.limit = Some(limit);
+    q.margin = Some(Duration::ZERO);
+    q
+}
+
+fn spend(micros: u64) -> Costs {
+    Costs::new(1, 0, 0, micros)
+}
+
+/// Issue 13: Google's spend limit is the project's, shared by its models. One model may use
+/// all of it (not half, as when it was split per model); the other then waits for the same
+/// window; giving spend back (a release, a reconcile) frees it for either model; a lower
+/// limit releases the project's bookings beyond it; losing the project's state is fenced.
+async fn spend_is_one_bucket_per_project_shared_by_its_models(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
+    let project = format!("test-spend-{}", now_us());
+    let a = QuotaKey::new(&project, "gemini-3-pro-image");
+    let b = QuotaKey::new(&project, "gemini-3.1-flash-image");
+    let q = spend_quota(10);
+    let zero = Duration::ZERO;
+    let a1 = l.acquire(&a, &q, "a1", spend(5), zero).await.expect("a1");
+    let a2 = l.acquire(&a, &q, "a2", spend(5), zero).await.expect("a2");
+    assert!(
+        matches!(a1, Decision::Admitted { .. }) && matches!(a2, Decision::Admitted { .. }),
+        "one model may use the project's whole spend: {a1:?} {a2:?}"
+    );
+    let b1 = l.acquire(&b, &q, "b1", spend(1), zero).await.expect("b1");
+    assert_eq!(
+        b1.blocker(),
+        Some(Blocker::Dimension(Dim::SpendMicros)),
+        "the other model waits for the project's spend: {b1:?}"
+    );
+    let b2 = l
+        .acquire(&b, &q, "b2", spend(1), Duration::from_secs(5))
+        .await
+        .expect("b2");
+    let wait = b2.wait().expect("booked");
+    assert!(
+        wait > Duration::from_millis(1_500) && wait <= Duration::from_secs(2),
+        "booked once the first model's spend leaves the window: {wait:?}"
+    );
+    // A release and a reconcile give spend back to the project: the other model takes it now.
+    l.release(a2.ticket().expect("a2")).await.expect("release");
+    let b3 = l.acquire(&b, &q, "b3", spend(4), zero).await.expect("b3");
+    assert!(matches!(b3, Decision::Admitted { .. }), "released: {b3:?}");
+    let mut a1_actual = a1.ticket().expect("a1").costs;
+    a1_actual.spend_micros = 1;
+    l.reconcile(a1.ticket().expect("a1"), a1_actual)
+        .await
+        .expect("reconcile");
+    let b4 = l.acquire(&b, &q, "b4", spend(4), zero).await.expect("b4");
+    assert!(
+        matches!(b4, Decision::Admitted { .. }),
+        "reconciled: {b4:?}"
+    );
+    let full = l.acquire(&a, &q, "a3", spend(1), zero).await.expect("a3");
+    assert!(full.blocker().is_some(), "1 + 4 + 4 + the booked 1: full");
+    // Both models report the project's spend.
+    for k in [&a, &b] {
+        let u = l.usage(k, &q).await.expect("usage");
+        assert_eq!(u.dimensions[Dim::SpendMicros.index()].used, 10, "{k}");
+    }
+    // A lower limit, brought by either model, releases the project's booking beyond it.
+    let b2t = b2.ticket().expect("b2").clone();
+    let lower = spend_quota(5);
+    let _ = l
+        .acquire(&a, &lower, "a4", Costs::new(1, 0, 0, 0), zero)
+        .await
+        .expect("a4");
+    let other = connect(&url).await;
+    assert_eq!(
+        other.check(&b2t).await.expect("check"),
+        pacer_core::limiter::Check::Cancelled {
+            retry_after: None,
+            blocking: Blocker::Lost
+        },
+        "the booking beyond the lowered limit is gone"
+    );
+    // The project's state lost (its hash deleted, the log kept): fenced for a window.
+    let mut conn = raw(&url).await;
+    let _: () = redis::cmd("DEL")
+        .arg(a.spend_state_key())
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let after = l
+        .acquire(&b, &q, "b5", spend(1), Duration::from_secs(5))
+        .await
+        .expect("b5");
+    let wait = after.wait().expect("booked after the fence");
+    assert!(
+        wait > Duration::from_millis(1_500),
+        "a lost project state waits a spend window: {wait:?}"
+    );
+}
+
 pacer_tests::on_both_redis!(
+    spend_is_one_bucket_per_project_shared_by_its_models,
     many_concurrent_connections_stay_under_every_limit,
     room_given_back_under_concurrency_stays_under_every_limit,
     same_request_id_returns_same_ticket,

@@ -1,5 +1,5 @@
 -- Pacer's global limiter: one script per decision, atomic across every dimension of one
--- (project, model). The algorithm is described in core/src/limiter/mod.rs; memory.rs is
+-- (project, model) and its project's spend. The algorithm is described in core/src/limiter/mod.rs; memory.rs is
 -- this script's twin and every branch here has one there.
 --
 -- KEYS[1] log: sorted set, one member "c1,c2,c3,c4,<seq>,<request id>" per booking, scored
@@ -17,18 +17,24 @@
 --              learned cut of the windowed rates (ac, per mille: lowered by unexplained
 --              429s, raised after clean windows) and when it last changed (al), and
 --              "t:<request id>" -> the id's latest member.
--- Neither key carries a TTL: the script prunes the log, and eviction must never take one
+-- KEYS[3], KEYS[4] (optional): the project's spend state, a log and a hash of the same
+--              shape over every model of the project (members' ids are "<request id>
+--              <KEYS[1]>"), only its spend limited. Given when the pool limits spend; the
+--              model's state then records spend without limiting it.
+-- No key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
 -- x (release), p (penalize: m per-minute cooldown, d per-day block, a unexplained 429 on
--- a shared quota), u (usage). Numbers are integers; they are formatted with %d,
+-- a shared quota), u (usage). With the project's state, acquire takes its hint after the
+-- model's (ARGV[27..28]: generation, latest start), check too (ARGV[14..15]), and both
+-- answer its generation and latest start after their usual fields. Numbers are integers; they are formatted with %d,
 -- never tostring (which turns µs times into floats with exponents).
-local log, st = KEYS[1], KEYS[2]
 local op = ARGV[1]
 -- TIME once: on Redis 7.0 repeated calls differ within one script.
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local DAY = 86400000000
+local CUT_MAX, CUT_STEP = 900, 100 -- the learned cut's bounds (see learned)
 local CAP = 4000 -- the most log entries one walk reads
 
 local function fmt(x) return string.format('%d', x) end
@@ -39,19 +45,6 @@ end
 local function seq_of(m) return tonumber(string.match(m, '^%d+,%d+,%d+,%d+,(%d+),')) end
 local function id_of(m) return string.match(m, '^%d+,%d+,%d+,%d+,%d+,(.*)$') end
 
-local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
-  's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-  'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al' }
--- Fields that stay absent until known (everything else reads 0 when absent).
-local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
-local raw = redis.call('HMGET', st, unpack(NAMES))
-local S, has = {}, {}
-for i, n in ipairs(NAMES) do
-  S[n] = tonumber(raw[i])
-  if S[n] == nil and not OPTIONAL[n] then S[n] = 0 end
-  has[n] = raw[i] ~= false
-end
-local fresh = not has.gen
 -- The server this runs on, by its replication id: a replica promoted with REPLICAOF NO ONE
 -- and a restarted server get a new one, the two ways the state can go back in time while
 -- keeping its generation (a promoted replica that lagged, a restart from an older
@@ -63,369 +56,417 @@ if type(info) == 'string' then
   local hex = string.match(info, 'master_replid:(%x+)')
   if hex then server = tonumber(string.sub(hex, 1, 12), 16) or 0 end
 end
--- Redis time, kept monotonic across failovers and clock steps.
-local now = math.max(clock, S.now)
-S.now = now
--- A new hash: sequence numbers start from now so they cannot repeat a lost hash's.
-if fresh then S.gen, S.q = now, now end
-local count = redis.call('ZCARD', log)
-local sum = { S.s1, S.s2, S.s3, S.s4 }
-local cur = { S.k1, S.k2, S.k3, S.k4 }
-local win = { S.w1, S.w2, S.w3, S.w4 }
+-- Redis time, kept monotonic across failovers and clock steps: the latest of TIME and
+-- every opened state's own now (set once all are open, see start).
+local now = clock
 
-local function save()
-  S.s1, S.s2, S.s3, S.s4 = sum[1], sum[2], sum[3], sum[4]
-  S.k1, S.k2, S.k3, S.k4 = cur[1], cur[2], cur[3], cur[4]
-  S.w1, S.w2, S.w3, S.w4 = win[1], win[2], win[3], win[4]
-  local a = {}
-  for _, n in ipairs(NAMES) do
-    if S[n] ~= nil then
-      a[#a + 1] = n
-      a[#a + 1] = fmt(S[n])
-    end
+-- One limiter state (a log and its hash): everything below works on the state it was
+-- opened on, so one decision can weigh a (project, model) and its project together.
+local function open(log, st)
+  local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
+    's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
+    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al' }
+  -- Fields that stay absent until known (everything else reads 0 when absent).
+  local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
+  local raw = redis.call('HMGET', st, unpack(NAMES))
+  local S, has = {}, {}
+  for i, n in ipairs(NAMES) do
+    S[n] = tonumber(raw[i])
+    if S[n] == nil and not OPTIONAL[n] then S[n] = 0 end
+    has[n] = raw[i] ~= false
   end
-  redis.call('HSET', st, unpack(a))
-  -- Keys written by a version that set TTLs (or by one still running during a rollout)
-  -- lose them: eviction must never take one key without the other.
-  if redis.call('PTTL', st) >= 0 then
-    redis.call('PERSIST', st)
-    redis.call('PERSIST', log)
+  local fresh = not has.gen
+  local count = redis.call('ZCARD', log)
+  local sum = { S.s1, S.s2, S.s3, S.s4 }
+  local cur = { S.k1, S.k2, S.k3, S.k4 }
+  local win = { S.w1, S.w2, S.w3, S.w4 }
+
+  -- Once every state is open and now is known.
+  local function start()
+    S.now = now
+    -- A new hash: sequence numbers start from now so they cannot repeat a lost hash's.
+    if fresh then S.gen, S.q = now, now end
   end
-end
 
-local function roll_day(b)
-  if S.de ~= 0 and now < S.de then return end
-  local ds, de, da
-  if now < b[1] then ds, de, da = now, b[1], b[2]
-  elseif now < b[2] then ds, de, da = b[1], b[2], b[3]
-  elseif now < b[3] then ds, de, da = b[2], b[3], b[4]
-  elseif now < b[4] then ds, de, da = b[3], b[4], b[4] + DAY
-  else ds, de, da = b[4], b[4] + DAY, b[4] + 2 * DAY end
-  -- Bookings made into the next day count against it once it comes.
-  if ds == S.de then S.dc = S.nc else S.dc = 0 end
-  S.nc = 0
-  S.ds, S.de, S.da = ds, de, da
-end
-
--- Moves dimension d's cursor past every entry starting at or before target.
-local function advance(d, target)
-  if target <= cur[d] then return end
-  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(cur[d]), fmt(target))
-  for _, m in ipairs(items) do sum[d] = sum[d] - costs_of(m)[d] end
-  cur[d] = target
-end
-
--- Recounts dimension d (its window changed, or the hash and the log disagree).
-local function rebuild(d, target)
-  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(target), '+inf')
-  local total = 0
-  for _, m in ipairs(items) do total = total + costs_of(m)[d] end
-  sum[d], cur[d] = total, target
-end
-
--- The earliest start from s0 on at which dimension d's window holds at most need; the
--- second value is false when the walk hit CAP and the time is only a lower bound. Reads
--- the log in growing pages: usually the first few entries are enough.
-local function earliest(d, need, s0, w)
-  if sum[d] <= need then return s0, true end
-  local left, walked, offset, size = sum[d], 0, 0, 16
-  local from = '(' .. fmt(cur[d])
-  local function page()
-    return redis.call('ZRANGEBYSCORE', log, from, '+inf', 'WITHSCORES', 'LIMIT', offset, size)
-  end
-  local items = page()
-  while true do
-    local n = #items / 2
-    if n == 0 then return s0, true end
-    local full = n == size
-    local nxt_page = nil
-    local score = 0
-    for i = 1, n do
-      score = tonumber(items[2 * i])
-      left = left - costs_of(items[2 * i - 1])[d]
-      walked = walked + 1
-      if left <= need then
-        -- Entries with one start leave the window together: look at the next one.
-        local nxt = items[2 * i + 2]
-        if nxt == nil and full then
-          offset, size = offset + size, math.min(size * 2, 512)
-          nxt_page = page()
-          nxt = nxt_page[2]
-        end
-        if nxt == nil or tonumber(nxt) ~= score then return score + w, true end
+  local function save()
+    S.s1, S.s2, S.s3, S.s4 = sum[1], sum[2], sum[3], sum[4]
+    S.k1, S.k2, S.k3, S.k4 = cur[1], cur[2], cur[3], cur[4]
+    S.w1, S.w2, S.w3, S.w4 = win[1], win[2], win[3], win[4]
+    local a = {}
+    for _, n in ipairs(NAMES) do
+      if S[n] ~= nil then
+        a[#a + 1] = n
+        a[#a + 1] = fmt(S[n])
       end
     end
-    if not full then return score + w, true end
-    if walked >= CAP then return score + w, false end
-    if not nxt_page then
-      offset, size = offset + size, math.min(size * 2, 512)
-      nxt_page = page()
-    end
-    items = nxt_page
-  end
-end
-
--- Removes entries outside every window that started at or before keep_from (bookings
--- stay until their check and reconcile, even behind a queue longer than a window). An
--- id's mapping goes with its entry only if it still names that entry (a later booking of
--- the same id keeps its own).
-local function prune(keep_from)
-  local lo = math.min(cur[1], cur[2], cur[3], cur[4], keep_from)
-  local scored = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'WITHSCORES', 'LIMIT', 0, 1000)
-  if #scored == 0 then return end
-  local old = {}
-  for i = 1, #scored / 2 do old[i] = scored[2 * i - 1] end
-  S.pr = math.max(S.pr, tonumber(scored[#scored]))
-  local fields, members = {}, {}
-  for _, m in ipairs(old) do
-    local id = id_of(m)
-    if id then
-      fields[#fields + 1] = 't:' .. id
-      members[#members + 1] = m
+    redis.call('HSET', st, unpack(a))
+    -- Keys written by a version that set TTLs (or by one still running during a rollout)
+    -- lose them: eviction must never take one key without the other.
+    if redis.call('PTTL', st) >= 0 then
+      redis.call('PERSIST', st)
+      redis.call('PERSIST', log)
     end
   end
-  if #fields > 0 then
-    local mapped = redis.call('HMGET', st, unpack(fields))
-    local gone = {}
-    for i, f in ipairs(fields) do
-      if mapped[i] == members[i] then gone[#gone + 1] = f end
+
+  local function roll_day(b)
+    if S.de ~= 0 and now < S.de then return end
+    local ds, de, da
+    if now < b[1] then ds, de, da = now, b[1], b[2]
+    elseif now < b[2] then ds, de, da = b[1], b[2], b[3]
+    elseif now < b[3] then ds, de, da = b[2], b[3], b[4]
+    elseif now < b[4] then ds, de, da = b[3], b[4], b[4] + DAY
+    else ds, de, da = b[4], b[4] + DAY, b[4] + 2 * DAY end
+    -- Bookings made into the next day count against it once it comes.
+    if ds == S.de then S.dc = S.nc else S.dc = 0 end
+    S.nc = 0
+    S.ds, S.de, S.da = ds, de, da
+  end
+
+  -- Moves dimension d's cursor past every entry starting at or before target.
+  local function advance(d, target)
+    if target <= cur[d] then return end
+    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(cur[d]), fmt(target))
+    for _, m in ipairs(items) do sum[d] = sum[d] - costs_of(m)[d] end
+    cur[d] = target
+  end
+
+  -- Recounts dimension d (its window changed, or the hash and the log disagree).
+  local function rebuild(d, target)
+    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(target), '+inf')
+    local total = 0
+    for _, m in ipairs(items) do total = total + costs_of(m)[d] end
+    sum[d], cur[d] = total, target
+  end
+
+  -- The earliest start from s0 on at which dimension d's window holds at most need; the
+  -- second value is false when the walk hit CAP and the time is only a lower bound. Reads
+  -- the log in growing pages: usually the first few entries are enough.
+  local function earliest(d, need, s0, w)
+    if sum[d] <= need then return s0, true end
+    local left, walked, offset, size = sum[d], 0, 0, 16
+    local from = '(' .. fmt(cur[d])
+    local function page()
+      return redis.call('ZRANGEBYSCORE', log, from, '+inf', 'WITHSCORES', 'LIMIT', offset, size)
     end
-    if #gone > 0 then redis.call('HDEL', st, unpack(gone)) end
+    local items = page()
+    while true do
+      local n = #items / 2
+      if n == 0 then return s0, true end
+      local full = n == size
+      local nxt_page = nil
+      local score = 0
+      for i = 1, n do
+        score = tonumber(items[2 * i])
+        left = left - costs_of(items[2 * i - 1])[d]
+        walked = walked + 1
+        if left <= need then
+          -- Entries with one start leave the window together: look at the next one.
+          local nxt = items[2 * i + 2]
+          if nxt == nil and full then
+            offset, size = offset + size, math.min(size * 2, 512)
+            nxt_page = page()
+            nxt = nxt_page[2]
+          end
+          if nxt == nil or tonumber(nxt) ~= score then return score + w, true end
+        end
+      end
+      if not full then return score + w, true end
+      if walked >= CAP then return score + w, false end
+      if not nxt_page then
+        offset, size = offset + size, math.min(size * 2, 512)
+        nxt_page = page()
+      end
+      items = nxt_page
+    end
   end
-  redis.call('ZREM', log, unpack(old))
-end
 
-local function member(c, q, id)
-  return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ','
-    .. fmt(q) .. ',' .. id
-end
+  -- Removes entries outside every window that started at or before keep_from (bookings
+  -- stay until their check and reconcile, even behind a queue longer than a window). An
+  -- id's mapping goes with its entry only if it still names that entry (a later booking of
+  -- the same id keeps its own).
+  local function prune(keep_from)
+    local lo = math.min(cur[1], cur[2], cur[3], cur[4], keep_from)
+    local scored = redis.call('ZRANGEBYSCORE', log, '-inf', fmt(lo), 'WITHSCORES', 'LIMIT', 0, 1000)
+    if #scored == 0 then return end
+    local old = {}
+    for i = 1, #scored / 2 do old[i] = scored[2 * i - 1] end
+    S.pr = math.max(S.pr, tonumber(scored[#scored]))
+    local fields, members = {}, {}
+    for _, m in ipairs(old) do
+      local id = id_of(m)
+      if id then
+        fields[#fields + 1] = 't:' .. id
+        members[#members + 1] = m
+      end
+    end
+    if #fields > 0 then
+      local mapped = redis.call('HMGET', st, unpack(fields))
+      local gone = {}
+      for i, f in ipairs(fields) do
+        if mapped[i] == members[i] then gone[#gone + 1] = f end
+      end
+      if #gone > 0 then redis.call('HDEL', st, unpack(gone)) end
+    end
+    redis.call('ZREM', log, unpack(old))
+  end
 
--- Adds an entry (a new sequence number unless q is given) and counts it where it lies
--- inside a window.
-local function add(start, c, id, q)
-  if not q then
-    S.q = S.q + 1
-    q = S.q
+  local function member(c, q, id)
+    return fmt(c[1]) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(c[4]) .. ','
+      .. fmt(q) .. ',' .. id
   end
-  local m = member(c, q, id)
-  redis.call('ZADD', log, fmt(start), m)
-  for d = 1, 4 do
-    if start > cur[d] then sum[d] = sum[d] + c[d] end
-  end
-  return m
-end
 
--- The entry booked for request id with this start: the id's latest booking, or an earlier
--- one (a later booking of the same id has taken the mapping since).
-local function booked(id, start)
-  local m = redis.call('HGET', st, 't:' .. id)
-  if m then
-    local sc = redis.call('ZSCORE', log, m)
-    if sc and tonumber(sc) == start then return m end
-  end
-  local items = redis.call('ZRANGEBYSCORE', log, fmt(start), fmt(start), 'LIMIT', 0, 1000)
-  for _, x in ipairs(items) do
-    if id_of(x) == id then return x end
-  end
-  return nil
-end
-
--- Replaces booking m (request id, start) by the same booking with costs `new`, or
--- releases it when `new` is nil (a request never sent does not count against the day).
-local function replace(m, id, start, new)
-  local old = costs_of(m)
-  redis.call('ZREM', log, m)
-  for d = 1, 4 do
-    if start > cur[d] then sum[d] = sum[d] - old[d] end
-  end
-  local mapped = redis.call('HGET', st, 't:' .. id) == m
-  if new then
-    local nm = add(start, new, id, seq_of(m))
-    if mapped then redis.call('HSET', st, 't:' .. id, nm) end
-  else
-    if mapped then redis.call('HDEL', st, 't:' .. id) end
-    if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
-    elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
-  end
-end
-
--- Evidence that state was lost: the caller saw another generation (Redis restarted
--- without persistence), or a later booking than the state holds (a rollback: a promoted
--- lagging replica or an older snapshot keeps the generation), or the hash and the log
--- disagree (one key lost). Then every limited dimension waits out its own window from the
--- latest start anyone saw (fs, raised only by a later start, so later stale callers do
--- not extend it). A lost booking that had started by the time of the loss may have been
--- called, so the fence also covers that time: the generation's start after a restart,
--- now for a lost key or a rollback found by this call; a lost booking that starts later
--- is never called, as its check finds it gone. What only the callers still know of the
--- day comes back from their hints: the day's count (the most any of them saw, a lower
--- bound of the lost one) and a per-day block. h is the caller's hint (gen, latest start,
--- day end, day count, day block). Returns whether there was evidence.
-local function fence(h)
-  local hint_gen, hint_last = h[1], h[2]
-  -- The caller last talked to another server (it learns the server at connect and from
-  -- every reply), and this key's state is gone: a restart or failover that lost it, seen
-  -- even by a caller that never held a hint for this key.
-  local hint_server = h[6] or 0
-  local replaced = fresh and server > 0 and hint_server > 0 and hint_server ~= server
-  -- One key lost: the hash is gone but the log is not, or the log is gone while the hash
-  -- still counts bookings in a window. (Both judged from what any version of the script
-  -- writes, so replicas mid-rollout do not look like a loss.)
-  local broken = (fresh and count > 0)
-    or (not fresh and count == 0 and (sum[1] > 0 or sum[2] > 0 or sum[3] > 0 or sum[4] > 0))
-  local other_gen = hint_gen > 0 and hint_gen ~= S.gen
-  local rolled_back = hint_last > S.ls
-  -- Written on another server: what the old one held after its last replicated write
-  -- may be gone, and the callers that saw it may not be the first to come back.
-  local moved = server > 0 and S.rid > 0 and S.rid ~= server
-  if server > 0 then S.rid = server end
-  if moved or replaced then rolled_back = true end
-  if not (broken or other_gen or rolled_back) then return false end
-  if h[3] == S.de then S.dc = math.max(S.dc, h[4]) end
-  S.db = math.max(S.db, h[5])
-  local at = hint_last
-  if other_gen then at = math.max(at, S.gen) end
-  if rolled_back then at = math.max(at, now) end
-  if broken then
-    -- Count what the log still holds, and fence from its latest booking and the hash's.
-    local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
-    if top[2] then at = math.max(at, tonumber(top[2])) end
-    at = math.max(at, S.ls, now)
-    for d = 1, 4 do rebuild(d, cur[d]) end
-  end
-  if at > S.fs then S.fs = at end
-  S.ls = math.max(S.ls, at)
-  return true
-end
-
--- The limits changed (a lower limit, a longer window or margin, more headroom, or a
--- raise): the bookings that have not started are fitted again under the new limits, in
--- start order, each kept at its start if every window ending there still holds at most the
--- limit (counting what has started and what was kept before it), released otherwise, so
--- the latest go first. Their holders' check finds them gone (Lost). The latest start (ls)
--- stays: it is every caller's rollback hint, and new bookings still queue behind it.
--- Returns whether the recorded limits changed.
--- The learned cut: a shared quota that answers bare 429s (Vertex AI) has no published
--- limit, so the rate it takes is learned. The request, token and image limits are cut by
--- ac per mille; one window without an unexplained 429 gives back 100 per mille (additive
--- increase), each unexplained 429 takes 30 % of what is left (multiplicative decrease, at
--- most once per half window: the 429s of one over-full window count once). Applied to L
--- before refit, so a cut releases the bookings beyond it like any lowered limit.
-local CUT_MAX, CUT_STEP = 900, 100
-local function learned(L, W, raise)
-  if S.ac <= 0 then return end
-  if raise and now - S.al >= W[1] then
-    S.ac, S.al = math.max(0, S.ac - CUT_STEP), now
-  end
-  for d = 1, 3 do
-    if L[d] > 0 then L[d] = math.max(1, math.floor(L[d] * (1000 - S.ac) / 1000)) end
-  end
-end
-
-local function refit(L, W)
-  local known = S.l1 ~= nil
-  local before = { S.l1, S.l2, S.l3, S.l4 }
-  S.l1, S.l2, S.l3, S.l4 = L[1], L[2], L[3], L[4]
-  if not known then return true end
-  local same = true
-  for d = 1, 4 do
-    if before[d] ~= L[d] or win[d] ~= W[d] then same = false end
-  end
-  if same then return false end
-  local reach = nil
-  for d = 1, 4 do
-    if L[d] >= 0 and (reach == nil or W[d] > reach) then reach = W[d] end
-  end
-  if reach == nil then return true end
-  -- A longer window may reach entries already pruned: what cannot be counted is taken as
-  -- full, as after a loss (each limited dimension waits its window from them).
-  for d = 1, 4 do
-    if L[d] >= 0 and W[d] > win[d] then S.fs = math.max(S.fs, S.pr) end
-  end
-  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - reach), '+inf', 'WITHSCORES')
-  local list = {}
-  for i = 1, #items / 2 do
-    local m = items[2 * i - 1]
-    list[#list + 1] = { m = m, s = tonumber(items[2 * i]), q = seq_of(m) or 0, c = costs_of(m) }
-  end
-  -- Members with one start sort by their text; bookings sort by when they were made.
-  table.sort(list, function(x, y)
-    if x.s ~= y.s then return x.s < y.s end
-    return x.q < y.q
-  end)
-  local kept, lo, held, gone = {}, { 1, 1, 1, 1 }, { 0, 0, 0, 0 }, {}
-  for _, e in ipairs(list) do
-    local fits = true
+  -- Adds an entry (a new sequence number unless q is given) and counts it where it lies
+  -- inside a window.
+  local function add(start, c, id, q)
+    if not q then
+      S.q = S.q + 1
+      q = S.q
+    end
+    local m = member(c, q, id)
+    redis.call('ZADD', log, fmt(start), m)
     for d = 1, 4 do
-      if L[d] >= 0 then
-        while lo[d] <= #kept and kept[lo[d]].s <= e.s - W[d] do
-          held[d] = held[d] - kept[lo[d]].c[d]
-          lo[d] = lo[d] + 1
-        end
-        if held[d] + e.c[d] > L[d] then fits = false end
-        if e.c[d] > 0 and e.s < S.fs + W[d] then fits = false end
-      end
+      if start > cur[d] then sum[d] = sum[d] + c[d] end
     end
-    if e.s <= now or fits then
-      kept[#kept + 1] = e
-      for d = 1, 4 do held[d] = held[d] + e.c[d] end
+    return m
+  end
+
+  -- The entry booked for request id with this start: the id's latest booking, or an earlier
+  -- one (a later booking of the same id has taken the mapping since).
+  local function booked(id, start)
+    local m = redis.call('HGET', st, 't:' .. id)
+    if m then
+      local sc = redis.call('ZSCORE', log, m)
+      if sc and tonumber(sc) == start then return m end
+    end
+    local items = redis.call('ZRANGEBYSCORE', log, fmt(start), fmt(start), 'LIMIT', 0, 1000)
+    for _, x in ipairs(items) do
+      if id_of(x) == id then return x end
+    end
+    return nil
+  end
+
+  -- Replaces booking m (request id, start) by the same booking with costs `new`, or
+  -- releases it when `new` is nil (a request never sent does not count against the day).
+  local function replace(m, id, start, new)
+    local old = costs_of(m)
+    redis.call('ZREM', log, m)
+    for d = 1, 4 do
+      if start > cur[d] then sum[d] = sum[d] - old[d] end
+    end
+    local mapped = redis.call('HGET', st, 't:' .. id) == m
+    if new then
+      local nm = add(start, new, id, seq_of(m))
+      if mapped then redis.call('HSET', st, 't:' .. id, nm) end
     else
-      gone[#gone + 1] = e
+      if mapped then redis.call('HDEL', st, 't:' .. id) end
+      if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
+      elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
     end
   end
-  for _, e in ipairs(gone) do replace(e.m, id_of(e.m) or '', e.s, nil) end
-  return true
+
+  -- Evidence that state was lost: the caller saw another generation (Redis restarted
+  -- without persistence), or a later booking than the state holds (a rollback: a promoted
+  -- lagging replica or an older snapshot keeps the generation), or the hash and the log
+  -- disagree (one key lost). Then every limited dimension waits out its own window from the
+  -- latest start anyone saw (fs, raised only by a later start, so later stale callers do
+  -- not extend it). A lost booking that had started by the time of the loss may have been
+  -- called, so the fence also covers that time: the generation's start after a restart,
+  -- now for a lost key or a rollback found by this call; a lost booking that starts later
+  -- is never called, as its check finds it gone. What only the callers still know of the
+  -- day comes back from their hints: the day's count (the most any of them saw, a lower
+  -- bound of the lost one) and a per-day block. h is the caller's hint (gen, latest start,
+  -- day end, day count, day block). Returns whether there was evidence.
+  local function fence(h)
+    local hint_gen, hint_last = h[1], h[2]
+    -- The caller last talked to another server (it learns the server at connect and from
+    -- every reply), and this key's state is gone: a restart or failover that lost it, seen
+    -- even by a caller that never held a hint for this key.
+    local hint_server = h[6] or 0
+    local replaced = fresh and server > 0 and hint_server > 0 and hint_server ~= server
+    -- One key lost: the hash is gone but the log is not, or the log is gone while the hash
+    -- still counts bookings in a window. (Both judged from what any version of the script
+    -- writes, so replicas mid-rollout do not look like a loss.)
+    local broken = (fresh and count > 0)
+      or (not fresh and count == 0 and (sum[1] > 0 or sum[2] > 0 or sum[3] > 0 or sum[4] > 0))
+    local other_gen = hint_gen > 0 and hint_gen ~= S.gen
+    local rolled_back = hint_last > S.ls
+    -- Written on another server: what the old one held after its last replicated write
+    -- may be gone, and the callers that saw it may not be the first to come back.
+    local moved = server > 0 and S.rid > 0 and S.rid ~= server
+    if server > 0 then S.rid = server end
+    if moved or replaced then rolled_back = true end
+    if not (broken or other_gen or rolled_back) then return false end
+    if h[3] == S.de then S.dc = math.max(S.dc, h[4]) end
+    S.db = math.max(S.db, h[5])
+    local at = hint_last
+    if other_gen then at = math.max(at, S.gen) end
+    if rolled_back then at = math.max(at, now) end
+    if broken then
+      -- Count what the log still holds, and fence from its latest booking and the hash's.
+      local top = redis.call('ZREVRANGE', log, 0, 0, 'WITHSCORES')
+      if top[2] then at = math.max(at, tonumber(top[2])) end
+      at = math.max(at, S.ls, now)
+      for d = 1, 4 do rebuild(d, cur[d]) end
+    end
+    if at > S.fs then S.fs = at end
+    S.ls = math.max(S.ls, at)
+    return true
+  end
+
+  -- The limits changed (a lower limit, a longer window or margin, more headroom, or a
+  -- raise): the bookings that have not started are fitted again under the new limits, in
+  -- start order, each kept at its start if every window ending there still holds at most the
+  -- limit (counting what has started and what was kept before it), released otherwise, so
+  -- the latest go first. Their holders' check finds them gone (Lost). The latest start (ls)
+  -- stays: it is every caller's rollback hint, and new bookings still queue behind it.
+  -- Returns whether the recorded limits changed.
+  -- The learned cut: a shared quota that answers bare 429s (Vertex AI) has no published
+  -- limit, so the rate it takes is learned. The request, token and image limits are cut by
+  -- ac per mille; one window without an unexplained 429 gives back 100 per mille (additive
+  -- increase), each unexplained 429 takes 30 % of what is left (multiplicative decrease, at
+  -- most once per half window: the 429s of one over-full window count once). Applied to L
+  -- before refit, so a cut releases the bookings beyond it like any lowered limit.
+  local function learned(L, W, raise)
+    if S.ac <= 0 then return end
+    if raise and now - S.al >= W[1] then
+      S.ac, S.al = math.max(0, S.ac - CUT_STEP), now
+    end
+    for d = 1, 3 do
+      if L[d] > 0 then L[d] = math.max(1, math.floor(L[d] * (1000 - S.ac) / 1000)) end
+    end
+  end
+
+  local function refit(L, W)
+    local known = S.l1 ~= nil
+    local before = { S.l1, S.l2, S.l3, S.l4 }
+    S.l1, S.l2, S.l3, S.l4 = L[1], L[2], L[3], L[4]
+    if not known then return true end
+    local same = true
+    for d = 1, 4 do
+      if before[d] ~= L[d] or win[d] ~= W[d] then same = false end
+    end
+    if same then return false end
+    local reach = nil
+    for d = 1, 4 do
+      if L[d] >= 0 and (reach == nil or W[d] > reach) then reach = W[d] end
+    end
+    if reach == nil then return true end
+    -- A longer window may reach entries already pruned: what cannot be counted is taken as
+    -- full, as after a loss (each limited dimension waits its window from them).
+    for d = 1, 4 do
+      if L[d] >= 0 and W[d] > win[d] then S.fs = math.max(S.fs, S.pr) end
+    end
+    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(now - reach), '+inf', 'WITHSCORES')
+    local list = {}
+    for i = 1, #items / 2 do
+      local m = items[2 * i - 1]
+      list[#list + 1] = { m = m, s = tonumber(items[2 * i]), q = seq_of(m) or 0, c = costs_of(m) }
+    end
+    -- Members with one start sort by their text; bookings sort by when they were made.
+    table.sort(list, function(x, y)
+      if x.s ~= y.s then return x.s < y.s end
+      return x.q < y.q
+    end)
+    local kept, lo, held, gone = {}, { 1, 1, 1, 1 }, { 0, 0, 0, 0 }, {}
+    for _, e in ipairs(list) do
+      local fits = true
+      for d = 1, 4 do
+        if L[d] >= 0 then
+          while lo[d] <= #kept and kept[lo[d]].s <= e.s - W[d] do
+            held[d] = held[d] - kept[lo[d]].c[d]
+            lo[d] = lo[d] + 1
+          end
+          if held[d] + e.c[d] > L[d] then fits = false end
+          if e.c[d] > 0 and e.s < S.fs + W[d] then fits = false end
+        end
+      end
+      if e.s <= now or fits then
+        kept[#kept + 1] = e
+        for d = 1, 4 do held[d] = held[d] + e.c[d] end
+      else
+        gone[#gone + 1] = e
+      end
+    end
+    for _, e in ipairs(gone) do replace(e.m, id_of(e.m) or '', e.s, nil) end
+    return true
+  end
+
+  -- Whether a booking at g (before the queue's latest start) keeps every window that holds
+  -- g within its limit: the windows ending at g and at each booking starting less than a
+  -- window after it, counted exactly. The queue's walk (earliest) counts everything booked
+  -- after the cursor, so after a raise or a release it would wait behind bookings that leave
+  -- room.
+  local function room_at(g, c, L, W, rpd)
+    if S.db > g then return false end
+    if rpd >= 0 and (g >= S.de or S.dc + c[1] > rpd) then return false end
+    local reach = 0
+    for d = 1, 4 do
+      if L[d] >= 0 and c[d] > 0 then
+        if g < S.fs + W[d] then return false end
+        if W[d] > reach then reach = W[d] end
+      end
+    end
+    if reach == 0 then return true end
+    local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(g - reach), '(' .. fmt(g + reach),
+      'WITHSCORES', 'LIMIT', 0, CAP)
+    local n = #items / 2
+    if n >= CAP then return false end
+    local at, cost = {}, {}
+    for i = 1, n do
+      at[i] = tonumber(items[2 * i])
+      cost[i] = costs_of(items[2 * i - 1])
+    end
+    for d = 1, 4 do
+      if L[d] >= 0 and c[d] > 0 then
+        local w, room = W[d], L[d] - c[d]
+        -- A sliding sum over the windows (t - w, t], t = g and each later start.
+        local lo, hi, held = 1, 1, 0
+        local function within(t)
+          while hi <= n and at[hi] <= t do
+            held = held + cost[hi][d]
+            hi = hi + 1
+          end
+          while lo < hi and at[lo] <= t - w do
+            held = held - cost[lo][d]
+            lo = lo + 1
+          end
+          return held <= room
+        end
+        if not within(g) then return false end
+        while hi <= n and at[hi] < g + w do
+          if not within(at[hi]) then return false end
+        end
+      end
+    end
+    return true
+  end
+
+  return { S = S, sum = sum, cur = cur, win = win, fresh = fresh, log = log, st = st,
+    start = start, save = save, roll_day = roll_day, advance = advance, rebuild = rebuild,
+    earliest = earliest, prune = prune, add = add, booked = booked, replace = replace,
+    fence = fence, learned = learned, refit = refit, room_at = room_at }
 end
 
--- Whether a booking at g (before the queue's latest start) keeps every window that holds
--- g within its limit: the windows ending at g and at each booking starting less than a
--- window after it, counted exactly. The queue's walk (earliest) counts everything booked
--- after the cursor, so after a raise or a release it would wait behind bookings that leave
--- room.
-local function room_at(g, c, L, W, rpd)
-  if S.db > g then return false end
-  if rpd >= 0 and (g >= S.de or S.dc + c[1] > rpd) then return false end
-  local reach = 0
-  for d = 1, 4 do
-    if L[d] >= 0 and c[d] > 0 then
-      if g < S.fs + W[d] then return false end
-      if W[d] > reach then reach = W[d] end
-    end
-  end
-  if reach == 0 then return true end
-  local items = redis.call('ZRANGEBYSCORE', log, '(' .. fmt(g - reach), '(' .. fmt(g + reach),
-    'WITHSCORES', 'LIMIT', 0, CAP)
-  local n = #items / 2
-  if n >= CAP then return false end
-  local at, cost = {}, {}
-  for i = 1, n do
-    at[i] = tonumber(items[2 * i])
-    cost[i] = costs_of(items[2 * i - 1])
-  end
-  for d = 1, 4 do
-    if L[d] >= 0 and c[d] > 0 then
-      local w, room = W[d], L[d] - c[d]
-      -- A sliding sum over the windows (t - w, t], t = g and each later start.
-      local lo, hi, held = 1, 1, 0
-      local function within(t)
-        while hi <= n and at[hi] <= t do
-          held = held + cost[hi][d]
-          hi = hi + 1
-        end
-        while lo < hi and at[lo] <= t - w do
-          held = held - cost[lo][d]
-          lo = lo + 1
-        end
-        return held <= room
-      end
-      if not within(g) then return false end
-      while hi <= n and at[hi] < g + w do
-        if not within(at[hi]) then return false end
-      end
-    end
-  end
-  return true
+-- The (project, model)'s state, and with KEYS[3] and KEYS[4] its project's spend state:
+-- Google's spend limit is per project, shared by the project's models, so a model books
+-- its spend there, in the same step (same hash tag, one slot). The model's own state still
+-- records each booking's spend (for its usage) but does not limit it.
+local M = open(KEYS[1], KEYS[2])
+local P = nil
+if KEYS[4] and op ~= 'p' then P = open(KEYS[3], KEYS[4]) end
+now = math.max(now, M.S.now)
+if P then now = math.max(now, P.S.now) end
+M.start()
+if P then P.start() end
+local S, sum, win, fresh = M.S, M.sum, M.win, M.fresh
+-- In the project's log an entry's id names its model too: two models may book one id.
+local function pid(id) return id .. ' ' .. KEYS[1] end
+-- The project's limits: only spend, over the spend window.
+local function project_limits(L, W)
+  return { -1, -1, -1, L[4] }, { W[4], W[4], W[4], W[4] }
 end
+-- The project's part of a booking.
+local function spend_only(c) return { 0, 0, 0, c[4] } end
 
 if op == 'a' then
   local id = ARGV[2]
@@ -438,58 +479,99 @@ if op == 'a' then
   local h = {}
   for i = 1, 5 do h[i] = tonumber(ARGV[20 + i]) or 0 end
   h[6] = tonumber(ARGV[26]) or 0
-  roll_day(b)
-  fence(h)
-  learned(L, W, true)
-  refit(L, W)
+  local PL, PW
+  if P then
+    PL, PW = project_limits(L, W)
+    L[4] = -1
+    -- The caller's hint of the project state: its generation and latest start; the day
+    -- is the model's business.
+    P.fence({ tonumber(ARGV[27]) or 0, tonumber(ARGV[28]) or 0, 0, 0, 0, h[6] })
+    P.refit(PL, PW)
+  end
+  M.roll_day(b)
+  M.fence(h)
+  M.learned(L, W, true)
+  M.refit(L, W)
   local function reply(kind, v, blocker, costs)
-    save()
+    M.save()
+    local pg, pl = 0, 0
+    if P then
+      P.save()
+      pg, pl = P.S.gen, P.S.ls
+    end
     return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4],
-      S.de, S.dc, S.db, server }
+      S.de, S.dc, S.db, server, pg, pl }
   end
   -- A retried acquire of the same delivery gets its ticket back while the start is ahead;
   -- once it has passed, the entry stays counted and the id books afresh.
-  local m = redis.call('HGET', st, 't:' .. id)
+  local m = redis.call('HGET', M.st, 't:' .. id)
   if m then
-    local sc = redis.call('ZSCORE', log, m)
+    local sc = redis.call('ZSCORE', M.log, m)
     if sc and tonumber(sc) > now then return reply(1, tonumber(sc), 0, costs_of(m)) end
   end
   for d = 1, 4 do
     if L[d] >= 0 and c[d] > L[d] then return reply(2, -1, 7, c) end
   end
+  if P and PL[4] >= 0 and c[4] > PL[4] then return reply(2, -1, 7, c) end
   if rpd >= 0 and c[1] > rpd then return reply(2, -1, 7, c) end
+  local keep_from = now - math.max(W[1], W[2], W[3], W[4])
+  local function prune_all()
+    M.prune(keep_from)
+    if P then P.prune(now - PW[4]) end
+  end
+  -- Books at start `at`: in the model's log, and its spend in the project's.
+  local function book(at)
+    redis.call('HSET', M.st, 't:' .. id, M.add(at, c, id))
+    if at < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
+    if P then
+      redis.call('HSET', P.st, 't:' .. pid(id), P.add(at, spend_only(c), pid(id)))
+      if at > P.S.ls then P.S.ls = at end
+    end
+  end
   -- Callers queue in arrival order: nobody starts before the latest booking (but see
   -- the room taken below).
   local s, blocker = now, 1
   if S.ls > s then s, blocker = S.ls, (S.lb > 0 and S.lb or 1) end
   if S.cd > s then s, blocker = S.cd, 6 end
   local s0 = s
-  local keep_from = now - math.max(W[1], W[2], W[3], W[4])
   for d = 1, 4 do
     if win[d] ~= W[d] then
       win[d] = W[d]
-      rebuild(d, s0 - W[d])
+      M.rebuild(d, s0 - W[d])
     else
-      advance(d, s0 - W[d])
+      M.advance(d, s0 - W[d])
+    end
+  end
+  -- The project's log holds every model's bookings, some later than this model's queue:
+  -- its cursor follows now, never one model's start, so its sum counts every booking
+  -- that any start from now on can share a window with.
+  if P then
+    for d = 1, 4 do
+      if P.win[d] ~= PW[d] then
+        P.win[d] = PW[d]
+        P.rebuild(d, now - PW[d])
+      else
+        P.advance(d, now - PW[d])
+      end
     end
   end
   -- A queue ahead, yet room now (a raised limit, released bookings): take it.
   local g = math.max(now, S.cd)
-  if S.ls > g and g - now <= max_wait and room_at(g, c, L, W, rpd) then
-    redis.call('HSET', st, 't:' .. id, add(g, c, id))
-    if g < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
-    prune(keep_from)
+  if S.ls > g and g - now <= max_wait and M.room_at(g, c, L, W, rpd)
+    and (not P or P.room_at(g, spend_only(c), PL, PW, -1)) then
+    book(g)
+    prune_all()
     return reply(1, g, 0, c)
   end
   if s0 - now > max_wait then
-    prune(keep_from)
+    prune_all()
     return reply(2, s0 - now, blocker, c)
   end
   for d = 1, 4 do
     if L[d] >= 0 then
-      local e, exact = earliest(d, L[d] - c[d], s0, W[d])
+      local e, exact = M.earliest(d, L[d] - c[d], s0, W[d])
       if not exact then
-        prune(keep_from)
+        prune_all()
         return reply(2, math.max(e, s) - now, d, c)
       end
       if e > s then s, blocker = e, d end
@@ -497,73 +579,117 @@ if op == 'a' then
       if c[d] > 0 and S.fs + W[d] > s then s, blocker = S.fs + W[d], d end
     end
   end
+  -- The project's spend: the earliest start from s at which every spend window holding it
+  -- has room, counting every model's bookings (a later start only frees the model's own
+  -- windows, as nothing of this model starts after s).
+  if P and PL[4] >= 0 and c[4] > 0 then
+    local e, exact = P.earliest(4, PL[4] - c[4], s, PW[4])
+    if not exact then
+      prune_all()
+      return reply(2, math.max(e, s) - now, 4, c)
+    end
+    if e > s then s, blocker = e, 4 end
+    if P.S.fs + PW[4] > s then s, blocker = P.S.fs + PW[4], 4 end
+  end
   if S.db > s then s, blocker = S.db, 5 end
   if rpd >= 0 then
     if s < S.de and S.dc + c[1] > rpd then s, blocker = S.de, 5 end
     if s >= S.de and (s >= S.da or S.nc + c[1] > rpd) then
-      prune(keep_from)
+      prune_all()
       return reply(2, math.max(s, S.da) - now, 5, c)
     end
   end
   if s - now > max_wait then
-    prune(keep_from)
+    prune_all()
     return reply(2, s - now, blocker, c)
   end
-  redis.call('HSET', st, 't:' .. id, add(s, c, id))
+  book(s)
   S.ls, S.lb = s, blocker
-  for d = 1, 4 do advance(d, s - W[d]) end
-  if s < S.de then S.dc = S.dc + c[1] else S.nc = S.nc + c[1] end
-  prune(keep_from)
+  for d = 1, 4 do M.advance(d, s - W[d]) end
+  prune_all()
   return reply(1, s, 0, c)
 elseif op == 'r' or op == 'x' then
   local id, start = ARGV[2], tonumber(ARGV[3])
-  if fresh then return { 0 } end
-  local m = booked(id, start)
-  if not m then return { 0 } end
   local new = nil
   if op == 'r' then
     new = { tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) }
   end
-  replace(m, id, start, new)
-  save()
-  return { 1 }
+  local done = 0
+  if not fresh then
+    local m = M.booked(id, start)
+    if m then
+      M.replace(m, id, start, new)
+      M.save()
+      done = 1
+    end
+  end
+  if P and not P.fresh then
+    local pm = P.booked(pid(id), start)
+    if pm then
+      P.replace(pm, pid(id), start, new and spend_only(new))
+      P.save()
+      done = 1
+    end
+  end
+  return { done }
 elseif op == 'c' then
   -- Just before a booked call: the state must not have been lost, the booking must still
-  -- be held, and no cooldown or day block set since it was booked (a booking made under
-  -- one starts after it) may forbid it. Replies carry the generation and latest start.
-  -- ARGV: id, start, the hint (4..8), the day boundaries (9..12).
+  -- be held (in the project's spend state too), and no cooldown or day block set since it
+  -- was booked (a booking made under one starts after it) may forbid it. Replies carry
+  -- the generation and latest start (the project state's after them).
+  -- ARGV: id, start, the hint (4..8), the day boundaries (9..12), the server (13), the
+  -- project state's hint (14, 15).
   local id, start = ARGV[2], tonumber(ARGV[3])
   local h = {}
   for i = 1, 5 do h[i] = tonumber(ARGV[3 + i]) or 0 end
   h[6] = tonumber(ARGV[13]) or 0
   if ARGV[9] then
-    roll_day({ tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) })
+    M.roll_day({ tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) })
   end
   local function answer(kind, v, code)
-    return { kind, v, code, S.gen, S.ls, S.de, S.dc, S.db, server }
+    local pg, pl = 0, 0
+    if P then pg, pl = P.S.gen, P.S.ls end
+    return { kind, v, code, S.gen, S.ls, S.de, S.dc, S.db, server, pg, pl }
   end
-  if fence(h) then
+  -- Gives the booking up in both states (the model's state is saved by the caller).
+  local function drop()
+    local m = (not fresh) and M.booked(id, start)
+    if m then M.replace(m, id, start, nil) end
+    if P and not P.fresh then
+      local pm = P.booked(pid(id), start)
+      if pm then P.replace(pm, pid(id), start, nil) end
+      P.save()
+    end
+  end
+  local lost = M.fence(h)
+  if P and P.fence({ tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0, 0, 0, 0, h[6] }) then
+    lost = true
+  end
+  if lost then
     -- Fenced now, so nobody books into the lost window; this ticket is not used.
-    local m = booked(id, start)
-    if m then replace(m, id, start, nil) end
-    save()
+    drop()
+    M.save()
+    if P then P.save() end
     return answer(2, -1, 8)
   end
-  local m = (not fresh) and booked(id, start)
-  if not m then
+  local m = (not fresh) and M.booked(id, start)
+  local held = m and (not P or (not P.fresh and P.booked(pid(id), start)))
+  if not held then
+    drop()
     if fresh then return { 2, -1, 8 } end
+    M.save()
     return answer(2, -1, 8)
   end
   local until_, code = 0, 0
   if S.cd > now then until_, code = S.cd, 6 end
   if S.db > now and S.db > until_ then until_, code = S.db, 5 end
   if code == 0 then return answer(1, 0, 0) end
-  replace(m, id, start, nil)
-  save()
+  drop()
+  M.save()
   return answer(2, until_ - now, code)
 elseif op == 'p' then
   local delay, scope = tonumber(ARGV[2]), ARGV[3]
-  roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })
+  M.roll_day({ tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) })
   if scope == 'd' then
     S.db = math.max(S.db, S.de)
   else
@@ -573,24 +699,35 @@ elseif op == 'p' then
     S.ac = math.min(CUT_MAX, 1000 - math.floor((1000 - S.ac) * 7 / 10))
     S.al = now
   end
-  save()
+  M.save()
   return { 1 }
 elseif op == 'u' then
   -- From the running sums, O(1): they cover the window ending at the latest booking (or
-  -- the latest decision); once that booking is a full window old, nothing is left.
+  -- the latest decision); once that booking is a full window old, nothing is left. Spend
+  -- is the project's when its state is given.
   -- ARGV: the windows (2..5), then the limits (6..9). The operator reads usage with the
   -- config it has just compiled, so a limit change is applied here, at once, even while
   -- every replica sleeps on its booking and none acquires.
-  if not fresh and ARGV[6] then
-    local W = { tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) }
+  local W = { tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) }
+  if ARGV[6] then
     local L = { tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]) }
-    learned(L, W, false)
-    if refit(L, W) then save() end
+    if P and not P.fresh then
+      local PL, PW = project_limits(L, W)
+      if P.refit(PL, PW) then P.save() end
+    end
+    if P then L[4] = -1 end
+    if not fresh then
+      M.learned(L, W, false)
+      if M.refit(L, W) then M.save() end
+    end
   end
   local out = { now }
   for d = 1, 4 do
-    local w = tonumber(ARGV[1 + d])
+    local w = W[d]
     if fresh or S.ls <= now - w then out[#out + 1] = 0 else out[#out + 1] = math.max(0, sum[d]) end
+  end
+  if P then
+    if P.fresh or P.S.ls <= now - W[4] then out[5] = 0 else out[5] = math.max(0, P.sum[4]) end
   end
   local today = 0
   if now < S.de then today = S.dc end

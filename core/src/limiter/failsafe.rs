@@ -143,6 +143,7 @@ impl<L: Limiter> FailsafeLimiter<L> {
                     start_us: self.clock.now_us(),
                     costs,
                     origin: Origin::Unchecked,
+                    project_spend: false,
                 },
             }),
             FailureMode::Local => Ok(self.local.acquire_now(

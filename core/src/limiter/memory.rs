@@ -73,6 +73,32 @@ pub(crate) struct KeyState {
 const CUT_MAX: i64 = 900;
 const CUT_STEP: i64 = 100;
 
+/// A project's spend state, weighed with a model's in one decision (the script's `P`):
+/// Google's spend limit is the project's, shared by its models.
+pub(crate) struct Project<'a> {
+    pub state: &'a mut KeyState,
+    /// What the caller last saw of it.
+    pub hint: Hint,
+    /// The booking's id in the project's log: the request id and its model (two models
+    /// may book one id).
+    pub id: String,
+}
+
+/// The project's limits: only spend, over the spend window (the script's
+/// `project_limits`).
+fn project_limits(limits: &Limits) -> Limits {
+    Limits {
+        limit: [-1, -1, -1, limits.limit[3]],
+        window_us: [limits.window_us[3]; 4],
+        per_day: -1,
+    }
+}
+
+/// The project's part of a booking.
+fn spend_only(costs: [i64; 4]) -> [i64; 4] {
+    [0, 0, 0, costs[3]]
+}
+
 /// What the algorithm decided, before it is dressed as a [`Decision`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -105,6 +131,16 @@ impl KeyState {
             day_end: self.day_end,
             day_count: self.day_count,
             day_blocked: self.day_blocked,
+        }
+    }
+
+    /// What a caller learns of a project's spend state: its generation and latest start
+    /// (the day is the model's business).
+    pub(crate) fn project_hint(&self) -> Hint {
+        Hint {
+            generation: self.generation,
+            last_start: self.last_start,
+            ..Hint::default()
         }
     }
 
@@ -422,11 +458,25 @@ impl KeyState {
         costs: [i64; 4],
         max_wait: i64,
         hint: Hint,
+        mut project: Option<Project<'_>>,
     ) -> Outcome {
+        let clock_now = project
+            .as_ref()
+            .map_or(clock_now, |p| clock_now.max(p.state.now));
         let (now, fresh) = self.begin(clock_now);
+        let mut limits = *limits;
+        let mut pl = None;
+        if let Some(p) = project.as_mut() {
+            let (_, pfresh) = p.state.begin(now);
+            let l = project_limits(&limits);
+            limits.limit[3] = -1;
+            p.state.fence(p.hint, pfresh);
+            let _ = p.state.refit(now, &l);
+            pl = Some(l);
+        }
         self.roll_day(now, calendar);
         self.fence(hint, fresh);
-        let limits = &self.learned(now, limits, true);
+        let limits = &self.learned(now, &limits, true);
         let _ = self.refit(now, limits);
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
@@ -439,7 +489,7 @@ impl KeyState {
                 costs: e.costs,
             };
         }
-        if limits.never_fits(&costs) {
+        if limits.never_fits(&costs) || pl.is_some_and(|l| l.never_fits(&spend_only(costs))) {
             return Outcome::Reject {
                 retry_us: None,
                 blocker: Blocker::NeverFits,
@@ -467,17 +517,49 @@ impl KeyState {
                 self.advance(d, s0 - w);
             }
         }
+        // The project's log holds every model's bookings, some later than this model's
+        // queue: its cursor follows now, never one model's start, so its sum counts every
+        // booking that any start from now on can share a window with.
+        if let (Some(p), Some(l)) = (project.as_mut(), pl.as_ref()) {
+            for d in 0..4 {
+                let w = l.window_us[d];
+                if p.state.windows[d] != w {
+                    p.state.windows[d] = w;
+                    p.state.rebuild(d, now - w);
+                } else {
+                    p.state.advance(d, now - w);
+                }
+            }
+        }
         let keep_from = now - limits.window_us.iter().copied().max().unwrap_or(0);
+        let prune_all = |st: &mut KeyState, project: &mut Option<Project<'_>>| {
+            st.prune(keep_from);
+            if let (Some(p), Some(l)) = (project.as_mut(), pl.as_ref()) {
+                p.state.prune(now - l.window_us[3]);
+            }
+        };
         // A queue ahead, yet room now (a raised limit, released bookings): take it.
         let g = now.max(self.cooldown);
-        if self.last_start > g && g - now <= max_wait && self.room_at(g, &costs, limits) {
+        if self.last_start > g
+            && g - now <= max_wait
+            && self.room_at(g, &costs, limits)
+            && project
+                .as_ref()
+                .zip(pl.as_ref())
+                .is_none_or(|(p, l)| p.state.room_at(g, &spend_only(costs), l))
+        {
             self.insert(g, costs, Arc::from(request_id));
             if g < self.day_end {
                 self.day_count += costs[0];
             } else {
                 self.next_count += costs[0];
             }
-            self.prune(keep_from);
+            if let Some(p) = project.as_mut() {
+                p.state
+                    .insert(g, spend_only(costs), Arc::from(p.id.as_str()));
+                p.state.last_start = p.state.last_start.max(g);
+            }
+            prune_all(self, &mut project);
             return Outcome::Start {
                 start: g,
                 now,
@@ -489,7 +571,7 @@ impl KeyState {
             blocker,
         };
         if s0 - now > max_wait {
-            self.prune(keep_from);
+            prune_all(self, &mut project);
             return reject(s0, blocker);
         }
         for (d, cost) in costs.iter().enumerate() {
@@ -508,6 +590,24 @@ impl KeyState {
                 blocker = Blocker::Dimension(Dim::ALL[d]);
             }
         }
+        // The project's spend: the earliest start from s at which every spend window
+        // holding it has room, counting every model's bookings (a later start only frees
+        // the model's own windows, as nothing of this model starts after s).
+        if let (Some(p), Some(l)) = (project.as_ref(), pl.as_ref())
+            && l.limit[3] >= 0
+            && costs[3] > 0
+        {
+            let w = l.window_us[3];
+            let t = p.state.earliest(3, l.limit[3] - costs[3], s, w);
+            if t > s {
+                s = t;
+                blocker = Blocker::Dimension(Dim::SpendMicros);
+            }
+            if p.state.fence + w > s {
+                s = p.state.fence + w;
+                blocker = Blocker::Dimension(Dim::SpendMicros);
+            }
+        }
         if self.day_blocked > s {
             s = self.day_blocked;
             blocker = Blocker::Daily;
@@ -520,12 +620,12 @@ impl KeyState {
             if s >= self.day_end
                 && (s >= self.day_after || self.next_count + costs[0] > limits.per_day)
             {
-                self.prune(keep_from);
+                prune_all(self, &mut project);
                 return reject(s.max(self.day_after), Blocker::Daily);
             }
         }
         if s - now > max_wait {
-            self.prune(keep_from);
+            prune_all(self, &mut project);
             return reject(s, blocker);
         }
         let id: Arc<str> = Arc::from(request_id);
@@ -549,7 +649,12 @@ impl KeyState {
         } else {
             self.next_count += costs[0];
         }
-        self.prune(keep_from);
+        if let Some(p) = project.as_mut() {
+            p.state
+                .insert(s, spend_only(costs), Arc::from(p.id.as_str()));
+            p.state.last_start = p.state.last_start.max(s);
+        }
+        prune_all(self, &mut project);
         Outcome::Start {
             start: s,
             now,
@@ -587,8 +692,9 @@ impl KeyState {
     }
 
     /// Just before a booked call: the state must not have been lost, the booking must still
-    /// be held, and no cooldown or day block set since it was booked may forbid it (a
-    /// booking made under one starts after it). A ticket that may not run is released.
+    /// be held (in the project's spend state too), and no cooldown or day block set since
+    /// it was booked may forbid it (a booking made under one starts after it). A ticket
+    /// that may not run is released.
     pub(crate) fn check(
         &mut self,
         clock_now: i64,
@@ -596,24 +702,50 @@ impl KeyState {
         request_id: &str,
         start: i64,
         hint: Hint,
+        mut project: Option<Project<'_>>,
     ) -> Check {
+        let clock_now = project
+            .as_ref()
+            .map_or(clock_now, |p| clock_now.max(p.state.now));
         let (now, fresh) = self.begin(clock_now);
+        let pfresh = project.as_mut().map(|p| p.state.begin(now).1);
         self.roll_day(now, calendar);
         let lost = Check::Cancelled {
             retry_after: None,
             blocking: Blocker::Lost,
         };
-        if self.fence(hint, fresh) {
+        let mut fenced = self.fence(hint, fresh);
+        if let (Some(p), Some(pf)) = (project.as_mut(), pfresh) {
+            fenced |= p.state.fence(p.hint, pf);
+        }
+        // Gives the booking up in both states.
+        let drop = |st: &mut KeyState, project: &mut Option<Project<'_>>| {
+            st.release(request_id, start);
+            if let Some(p) = project.as_mut() {
+                p.state.release(&p.id, start);
+            }
+        };
+        if fenced {
             // Fenced now, so nobody books into the lost window; this ticket is not used.
-            self.release(request_id, start);
+            drop(self, &mut project);
             return lost;
         }
-        if fresh {
-            // Nothing to check against; the script does not create the hash here.
-            self.generation = 0;
-            return lost;
-        }
-        if self.booked(request_id, start).is_none() {
+        let held = !fresh
+            && self.booked(request_id, start).is_some()
+            && project
+                .as_ref()
+                .is_none_or(|p| pfresh != Some(true) && p.state.booked(&p.id, start).is_some());
+        if !held {
+            drop(self, &mut project);
+            // A state found new is not created here (the script does not save it).
+            if fresh {
+                self.generation = 0;
+            }
+            if pfresh == Some(true)
+                && let Some(p) = project.as_mut()
+            {
+                p.state.generation = 0;
+            }
             return lost;
         }
         let mut until = None;
@@ -626,7 +758,7 @@ impl KeyState {
         let Some((until, blocking)) = until else {
             return Check::Go;
         };
-        self.release(request_id, start);
+        drop(self, &mut project);
         Check::Cancelled {
             retry_after: Some(us_dur(until - now)),
             blocking,
@@ -701,8 +833,30 @@ impl KeyState {
     /// the latest decision); once that booking is a full window old, nothing is left. The
     /// operator reads usage with the config it has just compiled, so a limit change is
     /// applied here, at once, even while every replica sleeps on its booking.
-    pub(crate) fn usage(&mut self, clock_now: i64, quota: &ModelQuota) -> Usage {
-        let declared = Limits::of(quota);
+    pub(crate) fn usage(
+        &mut self,
+        clock_now: i64,
+        quota: &ModelQuota,
+        project: Option<&mut KeyState>,
+    ) -> Usage {
+        let mut declared = Limits::of(quota);
+        // Spend is the project's when its state is given.
+        let mut spend_used = None;
+        if let Some(p) = project {
+            let pl = project_limits(&declared);
+            declared.limit[3] = -1;
+            let now = clock_now.max(p.now);
+            if p.generation != 0 && p.refit(now, &pl) {
+                p.now = now;
+            }
+            spend_used = Some(
+                if p.generation == 0 || p.last_start <= now - pl.window_us[3] {
+                    0
+                } else {
+                    p.sums[3].max(0)
+                },
+            );
+        }
         if self.generation != 0 {
             let now = clock_now.max(self.now);
             let limits = self.learned(now, &declared, false);
@@ -715,11 +869,12 @@ impl KeyState {
             .iter()
             .map(|&dim| {
                 let d = dim.index();
-                let used = if self.generation == 0 || self.last_start <= now - declared.window_us[d]
-                {
-                    0
-                } else {
-                    self.sums[d].max(0)
+                let used = match spend_used {
+                    Some(used) if dim == Dim::SpendMicros => used,
+                    _ if self.generation == 0 || self.last_start <= now - declared.window_us[d] => {
+                        0
+                    }
+                    _ => self.sums[d].max(0),
                 };
                 DimensionUsage {
                     dim,
@@ -787,6 +942,7 @@ pub(crate) fn decision(
     request_id: &str,
     outcome: Outcome,
     origin: Origin,
+    project_spend: bool,
 ) -> Decision {
     match outcome {
         Outcome::Start { start, now, costs } => {
@@ -796,6 +952,7 @@ pub(crate) fn decision(
                 start_us: start,
                 costs: Costs::from_array(costs.map(|c| u64::try_from(c).unwrap_or(0))),
                 origin,
+                project_spend,
             };
             if start <= now {
                 Decision::Admitted { ticket }
@@ -854,14 +1011,36 @@ impl MemoryLimiter {
     }
 
     fn with_state<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut KeyState, &mut Hint) -> T) -> T {
+        self.with_states(key, false, |st, hint, _| f(st, hint))
+    }
+
+    /// `key`'s state, and with `project_spend` its project's spend state (kept under the
+    /// key `(project, "*spend")`), each with what this limiter last saw of it.
+    fn with_states<T>(
+        &self,
+        key: &QuotaKey,
+        project_spend: bool,
+        f: impl FnOnce(&mut KeyState, &mut Hint, Option<&mut (KeyState, Hint)>) -> T,
+    ) -> T {
         // A poisoned lock only means another caller panicked mid-decision; the state is
         // still a valid log (every mutation keeps the sums consistent before returning).
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let pkey = QuotaKey::new(key.project.clone(), "*spend");
+        let mut project = project_spend.then(|| states.remove(&pkey).unwrap_or_default());
         let (st, hint) = match states.get_mut(key) {
             Some(slot) => slot,
             None => states.entry(key.clone()).or_default(),
         };
-        f(st, hint)
+        let out = f(st, hint, project.as_mut());
+        if let Some(p) = project {
+            states.insert(pkey, p);
+        }
+        out
+    }
+
+    /// The booking's id in its project's log (the script's `pid`).
+    fn project_id(key: &QuotaKey, request_id: &str) -> String {
+        format!("{request_id} {}", key.model)
     }
 
     /// Synchronous acquire (benchmarks and the failsafe's local path).
@@ -875,20 +1054,42 @@ impl MemoryLimiter {
     ) -> Decision {
         let limits = Limits::of(quota);
         let now = self.clock.now_us();
-        let outcome = self.with_state(key, |st, hint| {
-            let outcome = st.acquire(
-                now,
-                &*self.calendar,
-                &limits,
-                request_id,
-                costs_i64(&costs),
-                dur_us(max_wait),
-                *hint,
-            );
+        let project_spend = quota.spend_micros.limit.is_some();
+        let outcome = self.with_states(key, project_spend, |st, hint, project| {
+            let outcome = match project {
+                Some((ps, ph)) => {
+                    let outcome = st.acquire(
+                        now,
+                        &*self.calendar,
+                        &limits,
+                        request_id,
+                        costs_i64(&costs),
+                        dur_us(max_wait),
+                        *hint,
+                        Some(Project {
+                            state: &mut *ps,
+                            hint: *ph,
+                            id: Self::project_id(key, request_id),
+                        }),
+                    );
+                    *ph = ps.project_hint();
+                    outcome
+                }
+                None => st.acquire(
+                    now,
+                    &*self.calendar,
+                    &limits,
+                    request_id,
+                    costs_i64(&costs),
+                    dur_us(max_wait),
+                    *hint,
+                    None,
+                ),
+            };
             *hint = st.hint();
             outcome
         });
-        decision(key, request_id, outcome, self.origin)
+        decision(key, request_id, outcome, self.origin, project_spend)
     }
 }
 
@@ -910,31 +1111,64 @@ impl Limiter for MemoryLimiter {
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let now = self.clock.now_us();
-        Ok(self.with_state(&ticket.key, |st, hint| {
-            let check = st.check(
-                now,
-                &*self.calendar,
-                &ticket.request_id,
-                ticket.start_us,
-                *hint,
-            );
-            if st.generation != 0 {
-                *hint = st.hint();
-            }
-            check
-        }))
+        let id = Self::project_id(&ticket.key, &ticket.request_id);
+        Ok(
+            self.with_states(&ticket.key, ticket.project_spend, |st, hint, project| {
+                let check = match project {
+                    Some((ps, ph)) => {
+                        let check = st.check(
+                            now,
+                            &*self.calendar,
+                            &ticket.request_id,
+                            ticket.start_us,
+                            *hint,
+                            Some(Project {
+                                state: &mut *ps,
+                                hint: *ph,
+                                id,
+                            }),
+                        );
+                        if ps.generation != 0 {
+                            *ph = ps.project_hint();
+                        }
+                        check
+                    }
+                    None => st.check(
+                        now,
+                        &*self.calendar,
+                        &ticket.request_id,
+                        ticket.start_us,
+                        *hint,
+                        None,
+                    ),
+                };
+                if st.generation != 0 {
+                    *hint = st.hint();
+                }
+                check
+            }),
+        )
     }
 
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
-        self.with_state(&ticket.key, |st, _| {
-            st.reconcile(&ticket.request_id, ticket.start_us, costs_i64(&actual))
+        let id = Self::project_id(&ticket.key, &ticket.request_id);
+        let c = costs_i64(&actual);
+        self.with_states(&ticket.key, ticket.project_spend, |st, _, project| {
+            st.reconcile(&ticket.request_id, ticket.start_us, c);
+            if let Some((ps, _)) = project {
+                ps.reconcile(&id, ticket.start_us, spend_only(c));
+            }
         });
         Ok(())
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<()> {
-        self.with_state(&ticket.key, |st, _| {
-            st.release(&ticket.request_id, ticket.start_us)
+        let id = Self::project_id(&ticket.key, &ticket.request_id);
+        self.with_states(&ticket.key, ticket.project_spend, |st, _, project| {
+            st.release(&ticket.request_id, ticket.start_us);
+            if let Some((ps, _)) = project {
+                ps.release(&id, ticket.start_us);
+            }
         });
         Ok(())
     }
@@ -949,7 +1183,10 @@ impl Limiter for MemoryLimiter {
 
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
         let now = self.clock.now_us();
-        Ok(self.with_state(key, |st, _| st.usage(now, quota)))
+        let project_spend = quota.spend_micros.limit.is_some();
+        Ok(self.with_states(key, project_spend, |st, _, project| {
+            st.usage(now, quota, project.map(|(ps, _)| ps))
+        }))
     }
 }
 

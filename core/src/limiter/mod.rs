@@ -93,20 +93,36 @@ impl QuotaKey {
         }
     }
 
-    /// The hash tag every Redis key of this pair shares (one Cluster slot; see
-    /// [`crate::keys`]).
+    /// The hash tag every Redis key of this pair shares with its project's other models
+    /// and the project's spend state (one Cluster slot; see [`crate::keys`]).
     pub fn hash_tag(&self) -> String {
-        crate::keys::limiter_tag(&self.project, &self.model)
+        crate::keys::limiter_tag(&self.project)
     }
 
     /// The Redis sorted set of booked starts.
     pub fn log_key(&self) -> String {
-        format!("{}:log", self.hash_tag())
+        format!(
+            "{}:log",
+            crate::keys::limiter_state(&self.project, Some(&self.model))
+        )
     }
 
     /// The Redis hash of running sums, cursors, cooldown and day count.
     pub fn state_key(&self) -> String {
-        format!("{}:st", self.hash_tag())
+        format!(
+            "{}:st",
+            crate::keys::limiter_state(&self.project, Some(&self.model))
+        )
+    }
+
+    /// The project's spend log: every model's bookings, for the spend shared by them.
+    pub fn spend_log_key(&self) -> String {
+        format!("{}:log", crate::keys::limiter_state(&self.project, None))
+    }
+
+    /// The project's spend state.
+    pub fn spend_state_key(&self) -> String {
+        format!("{}:st", crate::keys::limiter_state(&self.project, None))
     }
 }
 
@@ -182,6 +198,10 @@ pub struct Ticket {
     pub costs: Costs,
     /// Which limiter issued it.
     pub origin: Origin,
+    /// Its spend was also booked in the project's spend state (the pool limits spend):
+    /// check, reconcile and release go there too.
+    #[serde(default)]
+    pub project_spend: bool,
 }
 
 /// The answer to [`Limiter::acquire`].
@@ -594,8 +614,10 @@ mod tests {
     #[test]
     fn keys_share_one_hash_tag() {
         let k = QuotaKey::new("proj", "gemini-3-pro-image");
-        assert_eq!(k.log_key(), "{pacer:proj:gemini-3-pro-image}:log");
-        assert_eq!(k.state_key(), "{pacer:proj:gemini-3-pro-image}:st");
+        assert_eq!(k.log_key(), "{pacer:proj}:gemini-3-pro-image:log");
+        assert_eq!(k.state_key(), "{pacer:proj}:gemini-3-pro-image:st");
+        assert_eq!(k.spend_log_key(), "{pacer:proj}:*spend:log");
+        assert_eq!(k.spend_state_key(), "{pacer:proj}:*spend:st");
     }
 
     #[test]

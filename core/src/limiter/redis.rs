@@ -205,6 +205,32 @@ impl RedisLimiter {
             .unwrap_or_default()
     }
 
+    /// The key this process keeps its hint of `key`'s project spend state under.
+    fn spend_hint_key(key: &QuotaKey) -> QuotaKey {
+        QuotaKey::new(key.project.clone(), "*spend")
+    }
+
+    /// The project spend state's hint as the script reads it: generation, latest start.
+    fn spend_hint(&self, key: &QuotaKey) -> [i64; 2] {
+        let h = self.hint(&Self::spend_hint_key(key));
+        [h.generation, h.last_start]
+    }
+
+    /// Remembers the project spend state's generation and latest start from a reply's
+    /// fields `at`.
+    fn set_spend_hint(&self, key: &QuotaKey, reply: &[i64], at: usize) {
+        if let (Some(&generation), Some(&last_start)) = (reply.get(at), reply.get(at + 1)) {
+            self.set_hint(
+                &Self::spend_hint_key(key),
+                Hint {
+                    generation,
+                    last_start,
+                    ..Hint::default()
+                },
+            );
+        }
+    }
+
     fn set_hint(&self, key: &QuotaKey, hint: Hint) {
         self.hints
             .lock()
@@ -266,9 +292,19 @@ impl RedisLimiter {
             .cloned())
     }
 
-    async fn run(&self, key: &QuotaKey, args: Vec<String>) -> Result<Vec<i64>> {
+    /// Runs one operation on `key`'s state, and on its project's spend state with
+    /// `project_spend`.
+    async fn run(
+        &self,
+        key: &QuotaKey,
+        project_spend: bool,
+        args: Vec<String>,
+    ) -> Result<Vec<i64>> {
         let mut inv = self.script.prepare_invoke();
         inv.key(key.log_key()).key(key.state_key());
+        if project_spend {
+            inv.key(key.spend_log_key()).key(key.spend_state_key());
+        }
         for a in args {
             inv.arg(a);
         }
@@ -308,40 +344,44 @@ impl Limiter for RedisLimiter {
         let c = costs_i64(&costs);
         let b = self.boundaries();
         let h = self.hint(key).to_array();
-        let reply = self
-            .run(
-                key,
-                args(&[
-                    &"a",
-                    &request_id,
-                    &c[0],
-                    &c[1],
-                    &c[2],
-                    &c[3],
-                    &dur_us(max_wait),
-                    &l.limit[0],
-                    &l.limit[1],
-                    &l.limit[2],
-                    &l.limit[3],
-                    &l.window_us[0],
-                    &l.window_us[1],
-                    &l.window_us[2],
-                    &l.window_us[3],
-                    &l.per_day,
-                    &b[0],
-                    &b[1],
-                    &b[2],
-                    &b[3],
-                    &h[0],
-                    &h[1],
-                    &h[2],
-                    &h[3],
-                    &h[4],
-                    &self.server_for(key),
-                ]),
-            )
-            .await?;
+        let project_spend = quota.spend_micros.limit.is_some();
+        let ph = self.spend_hint(key);
+        let mut argv = args(&[
+            &"a",
+            &request_id,
+            &c[0],
+            &c[1],
+            &c[2],
+            &c[3],
+            &dur_us(max_wait),
+            &l.limit[0],
+            &l.limit[1],
+            &l.limit[2],
+            &l.limit[3],
+            &l.window_us[0],
+            &l.window_us[1],
+            &l.window_us[2],
+            &l.window_us[3],
+            &l.per_day,
+            &b[0],
+            &b[1],
+            &b[2],
+            &b[3],
+            &h[0],
+            &h[1],
+            &h[2],
+            &h[3],
+            &h[4],
+            &self.server_for(key),
+        ]);
+        if project_spend {
+            argv.extend(args(&[&ph[0], &ph[1]]));
+        }
+        let reply = self.run(key, project_spend, argv).await?;
         self.saw_server(key, &reply, 13);
+        if project_spend {
+            self.set_spend_hint(key, &reply, 14);
+        }
         let (kind, v, blocker, now) = (
             get(&reply, 0)?,
             get(&reply, 1)?,
@@ -363,6 +403,7 @@ impl Limiter for RedisLimiter {
                     start_us: v,
                     costs: Costs::from_array(booked),
                     origin: Origin::Shared,
+                    project_spend,
                 };
                 Ok(if v <= now {
                     Decision::Admitted { ticket }
@@ -386,27 +427,30 @@ impl Limiter for RedisLimiter {
         let rid = ticket.request_id.as_str();
         let h = self.hint(&ticket.key).to_array();
         let b = self.boundaries();
-        let r = self
-            .run(
-                &ticket.key,
-                args(&[
-                    &"c",
-                    &rid,
-                    &ticket.start_us,
-                    &h[0],
-                    &h[1],
-                    &h[2],
-                    &h[3],
-                    &h[4],
-                    &b[0],
-                    &b[1],
-                    &b[2],
-                    &b[3],
-                    &self.server_for(&ticket.key),
-                ]),
-            )
-            .await?;
+        let mut argv = args(&[
+            &"c",
+            &rid,
+            &ticket.start_us,
+            &h[0],
+            &h[1],
+            &h[2],
+            &h[3],
+            &h[4],
+            &b[0],
+            &b[1],
+            &b[2],
+            &b[3],
+            &self.server_for(&ticket.key),
+        ]);
+        if ticket.project_spend {
+            let ph = self.spend_hint(&ticket.key);
+            argv.extend(args(&[&ph[0], &ph[1]]));
+        }
+        let r = self.run(&ticket.key, ticket.project_spend, argv).await?;
         self.saw_server(&ticket.key, &r, 8);
+        if ticket.project_spend && r.len() > 10 {
+            self.set_spend_hint(&ticket.key, &r, 9);
+        }
         // A check on a state that is gone (and was not fenced) leaves the hint alone, so
         // the next acquire still sees the loss.
         if let Some(hint) = Hint::from_reply(&r, [3, 4, 5, 6, 7]) {
@@ -431,6 +475,7 @@ impl Limiter for RedisLimiter {
         let rid = ticket.request_id.as_str();
         self.run(
             &ticket.key,
+            ticket.project_spend,
             args(&[&"r", &rid, &ticket.start_us, &c[0], &c[1], &c[2], &c[3]]),
         )
         .await?;
@@ -439,8 +484,12 @@ impl Limiter for RedisLimiter {
 
     async fn release(&self, ticket: &Ticket) -> Result<()> {
         let rid = ticket.request_id.as_str();
-        self.run(&ticket.key, args(&[&"x", &rid, &ticket.start_us]))
-            .await?;
+        self.run(
+            &ticket.key,
+            ticket.project_spend,
+            args(&[&"x", &rid, &ticket.start_us]),
+        )
+        .await?;
         Ok(())
     }
 
@@ -453,6 +502,7 @@ impl Limiter for RedisLimiter {
         };
         self.run(
             key,
+            false,
             args(&[&"p", &dur_us(delay), &s, &b[0], &b[1], &b[2], &b[3]]),
         )
         .await?;
@@ -465,6 +515,7 @@ impl Limiter for RedisLimiter {
         let r = self
             .run(
                 key,
+                quota.spend_micros.limit.is_some(),
                 args(&[
                     &"u",
                     &w[0],

@@ -150,6 +150,7 @@ mod tests {
             start_us: 1_800_000_000_123_456,
             costs: Costs::default(),
             origin: pacer_core::limiter::Origin::Shared,
+            project_spend: false,
         };
         assert_eq!(
             ticket_tag(&ticket),

@@ -517,9 +517,10 @@ impl Caller {
             costs_i64(&costs),
             dur_us(max_wait),
             self.hint,
+            None,
         );
         self.hint = st.hint();
-        decision(&key(), id, outcome, Origin::Shared)
+        decision(&key(), id, outcome, Origin::Shared, false)
     }
 
     fn acquire(
@@ -538,7 +539,14 @@ impl Caller {
     }
 
     fn check(&mut self, st: &mut KeyState, now: i64, t: &Ticket) -> Check {
-        let c = st.check(now, &PacificCalendar, &t.request_id, t.start_us, self.hint);
+        let c = st.check(
+            now,
+            &PacificCalendar,
+            &t.request_id,
+            t.start_us,
+            self.hint,
+            None,
+        );
         if st.generation != 0 {
             self.hint = st.hint();
         }
@@ -810,9 +818,10 @@ proptest! {
                 costs_i64(&req(1)),
                 dur_us(Duration::from_millis(max_wait_ms)),
                 callers[who].hint,
+                None,
             );
             callers[who].hint = st.hint();
-            match decision(&key(), &format!("r{i}"), outcome, Origin::Shared) {
+            match decision(&key(), &format!("r{i}"), outcome, Origin::Shared, false) {
                 Decision::Admitted { ticket } => called.push((ticket.start_us, 1)),
                 Decision::Booked { ticket, .. } => pending.push((who, ticket)),
                 Decision::Rejected { .. } => {}
@@ -1185,5 +1194,70 @@ async fn unexplained_429s_cut_the_rate_and_clean_windows_give_it_back() {
     assert_eq!(
         l.usage(&key(), &q).await.expect("usage").rate_cut_permille,
         440
+    );
+}
+
+/// The project's spend, shared by its models (the twin of the Redis test
+/// `spend_is_one_bucket_per_project_shared_by_its_models`).
+#[tokio::test]
+async fn spend_is_one_bucket_per_project_shared_by_its_models() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let a = QuotaKey::new("proj", "gemini-3-pro-image");
+    let b = QuotaKey::new("proj", "gemini-3.1-flash-image");
+    let elsewhere = QuotaKey::new("other", "gemini-3.1-flash-image");
+    let mut q = ModelQuota::unlimited().with_windows(Duration::from_secs(10));
+    q.spend_micros.limit = Some(10);
+    q.margin = NO_MARGIN;
+    let spend = |m| Costs::new(1, 0, 0, m);
+    let zero = Duration::ZERO;
+    let a1 = l.acquire(&a, &q, "a1", spend(5), zero).await.expect("ok");
+    let a2 = l.acquire(&a, &q, "a2", spend(5), zero).await.expect("ok");
+    assert!(matches!(a1, Decision::Admitted { .. }), "{a1:?}");
+    assert!(matches!(a2, Decision::Admitted { .. }), "all of it: {a2:?}");
+    let b1 = l.acquire(&b, &q, "b1", spend(1), zero).await.expect("ok");
+    assert_eq!(b1.blocker(), Some(Blocker::Dimension(Dim::SpendMicros)));
+    let o = l.acquire(&elsewhere, &q, "o", spend(10), zero).await;
+    assert!(
+        matches!(o, Ok(Decision::Admitted { .. })),
+        "another project: {o:?}"
+    );
+    clock.advance(Duration::from_secs(1));
+    let b2 = l.acquire(&b, &q, "b2", spend(1), LONG).await.expect("ok");
+    assert_eq!(b2.wait(), Some(Duration::from_secs(9)));
+    l.release(a2.ticket().expect("a2")).await.expect("ok");
+    let b3 = l.acquire(&b, &q, "b3", spend(4), zero).await.expect("ok");
+    assert!(matches!(b3, Decision::Admitted { .. }), "released: {b3:?}");
+    let mut actual = a1.ticket().expect("a1").costs;
+    actual.spend_micros = 1;
+    l.reconcile(a1.ticket().expect("a1"), actual)
+        .await
+        .expect("ok");
+    let b4 = l.acquire(&b, &q, "b4", spend(4), zero).await.expect("ok");
+    assert!(
+        matches!(b4, Decision::Admitted { .. }),
+        "reconciled: {b4:?}"
+    );
+    let full = l.acquire(&a, &q, "a3", spend(1), zero).await.expect("ok");
+    assert_eq!(full.blocker(), Some(Blocker::Dimension(Dim::SpendMicros)));
+    for k in [&a, &b] {
+        let u = l.usage(k, &q).await.expect("ok");
+        assert_eq!(u.dimensions[Dim::SpendMicros.index()].used, 10, "{k}");
+    }
+    let b2t = b2.ticket().expect("b2").clone();
+    assert_eq!(l.check(&b2t).await.expect("ok"), Check::Go);
+    let mut lower = q.clone();
+    lower.spend_micros.limit = Some(5);
+    let _ = l
+        .acquire(&a, &lower, "a4", Costs::new(1, 0, 0, 0), zero)
+        .await
+        .expect("ok");
+    assert_eq!(
+        l.check(&b2t).await.expect("ok"),
+        Check::Cancelled {
+            retry_after: None,
+            blocking: Blocker::Lost
+        },
+        "the booking beyond the lowered limit is gone"
     );
 }
