@@ -1571,17 +1571,16 @@ async fn cluster_primary_killed_under_load(mut plan: Plan) {
 }
 
 /// Unpriced calls (the pool prices the model at $0): only the per-minute windows fence,
-/// so throughput is back to the limit one window after the promotion, counted as the
-/// fence counts it: from the latest start anyone had booked (bookings queue up to the
-/// step's max wait ahead), plus SQS's whole-second redelivery and a loaded machine's
-/// scheduling (3 s). Measured: 8.3 s after the promotion with 5 s windows and 3 s waits.
+/// so throughput is back to the limit one window after the promotion: the fence runs from
+/// when the loss is found, never from the later starts booked on the old primary (those
+/// were not called: their checks find them gone), plus SQS's whole-second redelivery and a
+/// loaded machine's scheduling (3 s). Fenced from the latest booked start (up to the step's
+/// 3 s max wait ahead), it took 8.3 to 9.6 s with 5 s windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed() {
     let mut plan = Plan::new("cluster-primary-killed");
     plan.price_usd = Some(0.0);
-    plan.recovery_bound = Some(
-        plan.window() + Duration::from_secs(u64::from(plan.max_wait_s)) + Duration::from_secs(3),
-    );
+    plan.recovery_bound = Some(plan.window() + Duration::from_secs(3));
     cluster_primary_killed_under_load(plan).await;
 }
 

@@ -836,9 +836,13 @@ async fn check_on_lost_state_reports_lost_and_fences(kind: RedisKind) {
         .acquire(&key, &q, "c", req(1), Duration::from_secs(10))
         .await
         .expect("c");
+    // Fenced from when the check found the loss (a had started by then and may have been
+    // called), not from b's later start: b was never called, its check found it gone.
+    let tc = ticket_of(&c);
+    assert_within_a_second_after(tc.start_us, ta.start_us + w, "fenced from the loss");
     assert!(
-        ticket_of(&c).start_us >= tb.start_us.max(ta.start_us) + w,
-        "fenced from the latest start the checker saw: {c:?} (b {})",
+        tc.start_us < tb.start_us + w,
+        "not fenced from b's start, which was never called: {c:?} (b {})",
         tb.start_us
     );
 }

@@ -268,8 +268,8 @@ local function open(log, st)
   -- without persistence), or a later booking than the state holds (a rollback: a promoted
   -- lagging replica or an older snapshot keeps the generation), or the hash and the log
   -- disagree (one key lost). Then every limited dimension waits out its own window from the
-  -- latest start anyone saw (fs, raised only by a later start, so later stale callers do
-  -- not extend it). A lost booking that had started by the time of the loss may have been
+  -- latest start anyone saw, or now if that is later still (fs, raised only by a later
+  -- start, so later stale callers do not extend it). A lost booking that had started by the time of the loss may have been
   -- called, so the fence also covers that time: the generation's start after a restart,
   -- now for a lost key or a rollback found by this call; a lost booking that starts later
   -- is never called, as its check finds it gone. What only the callers still know of the
@@ -308,6 +308,10 @@ local function open(log, st)
       at = math.max(at, S.ls, now)
       for d = 1, 4 do rebuild(d, cur[d]) end
     end
+    -- Never past now: a lost booking that starts later was not called (its holder sleeps
+    -- to its start, then checks, and finds it gone), so waiting for it would only idle
+    -- the limit (after a failover: a full queue of max_wait on top of the window).
+    at = math.min(at, now)
     if at > S.fs then S.fs = at end
     S.ls = math.max(S.ls, at)
     return true

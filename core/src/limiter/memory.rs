@@ -315,7 +315,7 @@ impl KeyState {
     /// Evidence that state was lost: the caller saw another generation, or a later booking
     /// than the state holds (a rollback), or the hash and the log disagree (one key lost).
     /// Then every limited dimension waits out its own window from the latest start anyone
-    /// saw; the fence only moves to a later start, so later stale callers do not extend
+    /// saw, but never from later than now; the fence only moves to a later start, so later stale callers do not extend
     /// it. A lost booking that had started by the time of the loss may have been called,
     /// so the fence also covers that time (the generation's start after a restart, now for
     /// a lost key or a rollback found by this call); one that starts later is never
@@ -360,7 +360,9 @@ impl KeyState {
                 self.sums[d] = self.log.iter().skip(skip).map(|e| e.costs[d]).sum();
             }
         }
-        self.fence = self.fence.max(at);
+        // Never past now: a lost booking that starts later was not called (its holder
+        // sleeps to its start, then checks, and finds it gone).
+        self.fence = self.fence.max(at.min(self.now));
         self.last_start = self.last_start.max(at);
         true
     }

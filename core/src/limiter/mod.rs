@@ -21,10 +21,12 @@
 //! - lost state is fenced once, per dimension: every caller sends the generation and the
 //!   latest start it saw, and evidence of loss (another generation, a later start than the
 //!   state holds, the log and the hash disagreeing) makes every limited dimension wait out
-//!   its own window from the latest start anyone saw (and from when the loss was found:
-//!   what had started by then may have been called; a lost booking that starts later is
-//!   stopped by its check). The fence only moves to a later start, so stale callers do
-//!   not extend it.
+//!   its own window from the latest start anyone saw that has begun, and from when the
+//!   loss was found (what had started by then may have been called). A lost booking that
+//!   starts later is stopped by its check, so the fence never reaches past the time the
+//!   loss was found: DESIGN section 3 fenced from the latest booked start, which after a
+//!   failover idled the limit for a whole queue (up to `max_wait`) on top of the window.
+//!   The fence only moves to a later start, so stale callers do not extend it.
 //! - a limit change takes effect at once, bookings already made included: the state
 //!   records the limits and windows its bookings were made under, and the first acquire
 //!   that brings others (a lower or higher limit, another window or margin, more headroom:

@@ -694,6 +694,16 @@ fn check_on_lost_state_reports_lost_and_fences() {
     );
     let n = Caller::default().acquire(&mut st, b.start_us + MS, &q, "n", req(1), LONG);
     assert_eq!(n.start_us, b.start_us + w);
+    // Found before b's start: fenced from then, not from b's start (b was never called).
+    let mut st = KeyState::default();
+    let mut me = Caller::default();
+    me.acquire(&mut st, T0, &q, "a", req(1), Duration::ZERO);
+    let b = me.acquire(&mut st, T0 + MS, &q, "b", req(1), LONG);
+    st = KeyState::default();
+    let found = T0 + 2 * MS;
+    assert_eq!(me.check(&mut st, found, &b), c);
+    let n = Caller::default().acquire(&mut st, found + MS, &q, "n", req(1), LONG);
+    assert_eq!(n.start_us, found + w, "b starts at {}", b.start_us);
     // A rollback that still holds the ticket: reported lost too, and released.
     let mut st = KeyState::default();
     let mut me = Caller::default();
