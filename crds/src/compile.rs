@@ -666,7 +666,7 @@ spec:
         assert_eq!(pro.requests.limit, Some(18)); // less 10 % headroom
         let flash = pool.model_quota("gemini-3.1-flash-image").unwrap();
         assert_eq!(flash.requests.limit, Some(90));
-        assert_eq!(pro.spend_micros.limit, Some(4_500_000)); // $10 shared by 2, less 10 %
+        assert_eq!(pro.spend_micros.limit, Some(9_000_000)); // the project's $10, less 10 %
         let chain = &c.chains[0];
         assert_eq!((chain.pool.as_str(), chain.steps.len()), ("team/images", 2));
         assert_eq!(chain.steps[0].max_wait_ms, 20_000);
