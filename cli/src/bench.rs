@@ -92,6 +92,12 @@ pub struct LimiterBenchArgs {
     /// `--redis-url`'s cluster), to compare Redis CPU per decision.
     #[arg(long, env = "PACER_BENCH_COMPARE_REDIS_URL", hide_env_values = true)]
     pub compare_redis_url: Option<String>,
+    /// Clients for the `--compare-redis-url` run (default: `--clients`). Redis's CPU per
+    /// decision falls as its load rises (each pass of its event loop serves more requests),
+    /// so a single server is compared with a cluster's primaries at the same load per
+    /// server with `--clients` divided by the number of primaries.
+    #[arg(long, env = "PACER_BENCH_COMPARE_CLIENTS")]
+    pub compare_clients: Option<usize>,
     /// Print one JSON object.
     #[arg(long, env = "PACER_BENCH_JSON")]
     pub json: bool,
@@ -463,7 +469,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.baseline = Some(Box::new(run_once("per-replica", &args, own, &keys).await));
     }
     if let Some(url) = &args.compare_redis_url {
-        let compared = bench_redis(url, &args).await?;
+        let compared = match args.compare_clients {
+            Some(clients) => {
+                anyhow::ensure!(clients > 0, "--compare-clients must be at least 1");
+                let mut same = args.clone();
+                same.clients = clients;
+                bench_redis(url, &same).await?
+            }
+            None => bench_redis(url, &args).await?,
+        };
         let cpu = |r: &Report| r.redis.as_ref().map(|c| c.cpu_us_per_decision);
         report.cpu_ratio = match (cpu(&report), cpu(&compared)) {
             (Some(a), Some(b)) if b > 0.0 => Some((a / b * 1000.0).round() / 1000.0),

@@ -15,7 +15,9 @@
 --              window that grows past it cannot be recounted), the server the state was
 --              last written on (rid: the first 48 bits of Redis's replication id), the
 --              learned cut of the windowed rates (ac, per mille: lowered by unexplained
---              429s, raised after clean windows) and when it last changed (al), and
+--              429s, raised after clean windows) and when it last changed (al), until when
+--              a window may hold room given back (rm: a release, a lower reconcile, a
+--              re-fit), and
 --              "t:<request id>" -> the id's latest member.
 -- KEYS[3], KEYS[4] (optional): the project's spend state, a log and a hash of the same
 --              shape over every model of the project (members' ids are "<request id>
@@ -65,7 +67,7 @@ local now = clock
 local function open(log, st)
   local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
     's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al' }
+    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm' }
   -- Fields that stay absent until known (everything else reads 0 when absent).
   local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
   local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -249,6 +251,8 @@ local function open(log, st)
   -- releases it when `new` is nil (a request never sent does not count against the day).
   local function replace(m, id, start, new)
     local old = costs_of(m)
+    -- Room given back: windows holding start may have room before the queue's end.
+    S.rm = math.max(S.rm, start + math.max(win[1], win[2], win[3], win[4]))
     redis.call('ZREM', log, m)
     for d = 1, 4 do
       if start > cur[d] then sum[d] = sum[d] - old[d] end
@@ -392,6 +396,8 @@ local function open(log, st)
       end
     end
     for _, e in ipairs(gone) do replace(e.m, id_of(e.m) or '', e.s, nil) end
+    -- A raise opens room in every window up to the queue's end.
+    S.rm = math.max(S.rm, S.ls + reach)
     return true
   end
 
@@ -559,9 +565,12 @@ if op == 'a' then
       end
     end
   end
-  -- A queue ahead, yet room now (a raised limit, released bookings): take it.
+  -- A queue ahead, yet room now (a raised limit, released bookings): take it. Only where
+  -- room was given back (rm, here or in the project's spend): otherwise the queue's walk left none, and the exact count
+  -- reads every booking within a window of g, the dearest step of a decision.
   local g = math.max(now, S.cd)
-  if S.ls > g and g - now <= max_wait and M.room_at(g, c, L, W, rpd)
+  local given_back = g < S.rm or (P ~= nil and g < P.S.rm)
+  if S.ls > g and given_back and g - now <= max_wait and M.room_at(g, c, L, W, rpd)
     and (not P or P.room_at(g, spend_only(c), PL, PW, -1)) then
     book(g)
     prune_all()

@@ -48,6 +48,9 @@ pub(crate) struct KeyState {
     /// The latest start pruned from the log (the hash's `pr`): a window that grows past it
     /// cannot be recounted.
     pruned: i64,
+    /// Until when a window may hold room given back (the hash's `rm`): a release, a lower
+    /// reconcile, a re-fit. Before the queue's end, room is looked for only then.
+    room_until: i64,
     log: VecDeque<Entry>,
     /// Sequence number of `log[0]`.
     base: u64,
@@ -447,6 +450,8 @@ impl KeyState {
         for seq in gone {
             self.release_seq(seq);
         }
+        // A raise opens room in every window up to the queue's end.
+        self.room_until = self.room_until.max(self.last_start + reach);
         true
     }
 
@@ -542,7 +547,10 @@ impl KeyState {
         };
         // A queue ahead, yet room now (a raised limit, released bookings): take it.
         let g = now.max(self.cooldown);
+        let given_back =
+            g < self.room_until || project.as_ref().is_some_and(|p| g < p.state.room_until);
         if self.last_start > g
+            && given_back
             && g - now <= max_wait
             && self.room_at(g, &costs, limits)
             && project
@@ -684,6 +692,9 @@ impl KeyState {
 
     fn set_costs(&mut self, seq: u64, new: [i64; 4]) -> Option<[i64; 4]> {
         let idx = usize::try_from(seq - self.base).ok()?;
+        let start = self.log.get(idx)?.start;
+        let reach = self.windows.iter().copied().max().unwrap_or(0);
+        self.room_until = self.room_until.max(start + reach);
         let old = std::mem::replace(&mut self.log.get_mut(idx)?.costs, new);
         for d in 0..4 {
             if seq >= self.cursor[d] {

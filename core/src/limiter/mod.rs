@@ -10,9 +10,12 @@
 //!   start, the shared cooldown and now, so only windows ending at its own start can
 //!   overflow, and the earliest start that fits is found by walking the log forward from the
 //!   cursor, all dimensions at once, all or nothing. One exception: while a queue stands
-//!   ahead, a request that fits now (or at the cooldown's end) is booked there, after an
-//!   exact count of every window holding that time, including the bookings that start
-//!   later. The queue's walk counts everything booked after the cursor, so it would leave
+//!   ahead and room was given back within a window of now (a release, a reconcile below
+//!   the estimate, a re-fit under new limits: the state records until when), a request
+//!   that fits now (or at the cooldown's end) is booked there, after an exact count of
+//!   every window holding that time, including the bookings that start later. (The count
+//!   reads every booking within a window of now: done on every decision behind a queue,
+//!   it cost a saturated Redis 2.5 times the CPU per decision.) The queue's walk counts everything booked after the cursor, so it would leave
 //!   such room unused: room opened by a raised limit or by bookings given back;
 //! - the caller gets back `Admitted`, `Booked` (sleep exactly `wait`, then call) or
 //!   `Rejected` with the earliest time it could fit and what blocks it;
