@@ -1571,16 +1571,17 @@ async fn cluster_primary_killed_under_load(mut plan: Plan) {
 }
 
 /// Unpriced calls (the pool prices the model at $0): only the per-minute windows fence,
-/// so throughput is back to the limit one window after the promotion: the fence runs from
-/// when the loss is found, never from the later starts booked on the old primary (those
-/// were not called: their checks find them gone), plus SQS's whole-second redelivery and a
-/// loaded machine's scheduling (3 s). Fenced from the latest booked start (up to the step's
-/// 3 s max wait ahead), it took 8.3 to 9.6 s with 5 s windows.
+/// for one window from when the loss is found (never from the later starts booked on the
+/// old primary: those were not called, their checks find them gone). It is found by the
+/// first decision on the promoted replica, which waits for the workers' circuit breaker to
+/// let one through (it opened at the kill, for 5 s), and the backlog comes back through
+/// SQS's whole seconds: one window + 5 s + 2 s. Measured: 8.1 s after the promotion with
+/// 5 s windows (the breaker half-opened 1.4 s after it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed() {
     let mut plan = Plan::new("cluster-primary-killed");
     plan.price_usd = Some(0.0);
-    plan.recovery_bound = Some(plan.window() + Duration::from_secs(3));
+    plan.recovery_bound = Some(plan.window() + Duration::from_secs(7));
     cluster_primary_killed_under_load(plan).await;
 }
 
