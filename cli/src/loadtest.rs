@@ -37,7 +37,7 @@ use pacer_core::{
     limiter::{Decision, Limiter, SystemClock, memory::MemoryLimiter},
     provider::{ApiKey, ImageProvider, ImageRequest, ImageResponse, ProviderError},
 };
-use pacer_simulator::{Faults, LimitSpec, SimConfig, Simulator};
+use pacer_simulator::{Faults, KeySpec, LimitSpec, SimConfig, Simulator};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt as _;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +56,7 @@ use fault::{FailingSink, Fault};
 use naive::Naive;
 use pacer_core::measure::{max_count_in_window, percentile};
 use pacer_function::{
-    handler::{Handler, HandlerOptions, Providers, backoff, estimate_costs},
+    handler::{Handler, HandlerOptions, PoolClients, Providers, backoff, estimate_costs},
     message::GenerationRequest,
     metrics::Metrics,
     outcome::{Attempt, DeferReason, Outcome, Process},
@@ -91,7 +91,11 @@ pub struct LoadtestArgs {
     /// QuotaPool YAML (with --chain) instead of --limit.
     #[arg(env = "PACER_LOADTEST_POOL", long, requires = "chain")]
     pub pool: Option<PathBuf>,
-    /// ModelChain YAML (its first chain is used).
+    /// ModelChain YAML. Requests go round-robin to every chain it holds (the first one's
+    /// first model is the binding limit of the summary); pools with `spec.apiKeyEnv` call
+    /// with a key of their own (the variable's value, or a made-up key when it is unset),
+    /// the simulator keeps each pool's project apart by its key, and the report says per
+    /// project what the simulator counted (`projects`).
     #[arg(env = "PACER_LOADTEST_CHAIN", long, requires = "pool")]
     pub chain: Option<PathBuf>,
     /// A limit, `MODEL:rpm=N,tpm=N,ipm=N,rpd=N,window=SECONDS` (repeatable, the syntax of
@@ -305,8 +309,73 @@ pub struct Report {
     pub failures: BTreeMap<String, usize>,
     pub images: String,
     pub plot: String,
+    /// Per provider project, when pools call with keys of their own: what the simulator
+    /// counted for it (requests sent to its pools' chains, calls it accepted, the most
+    /// that arrived in any window per `model/dimension` against its limit).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub projects: BTreeMap<String, ProjectFigures>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Box<Report>>,
+}
+
+/// One provider project's figures, as the simulator counted them.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ProjectFigures {
+    /// Requests sent to the chains of this project's pools.
+    pub requests: usize,
+    /// Calls the simulator accepted for this project.
+    pub accepted: u64,
+    /// The most arrivals in any window, refused ones included, per `model/dimension`.
+    pub max_arrivals_in_any_window: BTreeMap<String, u64>,
+    /// The project's limits, per `model/dimension`.
+    pub limits: BTreeMap<String, u64>,
+    /// Where arrivals went over a limit, by how much.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub over_limit: BTreeMap<String, u64>,
+}
+
+/// Per project, what the simulator counted (`stats["projects"]`), for runs whose pools
+/// call with keys of their own; `requests` is how many requests went to each chain.
+fn project_figures(
+    stats: &serde_json::Value,
+    config: &CompiledConfig,
+    requests: &BTreeMap<String, usize>,
+) -> BTreeMap<String, ProjectFigures> {
+    let mut out: BTreeMap<String, ProjectFigures> = BTreeMap::new();
+    for (chain, n) in requests {
+        if let Ok((_, pool)) = config.chain(chain) {
+            out.entry(pool.project.clone()).or_default().requests += n;
+        }
+    }
+    for pool in config.pools.values() {
+        let f = out.entry(pool.project.clone()).or_default();
+        for model in pool.models.keys() {
+            let m = &stats["projects"][&pool.project][model];
+            f.accepted += m["accepted"].as_u64().unwrap_or(0);
+            let counts = |v: &serde_json::Value| -> BTreeMap<String, u64> {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter_map(|(k, v)| Some((format!("{model}/{k}"), v.as_u64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            f.max_arrivals_in_any_window
+                .extend(counts(&m["max_arrivals_in_any_window"]));
+            f.limits.extend(counts(&m["limits"]));
+        }
+        let over: BTreeMap<String, u64> = f
+            .limits
+            .iter()
+            .filter_map(|(k, limit)| {
+                let n = *f.max_arrivals_in_any_window.get(k)?;
+                (n > *limit).then(|| (k.clone(), n - limit))
+            })
+            .collect();
+        f.over_limit = over;
+    }
+    out
 }
 
 /// How the fleet followed a `limit@SECS=N` fault, judged by the simulator's arrival times
@@ -372,7 +441,13 @@ impl LimitChange {
 /// The limits and chain a run uses.
 struct Plan {
     config: CompiledConfig,
+    /// The first chain: its first model is the binding limit.
     chain: String,
+    /// Every chain, in name order: requests go to them round-robin.
+    chains: Vec<String>,
+    /// Pools' own keys by variable name (`spec.apiKeyEnv`): with any, the simulator keeps
+    /// the pools' projects apart by key.
+    pool_keys: BTreeMap<String, String>,
     sim_limits: Vec<LimitSpec>,
     /// First model, dimension label, limit, window.
     binding: (String, &'static str, u64, f64),
@@ -493,6 +568,13 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
                 .next()
                 .cloned()
                 .context("--chain holds no ModelChain")?;
+            anyhow::ensure!(
+                !args.processes
+                    || (config.chains.len() == 1
+                        && config.pools.values().all(|p| p.api_key_env.is_none())),
+                "--processes serves one chain on the replicas' key: give --chain with one \
+                 ModelChain and pools without spec.apiKeyEnv"
+            );
             (config, name)
         }
         _ => {
@@ -503,8 +585,39 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
         }
     };
     let binding = binding_of(&config, &chain)?;
-    // The simulator enforces the pool's limits as declared (no headroom).
-    let sim_limits = if args.limits.is_empty() {
+    let chains: Vec<String> = config.chains.keys().cloned().collect();
+    // A pool's own key: the variable's value, else one made up for the run.
+    let pool_keys: BTreeMap<String, String> = config
+        .pools
+        .values()
+        .filter_map(|p| p.api_key_env.as_ref().map(|name| (name, p)))
+        .map(|(name, p)| {
+            let key = std::env::var(name)
+                .ok()
+                .filter(|k| !k.trim().is_empty())
+                .unwrap_or_else(|| format!("loadtest-key-{}", p.project));
+            (name.clone(), key)
+        })
+        .collect();
+    // The simulator enforces the pools' limits as declared (no headroom): with pools' own
+    // keys, every pool's under its project; else the first chain's pool's.
+    let sim_limits = if !pool_keys.is_empty() {
+        config
+            .pools
+            .values()
+            .flat_map(|pool| {
+                pool.models.iter().map(move |(model, l)| {
+                    let mut spec = LimitSpec::new(model);
+                    spec.project = Some(pool.project.clone());
+                    (spec.rpm, spec.tpm, spec.ipm, spec.rpd) = (l.rpm, l.tpm, l.ipm, l.rpd);
+                    spec.window = Duration::from_millis(l.window_ms);
+                    spec.spend = pool.spend_micros_per_10_minutes;
+                    spec.spend_window = spec.window * 10;
+                    spec
+                })
+            })
+            .collect()
+    } else if args.limits.is_empty() {
         let (_, pool) = config.chain(&chain)?;
         pool.models
             .iter()
@@ -525,6 +638,8 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
     Ok(Plan {
         config,
         chain,
+        chains,
+        pool_keys,
         sim_limits,
         binding,
     })
@@ -560,13 +675,31 @@ async fn replica(
     backend: &Backend,
     base_url: &str,
     api_key: Option<&str>,
+    pool_keys: &BTreeMap<String, String>,
     sink: Arc<dyn Sink>,
     log: CallLog,
 ) -> anyhow::Result<Arc<Handler>> {
     let provider = Arc::new(Recorded {
         inner: gemini(base_url, api_key)?,
         replica: index,
-        log,
+        log: log.clone(),
+    });
+    // Pools with a key of their own call with it (every pool, whatever its baseUrl, calls
+    // the run's provider).
+    let per_pool = (!pool_keys.is_empty()).then(|| {
+        let (url, default_key) = (base_url.to_owned(), api_key.map(str::to_owned));
+        Arc::new(PoolClients::with_keys(
+            pool_keys.clone(),
+            Box::new(move |_pool, key| {
+                let key = key.map(|k| k.expose().to_owned()).or(default_key.clone());
+                let inner = gemini(&url, key.as_deref()).map_err(|e| e.to_string())?;
+                Ok(Arc::new(Recorded {
+                    inner,
+                    replica: index,
+                    log: log.clone(),
+                }) as Arc<dyn ImageProvider>)
+            }),
+        ))
     });
     let state = backend.state().await?;
     Ok(Arc::new(Handler::new(
@@ -575,7 +708,7 @@ async fn replica(
         Providers {
             gemini: Some(provider),
             openai: None,
-            per_pool: None,
+            per_pool,
         },
         sink,
         state.records,
@@ -749,11 +882,50 @@ async fn run_once(
         fault::sink_failures(&args.faults)
     };
 
+    // The replicas' own key; with pools' own keys the simulator knows every key, so one is
+    // made up when none is given.
+    let default_key = match (&args.conn.gemini_api_key, plan.pool_keys.is_empty()) {
+        (Some(k), _) => Some(k.clone()),
+        (None, true) => None,
+        (None, false) => Some("loadtest-default-key".to_owned()),
+    };
+    // With pools' own keys: one project per pool's project, told apart by key (pools
+    // without a key of their own bill the first).
+    let (projects, keys) = if plan.pool_keys.is_empty() {
+        (SimConfig::default().projects, Vec::new())
+    } else {
+        let mut pools: Vec<&CompiledPool> = plan.config.pools.values().collect();
+        pools.sort_by_key(|p| p.api_key_env.is_some());
+        let mut projects: Vec<String> = Vec::new();
+        for p in &pools {
+            if !projects.contains(&p.project) {
+                projects.push(p.project.clone());
+            }
+        }
+        let mut keys: Vec<KeySpec> = default_key
+            .iter()
+            .map(|k| KeySpec {
+                project: None,
+                key: k.clone(),
+            })
+            .collect();
+        for p in pools {
+            if let Some(key) = p.api_key_env.as_ref().and_then(|n| plan.pool_keys.get(n)) {
+                keys.push(KeySpec {
+                    project: Some(p.project.clone()),
+                    key: key.clone(),
+                });
+            }
+        }
+        (projects, keys)
+    };
     // The provider.
     let sim = match (&args.conn.gemini_base_url, naive) {
         (Some(_), false) => None,
         _ => Some(
             Simulator::new(SimConfig {
+                projects,
+                keys,
                 limits: sim_limits,
                 latency: Duration::from_millis(args.latency_ms),
                 latency_jitter: Duration::from_millis(args.latency_jitter_ms),
@@ -866,7 +1038,7 @@ async fn run_once(
         for i in 0..args.replicas {
             let processor: Arc<dyn Process> = if naive {
                 let provider = Arc::new(Recorded {
-                    inner: gemini(&base_url, args.conn.gemini_api_key.as_deref())?,
+                    inner: gemini(&base_url, default_key.as_deref())?,
                     replica: i,
                     log: log.clone(),
                 });
@@ -882,7 +1054,8 @@ async fn run_once(
                     i,
                     &backend,
                     &base_url,
-                    args.conn.gemini_api_key.as_deref(),
+                    default_key.as_deref(),
+                    &plan.pool_keys,
                     sink.clone(),
                     log.clone(),
                 )
@@ -918,11 +1091,11 @@ async fn run_once(
         .collect();
     let sent_at: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let sender = {
-        let (queue, ids, sent_at, chain) = (
+        let (queue, ids, sent_at, chains) = (
             queue.clone(),
             ids.clone(),
             sent_at.clone(),
-            plan.chain.clone(),
+            plan.chains.clone(),
         );
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
@@ -932,7 +1105,7 @@ async fn run_once(
                 }
                 let body = serde_json::json!({
                     "id": id,
-                    "chain": chain,
+                    "chain": chains[n % chains.len()],
                     "prompt": format!("{id} {}", PROMPTS[n % PROMPTS.len()]),
                     "aspectRatio": "1:1",
                 });
@@ -1207,6 +1380,22 @@ async fn run_once(
     report.limit = safe_limit;
     if let Some(sim) = &sim {
         let stats = sim.stats();
+        if !plan.pool_keys.is_empty() {
+            let mut per_chain: BTreeMap<String, usize> = BTreeMap::new();
+            for n in 0..ids.len() {
+                *per_chain
+                    .entry(plan.chains[n % plan.chains.len()].clone())
+                    .or_default() += 1;
+            }
+            report.projects = project_figures(&stats, &plan.config, &per_chain);
+            for (project, f) in &report.projects {
+                for (k, by) in &f.over_limit {
+                    report
+                        .disagreements
+                        .push(format!("project {project}: {k} over its limit by {by}"));
+                }
+            }
+        }
         let models: Vec<String> = plan
             .config
             .chain(&plan.chain)

@@ -29,7 +29,7 @@ mod server;
 pub mod validate;
 pub mod wire;
 
-pub use config::{ConfigError, Faults, LimitSpec, SimConfig};
+pub use config::{ConfigError, Faults, KeySpec, LimitSpec, SimConfig};
 pub use server::TICKET_HEADER;
 
 /// Pending connections the listener queues (benchmarks open thousands at once).

@@ -329,3 +329,77 @@ async fn two_models_of_a_chain_share_the_project_s_spend() {
 }
 
 pacer_tests::on_both_redis!(fleet_on_redis_and_sqs_stays_under_the_limit_and_loses_nothing);
+
+/// Issue 13: two QuotaPools for two projects, each with a key of its own (`apiKeyEnv`),
+/// under one `pacer loadtest` on Redis and moto SQS. The simulator tells the projects apart
+/// by key: each project counts exactly the requests sent to its own pool's chain (a key
+/// used for the other pool's steps would move calls between them), and stays within its
+/// own limits (the same model limited differently in each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_call_with_their_own_keys_and_stay_within_their_projects_limits() {
+    let rig = Rig::load();
+    let aws = rig.aws_config().await;
+    let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-two-pools"));
+    std::fs::create_dir_all(&out).expect("temp dir");
+    let pool = |name: &str, rpm: u32| {
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: {name}, namespace: lt}}\n\
+             spec:\n  project: two-{name}\n  apiKeyEnv: PACER_LT_KEY_{name}\n  windowMarginMs: 500\n\
+             \x20 models:\n  - {{name: gemini-3.1-flash-image, rpm: {rpm}, ipm: {rpm}, windowSeconds: 2}}\n"
+        )
+    };
+    let chain = |name: &str| {
+        format!(
+            "apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: {name}, namespace: lt}}\n\
+             spec:\n  pool: {name}\n  steps:\n  - {{model: gemini-3.1-flash-image, maxWaitSeconds: 30}}\n"
+        )
+    };
+    let pools = out.join("pools.yaml");
+    std::fs::write(&pools, format!("{}---\n{}", pool("a", 6), pool("b", 3))).expect("pools");
+    let chains = out.join("chains.yaml");
+    std::fs::write(&chains, format!("{}---\n{}", chain("a"), chain("b"))).expect("chains");
+    let args = LoadtestArgs {
+        replicas: 4,
+        requests: 18,
+        conn: Connections {
+            redis_url: Some(rig.get("REDIS_URL")),
+            queue_url: Some(queue(&rig, "loadtest-two-pools").await),
+            ..Connections::default()
+        },
+        pool: Some(pools),
+        chain: Some(chains),
+        out: Some(out.join("images").display().to_string()),
+        plot: out.join("plot.png"),
+        timeout_seconds: 120,
+        ..LoadtestArgs::default()
+    };
+    let r = execute(&args, Some(aws), None)
+        .await
+        .expect("the load test runs");
+    let report = serde_json::to_string_pretty(&r).unwrap_or_default();
+    println!(
+        "two pools: {}",
+        serde_json::to_string(&r.projects).unwrap_or_default()
+    );
+    assert_eq!(r.succeeded, 18, "{report}");
+    assert_eq!(r.upstream_429, 0, "{report}");
+    assert!(r.disagreements.is_empty(), "{report}");
+    for (project, limit) in [("two-a", 6), ("two-b", 3)] {
+        let f = r
+            .projects
+            .get(project)
+            .unwrap_or_else(|| panic!("{project} in the report: {report}"));
+        assert_eq!(f.requests, 9, "{project}: {report}");
+        assert_eq!(
+            f.accepted, 9,
+            "{project} billed exactly its own pool's requests: {report}"
+        );
+        let rpm = f.max_arrivals_in_any_window["gemini-3.1-flash-image/rpm"];
+        assert!(
+            rpm <= limit,
+            "{project}: {rpm} arrivals in one window, limit {limit}: {report}"
+        );
+        assert_eq!(f.limits["gemini-3.1-flash-image/rpm"], limit, "{report}");
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

@@ -136,6 +136,8 @@ pub(super) async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<(
         &backend,
         base_url,
         args.conn.gemini_api_key.as_deref(),
+        // --processes serves one chain, on the replicas' own key.
+        &Default::default(),
         counted.clone(),
         log.clone(),
     )
