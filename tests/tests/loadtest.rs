@@ -213,54 +213,59 @@ async fn a_limit_changed_mid_run_is_obeyed_within_two_seconds() {
     }
 }
 
-/// A spend-bound run (3 Pro, 4K, 15 requests, 4 replicas) on Redis and moto SQS with
-/// `spend_usd` per spend window (ten 1 s windows); returns the report and the fullest
-/// window's spend with the limit, as the simulator billed them. The pool also declares 3.1
-/// Flash, which the chain does not use: the project's spend is Pro's alone to use (split
-/// per model, as before issue 13 was closed, Pro got half of it).
-async fn spend_bound_run(rig: &Rig, spend_usd: &str, steps: &str) -> (Report, u64, u64) {
+/// A run of `requests` over 4 replicas on the rig's Redis and a new moto SQS queue, with
+/// the pools and chains of `pools` and `chains` (YAML) written under `out`.
+async fn yaml_run(
+    rig: &Rig,
+    out: &std::path::Path,
+    pools: &str,
+    chains: &str,
+    requests: usize,
+) -> Report {
     let aws = rig.aws_config().await;
-    let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-spend"));
-    std::fs::create_dir_all(&out).expect("temp dir");
-    let pool = out.join("pool.yaml");
-    std::fs::write(
-        &pool,
-        format!(
-            "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: spend, namespace: lt}}\n\
-             spec:\n  project: spend-run\n  tier: Tier2\n  spendPer10MinutesUsd: {spend_usd}\n  windowMarginMs: 500\n\
-             \x20 models:\n  - {{name: gemini-3-pro-image, rpm: 1000, windowSeconds: 1}}\n\
-             \x20 - {{name: gemini-3.1-flash-image, rpm: 1000, windowSeconds: 1}}\n"
-        ),
-    )
-    .expect("pool YAML");
-    let chain = out.join("chain.yaml");
-    std::fs::write(
-        &chain,
-        format!(
-            "apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: spend, namespace: lt}}\n\
-             spec:\n  pool: spend\n  steps:\n{steps}"
-        ),
-    )
-    .expect("chain YAML");
+    let (pool, chain) = (out.join("pools.yaml"), out.join("chains.yaml"));
+    std::fs::write(&pool, pools).expect("pool YAML");
+    std::fs::write(&chain, chains).expect("chain YAML");
     let args = LoadtestArgs {
         replicas: 4,
-        requests: 15,
+        requests,
         conn: Connections {
             redis_url: Some(rig.get("REDIS_URL")),
-            queue_url: Some(queue(rig, "loadtest-spend").await),
+            queue_url: Some(queue(rig, "loadtest-yaml").await),
             ..Connections::default()
         },
         pool: Some(pool),
         chain: Some(chain),
         out: Some(out.join("images").display().to_string()),
         plot: out.join("plot.png"),
-        // A bound on the test: 15 images at 4 or 5 per 10.5 s take 25 to 35 s.
+        // A bound on the test: the slowest (15 images at 4 or 5 per 10.5 s) take 25 to 35 s.
         timeout_seconds: 120,
         ..LoadtestArgs::default()
     };
-    let r = execute(&args, Some(aws), None)
+    execute(&args, Some(aws), None)
         .await
-        .expect("the load test runs");
+        .expect("the load test runs")
+}
+
+/// A spend-bound run (3 Pro, 4K, 15 requests, 4 replicas) on Redis and moto SQS with
+/// `spend_usd` per spend window (ten 1 s windows); returns the report and the fullest
+/// window's spend with the limit, as the simulator billed them. The pool also declares 3.1
+/// Flash, which the chain does not use: the project's spend is Pro's alone to use (split
+/// per model, as before issue 13 was closed, Pro got half of it).
+async fn spend_bound_run(rig: &Rig, spend_usd: &str, steps: &str) -> (Report, u64, u64) {
+    let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-spend"));
+    std::fs::create_dir_all(&out).expect("temp dir");
+    let pool = format!(
+        "apiVersion: pacer.dev/v1alpha1\nkind: QuotaPool\nmetadata: {{name: spend, namespace: lt}}\n\
+         spec:\n  project: spend-run\n  tier: Tier2\n  spendPer10MinutesUsd: {spend_usd}\n  windowMarginMs: 500\n\
+         \x20 models:\n  - {{name: gemini-3-pro-image, rpm: 1000, windowSeconds: 1}}\n\
+         \x20 - {{name: gemini-3.1-flash-image, rpm: 1000, windowSeconds: 1}}\n"
+    );
+    let chain = format!(
+        "apiVersion: pacer.dev/v1alpha1\nkind: ModelChain\nmetadata: {{name: spend, namespace: lt}}\n\
+         spec:\n  pool: spend\n  steps:\n{steps}"
+    );
+    let r = yaml_run(rig, &out, &pool, &chain, 15).await;
     let sim = r.simulator.as_ref().expect("the simulator's figures");
     let limit = sim.limits.get("spend").copied().expect("a spend limit");
     let most = sim
@@ -338,7 +343,6 @@ pacer_tests::on_both_redis!(fleet_on_redis_and_sqs_stays_under_the_limit_and_los
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pools_call_with_their_own_keys_and_stay_within_their_projects_limits() {
     let rig = Rig::load();
-    let aws = rig.aws_config().await;
     let out = std::env::temp_dir().join(Rig::unique("pacer-loadtest-two-pools"));
     std::fs::create_dir_all(&out).expect("temp dir");
     let pool = |name: &str, rpm: u32| {
@@ -354,28 +358,9 @@ async fn two_pools_call_with_their_own_keys_and_stay_within_their_projects_limit
              spec:\n  pool: {name}\n  steps:\n  - {{model: gemini-3.1-flash-image, maxWaitSeconds: 30}}\n"
         )
     };
-    let pools = out.join("pools.yaml");
-    std::fs::write(&pools, format!("{}---\n{}", pool("a", 6), pool("b", 3))).expect("pools");
-    let chains = out.join("chains.yaml");
-    std::fs::write(&chains, format!("{}---\n{}", chain("a"), chain("b"))).expect("chains");
-    let args = LoadtestArgs {
-        replicas: 4,
-        requests: 18,
-        conn: Connections {
-            redis_url: Some(rig.get("REDIS_URL")),
-            queue_url: Some(queue(&rig, "loadtest-two-pools").await),
-            ..Connections::default()
-        },
-        pool: Some(pools),
-        chain: Some(chains),
-        out: Some(out.join("images").display().to_string()),
-        plot: out.join("plot.png"),
-        timeout_seconds: 120,
-        ..LoadtestArgs::default()
-    };
-    let r = execute(&args, Some(aws), None)
-        .await
-        .expect("the load test runs");
+    let pools = format!("{}---\n{}", pool("a", 6), pool("b", 3));
+    let chains = format!("{}---\n{}", chain("a"), chain("b"));
+    let r = yaml_run(&rig, &out, &pools, &chains, 18).await;
     let report = serde_json::to_string_pretty(&r).unwrap_or_default();
     println!(
         "two pools: {}",

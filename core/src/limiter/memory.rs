@@ -1051,6 +1051,20 @@ impl MemoryLimiter {
         out
     }
 
+    /// The project's spend state as one decision sees it (a reborrow: the caller keeps
+    /// it, to store what the decision left in its hint).
+    fn project<'a>(
+        project: &'a mut Option<&mut (KeyState, Hint)>,
+        key: &QuotaKey,
+        request_id: &str,
+    ) -> Option<Project<'a>> {
+        project.as_mut().map(|p| Project {
+            hint: p.1,
+            state: &mut p.0,
+            id: Self::project_id(key, request_id),
+        })
+    }
+
     /// The booking's id in its project's log (the script's `pid`).
     fn project_id(key: &QuotaKey, request_id: &str) -> String {
         format!("{request_id} {}", key.model)
@@ -1068,38 +1082,21 @@ impl MemoryLimiter {
         let limits = Limits::of(quota);
         let now = self.clock.now_us();
         let project_spend = quota.spend_micros.limit.is_some();
-        let outcome = self.with_states(key, project_spend, |st, hint, project| {
-            let outcome = match project {
-                Some((ps, ph)) => {
-                    let outcome = st.acquire(
-                        now,
-                        &*self.calendar,
-                        &limits,
-                        request_id,
-                        costs_i64(&costs),
-                        dur_us(max_wait),
-                        *hint,
-                        Some(Project {
-                            state: &mut *ps,
-                            hint: *ph,
-                            id: Self::project_id(key, request_id),
-                        }),
-                    );
-                    *ph = ps.project_hint();
-                    outcome
-                }
-                None => st.acquire(
-                    now,
-                    &*self.calendar,
-                    &limits,
-                    request_id,
-                    costs_i64(&costs),
-                    dur_us(max_wait),
-                    *hint,
-                    None,
-                ),
-            };
+        let outcome = self.with_states(key, project_spend, |st, hint, mut project| {
+            let outcome = st.acquire(
+                now,
+                &*self.calendar,
+                &limits,
+                request_id,
+                costs_i64(&costs),
+                dur_us(max_wait),
+                *hint,
+                Self::project(&mut project, key, request_id),
+            );
             *hint = st.hint();
+            if let Some((ps, ph)) = project {
+                *ph = ps.project_hint();
+            }
             outcome
         });
         decision(key, request_id, outcome, self.origin, project_spend)
@@ -1124,43 +1121,29 @@ impl Limiter for MemoryLimiter {
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let now = self.clock.now_us();
-        let id = Self::project_id(&ticket.key, &ticket.request_id);
-        Ok(
-            self.with_states(&ticket.key, ticket.project_spend, |st, hint, project| {
-                let check = match project {
-                    Some((ps, ph)) => {
-                        let check = st.check(
-                            now,
-                            &*self.calendar,
-                            &ticket.request_id,
-                            ticket.start_us,
-                            *hint,
-                            Some(Project {
-                                state: &mut *ps,
-                                hint: *ph,
-                                id,
-                            }),
-                        );
-                        if ps.generation != 0 {
-                            *ph = ps.project_hint();
-                        }
-                        check
-                    }
-                    None => st.check(
-                        now,
-                        &*self.calendar,
-                        &ticket.request_id,
-                        ticket.start_us,
-                        *hint,
-                        None,
-                    ),
-                };
+        Ok(self.with_states(
+            &ticket.key,
+            ticket.project_spend,
+            |st, hint, mut project| {
+                let check = st.check(
+                    now,
+                    &*self.calendar,
+                    &ticket.request_id,
+                    ticket.start_us,
+                    *hint,
+                    Self::project(&mut project, &ticket.key, &ticket.request_id),
+                );
                 if st.generation != 0 {
                     *hint = st.hint();
                 }
+                if let Some((ps, ph)) = project
+                    && ps.generation != 0
+                {
+                    *ph = ps.project_hint();
+                }
                 check
-            }),
-        )
+            },
+        ))
     }
 
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
