@@ -550,6 +550,25 @@ fn binding_of(
     ))
 }
 
+/// The simulator's limits for `pool`'s models, as declared (no headroom), under `project`
+/// (`None`: whichever project calls). The project's spend is counted over ten of the
+/// model's windows (the pool's spend window, as the limiter scales it), charged by the
+/// simulator from usage.
+fn sim_limits_of(pool: &CompiledPool, project: Option<&str>) -> Vec<LimitSpec> {
+    pool.models
+        .iter()
+        .map(|(model, l)| {
+            let mut spec = LimitSpec::new(model);
+            spec.project = project.map(str::to_owned);
+            (spec.rpm, spec.tpm, spec.ipm, spec.rpd) = (l.rpm, l.tpm, l.ipm, l.rpd);
+            spec.window = Duration::from_millis(l.window_ms);
+            spec.spend = pool.spend_micros_per_10_minutes;
+            spec.spend_window = spec.window * 10;
+            spec
+        })
+        .collect()
+}
+
 fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
     let max_wait = Duration::from_secs(args.max_wait_seconds);
     let (config, chain) = match (&args.pool, &args.chain) {
@@ -605,33 +624,11 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
         config
             .pools
             .values()
-            .flat_map(|pool| {
-                pool.models.iter().map(move |(model, l)| {
-                    let mut spec = LimitSpec::new(model);
-                    spec.project = Some(pool.project.clone());
-                    (spec.rpm, spec.tpm, spec.ipm, spec.rpd) = (l.rpm, l.tpm, l.ipm, l.rpd);
-                    spec.window = Duration::from_millis(l.window_ms);
-                    spec.spend = pool.spend_micros_per_10_minutes;
-                    spec.spend_window = spec.window * 10;
-                    spec
-                })
-            })
+            .flat_map(|pool| sim_limits_of(pool, Some(&pool.project)))
             .collect()
     } else if args.limits.is_empty() {
         let (_, pool) = config.chain(&chain)?;
-        pool.models
-            .iter()
-            .map(|(model, l)| {
-                let mut spec = LimitSpec::new(model);
-                (spec.rpm, spec.tpm, spec.ipm, spec.rpd) = (l.rpm, l.tpm, l.ipm, l.rpd);
-                spec.window = Duration::from_millis(l.window_ms);
-                // The project's spend, over ten of the model's windows (the pool's spend
-                // window, as the limiter scales it), charged by the simulator from usage.
-                spec.spend = pool.spend_micros_per_10_minutes;
-                spec.spend_window = spec.window * 10;
-                spec
-            })
-            .collect()
+        sim_limits_of(pool, None)
     } else {
         args.limits.clone()
     };
