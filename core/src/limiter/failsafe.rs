@@ -6,7 +6,10 @@
 //! by the expected replica count (keeps going at a fraction of the budget). A circuit
 //! breaker stops a dead Redis from adding its timeout to every request: after a few
 //! consecutive failures the shared limiter is skipped for a while, then one call probes it.
+//! One breaker per failure domain: on a Redis Cluster each project's (one slot, one
+//! primary), so a dead primary stops only the projects it held.
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -53,7 +56,10 @@ pub struct FailsafeLimiter<L> {
     local: MemoryLimiter,
     clock: Arc<dyn Clock>,
     config: BreakerConfig,
-    breaker: Mutex<Breaker>,
+    /// One breaker per failure domain of the shared limiter ([`Limiter::failure_domain`]):
+    /// one for a standalone Redis, one per project on a cluster, so a dead primary does not
+    /// stop the pairs on the others.
+    breakers: Mutex<HashMap<String, Breaker>>,
 }
 
 impl<L: Limiter> FailsafeLimiter<L> {
@@ -73,24 +79,36 @@ impl<L: Limiter> FailsafeLimiter<L> {
             local: MemoryLimiter::new(clock.clone()).with_origin(Origin::Local),
             clock,
             config,
-            breaker: Mutex::new(Breaker::default()),
+            breakers: Mutex::default(),
         }
     }
 
-    /// Whether the breaker currently skips the shared limiter.
-    pub fn is_open(&self) -> bool {
-        let b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        b.consecutive >= self.config.failures_to_open && self.clock.now_us() < b.open_until
+    /// `key`'s breaker.
+    fn breaker<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let domain = self.shared.failure_domain(key);
+        let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        f(breakers.entry(domain).or_default())
+    }
+
+    /// Whether `key`'s breaker currently skips the shared limiter.
+    pub fn is_open(&self, key: &QuotaKey) -> bool {
+        let now = self.clock.now_us();
+        self.breaker(key, |b| {
+            b.consecutive >= self.config.failures_to_open && now < b.open_until
+        })
     }
 
     /// Whether to call the shared limiter now. When the open period has passed, the caller
     /// that gets `true` is the probe; others keep falling back until it answers.
-    fn try_shared(&self) -> bool {
-        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+    fn try_shared(&self, key: &QuotaKey) -> bool {
+        let now = self.clock.now_us();
+        self.breaker(key, |b| self.probe(b, now))
+    }
+
+    fn probe(&self, b: &mut Breaker, now: i64) -> bool {
         if b.consecutive < self.config.failures_to_open {
             return true;
         }
-        let now = self.clock.now_us();
         if now < b.open_until {
             return false;
         }
@@ -98,25 +116,28 @@ impl<L: Limiter> FailsafeLimiter<L> {
         true
     }
 
-    fn record(&self, ok: bool) {
-        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        if ok {
-            *b = Breaker::default();
-        } else {
-            b.consecutive = b.consecutive.saturating_add(1);
-            if b.consecutive >= self.config.failures_to_open {
-                b.open_until = self.clock.now_us() + dur_us(self.config.open_for);
-                tracing::warn!(
-                    failures = b.consecutive,
-                    "shared limiter unreachable; breaker open"
-                );
+    fn record(&self, key: &QuotaKey, ok: bool) {
+        let now = self.clock.now_us();
+        self.breaker(key, |b| {
+            if ok {
+                *b = Breaker::default();
+            } else {
+                b.consecutive = b.consecutive.saturating_add(1);
+                if b.consecutive >= self.config.failures_to_open {
+                    b.open_until = now + dur_us(self.config.open_for);
+                    tracing::warn!(
+                        failures = b.consecutive,
+                        %key,
+                        "shared limiter unreachable; breaker open"
+                    );
+                }
             }
-        }
+        })
     }
 
-    fn retry_after(&self) -> Duration {
-        let b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        let left = us_dur(b.open_until - self.clock.now_us());
+    fn retry_after(&self, key: &QuotaKey) -> Duration {
+        let open_until = self.breaker(key, |b| b.open_until);
+        let left = us_dur(open_until - self.clock.now_us());
         if left.is_zero() {
             self.config.open_for.min(Duration::from_secs(1))
         } else {
@@ -134,7 +155,7 @@ impl<L: Limiter> FailsafeLimiter<L> {
     ) -> Result<Decision> {
         match self.mode {
             FailureMode::Closed => Err(Error::Unavailable {
-                retry_after: self.retry_after(),
+                retry_after: self.retry_after(key),
             }),
             FailureMode::Open => Ok(Decision::Admitted {
                 ticket: Ticket {
@@ -167,19 +188,19 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         costs: Costs,
         max_wait: Duration,
     ) -> Result<Decision> {
-        if self.try_shared() {
+        if self.try_shared(key) {
             match self
                 .shared
                 .acquire(key, quota, request_id, costs, max_wait)
                 .await
             {
                 Ok(d) => {
-                    self.record(true);
+                    self.record(key, true);
                     return Ok(d);
                 }
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(error = %e, %key, "shared limiter failed");
-                    self.record(false);
+                    self.record(key, false);
                 }
                 Err(e) => return Err(e),
             }
@@ -214,16 +235,16 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
     async fn penalize(&self, key: &QuotaKey, delay: Duration, scope: PenaltyScope) -> Result<()> {
         // The local fallback must also honour the provider's word.
         self.local.penalize(key, delay, scope).await?;
-        if self.is_open() {
+        if self.is_open(key) {
             return Ok(());
         }
         let r = self.shared.penalize(key, delay, scope).await;
-        self.record(r.is_ok());
+        self.record(key, r.is_ok());
         r
     }
 
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
-        if !self.is_open()
+        if !self.is_open(key)
             && let Ok(u) = self.shared.usage(key, quota).await
         {
             return Ok(u);
@@ -233,6 +254,10 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         self.local
             .usage(key, &quota.divided(self.expected_replicas))
             .await
+    }
+
+    fn failure_domain(&self, key: &QuotaKey) -> String {
+        self.shared.failure_domain(key)
     }
 }
 
@@ -325,6 +350,101 @@ mod tests {
             4,
             "one probe after the open period"
         );
+    }
+
+    /// A cluster with one primary down: the projects on it fail, the others answer.
+    #[derive(Debug, Default)]
+    struct PrimaryDown {
+        calls_down: AtomicU32,
+        calls_up: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Limiter for PrimaryDown {
+        async fn acquire(
+            &self,
+            key: &QuotaKey,
+            _: &ModelQuota,
+            request_id: &str,
+            costs: Costs,
+            _: Duration,
+        ) -> Result<Decision> {
+            if key.project == "down" {
+                self.calls_down.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::Timeout(Duration::from_millis(1)));
+            }
+            self.calls_up.fetch_add(1, Ordering::SeqCst);
+            Ok(Decision::Admitted {
+                ticket: Ticket {
+                    key: key.clone(),
+                    request_id: request_id.to_owned(),
+                    start_us: 0,
+                    costs,
+                    origin: Origin::Shared,
+                    project_spend: false,
+                },
+            })
+        }
+        async fn check(&self, _: &Ticket) -> Result<Check> {
+            Ok(Check::Go)
+        }
+        async fn reconcile(&self, _: &Ticket, _: Costs) -> Result<()> {
+            Ok(())
+        }
+        async fn release(&self, _: &Ticket) -> Result<()> {
+            Ok(())
+        }
+        async fn penalize(&self, _: &QuotaKey, _: Duration, _: PenaltyScope) -> Result<()> {
+            Ok(())
+        }
+        async fn usage(&self, _: &QuotaKey, _: &ModelQuota) -> Result<Usage> {
+            Err(Error::Timeout(Duration::from_millis(1)))
+        }
+        fn failure_domain(&self, key: &QuotaKey) -> String {
+            key.project.clone()
+        }
+    }
+
+    /// One breaker per failure domain: the projects on a dead primary defer, the others
+    /// keep booking on the shared limiter (with one process-wide breaker, a dead primary
+    /// stopped every project for the open period).
+    #[tokio::test]
+    async fn a_dead_primary_opens_only_its_projects_breaker() {
+        let clock = ManualClock::new(1_000_000_000);
+        let f = FailsafeLimiter::new(
+            PrimaryDown::default(),
+            FailureMode::Closed,
+            1,
+            BreakerConfig::default(),
+            Arc::new(clock.clone()),
+        );
+        let (down, up) = (QuotaKey::new("down", "m"), QuotaKey::new("up", "m"));
+        for i in 0..10 {
+            let r = f
+                .acquire(
+                    &down,
+                    &quota(),
+                    &format!("d{i}"),
+                    Costs::new(1, 0, 0, 0),
+                    Duration::ZERO,
+                )
+                .await;
+            assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
+            let d = f
+                .acquire(
+                    &up,
+                    &quota(),
+                    &format!("u{i}"),
+                    Costs::new(1, 0, 0, 0),
+                    Duration::ZERO,
+                )
+                .await
+                .expect("the other primary answers");
+            assert_eq!(d.ticket().map(|t| t.origin), Some(Origin::Shared));
+        }
+        assert_eq!(f.shared.calls_down.load(Ordering::SeqCst), 3);
+        assert_eq!(f.shared.calls_up.load(Ordering::SeqCst), 10);
+        assert!(f.is_open(&down) && !f.is_open(&up));
     }
 
     #[tokio::test]

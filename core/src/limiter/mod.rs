@@ -416,6 +416,13 @@ pub trait Limiter: Send + Sync {
     /// bookings beyond them that have not started are released): the operator reads usage
     /// with the config it has just compiled, so its read applies a change at once.
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage>;
+
+    /// What fails together with `key`'s state: one name for a store that is up or down as
+    /// a whole (the default), the project's hash tag on a Redis Cluster (a project is one
+    /// slot, on one primary). The failsafe keeps one circuit breaker per domain.
+    fn failure_domain(&self, _key: &QuotaKey) -> String {
+        String::new()
+    }
 }
 
 /// What a caller last saw of one key's state. Sent with every acquire and check, so the

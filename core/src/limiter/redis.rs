@@ -509,6 +509,14 @@ impl Limiter for RedisLimiter {
         Ok(())
     }
 
+    fn failure_domain(&self, key: &QuotaKey) -> String {
+        if self.conn.is_cluster() {
+            key.hash_tag()
+        } else {
+            String::new()
+        }
+    }
+
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
         let l = Limits::of(quota);
         let w = l.window_us;
