@@ -307,6 +307,12 @@ mod tests {
         q
     }
 
+    /// One request of cost 1 for `key`, waiting for nothing.
+    async fn ask<L: Limiter>(f: &FailsafeLimiter<L>, key: &QuotaKey, id: &str) -> Result<Decision> {
+        f.acquire(key, &quota(), id, Costs::new(1, 0, 0, 0), Duration::ZERO)
+            .await
+    }
+
     #[tokio::test]
     async fn closed_defers_and_breaker_skips_dead_redis() {
         let clock = ManualClock::new(1_000_000_000);
@@ -319,15 +325,7 @@ mod tests {
         );
         let k = QuotaKey::new("p", "m");
         for i in 0..10 {
-            let r = f
-                .acquire(
-                    &k,
-                    &quota(),
-                    &format!("r{i}"),
-                    Costs::new(1, 0, 0, 0),
-                    Duration::ZERO,
-                )
-                .await;
+            let r = ask(&f, &k, &format!("r{i}")).await;
             assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
         }
         assert_eq!(
@@ -336,15 +334,7 @@ mod tests {
             "breaker opened after 3 failures"
         );
         clock.advance(Duration::from_secs(5));
-        let _ = f
-            .acquire(
-                &k,
-                &quota(),
-                "probe",
-                Costs::new(1, 0, 0, 0),
-                Duration::ZERO,
-            )
-            .await;
+        let _ = ask(&f, &k, "probe").await;
         assert_eq!(
             f.shared.0.load(Ordering::SeqCst),
             4,
@@ -355,7 +345,7 @@ mod tests {
     /// A cluster with one primary down: the projects on it fail, the others answer.
     #[derive(Debug, Default)]
     struct PrimaryDown {
-        calls_down: AtomicU32,
+        down: Down,
         calls_up: AtomicU32,
     }
 
@@ -370,8 +360,10 @@ mod tests {
             _: Duration,
         ) -> Result<Decision> {
             if key.project == "down" {
-                self.calls_down.fetch_add(1, Ordering::SeqCst);
-                return Err(Error::Timeout(Duration::from_millis(1)));
+                return self
+                    .down
+                    .acquire(key, &quota(), request_id, costs, Duration::ZERO)
+                    .await;
             }
             self.calls_up.fetch_add(1, Ordering::SeqCst);
             Ok(Decision::Admitted {
@@ -420,29 +412,14 @@ mod tests {
         );
         let (down, up) = (QuotaKey::new("down", "m"), QuotaKey::new("up", "m"));
         for i in 0..10 {
-            let r = f
-                .acquire(
-                    &down,
-                    &quota(),
-                    &format!("d{i}"),
-                    Costs::new(1, 0, 0, 0),
-                    Duration::ZERO,
-                )
-                .await;
+            let r = ask(&f, &down, &format!("d{i}")).await;
             assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
-            let d = f
-                .acquire(
-                    &up,
-                    &quota(),
-                    &format!("u{i}"),
-                    Costs::new(1, 0, 0, 0),
-                    Duration::ZERO,
-                )
+            let d = ask(&f, &up, &format!("u{i}"))
                 .await
                 .expect("the other primary answers");
             assert_eq!(d.ticket().map(|t| t.origin), Some(Origin::Shared));
         }
-        assert_eq!(f.shared.calls_down.load(Ordering::SeqCst), 3);
+        assert_eq!(f.shared.down.0.load(Ordering::SeqCst), 3);
         assert_eq!(f.shared.calls_up.load(Ordering::SeqCst), 10);
         assert!(f.is_open(&down) && !f.is_open(&up));
     }
@@ -460,16 +437,7 @@ mod tests {
         );
         let mut admitted = 0;
         for i in 0..10 {
-            let d = f
-                .acquire(
-                    &k,
-                    &quota(),
-                    &format!("r{i}"),
-                    Costs::new(1, 0, 0, 0),
-                    Duration::ZERO,
-                )
-                .await
-                .expect("local");
+            let d = ask(&f, &k, &format!("r{i}")).await.expect("local");
             if let Decision::Admitted { ticket } = d {
                 assert_eq!(ticket.origin, Origin::Local);
                 admitted += 1;
@@ -483,10 +451,7 @@ mod tests {
             BreakerConfig::default(),
             clock,
         );
-        let d = f
-            .acquire(&k, &quota(), "x", Costs::new(1, 0, 0, 0), Duration::ZERO)
-            .await
-            .expect("open");
+        let d = ask(&f, &k, "x").await.expect("open");
         assert_eq!(d.ticket().map(|t| t.origin), Some(Origin::Unchecked));
     }
 }
