@@ -509,6 +509,7 @@ pub fn plan_from_limits(
         window_margin_ms: margin_ms,
         base_url: None,
         vertex: None,
+        tenants: Vec::new(),
     };
     let chain = CompiledChain {
         name: name.clone(),

@@ -121,6 +121,10 @@ pub struct CompiledPool {
     /// Vertex AI's location and credentials (provider `vertex` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vertex: Option<VertexSettings>,
+    /// The teams sharing the pool's quota, with their weights, floors and ceilings (empty:
+    /// one team).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<crate::quota::TenantShare>,
 }
 
 /// Where a Vertex AI pool calls and with which credentials: a location and a file path,

@@ -144,6 +144,27 @@ pub struct ModelQuota {
     /// one window. `None`: proportional, 1/60 of the window (1 s on 60 s), so short test
     /// windows are not starved.
     pub margin: Option<Duration>,
+    /// The teams sharing the pool (its `spec.tenants`; empty: none declared). The limiter
+    /// gives each its fair share of every window and holds it to its ceiling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantShare>,
+}
+
+/// The tenant a request without one books as.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// One team of a pool, as the limiter weighs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantShare {
+    /// Its name (a message's `tenant`).
+    pub name: String,
+    /// Its weight: contending tenants share each window in proportion to their weights.
+    pub weight: u32,
+    /// The part of each window always available to it, per mille of the pool's limits.
+    pub floor_permille: u32,
+    /// The most of each window it may use even when the pool has room, per mille (1000:
+    /// no ceiling).
+    pub ceiling_permille: u32,
 }
 
 impl ModelQuota {
@@ -160,6 +181,7 @@ impl ModelQuota {
             spend_micros: d(Dim::SpendMicros),
             requests_per_day: None,
             margin: None,
+            tenants: Vec::new(),
         }
     }
 
@@ -357,6 +379,7 @@ impl crate::config::CompiledPool {
                 },
                 requests_per_day: m.rpd,
                 margin: self.window_margin_ms.map(Duration::from_millis),
+                tenants: self.tenants.clone(),
             }
             .with_headroom(self.headroom_percent),
         )
@@ -398,6 +421,7 @@ mod tests {
             window_margin_ms: None,
             base_url: None,
             vertex: None,
+            tenants: Vec::new(),
         }
     }
 

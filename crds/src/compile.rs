@@ -97,6 +97,7 @@ pub fn compile_pool(
     if !(1..=100).contains(&spec.alert_threshold_percent) {
         return Err(err("spec.alertThresholdPercent", "must be 1 to 100".into()));
     }
+    check_tenants(spec).map_err(|(field, problem)| err(&field, problem))?;
     let tier = match spec.tier {
         Tier::Free => quota::Tier::Free,
         Tier::Tier1 => quota::Tier::Tier1,
@@ -269,7 +270,88 @@ pub fn compile_pool(
                 credentials_file: given.credentials_file,
             }
         }),
+        tenants: spec
+            .tenants
+            .iter()
+            .map(|t| pacer_core::quota::TenantShare {
+                name: t.name.clone(),
+                weight: t.weight.max(1),
+                floor_permille: t.floor_percent.unwrap_or(0).min(100) * 10,
+                ceiling_permille: t.ceiling_percent.unwrap_or(100).clamp(1, 100) * 10,
+            })
+            .collect(),
     })
+}
+
+/// The tenants' rules (the CRD's CEL rules say the same, for `pacer apply` without an
+/// API server): names unique and DNS labels, weights 1 to 1000, floors at most their
+/// ceilings and at most 100 together.
+fn check_tenants(spec: &QuotaPoolSpec) -> Result<(), (String, String)> {
+    let mut floors = 0;
+    for (i, t) in spec.tenants.iter().enumerate() {
+        let at = |f: &str| format!("spec.tenants[{i}].{f}");
+        let label = !t.name.is_empty()
+            && t.name.len() <= 63
+            && t.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !t.name.starts_with('-')
+            && !t.name.ends_with('-');
+        if !label {
+            return Err((
+                at("name"),
+                format!(
+                    "{:?} is not a tenant name: lowercase letters, digits and -, 1 to 63",
+                    t.name
+                ),
+            ));
+        }
+        if spec.tenants[..i].iter().any(|u| u.name == t.name) {
+            return Err((
+                at("name"),
+                format!(
+                    "{:?} is declared twice: tenant names must be unique",
+                    t.name
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&t.weight) {
+            return Err((
+                at("weight"),
+                format!("is {}; it must be 1 to 1000", t.weight),
+            ));
+        }
+        let floor = t.floor_percent.unwrap_or(0);
+        let ceiling = t.ceiling_percent.unwrap_or(100);
+        if floor > 100 {
+            return Err((
+                at("floorPercent"),
+                format!("is {floor}; it must be 0 to 100"),
+            ));
+        }
+        if !(1..=100).contains(&ceiling) {
+            return Err((
+                at("ceilingPercent"),
+                format!("is {ceiling}; it must be 1 to 100"),
+            ));
+        }
+        if floor > ceiling {
+            return Err((
+                at("floorPercent"),
+                format!("is {floor}, above the tenant's ceilingPercent {ceiling}"),
+            ));
+        }
+        floors += floor;
+    }
+    if floors > 100 {
+        return Err((
+            "spec.tenants".into(),
+            format!(
+                "floorPercent adds up to {floors}: lower them to 100 or less so every floor can be met at once"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that no two pools name one provider project: the limiter keeps one state per

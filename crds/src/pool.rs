@@ -102,6 +102,50 @@ pub struct QuotaPoolSpec {
     /// default search (workload identity, `GOOGLE_APPLICATION_CREDENTIALS`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vertex: Option<VertexSettings>,
+    /// The teams sharing this quota (names unique; left out: one team). When tenants
+    /// contend, each window goes to them in proportion to their weights; an idle tenant's
+    /// share goes to the others; a floor is always available to its tenant, a ceiling caps
+    /// it even while the pool has room. A message names its tenant (`tenant`, default
+    /// `default`), or its chain does; a tenant not listed here is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(t, self.exists_one(u, u.name == t.name))").message("tenant names must be unique within a pool"))]
+    #[x_kube(validation = kube::core::Rule::new("self.map(t, has(t.floorPercent) ? t.floorPercent : 0).sum() <= 100").message("the tenants' floorPercent add up to more than 100: lower them so every floor can be met at once"))]
+    pub tenants: Vec<Tenant>,
+}
+
+/// One team sharing a pool's quota.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.floorPercent) || !has(self.ceilingPercent) || self.floorPercent <= self.ceilingPercent"
+).message("a tenant's floorPercent cannot be above its ceilingPercent").field_path(".floorPercent"))]
+#[serde(rename_all = "camelCase")]
+pub struct Tenant {
+    /// The tenant's name, as messages and chains give it.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Its weight (1 to 1000, default 1): contending tenants share each window in
+    /// proportion to their weights.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: u32,
+    /// The percent of every limit always available to it within a window of its arrival,
+    /// however busy the others are (0 to 100, default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub floor_percent: Option<u32>,
+    /// The most of every limit it may use, in percent, even while the pool has room (1 to
+    /// 100, default 100: no ceiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub ceiling_percent: Option<u32>,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 /// How replicas reach Gemini on Vertex AI for this pool's project.

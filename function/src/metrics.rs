@@ -200,6 +200,7 @@ mod tests {
             costs: Costs::default(),
             origin,
             project_spend: false,
+            tenant: None,
         }
     }
 

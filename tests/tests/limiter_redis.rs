@@ -12,10 +12,10 @@ use std::{
 use pacer_core::connection::RedisConnection;
 use pacer_core::{
     limiter::{
-        Blocker, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
+        Blocker, Check, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
         redis::{RedisLimiter, RedisOptions},
     },
-    quota::{Costs, Dim, DimensionQuota, ModelQuota},
+    quota::{Costs, Dim, DimensionQuota, ModelQuota, TenantShare},
 };
 use pacer_tests::{RedisKind, Rig, free_port};
 
@@ -1475,7 +1475,140 @@ async fn spend_is_one_bucket_per_project_shared_by_its_models(kind: RedisKind) {
     );
 }
 
+fn tenant(name: &str, weight: u32, floor_percent: u32, ceiling_percent: u32) -> TenantShare {
+    TenantShare {
+        name: name.into(),
+        weight,
+        floor_permille: floor_percent * 10,
+        ceiling_permille: ceiling_percent * 10,
+    }
+}
+
+/// Requests of the given tenants (positions in `q.tenants`), booked in that order, each
+/// then called at its start by its own task: a slot taken over by another tenant answers
+/// `Lost` at its check and books afresh, as the handler does. Returns each call's booked
+/// start (Redis clock) and tenant; every request is called once.
+async fn fleet_of_tenants(
+    l: Arc<RedisLimiter>,
+    key: &QuotaKey,
+    q: &ModelQuota,
+    who: &[usize],
+) -> Vec<(i64, usize)> {
+    let mut tasks = Vec::new();
+    for (i, &t) in who.iter().enumerate() {
+        let name = q.tenants[t].name.clone();
+        let first = l
+            .acquire_for(
+                key,
+                q,
+                &name,
+                &format!("r{i}-0"),
+                req(1),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("acquire");
+        let (l, key, q) = (l.clone(), key.clone(), q.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut d = first;
+            for attempt in 1.. {
+                match d {
+                    Decision::Admitted { ticket } => return (ticket.start_us, t),
+                    Decision::Booked { ticket, wait } => {
+                        tokio::time::sleep(wait).await;
+                        if l.check(&ticket).await.expect("check") == Check::Go {
+                            return (ticket.start_us, t);
+                        }
+                    }
+                    Decision::Rejected { retry_after, .. } => {
+                        tokio::time::sleep(retry_after.unwrap_or(Duration::from_millis(100))).await;
+                    }
+                }
+                d = l
+                    .acquire_for(
+                        &key,
+                        &q,
+                        &name,
+                        &format!("r{i}-{attempt}"),
+                        req(1),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .expect("acquire");
+            }
+            unreachable!()
+        }));
+    }
+    let mut calls = Vec::new();
+    for t in tasks {
+        calls.push(t.await.expect("request task"));
+    }
+    calls.sort();
+    calls
+}
+
+/// Issue 15 (the twin of the in-memory `backlogged_tenants_share_each_window_by_weight`):
+/// weights 3:1, both backlogged at three times the limit, the heavy tenant's requests
+/// first. From the first window after both arrived until one runs out, the light tenant
+/// gets its quarter by taking over slots the heavy one had booked; no window is over the
+/// limit; a ceiling caps a tenant alone; an undeclared tenant is refused.
+async fn tenants_share_each_window_by_weight(kind: RedisKind) {
+    let (url, l) = rig_limiter(kind).await;
+    let l = Arc::new(l);
+    let key = fresh_key("tenants");
+    let w = Duration::from_secs(1);
+    let mut q = quota(Some(20), None, w, Some(Duration::ZERO));
+    q.tenants = vec![tenant("a", 3, 0, 100), tenant("b", 1, 0, 100)];
+    let mut who = vec![0; 60];
+    who.extend([1; 60]);
+    let calls = fleet_of_tenants(l.clone(), &key, &q, &who).await;
+    let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _)| (*s, 1)).collect();
+    assert!(
+        max_in_window(&starts, w.as_micros() as i64) <= 20,
+        "never over the limit"
+    );
+    // Windows from the first call: the first is a's alone (booked before b arrived).
+    let t0 = calls[0].0;
+    let mut windows = vec![[0u64; 2]; 8];
+    for &(s, t) in &calls {
+        windows[((s - t0) / w.as_micros() as i64) as usize][t] += 1;
+    }
+    let a_done = calls
+        .iter()
+        .filter(|c| c.1 == 0)
+        .map(|c| c.0)
+        .max()
+        .expect("a");
+    let both = ((a_done - t0) / w.as_micros() as i64) as usize; // the window a ends in
+    let (a, b): (u64, u64) = windows[1..both]
+        .iter()
+        .fold((0, 0), |(a, b), w| (a + w[0], b + w[1]));
+    let share = b as f64 / (a + b) as f64;
+    eprintln!("tenants {kind:?}: windows {windows:?}; b's share while both wait {share:.3}");
+    assert!(
+        (share - 0.25).abs() <= 0.25 * 0.05,
+        "b's share {share:.3} is not within 5 % of 0.25: {windows:?}"
+    );
+    // A ceiling of 25 % caps a tenant alone in the pool.
+    let key = fresh_key("ceiling");
+    q.tenants = vec![tenant("capped", 1, 0, 25), tenant("other", 1, 0, 100)];
+    let calls = fleet_of_tenants(l.clone(), &key, &q, &[0; 10]).await;
+    let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _)| (*s, 1)).collect();
+    assert_eq!(
+        max_in_window(&starts, w.as_micros() as i64),
+        5,
+        "capped at 5"
+    );
+    let e = connect(&url)
+        .await
+        .acquire_for(&key, &q, "nobody", "x", req(1), w)
+        .await
+        .expect_err("undeclared");
+    assert!(e.to_string().contains("spec.tenants"), "{e}");
+}
+
 pacer_tests::on_both_redis!(
+    tenants_share_each_window_by_weight,
     spend_is_one_bucket_per_project_shared_by_its_models,
     many_concurrent_connections_stay_under_every_limit,
     room_given_back_under_concurrency_stays_under_every_limit,

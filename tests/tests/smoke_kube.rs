@@ -44,6 +44,7 @@ async fn quota_pool_crd_applies_and_round_trips() {
             api_key_env: None,
             base_url: None,
             vertex: None,
+            tenants: Vec::new(),
         },
     );
     pools

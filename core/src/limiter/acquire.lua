@@ -17,19 +17,31 @@
 --              learned cut of the windowed rates (ac, per mille: lowered by unexplained
 --              429s, raised after clean windows) and when it last changed (al), until when
 --              a window may hold room given back (rm: a release, a lower reconcile, a
---              re-fit), and
+--              re-fit), the latest start of a booking checked before its start (ck:
+--              it may be called already, so no other tenant may take it over), and
 --              "t:<request id>" -> the id's latest member.
 -- KEYS[3], KEYS[4] (optional): the project's spend state, a log and a hash of the same
 --              shape over every model of the project (members' ids are "<request id>
 --              <KEYS[1]>"), only its spend limited. Given when the pool limits spend; the
 --              model's state then records spend without limiting it.
+-- Tenants (a pool that declares them): each tenant's own bookings of this (project,
+-- model) are a companion state of the same shape (KEYS after the project's: a log and a
+-- hash, members' ids the request ids), limited by the tenant's ceiling, and weighed for
+-- its fair share. The model's hash records when each tenant last booked ("a:<tenant>":
+-- its latest start), so a share is counted among the tenants active within a window.
 -- No key carries a TTL: the script prunes the log, and eviction must never take one
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
 -- x (release), p (penalize: m per-minute cooldown, d per-day block, a unexplained 429 on
 -- a shared quota), u (usage). With the project's state, acquire takes its hint after the
 -- model's (ARGV[27..28]: generation, latest start), check too (ARGV[14..15]), and both
--- answer its generation and latest start after their usual fields. Numbers are integers; they are formatted with %d,
+-- answer its generation and latest start after their usual fields. (The project's hint is
+-- always sent, zeros without the project's state, so what follows has a fixed place.)
+-- Tenants: acquire's ARGV[29] is how many the pool declares (their states are the last
+-- 2n keys), ARGV[30] the request's (1-based; 0: none), then per tenant its name, weight,
+-- floor and ceiling (per mille of the pool's limits, 1000: no ceiling). Check's ARGV[16],
+-- reconcile's ARGV[8] and release's ARGV[4] name the ticket's tenant ('' : none), whose
+-- state is then the last two keys. Numbers are integers; they are formatted with %d,
 -- never tostring (which turns µs times into floats with exponents).
 local op = ARGV[1]
 -- TIME once: on Redis 7.0 repeated calls differ within one script.
@@ -67,7 +79,7 @@ local now = clock
 local function open(log, st)
   local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
     's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm' }
+    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm', 'ck', 'fr', 'fp', 'fm' }
   -- Fields that stay absent until known (everything else reads 0 when absent).
   local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
   local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -461,13 +473,36 @@ end
 -- Google's spend limit is per project, shared by the project's models, so a model books
 -- its spend there, in the same step (same hash tag, one slot). The model's own state still
 -- records each booking's spend (for its usage) but does not limit it.
+-- The request's tenant's state (T), and on acquire every tenant the pool declares (TEN,
+-- TI the request's): their keys come last.
+local TEN, TI, tkeys = {}, 0, 0
+if op == 'a' then
+  local n = tonumber(ARGV[29]) or 0
+  tkeys = 2 * n
+  TI = tonumber(ARGV[30]) or 0
+  for j = 1, n do
+    local o = 30 + 4 * (j - 1)
+    TEN[j] = { name = ARGV[o + 1], w = tonumber(ARGV[o + 2]), fl = tonumber(ARGV[o + 3]),
+      cl = tonumber(ARGV[o + 4]), log = KEYS[#KEYS - tkeys + 2 * j - 1],
+      st = KEYS[#KEYS - tkeys + 2 * j] }
+  end
+else
+  local named = { c = ARGV[16], r = ARGV[8], x = ARGV[4] }
+  if named[op] and named[op] ~= '' then tkeys = 2 end
+end
+local nk = #KEYS - tkeys
 local M = open(KEYS[1], KEYS[2])
 local P = nil
-if KEYS[4] and op ~= 'p' then P = open(KEYS[3], KEYS[4]) end
+if nk >= 4 and op ~= 'p' then P = open(KEYS[3], KEYS[4]) end
+local T = nil
+if TI > 0 then T = open(TEN[TI].log, TEN[TI].st)
+elseif tkeys == 2 then T = open(KEYS[nk + 1], KEYS[nk + 2]) end
 now = math.max(now, M.S.now)
 if P then now = math.max(now, P.S.now) end
+if T then now = math.max(now, T.S.now) end
 M.start()
 if P then P.start() end
+if T then T.start() end
 local S, sum, win, fresh = M.S, M.sum, M.win, M.fresh
 -- In the project's log an entry's id names its model too: two models may book one id.
 local function pid(id) return id .. ' ' .. KEYS[1] end
@@ -502,8 +537,30 @@ if op == 'a' then
   M.fence(h)
   M.learned(L, W, true)
   M.refit(L, W)
+  -- The pool's limits as this decision applies them (the learned cut included, spend the
+  -- project's): a tenant's ceiling and share are parts of these.
+  local LF = { L[1], L[2], L[3], L[4] }
+  if P then LF[4] = PL[4] end
+  local function portion(pm)
+    local out = {}
+    for d = 1, 4 do
+      if LF[d] < 0 then out[d] = -1 else out[d] = math.floor(LF[d] * pm / 1000) end
+    end
+    return out
+  end
+  -- The tenant's ceiling: its limits, enforced even while the pool has room.
+  local TL = { -1, -1, -1, -1 }
+  if T then
+    if TEN[TI].cl < 1000 then TL = portion(TEN[TI].cl) end
+    -- Callers keep no hint of a tenant's state: a lost one is found by the model's.
+    T.fence({ 0, 0, 0, 0, 0, h[6] })
+    T.refit(TL, W)
+  end
+  local opened = {}
   local function reply(kind, v, blocker, costs)
     M.save()
+    if T then T.save() end
+    for _, U in pairs(opened) do U.save() end
     local pg, pl = 0, 0
     if P then
       P.save()
@@ -523,11 +580,15 @@ if op == 'a' then
     if L[d] >= 0 and c[d] > L[d] then return reply(2, -1, 7, c) end
   end
   if P and PL[4] >= 0 and c[4] > PL[4] then return reply(2, -1, 7, c) end
+  for d = 1, 4 do
+    if TL[d] >= 0 and c[d] > TL[d] then return reply(2, -1, 7, c) end
+  end
   if rpd >= 0 and c[1] > rpd then return reply(2, -1, 7, c) end
   local keep_from = now - math.max(W[1], W[2], W[3], W[4])
   local function prune_all()
     M.prune(keep_from)
     if P then P.prune(now - PW[4]) end
+    if T then T.prune(keep_from) end
   end
   -- Books at start `at`: in the model's log, and its spend in the project's.
   local function book(at)
@@ -537,6 +598,128 @@ if op == 'a' then
       redis.call('HSET', P.st, 't:' .. pid(id), P.add(at, spend_only(c), pid(id)))
       if at > P.S.ls then P.S.ls = at end
     end
+    if T then
+      redis.call('HSET', T.st, 't:' .. id, T.add(at, c, id))
+      if at > T.S.ls then T.S.ls = at end
+      local f = 'a:' .. TEN[TI].name
+      if at > (tonumber(redis.call('HGET', M.st, f)) or 0) then redis.call('HSET', M.st, f, fmt(at)) end
+    end
+  end
+  -- The earliest slot of another tenant's booking this request may take over (see the
+  -- fair shares below), the swap made; nil when there is none.
+  local function fair_slot()
+    local reach = 0
+    for d = 1, 4 do
+      if LF[d] >= 0 and W[d] > reach then reach = W[d] end
+    end
+    if reach == 0 then return nil end
+    local fields = {}
+    for j, t in ipairs(TEN) do fields[j] = 'a:' .. t.name end
+    local seen = redis.call('HMGET', M.st, unpack(fields))
+    local active = {}
+    for j, t in ipairs(TEN) do
+      active[j] = j == TI or (tonumber(seen[j]) or 0) > now - reach
+    end
+    -- Each active tenant's share, per mille: the rest after the tenants held at their
+    -- floor or ceiling, by weight, until none moves.
+    local shares, fixed = {}, {}
+    for _ = 1, #TEN + 1 do
+      local rest, wsum, moved = 1000, 0, false
+      for j, t in ipairs(TEN) do
+        if active[j] then
+          if fixed[j] then rest = rest - shares[j] else wsum = wsum + t.w end
+        end
+      end
+      for j, t in ipairs(TEN) do
+        if active[j] and not fixed[j] then
+          local v = math.floor(math.max(rest, 0) * t.w / math.max(wsum, 1))
+          if v < t.fl then shares[j], fixed[j], moved = t.fl, true, true
+          elseif v > t.cl then shares[j], fixed[j], moved = t.cl, true, true
+          else shares[j] = v end
+        end
+      end
+      if not moved then break end
+    end
+    local function share(j) return shares[j] end
+    local SL = portion(share(TI))
+    -- Not before a fence, a cooldown, a day block, or a booking already checked.
+    local lo = math.max(now + 1, S.ck + 1, S.cd, S.db)
+    local prim = nil
+    for d = 1, 4 do
+      if LF[d] >= 0 and c[d] > 0 then
+        if c[d] > SL[d] then return nil end
+        lo = math.max(lo, S.fs + W[d], T.S.fs + W[d])
+        if P and d == 4 then lo = math.max(lo, P.S.fs + PW[4]) end
+      end
+      if LF[d] >= 0 and prim == nil then prim = d end
+    end
+    if prim == nil then return nil end
+    -- Past where this tenant last found no room within its share, at this share (the
+    -- scan's frontier), unless room was given back in its state since.
+    if T.S.fp == share(TI) and T.S.fm == T.S.rm then lo = math.max(lo, T.S.fr + 1) end
+    -- Candidates: each other active tenant's earliest bookings from lo, in start order.
+    local cands = {}
+    for j, t in ipairs(TEN) do
+      if j ~= TI and active[j] then
+        local items = redis.call('ZRANGEBYSCORE', t.log, fmt(lo), '+inf', 'WITHSCORES', 'LIMIT', 0, 16)
+        for i = 1, #items / 2 do
+          cands[#cands + 1] = { j = j, m = items[2 * i - 1], x = tonumber(items[2 * i]) }
+        end
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a.x ~= b.x then return a.x < b.x end
+      return a.j < b.j
+    end)
+    local tried, frontier, full_at = 0, true, nil
+    for _, v in ipairs(cands) do
+      if tried >= 16 then break end
+      local cv = costs_of(v.m)
+      local cheaper = true
+      for d = 1, 4 do
+        if LF[d] >= 0 and cv[d] < c[d] then cheaper = false end
+      end
+      -- No room at one start is no room for any candidate there.
+      local room = false
+      if v.x ~= full_at then
+        tried = tried + 1
+        room = T.room_at(v.x, c, SL, W, -1) and T.room_at(v.x, c, TL, W, -1)
+        if not room then full_at = v.x end
+      end
+      -- No room within the share up to here: later scans start after it.
+      if frontier and not room then T.S.fr, T.S.fp, T.S.fm = v.x, share(TI), T.S.rm end
+      if room then frontier = false end
+      if cheaper and room then
+        -- The other tenant is above its share in the window ending at its slot.
+        local U = opened[v.j]
+        if not U then
+          U = open(TEN[v.j].log, TEN[v.j].st)
+          U.start()
+          opened[v.j] = U
+        end
+        local held = 0
+        local items = redis.call('ZRANGEBYSCORE', U.log, '(' .. fmt(v.x - W[prim]), fmt(v.x))
+        for _, m in ipairs(items) do held = held + costs_of(m)[prim] end
+        local vid = id_of(v.m)
+        local mm = held > portion(share(v.j))[prim] and M.booked(vid, v.x)
+        if mm then
+          -- A swap gives no room back: the model's and the project's states keep their
+          -- record of that (the other tenant's state does not: it has room now).
+          local rm, prm = S.rm, P and P.S.rm
+          M.replace(mm, vid, v.x, nil)
+          U.replace(v.m, vid, v.x, nil)
+          if P then
+            local pm = P.booked(pid(vid), v.x)
+            if pm then P.replace(pm, pid(vid), v.x, nil) end
+            P.S.rm = prm
+          end
+          S.rm = rm
+          book(v.x)
+          return v.x
+        end
+      end
+    end
+    return nil
   end
   -- Callers queue in arrival order: nobody starts before the latest booking (but see
   -- the room taken below).
@@ -565,16 +748,41 @@ if op == 'a' then
       end
     end
   end
+  -- The tenant's log holds its bookings only, some later than the others': its cursor
+  -- follows now too.
+  if T then
+    for d = 1, 4 do
+      if T.win[d] ~= W[d] then
+        T.win[d] = W[d]
+        T.rebuild(d, now - W[d])
+      else
+        T.advance(d, now - W[d])
+      end
+    end
+  end
   -- A queue ahead, yet room now (a raised limit, released bookings): take it. Only where
   -- room was given back (rm, here or in the project's spend): otherwise the queue's walk left none, and the exact count
   -- reads every booking within a window of g, the dearest step of a decision.
   local g = math.max(now, S.cd)
   local given_back = g < S.rm or (P ~= nil and g < P.S.rm)
   if S.ls > g and given_back and g - now <= max_wait and M.room_at(g, c, L, W, rpd)
-    and (not P or P.room_at(g, spend_only(c), PL, PW, -1)) then
+    and (not P or P.room_at(g, spend_only(c), PL, PW, -1))
+    and (not T or T.room_at(g, c, TL, W, -1)) then
     book(g)
     prune_all()
     return reply(1, g, 0, c)
+  end
+  -- Fair shares: behind a queue, a tenant below its share takes the slot of a booking of
+  -- a tenant above its own share (not started, not checked), in start order; the holder's
+  -- check finds it gone and it books afresh. Shares are weights among the tenants active
+  -- within a window (booked from a window ago on), raised to a tenant's floor and cut to
+  -- its ceiling; an idle tenant's share goes to the others, so the pool stays full.
+  if T and #TEN > 1 and S.ls > now then
+    local x = fair_slot()
+    if x then
+      prune_all()
+      return reply(1, x, 0, c)
+    end
   end
   if s0 - now > max_wait then
     prune_all()
@@ -603,6 +811,21 @@ if op == 'a' then
     end
     if e > s then s, blocker = e, 4 end
     if P.S.fs + PW[4] > s then s, blocker = P.S.fs + PW[4], 4 end
+  end
+  -- The tenant's ceiling, counting all of its bookings (its cursor follows now, so the
+  -- walk holds for any later start).
+  if T then
+    for d = 1, 4 do
+      if TL[d] >= 0 and c[d] > 0 then
+        local e, exact = T.earliest(d, TL[d] - c[d], s, W[d])
+        if not exact then
+          prune_all()
+          return reply(2, math.max(e, s) - now, d, c)
+        end
+        if e > s then s, blocker = e, d end
+        if T.S.fs + W[d] > s then s, blocker = T.S.fs + W[d], d end
+      end
+    end
   end
   if S.db > s then s, blocker = S.db, 5 end
   if rpd >= 0 then
@@ -644,6 +867,14 @@ elseif op == 'r' or op == 'x' then
       done = 1
     end
   end
+  if T and not T.fresh then
+    local tm = T.booked(id, start)
+    if tm then
+      T.replace(tm, id, start, new)
+      T.save()
+      done = 1
+    end
+  end
   return { done }
 elseif op == 'c' then
   -- Just before a booked call: the state must not have been lost, the booking must still
@@ -651,7 +882,8 @@ elseif op == 'c' then
   -- was booked (a booking made under one starts after it) may forbid it. Replies carry
   -- the generation and latest start (the project state's after them).
   -- ARGV: id, start, the hint (4..8), the day boundaries (9..12), the server (13), the
-  -- project state's hint (14, 15).
+  -- project state's hint (14, 15), the tenant (16). A booking checked before its start
+  -- (the caller's clock ran ahead) may be called from now: no other tenant takes it over.
   local id, start = ARGV[2], tonumber(ARGV[3])
   local h = {}
   for i = 1, 5 do h[i] = tonumber(ARGV[3 + i]) or 0 end
@@ -673,6 +905,11 @@ elseif op == 'c' then
       if pm then P.replace(pm, pid(id), start, nil) end
       P.save()
     end
+    if T and not T.fresh then
+      local tm = T.booked(id, start)
+      if tm then T.replace(tm, id, start, nil) end
+      T.save()
+    end
   end
   local lost = M.fence(h)
   if P and P.fence({ tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0, 0, 0, 0, h[6] }) then
@@ -687,6 +924,7 @@ elseif op == 'c' then
   end
   local m = (not fresh) and M.booked(id, start)
   local held = m and (not P or (not P.fresh and P.booked(pid(id), start)))
+    and (not T or (not T.fresh and T.booked(id, start)))
   if not held then
     drop()
     if fresh then return { 2, -1, 8 } end
@@ -696,7 +934,13 @@ elseif op == 'c' then
   local until_, code = 0, 0
   if S.cd > now then until_, code = S.cd, 6 end
   if S.db > now and S.db > until_ then until_, code = S.db, 5 end
-  if code == 0 then return answer(1, 0, 0) end
+  if code == 0 then
+    if start > S.ck and start > now then
+      S.ck = start
+      redis.call('HSET', M.st, 'ck', fmt(start))
+    end
+    return answer(1, 0, 0)
+  end
   drop()
   M.save()
   return answer(2, until_ - now, code)

@@ -149,6 +149,7 @@ impl<L: Limiter> FailsafeLimiter<L> {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -165,25 +166,28 @@ impl<L: Limiter> FailsafeLimiter<L> {
                     costs,
                     origin: Origin::Unchecked,
                     project_spend: false,
+                    tenant: None,
                 },
             }),
-            FailureMode::Local => Ok(self.local.acquire_now(
+            FailureMode::Local => self.local.acquire_for_now(
                 key,
                 &quota.divided(self.expected_replicas),
+                tenant,
                 request_id,
                 costs,
                 max_wait,
-            )),
+            ),
         }
     }
 }
 
 #[async_trait]
 impl<L: Limiter> Limiter for FailsafeLimiter<L> {
-    async fn acquire(
+    async fn acquire_for(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -191,7 +195,7 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         if self.try_shared(key) {
             match self
                 .shared
-                .acquire(key, quota, request_id, costs, max_wait)
+                .acquire_for(key, quota, tenant, request_id, costs, max_wait)
                 .await
             {
                 Ok(d) => {
@@ -205,7 +209,7 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
                 Err(e) => return Err(e),
             }
         }
-        self.fallback(key, quota, request_id, costs, max_wait)
+        self.fallback(key, quota, tenant, request_id, costs, max_wait)
     }
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
@@ -273,10 +277,11 @@ mod tests {
 
     #[async_trait]
     impl Limiter for Down {
-        async fn acquire(
+        async fn acquire_for(
             &self,
             _: &QuotaKey,
             _: &ModelQuota,
+            _: &str,
             _: &str,
             _: Costs,
             _: Duration,
@@ -351,10 +356,11 @@ mod tests {
 
     #[async_trait]
     impl Limiter for PrimaryDown {
-        async fn acquire(
+        async fn acquire_for(
             &self,
             key: &QuotaKey,
             _: &ModelQuota,
+            _: &str,
             request_id: &str,
             costs: Costs,
             _: Duration,
@@ -374,6 +380,7 @@ mod tests {
                     costs,
                     origin: Origin::Shared,
                     project_spend: false,
+                    tenant: None,
                 },
             })
         }

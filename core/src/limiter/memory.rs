@@ -16,7 +16,7 @@ use super::{
     PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
     us_dur,
 };
-use crate::quota::{Costs, Dim, ModelQuota};
+use crate::quota::{Costs, Dim, ModelQuota, TenantShare};
 
 const DAY_US: i64 = 86_400_000_000;
 
@@ -69,6 +69,25 @@ pub(crate) struct KeyState {
     /// last changed (`al`).
     cut: i64,
     cut_at: i64,
+    /// When each tenant last booked (the hash's `a:<tenant>` fields): its latest start.
+    tenant_seen: HashMap<String, i64>,
+    /// The latest start of a booking checked before its start (the hash's `ck`): it may
+    /// be called already, so no other tenant may take it over.
+    checked: i64,
+    /// In a tenant's state: where its fair scan last found no room within its share
+    /// (`fr`), for which share (`fp`) and room mark (`fm`).
+    frontier: (i64, i64, i64),
+}
+
+/// The pool's tenants as one decision sees them (the script's `TEN` and `T`).
+pub(crate) struct Tenants<'a> {
+    pub shares: &'a [TenantShare],
+    /// The request's tenant.
+    pub index: usize,
+    /// Each tenant's state of this (project, model), in `shares`' order.
+    pub states: &'a mut [KeyState],
+    /// The model: a victim's id in the project's log names it.
+    pub model: &'a str,
 }
 
 /// The most the learned cut takes (the rate never falls below a tenth of the limits), and
@@ -95,6 +114,47 @@ fn project_limits(limits: &Limits) -> Limits {
         window_us: [limits.window_us[3]; 4],
         per_day: -1,
     }
+}
+
+/// The pool's limits scaled by `permille` (unlimited stays unlimited).
+fn portion(limits: &[i64; 4], permille: i64) -> [i64; 4] {
+    limits.map(|l| if l < 0 { -1 } else { l * permille / 1000 })
+}
+
+/// Each active tenant's share, per mille (the script's `shares`): the rest after the
+/// tenants held at their floor or ceiling, by weight, until none moves.
+fn fair_shares(tenants: &[TenantShare], active: &[bool]) -> Vec<i64> {
+    let mut shares = vec![0i64; tenants.len()];
+    let mut fixed = vec![false; tenants.len()];
+    for _ in 0..=tenants.len() {
+        let (mut rest, mut wsum, mut moved) = (1000i64, 0i64, false);
+        for (j, t) in tenants.iter().enumerate() {
+            if active[j] {
+                if fixed[j] {
+                    rest -= shares[j];
+                } else {
+                    wsum += i64::from(t.weight);
+                }
+            }
+        }
+        for (j, t) in tenants.iter().enumerate() {
+            if active[j] && !fixed[j] {
+                let v = rest.max(0) * i64::from(t.weight) / wsum.max(1);
+                let (floor, ceiling) = (i64::from(t.floor_permille), i64::from(t.ceiling_permille));
+                if v < floor {
+                    (shares[j], fixed[j], moved) = (floor, true, true);
+                } else if v > ceiling {
+                    (shares[j], fixed[j], moved) = (ceiling, true, true);
+                } else {
+                    shares[j] = v;
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    shares
 }
 
 /// The project's part of a booking.
@@ -466,10 +526,14 @@ impl KeyState {
         max_wait: i64,
         hint: Hint,
         mut project: Option<Project<'_>>,
+        mut tenants: Option<Tenants<'_>>,
     ) -> Outcome {
         let clock_now = project
             .as_ref()
             .map_or(clock_now, |p| clock_now.max(p.state.now));
+        let clock_now = tenants
+            .as_ref()
+            .map_or(clock_now, |t| clock_now.max(t.states[t.index].now));
         let (now, fresh) = self.begin(clock_now);
         let mut limits = *limits;
         let mut pl = None;
@@ -485,6 +549,29 @@ impl KeyState {
         self.fence(hint, fresh);
         let limits = &self.learned(now, &limits, true);
         let _ = self.refit(now, limits);
+        // The pool's limits as this decision applies them (the learned cut included, spend
+        // the project's): a tenant's ceiling and share are parts of these.
+        let mut lf = limits.limit;
+        if let Some(l) = pl {
+            lf[3] = l.limit[3];
+        }
+        // The tenant's ceiling: its limits, enforced even while the pool has room.
+        let mut tl = Limits {
+            limit: [-1; 4],
+            window_us: limits.window_us,
+            per_day: -1,
+        };
+        if let Some(t) = tenants.as_mut() {
+            let cl = t.shares[t.index].ceiling_permille;
+            if cl < 1000 {
+                tl.limit = portion(&lf, i64::from(cl));
+            }
+            let st = &mut t.states[t.index];
+            let (_, tfresh) = st.begin(now);
+            // Callers keep no hint of a tenant's state: a lost one is found by the model's.
+            st.fence(Hint::default(), tfresh);
+            let _ = st.refit(now, &tl);
+        }
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
         if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
@@ -496,7 +583,10 @@ impl KeyState {
                 costs: e.costs,
             };
         }
-        if limits.never_fits(&costs) || pl.is_some_and(|l| l.never_fits(&spend_only(costs))) {
+        if limits.never_fits(&costs)
+            || pl.is_some_and(|l| l.never_fits(&spend_only(costs)))
+            || tl.never_fits(&costs)
+        {
             return Outcome::Reject {
                 retry_us: None,
                 blocker: Blocker::NeverFits,
@@ -538,11 +628,30 @@ impl KeyState {
                 }
             }
         }
+        // The tenant's log holds its bookings only, some later than the others': its
+        // cursor follows now too.
+        if let Some(t) = tenants.as_mut() {
+            let st = &mut t.states[t.index];
+            for d in 0..4 {
+                let w = limits.window_us[d];
+                if st.windows[d] != w {
+                    st.windows[d] = w;
+                    st.rebuild(d, now - w);
+                } else {
+                    st.advance(d, now - w);
+                }
+            }
+        }
         let keep_from = now - limits.window_us.iter().copied().max().unwrap_or(0);
-        let prune_all = |st: &mut KeyState, project: &mut Option<Project<'_>>| {
+        let prune_all = |st: &mut KeyState,
+                         project: &mut Option<Project<'_>>,
+                         tenants: &mut Option<Tenants<'_>>| {
             st.prune(keep_from);
             if let (Some(p), Some(l)) = (project.as_mut(), pl.as_ref()) {
                 p.state.prune(now - l.window_us[3]);
+            }
+            if let Some(t) = tenants.as_mut() {
+                t.states[t.index].prune(keep_from);
             }
         };
         // A queue ahead, yet room now (a raised limit, released bookings): take it.
@@ -557,6 +666,9 @@ impl KeyState {
                 .as_ref()
                 .zip(pl.as_ref())
                 .is_none_or(|(p, l)| p.state.room_at(g, &spend_only(costs), l))
+            && tenants
+                .as_ref()
+                .is_none_or(|t| t.states[t.index].room_at(g, &costs, &tl))
         {
             self.insert(g, costs, Arc::from(request_id));
             if g < self.day_end {
@@ -569,7 +681,10 @@ impl KeyState {
                     .insert(g, spend_only(costs), Arc::from(p.id.as_str()));
                 p.state.last_start = p.state.last_start.max(g);
             }
-            prune_all(self, &mut project);
+            if let Some(t) = tenants.as_mut() {
+                self.book_tenant(t, g, costs, request_id);
+            }
+            prune_all(self, &mut project, &mut tenants);
             return Outcome::Start {
                 start: g,
                 now,
@@ -580,8 +695,33 @@ impl KeyState {
             retry_us: Some(s - now),
             blocker,
         };
+        // Fair shares: behind a queue, a tenant below its share takes the slot of a booking
+        // of a tenant above its own share (not started, not checked), in start order; the
+        // holder's check finds it gone and it books afresh.
+        if let Some(t) = tenants.as_mut()
+            && t.shares.len() > 1
+            && self.last_start > now
+            && let Some(x) = self.fair_slot(
+                now,
+                limits,
+                &lf,
+                &tl,
+                pl.as_ref(),
+                &mut project,
+                t,
+                request_id,
+                costs,
+            )
+        {
+            prune_all(self, &mut project, &mut tenants);
+            return Outcome::Start {
+                start: x,
+                now,
+                costs,
+            };
+        }
         if s0 - now > max_wait {
-            prune_all(self, &mut project);
+            prune_all(self, &mut project, &mut tenants);
             return reject(s0, blocker);
         }
         for (d, cost) in costs.iter().enumerate() {
@@ -618,6 +758,26 @@ impl KeyState {
                 blocker = Blocker::Dimension(Dim::SpendMicros);
             }
         }
+        // The tenant's ceiling, counting all of its bookings (its cursor follows now, so
+        // the walk holds for any later start).
+        if let Some(t) = tenants.as_ref() {
+            let st = &t.states[t.index];
+            for (d, cost) in costs.iter().enumerate() {
+                if tl.limit[d] < 0 || *cost == 0 {
+                    continue;
+                }
+                let w = limits.window_us[d];
+                let t = st.earliest(d, tl.limit[d] - cost, s, w);
+                if t > s {
+                    s = t;
+                    blocker = Blocker::Dimension(Dim::ALL[d]);
+                }
+                if st.fence + w > s {
+                    s = st.fence + w;
+                    blocker = Blocker::Dimension(Dim::ALL[d]);
+                }
+            }
+        }
         if self.day_blocked > s {
             s = self.day_blocked;
             blocker = Blocker::Daily;
@@ -630,12 +790,12 @@ impl KeyState {
             if s >= self.day_end
                 && (s >= self.day_after || self.next_count + costs[0] > limits.per_day)
             {
-                prune_all(self, &mut project);
+                prune_all(self, &mut project, &mut tenants);
                 return reject(s.max(self.day_after), Blocker::Daily);
             }
         }
         if s - now > max_wait {
-            prune_all(self, &mut project);
+            prune_all(self, &mut project, &mut tenants);
             return reject(s, blocker);
         }
         let id: Arc<str> = Arc::from(request_id);
@@ -664,12 +824,178 @@ impl KeyState {
                 .insert(s, spend_only(costs), Arc::from(p.id.as_str()));
             p.state.last_start = p.state.last_start.max(s);
         }
-        prune_all(self, &mut project);
+        if let Some(t) = tenants.as_mut() {
+            self.book_tenant(t, s, costs, request_id);
+        }
+        prune_all(self, &mut project, &mut tenants);
         Outcome::Start {
             start: s,
             now,
             costs,
         }
+    }
+
+    /// Books in the tenant's state, and records when the tenant last booked.
+    fn book_tenant(&mut self, t: &mut Tenants<'_>, at: i64, costs: [i64; 4], request_id: &str) {
+        let st = &mut t.states[t.index];
+        st.insert(at, costs, Arc::from(request_id));
+        st.last_start = st.last_start.max(at);
+        let seen = self
+            .tenant_seen
+            .entry(t.shares[t.index].name.clone())
+            .or_insert(0);
+        *seen = (*seen).max(at);
+    }
+
+    /// The earliest slot of another tenant's booking this request may take over, the swap
+    /// made (the script's `fair_slot`): shares are weights among the tenants active within
+    /// a window (booked from a window ago on), raised to a tenant's floor and cut to its
+    /// ceiling, so an idle tenant's share goes to the others. A slot is taken only from a
+    /// tenant above its own share in the window ending there, by a request that costs no
+    /// more in any limited dimension, where the window keeps this tenant within its share.
+    #[allow(clippy::too_many_arguments)]
+    fn fair_slot(
+        &mut self,
+        now: i64,
+        limits: &Limits,
+        lf: &[i64; 4],
+        tl: &Limits,
+        pl: Option<&Limits>,
+        project: &mut Option<Project<'_>>,
+        t: &mut Tenants<'_>,
+        request_id: &str,
+        costs: [i64; 4],
+    ) -> Option<i64> {
+        let w = limits.window_us;
+        let reach = (0..4).filter(|&d| lf[d] >= 0).map(|d| w[d]).max()?;
+        let active: Vec<bool> = t
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                j == t.index
+                    || self
+                        .tenant_seen
+                        .get(&s.name)
+                        .is_some_and(|&a| a > now - reach)
+            })
+            .collect();
+        let shares = fair_shares(t.shares, &active);
+        let share = |j: usize| shares[j];
+        let mine = share(t.index);
+        let sl = Limits {
+            limit: portion(lf, mine),
+            window_us: w,
+            per_day: -1,
+        };
+        // Not before a fence, a cooldown, a day block, or a booking already checked.
+        let me = &t.states[t.index];
+        let mut lo = (now + 1)
+            .max(self.checked + 1)
+            .max(self.cooldown)
+            .max(self.day_blocked);
+        let mut prim = None;
+        for d in 0..4 {
+            if lf[d] >= 0 && costs[d] > 0 {
+                if costs[d] > sl.limit[d] {
+                    return None;
+                }
+                lo = lo.max(self.fence + w[d]).max(me.fence + w[d]);
+                if d == 3
+                    && let (Some(p), Some(l)) = (project.as_ref(), pl)
+                {
+                    lo = lo.max(p.state.fence + l.window_us[3]);
+                }
+            }
+            if lf[d] >= 0 && prim.is_none() {
+                prim = Some(d);
+            }
+        }
+        let prim = prim?;
+        // Past where this tenant last found no room within its share, at this share (the
+        // scan's frontier), unless room was given back in its state since.
+        if me.frontier.1 == mine && me.frontier.2 == me.room_until {
+            lo = lo.max(me.frontier.0 + 1);
+        }
+        // Candidates: each other active tenant's earliest bookings from lo, in start order.
+        let mut cands: Vec<(i64, usize, Arc<str>, [i64; 4])> = Vec::new();
+        for (j, st) in t.states.iter().enumerate() {
+            if j == t.index || !active[j] {
+                continue;
+            }
+            let from = st.log.partition_point(|e| e.start < lo);
+            cands.extend(
+                st.log
+                    .iter()
+                    .skip(from)
+                    .filter_map(|e| e.id.clone().map(|id| (e.start, j, id, e.costs)))
+                    .take(16),
+            );
+        }
+        cands.sort_by_key(|c| (c.0, c.1));
+        let (mut tried, mut frontier, mut full_at) = (0, true, None);
+        for (x, j, vid, cv) in cands {
+            if tried >= 16 {
+                break;
+            }
+            let cheaper = (0..4).all(|d| lf[d] < 0 || cv[d] >= costs[d]);
+            let me = &mut t.states[t.index];
+            // No room at one start is no room for any candidate there.
+            let mut room = false;
+            if full_at != Some(x) {
+                tried += 1;
+                room = me.room_at(x, &costs, &sl) && me.room_at(x, &costs, tl);
+                if !room {
+                    full_at = Some(x);
+                }
+            }
+            // No room within the share up to here: later scans start after it.
+            if frontier && !room {
+                me.frontier = (x, mine, me.room_until);
+            }
+            if room {
+                frontier = false;
+            }
+            if !(cheaper && room) {
+                continue;
+            }
+            // The other tenant is above its share in the window ending at its slot.
+            let held: i64 = t.states[j]
+                .log
+                .iter()
+                .filter(|e| e.start > x - w[prim] && e.start <= x)
+                .map(|e| e.costs[prim])
+                .sum();
+            if held <= portion(lf, share(j))[prim] {
+                continue;
+            }
+            let Some(seq) = self.booked(&vid, x) else {
+                continue;
+            };
+            // A swap gives no room back: the model's and the project's states keep their
+            // record of that (the other tenant's state does not: it has room now).
+            let rm = self.room_until;
+            self.release_seq(seq);
+            self.room_until = rm;
+            t.states[j].release(&vid, x);
+            if let Some(p) = project.as_mut() {
+                let prm = p.state.room_until;
+                p.state.release(&format!("{vid} {}", t.model), x);
+                p.state.room_until = prm;
+                p.state
+                    .insert(x, spend_only(costs), Arc::from(p.id.as_str()));
+                p.state.last_start = p.state.last_start.max(x);
+            }
+            self.insert(x, costs, Arc::from(request_id));
+            if x < self.day_end {
+                self.day_count += costs[0];
+            } else {
+                self.next_count += costs[0];
+            }
+            self.book_tenant(t, x, costs, request_id);
+            return Some(x);
+        }
+        None
     }
 
     /// The entry booked for `request_id` with this start: the id's latest booking, or an
@@ -708,6 +1034,7 @@ impl KeyState {
     /// be held (in the project's spend state too), and no cooldown or day block set since
     /// it was booked may forbid it (a booking made under one starts after it). A ticket
     /// that may not run is released.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
         &mut self,
         clock_now: i64,
@@ -716,12 +1043,15 @@ impl KeyState {
         start: i64,
         hint: Hint,
         mut project: Option<Project<'_>>,
+        mut tenant: Option<&mut KeyState>,
     ) -> Check {
         let clock_now = project
             .as_ref()
             .map_or(clock_now, |p| clock_now.max(p.state.now));
+        let clock_now = tenant.as_ref().map_or(clock_now, |t| clock_now.max(t.now));
         let (now, fresh) = self.begin(clock_now);
         let pfresh = project.as_mut().map(|p| p.state.begin(now).1);
+        let tfresh = tenant.as_mut().map(|t| t.begin(now).1);
         self.roll_day(now, calendar);
         let lost = Check::Cancelled {
             retry_after: None,
@@ -731,25 +1061,33 @@ impl KeyState {
         if let (Some(p), Some(pf)) = (project.as_mut(), pfresh) {
             fenced |= p.state.fence(p.hint, pf);
         }
-        // Gives the booking up in both states.
-        let drop = |st: &mut KeyState, project: &mut Option<Project<'_>>| {
+        // Gives the booking up in every state.
+        let drop = |st: &mut KeyState,
+                    project: &mut Option<Project<'_>>,
+                    tenant: &mut Option<&mut KeyState>| {
             st.release(request_id, start);
             if let Some(p) = project.as_mut() {
                 p.state.release(&p.id, start);
             }
+            if let Some(t) = tenant.as_mut() {
+                t.release(request_id, start);
+            }
         };
         if fenced {
             // Fenced now, so nobody books into the lost window; this ticket is not used.
-            drop(self, &mut project);
+            drop(self, &mut project, &mut tenant);
             return lost;
         }
         let held = !fresh
             && self.booked(request_id, start).is_some()
             && project
                 .as_ref()
-                .is_none_or(|p| pfresh != Some(true) && p.state.booked(&p.id, start).is_some());
+                .is_none_or(|p| pfresh != Some(true) && p.state.booked(&p.id, start).is_some())
+            && tenant
+                .as_ref()
+                .is_none_or(|t| tfresh != Some(true) && t.booked(request_id, start).is_some());
         if !held {
-            drop(self, &mut project);
+            drop(self, &mut project, &mut tenant);
             // A state found new is not created here (the script does not save it).
             if fresh {
                 self.generation = 0;
@@ -758,6 +1096,11 @@ impl KeyState {
                 && let Some(p) = project.as_mut()
             {
                 p.state.generation = 0;
+            }
+            if tfresh == Some(true)
+                && let Some(t) = tenant.as_mut()
+            {
+                t.generation = 0;
             }
             return lost;
         }
@@ -769,9 +1112,12 @@ impl KeyState {
             until = Some((self.day_blocked, Blocker::Daily));
         }
         let Some((until, blocking)) = until else {
+            if start > self.checked && start > now {
+                self.checked = start;
+            }
             return Check::Go;
         };
-        drop(self, &mut project);
+        drop(self, &mut project, &mut tenant);
         Check::Cancelled {
             retry_after: Some(us_dur(until - now)),
             blocking,
@@ -966,6 +1312,7 @@ pub(crate) fn decision(
                 costs: Costs::from_array(costs.map(|c| u64::try_from(c).unwrap_or(0))),
                 origin,
                 project_spend,
+                tenant: None,
             };
             if start <= now {
                 Decision::Admitted { ticket }
@@ -1024,29 +1371,42 @@ impl MemoryLimiter {
     }
 
     fn with_state<T>(&self, key: &QuotaKey, f: impl FnOnce(&mut KeyState, &mut Hint) -> T) -> T {
-        self.with_states(key, false, |st, hint, _| f(st, hint))
+        self.with_states(key, false, &[], |st, hint, _, _| f(st, hint))
     }
 
-    /// `key`'s state, and with `project_spend` its project's spend state (kept under the
-    /// key `(project, "*spend")`), each with what this limiter last saw of it.
+    /// `key`'s state, with `project_spend` its project's spend state (kept under the key
+    /// `(project, "*spend")`), each with what this limiter last saw of it, and the states
+    /// of `tenants` (kept under `(project, "<model>:*t:<tenant>")`), in their order.
     fn with_states<T>(
         &self,
         key: &QuotaKey,
         project_spend: bool,
-        f: impl FnOnce(&mut KeyState, &mut Hint, Option<&mut (KeyState, Hint)>) -> T,
+        tenants: &[&str],
+        f: impl FnOnce(&mut KeyState, &mut Hint, Option<&mut (KeyState, Hint)>, &mut [KeyState]) -> T,
     ) -> T {
         // A poisoned lock only means another caller panicked mid-decision; the state is
         // still a valid log (every mutation keeps the sums consistent before returning).
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let pkey = QuotaKey::new(key.project.clone(), "*spend");
         let mut project = project_spend.then(|| states.remove(&pkey).unwrap_or_default());
+        let tkeys: Vec<QuotaKey> = tenants
+            .iter()
+            .map(|t| QuotaKey::new(key.project.clone(), format!("{}:*t:{t}", key.model)))
+            .collect();
+        let mut tstates: Vec<KeyState> = tkeys
+            .iter()
+            .map(|k| states.remove(k).unwrap_or_default().0)
+            .collect();
         let (st, hint) = match states.get_mut(key) {
             Some(slot) => slot,
             None => states.entry(key.clone()).or_default(),
         };
-        let out = f(st, hint, project.as_mut());
+        let out = f(st, hint, project.as_mut(), &mut tstates);
         if let Some(p) = project {
             states.insert(pkey, p);
+        }
+        for (k, t) in tkeys.into_iter().zip(tstates) {
+            states.insert(k, (t, Hint::default()));
         }
         out
     }
@@ -1070,8 +1430,9 @@ impl MemoryLimiter {
         format!("{request_id} {}", key.model)
     }
 
-    /// Synchronous acquire (benchmarks and the failsafe's local path).
-    pub fn acquire_now(
+    /// Synchronous acquire as the default tenant (tests).
+    #[cfg(test)]
+    pub(crate) fn acquire_now(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
@@ -1079,36 +1440,24 @@ impl MemoryLimiter {
         costs: Costs,
         max_wait: Duration,
     ) -> Decision {
-        let limits = Limits::of(quota);
-        let now = self.clock.now_us();
-        let project_spend = quota.spend_micros.limit.is_some();
-        let outcome = self.with_states(key, project_spend, |st, hint, mut project| {
-            let outcome = st.acquire(
-                now,
-                &*self.calendar,
-                &limits,
-                request_id,
-                costs_i64(&costs),
-                dur_us(max_wait),
-                *hint,
-                Self::project(&mut project, key, request_id),
-            );
-            *hint = st.hint();
-            if let Some((ps, ph)) = project {
-                *ph = ps.project_hint();
-            }
-            outcome
-        });
-        decision(key, request_id, outcome, self.origin, project_spend)
+        self.acquire_for_now(
+            key,
+            quota,
+            crate::quota::DEFAULT_TENANT,
+            request_id,
+            costs,
+            max_wait,
+        )
+        .expect("a valid request")
     }
-}
 
-#[async_trait]
-impl Limiter for MemoryLimiter {
-    async fn acquire(
+    /// Synchronous acquire (the failsafe's local path), for `tenant` (see
+    /// [`Limiter::acquire_for`]).
+    pub fn acquire_for_now(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -1116,15 +1465,72 @@ impl Limiter for MemoryLimiter {
         if request_id.is_empty() {
             return Err(super::Error::Invalid("empty request id".into()));
         }
-        Ok(self.acquire_now(key, quota, request_id, costs, max_wait))
+        let tenant_at = super::tenant_index(quota, tenant)?;
+        let limits = Limits::of(quota);
+        let now = self.clock.now_us();
+        let project_spend = quota.spend_micros.limit.is_some();
+        let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
+        let outcome = self.with_states(
+            key,
+            project_spend,
+            &names,
+            |st, hint, mut project, tstates| {
+                let tenants = tenant_at.map(|index| Tenants {
+                    shares: &quota.tenants,
+                    index,
+                    states: tstates,
+                    model: &key.model,
+                });
+                let outcome = st.acquire(
+                    now,
+                    &*self.calendar,
+                    &limits,
+                    request_id,
+                    costs_i64(&costs),
+                    dur_us(max_wait),
+                    *hint,
+                    Self::project(&mut project, key, request_id),
+                    tenants,
+                );
+                *hint = st.hint();
+                if let Some((ps, ph)) = project {
+                    *ph = ps.project_hint();
+                }
+                outcome
+            },
+        );
+        let mut d = decision(key, request_id, outcome, self.origin, project_spend);
+        if let (Some(i), Decision::Admitted { ticket } | Decision::Booked { ticket, .. }) =
+            (tenant_at, &mut d)
+        {
+            ticket.tenant = Some(quota.tenants[i].name.clone());
+        }
+        Ok(d)
+    }
+}
+
+#[async_trait]
+impl Limiter for MemoryLimiter {
+    async fn acquire_for(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        tenant: &str,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        self.acquire_for_now(key, quota, tenant, request_id, costs, max_wait)
     }
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
         let now = self.clock.now_us();
+        let tenants: Vec<&str> = ticket.tenant.as_deref().into_iter().collect();
         Ok(self.with_states(
             &ticket.key,
             ticket.project_spend,
-            |st, hint, mut project| {
+            &tenants,
+            |st, hint, mut project, tstates| {
                 let check = st.check(
                     now,
                     &*self.calendar,
@@ -1132,6 +1538,7 @@ impl Limiter for MemoryLimiter {
                     ticket.start_us,
                     *hint,
                     Self::project(&mut project, &ticket.key, &ticket.request_id),
+                    tstates.first_mut(),
                 );
                 if st.generation != 0 {
                     *hint = st.hint();
@@ -1149,23 +1556,41 @@ impl Limiter for MemoryLimiter {
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
         let id = Self::project_id(&ticket.key, &ticket.request_id);
         let c = costs_i64(&actual);
-        self.with_states(&ticket.key, ticket.project_spend, |st, _, project| {
-            st.reconcile(&ticket.request_id, ticket.start_us, c);
-            if let Some((ps, _)) = project {
-                ps.reconcile(&id, ticket.start_us, spend_only(c));
-            }
-        });
+        let tenants: Vec<&str> = ticket.tenant.as_deref().into_iter().collect();
+        self.with_states(
+            &ticket.key,
+            ticket.project_spend,
+            &tenants,
+            |st, _, project, tstates| {
+                st.reconcile(&ticket.request_id, ticket.start_us, c);
+                if let Some((ps, _)) = project {
+                    ps.reconcile(&id, ticket.start_us, spend_only(c));
+                }
+                for t in tstates {
+                    t.reconcile(&ticket.request_id, ticket.start_us, c);
+                }
+            },
+        );
         Ok(())
     }
 
     async fn release(&self, ticket: &Ticket) -> Result<()> {
         let id = Self::project_id(&ticket.key, &ticket.request_id);
-        self.with_states(&ticket.key, ticket.project_spend, |st, _, project| {
-            st.release(&ticket.request_id, ticket.start_us);
-            if let Some((ps, _)) = project {
-                ps.release(&id, ticket.start_us);
-            }
-        });
+        let tenants: Vec<&str> = ticket.tenant.as_deref().into_iter().collect();
+        self.with_states(
+            &ticket.key,
+            ticket.project_spend,
+            &tenants,
+            |st, _, project, tstates| {
+                st.release(&ticket.request_id, ticket.start_us);
+                if let Some((ps, _)) = project {
+                    ps.release(&id, ticket.start_us);
+                }
+                for t in tstates {
+                    t.release(&ticket.request_id, ticket.start_us);
+                }
+            },
+        );
         Ok(())
     }
 
@@ -1180,9 +1605,11 @@ impl Limiter for MemoryLimiter {
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
         let now = self.clock.now_us();
         let project_spend = quota.spend_micros.limit.is_some();
-        Ok(self.with_states(key, project_spend, |st, _, project| {
-            st.usage(now, quota, project.map(|(ps, _)| ps))
-        }))
+        Ok(
+            self.with_states(key, project_spend, &[], |st, _, project, _| {
+                st.usage(now, quota, project.map(|(ps, _)| ps))
+            }),
+        )
     }
 }
 

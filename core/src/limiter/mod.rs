@@ -74,7 +74,7 @@ use std::{
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::quota::{Costs, Dim, ModelQuota};
+use crate::quota::{Costs, DEFAULT_TENANT, Dim, ModelQuota};
 
 pub mod failsafe;
 pub mod memory;
@@ -128,6 +128,22 @@ impl QuotaKey {
     /// The project's spend state.
     pub fn spend_state_key(&self) -> String {
         format!("{}:st", crate::keys::limiter_state(&self.project, None))
+    }
+
+    /// The log of one tenant's bookings of this pair (its ceiling and fair share).
+    pub fn tenant_log_key(&self, tenant: &str) -> String {
+        format!(
+            "{}:*t:{tenant}:log",
+            crate::keys::limiter_state(&self.project, Some(&self.model))
+        )
+    }
+
+    /// One tenant's state of this pair.
+    pub fn tenant_state_key(&self, tenant: &str) -> String {
+        format!(
+            "{}:*t:{tenant}:st",
+            crate::keys::limiter_state(&self.project, Some(&self.model))
+        )
     }
 }
 
@@ -207,6 +223,10 @@ pub struct Ticket {
     /// check, reconcile and release go there too.
     #[serde(default)]
     pub project_spend: bool,
+    /// The tenant it was booked for, when the pool declares tenants: check, reconcile and
+    /// release go to its state too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The answer to [`Limiter::acquire`].
@@ -386,6 +406,25 @@ pub trait Limiter: Send + Sync {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        request_id: &str,
+        costs: Costs,
+        max_wait: Duration,
+    ) -> Result<Decision> {
+        self.acquire_for(key, quota, DEFAULT_TENANT, request_id, costs, max_wait)
+            .await
+    }
+
+    /// [`Limiter::acquire`] for one of the pool's tenants (`quota.tenants`; ignored when
+    /// the pool declares none): the booking also counts against the tenant's ceiling, and
+    /// a tenant below its fair share of a window takes over, behind a queue, the slot of a
+    /// booking of a tenant above its own share that has not started (its holder's check
+    /// answers [`Blocker::Lost`], and it books afresh). A tenant the pool does not declare
+    /// is refused with [`Error::Invalid`].
+    async fn acquire_for(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -611,6 +650,25 @@ impl Limits {
     pub fn never_fits(&self, costs: &[i64; 4]) -> bool {
         (0..4).any(|d| self.limit[d] >= 0 && costs[d] > self.limit[d])
             || (self.per_day >= 0 && costs[0] > self.per_day)
+    }
+}
+
+/// The position of `tenant` among the quota's tenants (`None`: the pool declares none).
+pub(crate) fn tenant_index(quota: &ModelQuota, tenant: &str) -> Result<Option<usize>> {
+    if quota.tenants.is_empty() {
+        return Ok(None);
+    }
+    match quota.tenants.iter().position(|t| t.name == tenant) {
+        Some(i) => Ok(Some(i)),
+        None => Err(Error::Invalid(format!(
+            "tenant {tenant:?} is not one of the pool's tenants ({}): declare it in the QuotaPool's spec.tenants or send one of those",
+            quota
+                .tenants
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
     }
 }
 

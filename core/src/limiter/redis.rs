@@ -292,18 +292,22 @@ impl RedisLimiter {
             .cloned())
     }
 
-    /// Runs one operation on `key`'s state, and on its project's spend state with
-    /// `project_spend`.
+    /// Runs one operation on `key`'s state, on its project's spend state with
+    /// `project_spend`, and on the states of `tenants` (after them).
     async fn run(
         &self,
         key: &QuotaKey,
         project_spend: bool,
+        tenants: &[&str],
         args: Vec<String>,
     ) -> Result<Vec<i64>> {
         let mut inv = self.script.prepare_invoke();
         inv.key(key.log_key()).key(key.state_key());
         if project_spend {
             inv.key(key.spend_log_key()).key(key.spend_state_key());
+        }
+        for t in tenants {
+            inv.key(key.tenant_log_key(t)).key(key.tenant_state_key(t));
         }
         for a in args {
             inv.arg(a);
@@ -320,6 +324,11 @@ fn args(items: &[&(dyn std::fmt::Display + Sync)]) -> Vec<String> {
     items.iter().map(|a| a.to_string()).collect()
 }
 
+/// The tenant state a ticket's operations also act on.
+fn ticket_tenants(ticket: &Ticket) -> Vec<&str> {
+    ticket.tenant.as_deref().into_iter().collect()
+}
+
 fn get(reply: &[i64], i: usize) -> Result<i64> {
     reply
         .get(i)
@@ -329,10 +338,11 @@ fn get(reply: &[i64], i: usize) -> Result<i64> {
 
 #[async_trait]
 impl Limiter for RedisLimiter {
-    async fn acquire(
+    async fn acquire_for(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -340,6 +350,7 @@ impl Limiter for RedisLimiter {
         if request_id.is_empty() {
             return Err(Error::Invalid("empty request id".into()));
         }
+        let tenant_at = super::tenant_index(quota, tenant)?;
         let l = Limits::of(quota);
         let c = costs_i64(&costs);
         let b = self.boundaries();
@@ -374,10 +385,22 @@ impl Limiter for RedisLimiter {
             &h[4],
             &self.server_for(key),
         ]);
-        if project_spend {
-            argv.extend(args(&[&ph[0], &ph[1]]));
+        // The project's hint always, so the tenants' part has a fixed place.
+        argv.extend(args(&[&ph[0], &ph[1]]));
+        argv.extend(args(&[
+            &quota.tenants.len(),
+            &tenant_at.map_or(0, |i| i + 1),
+        ]));
+        for t in &quota.tenants {
+            argv.extend(args(&[
+                &t.name,
+                &t.weight,
+                &t.floor_permille,
+                &t.ceiling_permille,
+            ]));
         }
-        let reply = self.run(key, project_spend, argv).await?;
+        let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
+        let reply = self.run(key, project_spend, &names, argv).await?;
         self.saw_server(key, &reply, 13);
         if project_spend {
             self.set_spend_hint(key, &reply, 14);
@@ -404,6 +427,7 @@ impl Limiter for RedisLimiter {
                     costs: Costs::from_array(booked),
                     origin: Origin::Shared,
                     project_spend,
+                    tenant: tenant_at.map(|_| tenant.to_owned()),
                 };
                 Ok(if v <= now {
                     Decision::Admitted { ticket }
@@ -442,11 +466,17 @@ impl Limiter for RedisLimiter {
             &b[3],
             &self.server_for(&ticket.key),
         ]);
-        if ticket.project_spend {
-            let ph = self.spend_hint(&ticket.key);
-            argv.extend(args(&[&ph[0], &ph[1]]));
-        }
-        let r = self.run(&ticket.key, ticket.project_spend, argv).await?;
+        let ph = self.spend_hint(&ticket.key);
+        let tenant = ticket.tenant.as_deref().unwrap_or("");
+        argv.extend(args(&[&ph[0], &ph[1], &tenant]));
+        let r = self
+            .run(
+                &ticket.key,
+                ticket.project_spend,
+                &ticket_tenants(ticket),
+                argv,
+            )
+            .await?;
         self.saw_server(&ticket.key, &r, 8);
         if ticket.project_spend && r.len() > 10 {
             self.set_spend_hint(&ticket.key, &r, 9);
@@ -473,10 +503,21 @@ impl Limiter for RedisLimiter {
     async fn reconcile(&self, ticket: &Ticket, actual: Costs) -> Result<()> {
         let c = costs_i64(&actual);
         let rid = ticket.request_id.as_str();
+        let tenant = ticket.tenant.as_deref().unwrap_or("");
         self.run(
             &ticket.key,
             ticket.project_spend,
-            args(&[&"r", &rid, &ticket.start_us, &c[0], &c[1], &c[2], &c[3]]),
+            &ticket_tenants(ticket),
+            args(&[
+                &"r",
+                &rid,
+                &ticket.start_us,
+                &c[0],
+                &c[1],
+                &c[2],
+                &c[3],
+                &tenant,
+            ]),
         )
         .await?;
         Ok(())
@@ -484,10 +525,12 @@ impl Limiter for RedisLimiter {
 
     async fn release(&self, ticket: &Ticket) -> Result<()> {
         let rid = ticket.request_id.as_str();
+        let tenant = ticket.tenant.as_deref().unwrap_or("");
         self.run(
             &ticket.key,
             ticket.project_spend,
-            args(&[&"x", &rid, &ticket.start_us]),
+            &ticket_tenants(ticket),
+            args(&[&"x", &rid, &ticket.start_us, &tenant]),
         )
         .await?;
         Ok(())
@@ -503,6 +546,7 @@ impl Limiter for RedisLimiter {
         self.run(
             key,
             false,
+            &[],
             args(&[&"p", &dur_us(delay), &s, &b[0], &b[1], &b[2], &b[3]]),
         )
         .await?;
@@ -524,6 +568,7 @@ impl Limiter for RedisLimiter {
             .run(
                 key,
                 quota.spend_micros.limit.is_some(),
+                &[],
                 args(&[
                     &"u",
                     &w[0],

@@ -151,6 +151,7 @@ mod tests {
             costs: Costs::default(),
             origin: pacer_core::limiter::Origin::Shared,
             project_spend: false,
+            tenant: None,
         };
         assert_eq!(
             ticket_tag(&ticket),

@@ -233,6 +233,7 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
         window_margin_ms: Some(0),
         base_url: None,
         vertex: None,
+        tenants: Vec::new(),
     };
     let chain = CompiledChain {
         name: "default/chain".into(),
@@ -278,17 +279,18 @@ struct Losing {
 
 #[async_trait]
 impl Limiter for Losing {
-    async fn acquire(
+    async fn acquire_for(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
+        tenant: &str,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
     ) -> pacer_core::limiter::Result<Decision> {
         self.acquires.fetch_add(1, Ordering::SeqCst);
         self.inner
-            .acquire(key, quota, request_id, costs, max_wait)
+            .acquire_for(key, quota, tenant, request_id, costs, max_wait)
             .await
     }
 

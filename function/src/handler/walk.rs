@@ -757,6 +757,7 @@ mod tests {
             window_margin_ms: None,
             base_url: None,
             vertex: None,
+            tenants: Vec::new(),
         };
         assert_eq!(quota_owner(&pool, "a", Some("b")), "b");
         assert_eq!(quota_owner(&pool, "a", Some("models/b")), "b");

@@ -518,6 +518,7 @@ impl Caller {
             dur_us(max_wait),
             self.hint,
             None,
+            None,
         );
         self.hint = st.hint();
         decision(&key(), id, outcome, Origin::Shared, false)
@@ -545,6 +546,7 @@ impl Caller {
             &t.request_id,
             t.start_us,
             self.hint,
+            None,
             None,
         );
         if st.generation != 0 {
@@ -828,6 +830,7 @@ proptest! {
                 costs_i64(&req(1)),
                 dur_us(Duration::from_millis(max_wait_ms)),
                 callers[who].hint,
+                None,
                 None,
             );
             callers[who].hint = st.hint();
@@ -1270,4 +1273,185 @@ async fn spend_is_one_bucket_per_project_shared_by_its_models() {
         },
         "the booking beyond the lowered limit is gone"
     );
+}
+
+// Issue 15: tenants sharing one pool.
+
+fn tenant(name: &str, weight: u32, floor_percent: u32, ceiling_percent: u32) -> TenantShare {
+    TenantShare {
+        name: name.into(),
+        weight,
+        floor_permille: floor_percent * 10,
+        ceiling_permille: ceiling_percent * 10,
+    }
+}
+
+/// A fleet that always calls at its booked start: requests arrive at their times, a
+/// booked one checks at its start (a slot taken over answers `Lost` and books afresh, as
+/// the handler does), a rejected one comes back when told. Returns every call: its start
+/// and its tenant's position. Every request is called exactly once (asserted).
+async fn run_fleet(
+    clock: &ManualClock,
+    l: &MemoryLimiter,
+    q: &ModelQuota,
+    arrivals: &[(i64, usize)],
+    max_wait: Duration,
+) -> Vec<(i64, usize)> {
+    use std::collections::BTreeMap;
+    // Events by time: (time, order) -> (request, ticket if it wakes up a booking).
+    let mut events: BTreeMap<(i64, u64), (usize, Option<Ticket>)> = BTreeMap::new();
+    let mut order = 0u64;
+    for (i, &(at, _)) in arrivals.iter().enumerate() {
+        order += 1;
+        events.insert((at, order), (i, None));
+    }
+    let mut calls = Vec::new();
+    let mut tries = vec![0u32; arrivals.len()];
+    let mut called = vec![false; arrivals.len()];
+    while let Some(((at, _), (i, ticket))) = events.pop_first() {
+        clock.set(at.max(clock.now_us()));
+        let name = &q.tenants[arrivals[i].1].name;
+        if let Some(t) = ticket {
+            match l.check(&t).await.expect("check") {
+                Check::Go => {
+                    assert!(!called[i], "request {i} called twice");
+                    called[i] = true;
+                    calls.push((t.start_us, arrivals[i].1));
+                    continue;
+                }
+                Check::Cancelled { .. } => {}
+            }
+        }
+        tries[i] += 1;
+        let id = format!("r{i}-{}", tries[i]);
+        let d = l
+            .acquire_for(&key(), q, name, &id, req(1), max_wait)
+            .await
+            .expect("acquire");
+        order += 1;
+        match d {
+            Decision::Admitted { ticket } => {
+                assert!(!called[i], "request {i} called twice");
+                called[i] = true;
+                calls.push((ticket.start_us, arrivals[i].1));
+            }
+            Decision::Booked { ticket, .. } => {
+                events.insert((ticket.start_us, order), (i, Some(ticket)));
+            }
+            Decision::Rejected { retry_after, .. } => {
+                let back = retry_after.unwrap_or(Duration::from_secs(1));
+                events.insert((at + dur_us(back).max(1), order), (i, None));
+            }
+        }
+    }
+    assert!(called.iter().all(|c| *c), "every request is called once");
+    calls.sort();
+    calls
+}
+
+/// Calls per tenant in each window `[from + k w, from + (k + 1) w)`.
+fn per_window(calls: &[(i64, usize)], from: i64, w: i64, tenants: usize) -> Vec<Vec<u64>> {
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    for &(s, t) in calls.iter().filter(|(s, _)| *s >= from) {
+        let k = usize::try_from((s - from) / w).unwrap_or(0);
+        while out.len() <= k {
+            out.push(vec![0; tenants]);
+        }
+        out[k][t] += 1;
+    }
+    out
+}
+
+fn tenant_quota(tenants: Vec<TenantShare>) -> ModelQuota {
+    ModelQuota {
+        tenants,
+        ..quota(Some(20), None, 10, NO_MARGIN)
+    }
+}
+
+/// Weights 3:1, both backlogged at three times the limit, the heavy tenant's requests
+/// first: from the first window after both arrived until one runs out, every window goes
+/// 15:5, the pool stays full, no window over, nothing lost or called twice.
+#[tokio::test]
+async fn backlogged_tenants_share_each_window_by_weight() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = tenant_quota(vec![tenant("a", 3, 0, 100), tenant("b", 1, 0, 100)]);
+    let mut arrivals: Vec<(i64, usize)> = (0..60).map(|_| (T0, 0)).collect();
+    arrivals.extend((0..60).map(|_| (T0, 1)));
+    let calls = run_fleet(&clock, &l, &q, &arrivals, LONG).await;
+    let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _)| (*s, 1)).collect();
+    assert!(
+        max_in_window(&starts, 10 * SEC) <= 20,
+        "never over the limit"
+    );
+    let windows = per_window(&calls, T0 + 10 * SEC, 10 * SEC, 2);
+    // a's 60 minus the first window's 20, at 15 per window: the next two windows, then
+    // the third holds a's last 10.
+    for (k, w) in windows.iter().take(2).enumerate() {
+        assert_eq!(w, &vec![15, 5], "window {}: {windows:?}", k + 1);
+    }
+    assert!(
+        windows
+            .iter()
+            .all(|w| w.iter().sum::<u64>() == 20 || w == windows.last().unwrap()),
+        "the pool stays full: {windows:?}"
+    );
+}
+
+/// A tenant idle for a while: the other uses the whole pool meanwhile; the late one gets
+/// its weighted share from the first window after it arrives, taking slots the busy one
+/// had booked ahead.
+#[tokio::test]
+async fn an_idle_tenants_share_goes_to_the_others_until_it_arrives() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = tenant_quota(vec![tenant("a", 3, 0, 100), tenant("b", 1, 0, 100)]);
+    let mut arrivals: Vec<(i64, usize)> = (0..200).map(|_| (T0, 0)).collect();
+    let late = T0 + 35 * SEC;
+    arrivals.extend((0..40).map(|_| (late, 1)));
+    let calls = run_fleet(&clock, &l, &q, &arrivals, LONG).await;
+    let windows = per_window(&calls, T0, 10 * SEC, 2);
+    for (k, w) in windows.iter().take(4).enumerate() {
+        assert_eq!(
+            w,
+            &vec![20, 0],
+            "window {k}: a alone uses it all: {windows:?}"
+        );
+    }
+    // b arrives mid window 3; from window 4 on it has its share.
+    for (k, w) in windows.iter().enumerate().skip(4).take(5) {
+        assert_eq!(w, &vec![15, 5], "window {k}: {windows:?}");
+    }
+}
+
+/// A floor: a tenant of weight 1 against one of weight 9 still gets its 20 % within a
+/// window of its arrival, however deep the other's queue; a ceiling caps a tenant even
+/// while the pool has room.
+#[tokio::test]
+async fn a_floor_is_met_within_a_window_and_a_ceiling_caps_an_idle_pool() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = tenant_quota(vec![tenant("flood", 9, 0, 100), tenant("late", 1, 20, 100)]);
+    let mut arrivals: Vec<(i64, usize)> = (0..200).map(|_| (T0, 0)).collect();
+    arrivals.extend((0..20).map(|_| (T0 + 15 * SEC, 1)));
+    let calls = run_fleet(&clock, &l, &q, &arrivals, LONG).await;
+    let windows = per_window(&calls, T0, 10 * SEC, 2);
+    for (k, w) in windows.iter().enumerate().skip(2).take(4) {
+        assert_eq!(w, &vec![16, 4], "window {k}: the floor, 20 %: {windows:?}");
+    }
+    // A ceiling of 25 %: 5 per window, with nobody else asking.
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = tenant_quota(vec![tenant("capped", 1, 0, 25), tenant("other", 1, 0, 100)]);
+    let arrivals: Vec<(i64, usize)> = (0..20).map(|_| (T0, 0)).collect();
+    let calls = run_fleet(&clock, &l, &q, &arrivals, LONG).await;
+    let windows = per_window(&calls, T0, 10 * SEC, 2);
+    assert_eq!(windows, vec![vec![5, 0]; 4], "capped at 5 of 20");
+    // A tenant the pool does not declare is refused, naming the fix.
+    let e = l
+        .acquire_for(&key(), &q, "nobody", "x", req(1), LONG)
+        .await
+        .expect_err("undeclared");
+    assert!(e.to_string().contains("spec.tenants"), "{e}");
 }
