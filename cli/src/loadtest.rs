@@ -520,6 +520,7 @@ pub fn plan_from_limits(
         request_timeout_ms: 120_000,
         priority: 0,
         deadline_ms: None,
+        tenant: None,
     };
     Ok(CompiledConfig {
         version: 1,

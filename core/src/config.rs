@@ -216,6 +216,9 @@ pub struct CompiledChain {
     /// Requests older than this (since they were sent) fail instead of running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// The tenant every request of this chain books as (absent: the message's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Everything a replica needs, at one version.

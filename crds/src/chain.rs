@@ -43,6 +43,14 @@ pub struct ModelChainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604800))]
     pub deadline_seconds: Option<u32>,
+    /// The tenant (one of the pool's `spec.tenants`) every request of this chain books as;
+    /// a message naming another is refused. Absent: the message's own `tenant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    )]
+    pub tenant: Option<String>,
 }
 
 fn default_timeout() -> u32 {

@@ -473,7 +473,19 @@ pub fn compile_chain(
             "must be at least 1".into(),
         ));
     }
+    if let (Some(tenant), Some(pool)) = (&spec.tenant, pool)
+        && !pool.tenants.iter().any(|t| &t.name == tenant)
+    {
+        let known: Vec<&str> = pool.tenants.iter().map(|t| t.name.as_str()).collect();
+        return Err(err(
+            "spec.tenant",
+            format!(
+                "{tenant:?} is not one of QuotaPool {pool_name}'s tenants ({known:?}): add it to the pool's spec.tenants or change the chain"
+            ),
+        ));
+    }
     Ok(CompiledChain {
+        tenant: spec.tenant.clone(),
         name: full,
         generation,
         pool: pool_name,
@@ -959,6 +971,53 @@ spec:
             Some(42_000)
         );
         assert!(c.chains.len() >= 2);
+    }
+
+    #[test]
+    fn tenants_compile_to_shares_and_their_rules_name_the_field() {
+        let with = |tenants: &str| POOL.to_owned() + "  tenants:\n" + tenants;
+        let c = compile(&with(
+            "  - {name: web, weight: 3, floorPercent: 30}\n  - {name: batch, ceilingPercent: 40}\n",
+        ))
+        .unwrap();
+        let t = &c.pools[0].tenants;
+        assert_eq!(
+            (t[0].weight, t[0].floor_permille, t[0].ceiling_permille),
+            (3, 300, 1000)
+        );
+        assert_eq!(
+            (t[1].weight, t[1].floor_permille, t[1].ceiling_permille),
+            (1, 0, 400)
+        );
+        let quota = c.pools[0].model_quota("gemini-3-pro-image").unwrap();
+        assert_eq!(quota.tenants, *t, "every model's quota carries the tenants");
+        for (tenants, field, says) in [
+            (
+                "  - {name: a}\n  - {name: a}\n",
+                "spec.tenants[1].name",
+                "twice",
+            ),
+            (
+                "  - {name: a, weight: 0}\n",
+                "spec.tenants[0].weight",
+                "1 to 1000",
+            ),
+            ("  - {name: A}\n", "spec.tenants[0].name", "lowercase"),
+            (
+                "  - {name: a, floorPercent: 50, ceilingPercent: 40}\n",
+                "spec.tenants[0].floorPercent",
+                "ceilingPercent 40",
+            ),
+            (
+                "  - {name: a, floorPercent: 60}\n  - {name: b, floorPercent: 50}\n",
+                "spec.tenants",
+                "adds up to 110",
+            ),
+        ] {
+            let e = compile(&with(tenants)).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.problem.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -454,6 +454,10 @@ impl Handler {
         if let Err(e) = req.check_models(chain.steps.iter().map(|s| s.model.as_str())) {
             return self.fail(&req.id, 0, e.to_string(), "").await;
         }
+        let tenant = match req.tenant_on(chain, pool) {
+            Ok(tenant) => tenant,
+            Err(e) => return self.fail(&req.id, 0, e.to_string(), "").await,
+        };
         let provider = match self.providers.for_pool(pool) {
             Ok(provider) => provider,
             Err(reason) => return self.fail_config(&req.id, reason).await,
@@ -486,6 +490,7 @@ impl Handler {
         let claim = Claim::granted(self.records.clone(), &req.id, &token, lease);
         let renew = claim.keep_renewed();
         let mut delivery = Delivery::new(token.clone(), attempt.deadline, claim);
+        delivery.tenant = tenant;
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;

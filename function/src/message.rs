@@ -47,6 +47,11 @@ pub struct GenerationRequest {
     /// Where to store the image (a key in the sink); `<id>.png` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_key: Option<String>,
+    /// The team the request books for: one of the pool's `spec.tenants` (`default` when
+    /// absent; ignored by a pool that declares none; its chain's tenant when the chain
+    /// pins one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 fn one() -> u32 {
@@ -180,7 +185,57 @@ impl GenerationRequest {
                 "must be a relative key of 1 to 512 bytes without `..`",
             ));
         }
+        if let Some(t) = &self.tenant
+            && (t.is_empty()
+                || t.len() > 63
+                || t.starts_with('-')
+                || t.ends_with('-')
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            return Err(MessageError::new(
+                "tenant",
+                format!("{t:?} is not a tenant name: lowercase letters, digits and -, 1 to 63"),
+            ));
+        }
         Ok(())
+    }
+
+    /// The tenant this request books as on `chain` and `pool`: the chain's when it pins
+    /// one (a message naming another is refused), else the message's, else `default`; it
+    /// must be one of the pool's tenants when the pool declares any.
+    pub fn tenant_on(
+        &self,
+        chain: &pacer_core::config::CompiledChain,
+        pool: &pacer_core::config::CompiledPool,
+    ) -> Result<String, MessageError> {
+        let mine = self.tenant.as_deref();
+        let tenant = match (&chain.tenant, mine) {
+            (Some(pinned), Some(own)) if pinned != own => {
+                return Err(MessageError::new(
+                    "tenant",
+                    format!(
+                        "is {own:?}, but chain {} books as tenant {pinned:?}: leave it out or use that chain's tenant",
+                        chain.name
+                    ),
+                ));
+            }
+            (Some(pinned), _) => pinned.as_str(),
+            (None, Some(own)) => own,
+            (None, None) => pacer_core::quota::DEFAULT_TENANT,
+        };
+        if !pool.tenants.is_empty() && !pool.tenants.iter().any(|t| t.name == tenant) {
+            let known: Vec<&str> = pool.tenants.iter().map(|t| t.name.as_str()).collect();
+            return Err(MessageError::new(
+                "tenant",
+                format!(
+                    "{tenant:?} is not one of pool {}'s tenants {known:?}: send one of those (or declare it in the QuotaPool's spec.tenants)",
+                    pool.name
+                ),
+            ));
+        }
+        Ok(tenant.to_owned())
     }
 
     /// Checks the aspect ratio and image size against the models that may serve the

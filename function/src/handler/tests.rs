@@ -257,6 +257,7 @@ fn config(models: &[(&str, ModelLimits)], steps: &[(&str, Duration)]) -> Compile
         request_timeout_ms: 5_000,
         priority: 0,
         deadline_ms: None,
+        tenant: None,
     };
     CompiledConfig {
         version: 1,
@@ -1774,4 +1775,70 @@ async fn no_image_from_any_step_fails_the_request_with_the_answer() {
     failed_saying(&out, "no step of chain");
     failed_saying(&out, "NO_IMAGE");
     assert_eq!(rig.models_called(), [A, A, B, B]);
+}
+
+/// Issue 15: a message books as its tenant. One the pool does not declare fails without a
+/// call, naming the field; a chain that pins a tenant refuses a message naming another;
+/// a declared tenant books under its ceiling (25 % of 4 per window: one call, the next
+/// deferred though the pool has room).
+#[tokio::test(start_paused = true)]
+async fn a_message_books_as_its_tenant() {
+    let mut cfg = config(&[(A, limits(4, 10_000))], &[(A, Duration::from_secs(1))]);
+    let pool = cfg.pools.get_mut("default/pool").expect("pool");
+    pool.tenants = vec![
+        pacer_core::quota::TenantShare {
+            name: "web".into(),
+            weight: 1,
+            floor_permille: 0,
+            ceiling_permille: 250,
+        },
+        pacer_core::quota::TenantShare {
+            name: "default".into(),
+            weight: 1,
+            floor_permille: 0,
+            ceiling_permille: 1000,
+        },
+    ];
+    let mut pinned = cfg.chains["default/chain"].clone();
+    pinned.name = "default/pinned".into();
+    pinned.tenant = Some("web".into());
+    cfg.chains.insert(pinned.name.clone(), pinned);
+    let rig = Rig::new(cfg, always_image());
+    let with = |id: &str, chain: &str, tenant: &str| {
+        format!(r#"{{"id":"{id}","chain":"{chain}","prompt":"p","tenant":"{tenant}"}}"#)
+    };
+    for (body, says) in [
+        (with("r1", "chain", "ops"), "\"ops\" is not one of pool"),
+        (with("r2", "pinned", "default"), "books as tenant \"web\""),
+        (with("r3", "chain", "Web"), "not a tenant name"),
+    ] {
+        let out = rig.handle(&body).await;
+        let Outcome::Failed(record) = out else {
+            panic!("{body}: {out:?}");
+        };
+        let error = record.error.unwrap_or_default();
+        assert!(
+            error.contains("`tenant`") && error.contains(says),
+            "{error}"
+        );
+    }
+    assert!(
+        rig.provider.calls().is_empty(),
+        "no call for a refused tenant"
+    );
+    let first = rig.handle(&with("r4", "pinned", "web")).await;
+    assert!(matches!(first, Outcome::Succeeded(_)), "{first:?}");
+    let capped = rig
+        .handle(r#"{"id":"r5","chain":"pinned","prompt":"p"}"#)
+        .await;
+    assert!(
+        deferred(&capped).0 > Duration::from_secs(5),
+        "the ceiling defers it to the next window: {capped:?}"
+    );
+    let other = rig.handle(&body("r6")).await;
+    assert!(
+        matches!(other, Outcome::Succeeded(_)),
+        "the pool has room for the others: {other:?}"
+    );
+    assert_eq!(rig.provider.calls().len(), 2);
 }

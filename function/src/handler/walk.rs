@@ -43,6 +43,8 @@ pub(super) struct Delivery {
     /// The claim on the request: once lost (taken over, or not renewed within its lease)
     /// another replica may be generating the request, so no further call goes out.
     claim: Arc<Claim>,
+    /// The tenant every booking of this delivery is made for.
+    pub(super) tenant: String,
 }
 
 impl Delivery {
@@ -54,6 +56,7 @@ impl Delivery {
             until,
             whole: until.map(|u| u.saturating_duration_since(Instant::now())),
             claim,
+            tenant: pacer_core::quota::DEFAULT_TENANT.to_owned(),
         }
     }
 
@@ -428,9 +431,10 @@ impl Handler {
         let booking_id = delivery.booking_id(w.req, w.index, model);
         let decision = w
             .limiter
-            .acquire(
+            .acquire_for(
                 &run.qkey,
                 &run.quota,
+                &delivery.tenant,
                 &booking_id,
                 run.estimate,
                 run.max_wait,
