@@ -49,6 +49,7 @@ mod child;
 pub mod fault;
 pub mod judge;
 mod naive;
+pub mod tenants;
 
 use calls::{CUT_OFF, CallLog, Counting, KILLED, Recorded, lock, now_ms};
 use child::{ChildLine, ChildProc, aws_env, child, read_child};
@@ -162,6 +163,12 @@ pub struct LoadtestArgs {
     /// come back after it.
     #[arg(long, env = "PACER_LOADTEST_VISIBILITY", default_value_t = 60)]
     pub visibility_seconds: u64,
+    /// Teams sharing the pool, `NAME:weight=N,floor=P,ceiling=P,requests=N,after=SECS,...`
+    /// (a token with `:` starts a tenant; settings optional): every pool of the run gets
+    /// them as its `spec.tenants`, each tenant sends its `requests` (else an equal part of
+    /// --requests) from `after` seconds on, and the report says what each got (`tenants`).
+    #[arg(long, env = "PACER_LOADTEST_TENANTS")]
+    pub tenants: Option<tenants::Tenants>,
     /// Print one JSON object.
     #[arg(env = "PACER_LOADTEST_JSON", long)]
     pub json: bool,
@@ -314,6 +321,10 @@ pub struct Report {
     /// that arrived in any window per `model/dimension` against its limit).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub projects: BTreeMap<String, ProjectFigures>,
+    /// Per tenant, with `--tenants`: what it sent and got, its share of the calls accepted
+    /// while every tenant had work waiting against the share it should get, its p99 wait.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, tenants::TenantFigures>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Box<Report>>,
 }
@@ -605,6 +616,12 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
             (config, name)
         }
     };
+    let mut config = config;
+    if let Some(t) = &args.tenants {
+        for pool in config.pools.values_mut() {
+            pool.tenants = t.shares();
+        }
+    }
     let binding = binding_of(&config, &chain)?;
     let chains: Vec<String> = config.chains.keys().cloned().collect();
     // A pool's own key: the variable's value, else one made up for the run.
@@ -1085,29 +1102,45 @@ async fn run_once(
     let t0 = tokio::time::Instant::now();
     let pace = (args.demand > 0.0)
         .then(|| Duration::from_secs_f64(window_s / (limit as f64 * args.demand)));
-    let ids: Vec<String> = (0..args.requests)
+    // Who sends each request and when (one tenant, at the pace, without --tenants).
+    let schedule: Vec<(usize, Duration)> = match &args.tenants {
+        Some(t) => t.schedule(args.requests, pace),
+        None => (0..args.requests)
+            .map(|n| (0, pace.map_or(Duration::ZERO, |p| p * n as u32)))
+            .collect(),
+    };
+    let tenant_names: Vec<String> = args
+        .tenants
+        .as_ref()
+        .map(|t| t.0.iter().map(|t| t.share.name.clone()).collect())
+        .unwrap_or_default();
+    let ids: Vec<String> = (0..schedule.len())
         .map(|i| format!("{run}-{i:05}"))
         .collect();
     let sent_at: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let sender = {
-        let (queue, ids, sent_at, chains) = (
+        let (queue, ids, sent_at, chains, schedule, tenant_names) = (
             queue.clone(),
             ids.clone(),
             sent_at.clone(),
             plan.chains.clone(),
+            schedule.clone(),
+            tenant_names.clone(),
         );
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
             for (n, id) in ids.iter().enumerate() {
-                if let Some(p) = pace {
-                    tokio::time::sleep_until(t0 + p * n as u32).await;
-                }
-                let body = serde_json::json!({
+                let (tenant, at) = schedule[n];
+                tokio::time::sleep_until(t0 + at).await;
+                let mut body = serde_json::json!({
                     "id": id,
                     "chain": chains[n % chains.len()],
                     "prompt": format!("{id} {}", PROMPTS[n % PROMPTS.len()]),
                     "aspectRatio": "1:1",
                 });
+                if let Some(name) = tenant_names.get(tenant) {
+                    body["tenant"] = serde_json::Value::from(name.as_str());
+                }
                 lock(&sent_at).insert(id.clone(), now_ms());
                 let mut tries = 0;
                 while let Err(e) = queue.send(&body.to_string()).await {
@@ -1348,6 +1381,51 @@ async fn run_once(
         if let (Some(s), Some(f)) = (lock(&sent_at).get(id), finished_ms.get(id)) {
             latencies.push((f - s).max(0) as f64 / 1000.0);
         }
+    }
+    if let Some(t) = &args.tenants {
+        // The limiter's window (margin included): the one its shares are made in.
+        let limiter_window_ms = plan
+            .config
+            .chain(&plan.chain)
+            .ok()
+            .and_then(|(_, pool)| pool.model_quota(&model))
+            .map_or((window_s * 1000.0) as i64, |q| {
+                q.effective_window_us(pacer_core::quota::Dim::Requests) / 1000
+            });
+        let n = t.0.len();
+        let tenant_of: HashMap<&str, usize> = ids
+            .iter()
+            .zip(&schedule)
+            .map(|(id, (tenant, _))| (id.as_str(), *tenant))
+            .collect();
+        let mut first_sent: Vec<Option<i64>> = vec![None; n];
+        let mut requests = vec![0usize; n];
+        let mut waits: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let sent = lock(&sent_at).clone();
+        for (id, (tenant, _)) in ids.iter().zip(&schedule) {
+            requests[*tenant] += 1;
+            if let Some(s) = sent.get(id) {
+                let first = &mut first_sent[*tenant];
+                *first = Some(first.map_or(*s, |f: i64| f.min(*s)));
+                if let Some(f) = finished_ms.get(id) {
+                    waits[*tenant].push((f - s).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        let accepted: Vec<(i64, usize)> = calls
+            .iter()
+            .filter(|c| c.model == model && c.result == "ok")
+            .filter_map(|c| Some((c.start_ms, *tenant_of.get(c.request.as_str())?)))
+            .collect();
+        report.tenants = tenants::figures(
+            t,
+            &accepted,
+            &first_sent,
+            &requests,
+            &waits,
+            limit,
+            limiter_window_ms,
+        );
     }
     latencies.sort_by(f64::total_cmp);
     report.latency_p50_s = percentile(&latencies, 0.50);

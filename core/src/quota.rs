@@ -268,6 +268,43 @@ impl ModelQuota {
     }
 }
 
+/// Each active tenant's share of every window, per mille (the limiter script's `shares`;
+/// inactive tenants get 0): what is left after the tenants held at their floor or ceiling,
+/// by weight, until none moves.
+pub fn fair_shares(tenants: &[TenantShare], active: &[bool]) -> Vec<i64> {
+    let mut shares = vec![0i64; tenants.len()];
+    let mut fixed = vec![false; tenants.len()];
+    for _ in 0..=tenants.len() {
+        let (mut rest, mut wsum, mut moved) = (1000i64, 0i64, false);
+        for (j, t) in tenants.iter().enumerate() {
+            if active[j] {
+                if fixed[j] {
+                    rest -= shares[j];
+                } else {
+                    wsum += i64::from(t.weight);
+                }
+            }
+        }
+        for (j, t) in tenants.iter().enumerate() {
+            if active[j] && !fixed[j] {
+                let v = rest.max(0) * i64::from(t.weight) / wsum.max(1);
+                let (floor, ceiling) = (i64::from(t.floor_permille), i64::from(t.ceiling_permille));
+                if v < floor {
+                    (shares[j], fixed[j], moved) = (floor, true, true);
+                } else if v > ceiling {
+                    (shares[j], fixed[j], moved) = (ceiling, true, true);
+                } else {
+                    shares[j] = v;
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    shares
+}
+
 /// Gemini's billing tiers (2026 billing page).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

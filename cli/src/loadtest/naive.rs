@@ -30,9 +30,11 @@ impl Process for Naive {
         let Some(step) = chain.steps.first() else {
             return Outcome::Failed(ResultRecord::failed(&req.id, 0, "empty chain"));
         };
-        let Some(quota) = pool.model_quota(&step.model) else {
+        let Some(mut quota) = pool.model_quota(&step.model) else {
             return Outcome::Failed(ResultRecord::failed(&req.id, 0, "unknown model"));
         };
+        // The usual advice knows no teams: one limiter per process, first come first served.
+        quota.tenants.clear();
         let key = pool.key(&step.model);
         let retry = RetryConfig {
             attempts: NAIVE_ATTEMPTS,

@@ -657,67 +657,73 @@ if op == 'a' then
     -- Past where this tenant last found no room within its share, at this share (the
     -- scan's frontier), unless room was given back in its state since.
     if T.S.fp == share(TI) and T.S.fm == T.S.rm then lo = math.max(lo, T.S.fr + 1) end
-    -- Candidates: each other active tenant's earliest bookings from lo, in start order.
-    local cands = {}
-    for j, t in ipairs(TEN) do
-      if j ~= TI and active[j] then
-        local items = redis.call('ZRANGEBYSCORE', t.log, fmt(lo), '+inf', 'WITHSCORES', 'LIMIT', 0, 16)
-        for i = 1, #items / 2 do
-          cands[#cands + 1] = { j = j, m = items[2 * i - 1], x = tonumber(items[2 * i]) }
-        end
-      end
-    end
-    table.sort(cands, function(a, b)
-      if a.x ~= b.x then return a.x < b.x end
-      return a.j < b.j
-    end)
-    local tried, frontier, full_at = 0, true, nil
-    for _, v in ipairs(cands) do
-      if tried >= 16 then break end
-      local cv = costs_of(v.m)
-      local cheaper = true
-      for d = 1, 4 do
-        if LF[d] >= 0 and cv[d] < c[d] then cheaper = false end
-      end
-      -- No room at one start is no room for any candidate there.
-      local room = false
-      if v.x ~= full_at then
-        tried = tried + 1
-        room = T.room_at(v.x, c, SL, W, -1) and T.room_at(v.x, c, TL, W, -1)
-        if not room then full_at = v.x end
-      end
-      -- No room within the share up to here: later scans start after it.
-      if frontier and not room then T.S.fr, T.S.fp, T.S.fm = v.x, share(TI), T.S.rm end
-      if room then frontier = false end
-      if cheaper and room then
-        -- The other tenant is above its share in the window ending at its slot.
-        local U = opened[v.j]
-        if not U then
-          U = open(TEN[v.j].log, TEN[v.j].st)
-          U.start()
-          opened[v.j] = U
-        end
-        local held = 0
-        local items = redis.call('ZRANGEBYSCORE', U.log, '(' .. fmt(v.x - W[prim]), fmt(v.x))
-        for _, m in ipairs(items) do held = held + costs_of(m)[prim] end
-        local vid = id_of(v.m)
-        local mm = held > portion(share(v.j))[prim] and M.booked(vid, v.x)
-        if mm then
-          -- A swap gives no room back: the model's and the project's states keep their
-          -- record of that (the other tenant's state does not: it has room now).
-          local rm, prm = S.rm, P and P.S.rm
-          M.replace(mm, vid, v.x, nil)
-          U.replace(v.m, vid, v.x, nil)
-          if P then
-            local pm = P.booked(pid(vid), v.x)
-            if pm then P.replace(pm, pid(vid), v.x, nil) end
-            P.S.rm = prm
+    -- Candidates: each other active tenant's earliest bookings from lo, in start order. A
+    -- start where this tenant has no room skips to when its earliest booking in that
+    -- window leaves it (no start before then has room), and the scan fetches from there.
+    local frontier = true
+    for _ = 1, 8 do
+      local cands = {}
+      for j, t in ipairs(TEN) do
+        if j ~= TI and active[j] then
+          local items = redis.call('ZRANGEBYSCORE', t.log, fmt(lo), '+inf', 'WITHSCORES', 'LIMIT', 0, 16)
+          for i = 1, #items / 2 do
+            cands[#cands + 1] = { j = j, m = items[2 * i - 1], x = tonumber(items[2 * i]) }
           end
-          S.rm = rm
-          book(v.x)
-          return v.x
         end
       end
+      table.sort(cands, function(a, b)
+        if a.x ~= b.x then return a.x < b.x end
+        return a.j < b.j
+      end)
+      local skip = nil
+      for _, v in ipairs(cands) do
+        if not (T.room_at(v.x, c, SL, W, -1) and T.room_at(v.x, c, TL, W, -1)) then
+          local first = redis.call('ZRANGEBYSCORE', T.log, '(' .. fmt(v.x - W[prim]), '+inf',
+            'WITHSCORES', 'LIMIT', 0, 1)
+          skip = v.x + 1
+          if first[2] then skip = math.max(skip, tonumber(first[2]) + W[prim]) end
+          -- No room within the share before skip: later scans start there.
+          if frontier then T.S.fr, T.S.fp, T.S.fm = skip - 1, share(TI), T.S.rm end
+          break
+        end
+        frontier = false
+        local cv = costs_of(v.m)
+        local cheaper = true
+        for d = 1, 4 do
+          if LF[d] >= 0 and cv[d] < c[d] then cheaper = false end
+        end
+        if cheaper then
+          -- The other tenant is above its share in the window ending at its slot.
+          local U = opened[v.j]
+          if not U then
+            U = open(TEN[v.j].log, TEN[v.j].st)
+            U.start()
+            opened[v.j] = U
+          end
+          local held = 0
+          local items = redis.call('ZRANGEBYSCORE', U.log, '(' .. fmt(v.x - W[prim]), fmt(v.x))
+          for _, m in ipairs(items) do held = held + costs_of(m)[prim] end
+          local vid = id_of(v.m)
+          local mm = held > portion(share(v.j))[prim] and M.booked(vid, v.x)
+          if mm then
+            -- A swap gives no room back: the model's and the project's states keep their
+            -- record of that (the other tenant's state does not: it has room now).
+            local rm, prm = S.rm, P and P.S.rm
+            M.replace(mm, vid, v.x, nil)
+            U.replace(v.m, vid, v.x, nil)
+            if P then
+              local pm = P.booked(pid(vid), v.x)
+              if pm then P.replace(pm, pid(vid), v.x, nil) end
+              P.S.rm = prm
+            end
+            S.rm = rm
+            book(v.x)
+            return v.x
+          end
+        end
+      end
+      if not skip then return nil end
+      lo = skip
     end
     return nil
   end

@@ -121,42 +121,6 @@ fn portion(limits: &[i64; 4], permille: i64) -> [i64; 4] {
     limits.map(|l| if l < 0 { -1 } else { l * permille / 1000 })
 }
 
-/// Each active tenant's share, per mille (the script's `shares`): the rest after the
-/// tenants held at their floor or ceiling, by weight, until none moves.
-fn fair_shares(tenants: &[TenantShare], active: &[bool]) -> Vec<i64> {
-    let mut shares = vec![0i64; tenants.len()];
-    let mut fixed = vec![false; tenants.len()];
-    for _ in 0..=tenants.len() {
-        let (mut rest, mut wsum, mut moved) = (1000i64, 0i64, false);
-        for (j, t) in tenants.iter().enumerate() {
-            if active[j] {
-                if fixed[j] {
-                    rest -= shares[j];
-                } else {
-                    wsum += i64::from(t.weight);
-                }
-            }
-        }
-        for (j, t) in tenants.iter().enumerate() {
-            if active[j] && !fixed[j] {
-                let v = rest.max(0) * i64::from(t.weight) / wsum.max(1);
-                let (floor, ceiling) = (i64::from(t.floor_permille), i64::from(t.ceiling_permille));
-                if v < floor {
-                    (shares[j], fixed[j], moved) = (floor, true, true);
-                } else if v > ceiling {
-                    (shares[j], fixed[j], moved) = (ceiling, true, true);
-                } else {
-                    shares[j] = v;
-                }
-            }
-        }
-        if !moved {
-            break;
-        }
-    }
-    shares
-}
-
 /// The project's part of a booking.
 fn spend_only(costs: [i64; 4]) -> [i64; 4] {
     [0, 0, 0, costs[3]]
@@ -880,7 +844,7 @@ impl KeyState {
                         .is_some_and(|&a| a > now - reach)
             })
             .collect();
-        let shares = fair_shares(t.shares, &active);
+        let shares = crate::quota::fair_shares(t.shares, &active);
         let share = |j: usize| shares[j];
         let mine = share(t.index);
         let sl = Limits {
@@ -918,82 +882,83 @@ impl KeyState {
             lo = lo.max(me.frontier.0 + 1);
         }
         // Candidates: each other active tenant's earliest bookings from lo, in start order.
-        let mut cands: Vec<(i64, usize, Arc<str>, [i64; 4])> = Vec::new();
-        for (j, st) in t.states.iter().enumerate() {
-            if j == t.index || !active[j] {
-                continue;
-            }
-            let from = st.log.partition_point(|e| e.start < lo);
-            cands.extend(
-                st.log
-                    .iter()
-                    .skip(from)
-                    .filter_map(|e| e.id.clone().map(|id| (e.start, j, id, e.costs)))
-                    .take(16),
-            );
-        }
-        cands.sort_by_key(|c| (c.0, c.1));
-        let (mut tried, mut frontier, mut full_at) = (0, true, None);
-        for (x, j, vid, cv) in cands {
-            if tried >= 16 {
-                break;
-            }
-            let cheaper = (0..4).all(|d| lf[d] < 0 || cv[d] >= costs[d]);
-            let me = &mut t.states[t.index];
-            // No room at one start is no room for any candidate there.
-            let mut room = false;
-            if full_at != Some(x) {
-                tried += 1;
-                room = me.room_at(x, &costs, &sl) && me.room_at(x, &costs, tl);
-                if !room {
-                    full_at = Some(x);
+        // A start where this tenant has no room skips to when its earliest booking in that
+        // window leaves it (no start before then has room), and the scan fetches from there.
+        let mut frontier = true;
+        for _ in 0..8 {
+            let mut cands: Vec<(i64, usize, Arc<str>, [i64; 4])> = Vec::new();
+            for (j, st) in t.states.iter().enumerate() {
+                if j == t.index || !active[j] {
+                    continue;
                 }
+                let from = st.log.partition_point(|e| e.start < lo);
+                cands.extend(
+                    st.log
+                        .iter()
+                        .skip(from)
+                        .filter_map(|e| e.id.clone().map(|id| (e.start, j, id, e.costs)))
+                        .take(16),
+                );
             }
-            // No room within the share up to here: later scans start after it.
-            if frontier && !room {
-                me.frontier = (x, mine, me.room_until);
-            }
-            if room {
+            cands.sort_by_key(|c| (c.0, c.1));
+            let mut skip = None;
+            for (x, j, vid, cv) in cands {
+                let me = &mut t.states[t.index];
+                if !(me.room_at(x, &costs, &sl) && me.room_at(x, &costs, tl)) {
+                    let first = me
+                        .log
+                        .iter()
+                        .find(|e| e.id.is_some() && e.start > x - w[prim])
+                        .map(|e| e.start);
+                    let to = first.map_or(x + 1, |f| (f + w[prim]).max(x + 1));
+                    // No room within the share before `to`: later scans start there.
+                    if frontier {
+                        me.frontier = (to - 1, mine, me.room_until);
+                    }
+                    skip = Some(to);
+                    break;
+                }
                 frontier = false;
+                if !(0..4).all(|d| lf[d] < 0 || cv[d] >= costs[d]) {
+                    continue;
+                }
+                // The other tenant is above its share in the window ending at its slot.
+                let held: i64 = t.states[j]
+                    .log
+                    .iter()
+                    .filter(|e| e.start > x - w[prim] && e.start <= x)
+                    .map(|e| e.costs[prim])
+                    .sum();
+                if held <= portion(lf, share(j))[prim] {
+                    continue;
+                }
+                let Some(seq) = self.booked(&vid, x) else {
+                    continue;
+                };
+                // A swap gives no room back: the model's and the project's states keep
+                // their record of that (the other tenant's state does not: it has room now).
+                let rm = self.room_until;
+                self.release_seq(seq);
+                self.room_until = rm;
+                t.states[j].release(&vid, x);
+                if let Some(p) = project.as_mut() {
+                    let prm = p.state.room_until;
+                    p.state.release(&format!("{vid} {}", t.model), x);
+                    p.state.room_until = prm;
+                    p.state
+                        .insert(x, spend_only(costs), Arc::from(p.id.as_str()));
+                    p.state.last_start = p.state.last_start.max(x);
+                }
+                self.insert(x, costs, Arc::from(request_id));
+                if x < self.day_end {
+                    self.day_count += costs[0];
+                } else {
+                    self.next_count += costs[0];
+                }
+                self.book_tenant(t, x, costs, request_id);
+                return Some(x);
             }
-            if !(cheaper && room) {
-                continue;
-            }
-            // The other tenant is above its share in the window ending at its slot.
-            let held: i64 = t.states[j]
-                .log
-                .iter()
-                .filter(|e| e.start > x - w[prim] && e.start <= x)
-                .map(|e| e.costs[prim])
-                .sum();
-            if held <= portion(lf, share(j))[prim] {
-                continue;
-            }
-            let Some(seq) = self.booked(&vid, x) else {
-                continue;
-            };
-            // A swap gives no room back: the model's and the project's states keep their
-            // record of that (the other tenant's state does not: it has room now).
-            let rm = self.room_until;
-            self.release_seq(seq);
-            self.room_until = rm;
-            t.states[j].release(&vid, x);
-            if let Some(p) = project.as_mut() {
-                let prm = p.state.room_until;
-                p.state.release(&format!("{vid} {}", t.model), x);
-                p.state.room_until = prm;
-                p.state
-                    .insert(x, spend_only(costs), Arc::from(p.id.as_str()));
-                p.state.last_start = p.state.last_start.max(x);
-            }
-            self.insert(x, costs, Arc::from(request_id));
-            if x < self.day_end {
-                self.day_count += costs[0];
-            } else {
-                self.next_count += costs[0];
-            }
-            self.book_tenant(t, x, costs, request_id);
-            return Some(x);
+            lo = skip?;
         }
         None
     }

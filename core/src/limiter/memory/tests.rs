@@ -1433,13 +1433,20 @@ async fn a_floor_is_met_within_a_window_and_a_ceiling_caps_an_idle_pool() {
     let clock = ManualClock::new(T0);
     let l = limiter(&clock);
     let q = tenant_quota(vec![tenant("flood", 9, 0, 100), tenant("late", 1, 20, 100)]);
-    let mut arrivals: Vec<(i64, usize)> = (0..200).map(|_| (T0, 0)).collect();
-    arrivals.extend((0..20).map(|_| (T0 + 15 * SEC, 1)));
+    // Arrivals a millisecond apart, so every booking has a start of its own (the late
+    // tenant's scan skips a window where it is full, not one booking at a time).
+    let mut arrivals: Vec<(i64, usize)> = (0..200).map(|i| (T0 + i * MS, 0)).collect();
+    arrivals.extend((0..20).map(|i| (T0 + 15 * SEC + i * MS, 1)));
     let calls = run_fleet(&clock, &l, &q, &arrivals, LONG).await;
     let windows = per_window(&calls, T0, 10 * SEC, 2);
     for (k, w) in windows.iter().enumerate().skip(2).take(4) {
         assert_eq!(w, &vec![16, 4], "window {k}: the floor, 20 %: {windows:?}");
     }
+    let late: u64 = windows.iter().take(7).map(|w| w[1]).sum();
+    assert_eq!(
+        late, 20,
+        "none of its requests at the end of the queue: {windows:?}"
+    );
     // A ceiling of 25 %: 5 per window, with nobody else asking.
     let clock = ManualClock::new(T0);
     let l = limiter(&clock);

@@ -1,0 +1,328 @@
+//! `pacer loadtest --tenants`: several teams sending into one pool, and what each got.
+//!
+//! Each tenant sends its own requests (its `requests`, else an equal part of
+//! `--requests`), from `after` seconds into the run, at the run's pace times the number
+//! of tenants (all of them together at the run's pace); their messages name it. The
+//! report's `tenants` section says, per tenant, what the simulator accepted and its share
+//! of the calls accepted while every tenant had work waiting, against the share its weight,
+//! floor and ceiling give it.
+use std::{collections::BTreeMap, str::FromStr, time::Duration};
+
+use pacer_core::quota::{TenantShare, fair_shares};
+use serde::{Deserialize, Serialize};
+
+/// One tenant of a loadtest: how the pool weighs it and what it sends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantLoad {
+    pub share: TenantShare,
+    /// Requests it sends (`None`: an equal part of `--requests`).
+    pub requests: Option<usize>,
+    /// When it starts sending, into the run.
+    pub after: Duration,
+}
+
+/// `--tenants NAME:weight=N,floor=P,ceiling=P,requests=N,after=SECS,NAME:...`: a token
+/// with `:` starts a tenant, the ones after it until the next are its settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tenants(pub Vec<TenantLoad>);
+
+impl FromStr for Tenants {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out: Vec<TenantLoad> = Vec::new();
+        for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let setting = match token.split_once(':') {
+                Some((name, rest)) => {
+                    if name.is_empty() {
+                        return Err(format!("{token:?}: a tenant needs a name before `:`"));
+                    }
+                    out.push(TenantLoad {
+                        share: TenantShare {
+                            name: name.to_owned(),
+                            weight: 1,
+                            floor_permille: 0,
+                            ceiling_permille: 1000,
+                        },
+                        requests: None,
+                        after: Duration::ZERO,
+                    });
+                    rest
+                }
+                None => token,
+            };
+            if setting.is_empty() {
+                continue;
+            }
+            let Some(t) = out.last_mut() else {
+                return Err(format!(
+                    "{token:?} comes before any tenant: start with NAME:"
+                ));
+            };
+            let (k, v) = setting
+                .split_once('=')
+                .ok_or_else(|| format!("{setting:?} is not KEY=VALUE"))?;
+            let number = |what: &str| -> Result<f64, String> {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| format!("{}: {k}={v:?} is not {what}", t.share.name))
+            };
+            match k {
+                "weight" => {
+                    t.share.weight = v
+                        .parse()
+                        .ok()
+                        .filter(|w| (1..=1000).contains(w))
+                        .ok_or_else(|| format!("{}: weight={v:?} is not 1 to 1000", t.share.name))?
+                }
+                "floor" => {
+                    t.share.floor_permille = percent(number("a percent")?, &t.share.name, k)?
+                }
+                "ceiling" => {
+                    t.share.ceiling_permille = percent(number("a percent")?, &t.share.name, k)?
+                }
+                "requests" => t.requests = Some(number("a count")? as usize),
+                "after" => t.after = Duration::from_secs_f64(number("seconds")?),
+                _ => {
+                    return Err(format!(
+                        "{}: unknown setting {k:?} (weight, floor, ceiling, requests, after)",
+                        t.share.name
+                    ));
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err("no tenant: give NAME:weight=N,...".into());
+        }
+        let floors: u32 = out.iter().map(|t| t.share.floor_permille).sum();
+        if floors > 1000 {
+            return Err(format!(
+                "the floors add up to {} %: 100 at most",
+                floors / 10
+            ));
+        }
+        for (i, t) in out.iter().enumerate() {
+            if out[..i].iter().any(|u| u.share.name == t.share.name) {
+                return Err(format!("{} is given twice", t.share.name));
+            }
+        }
+        Ok(Tenants(out))
+    }
+}
+
+fn percent(p: f64, name: &str, key: &str) -> Result<u32, String> {
+    if p > 100.0 {
+        return Err(format!("{name}: {key}={p} is above 100"));
+    }
+    Ok((p * 10.0).round() as u32)
+}
+
+impl Tenants {
+    /// The pools' `spec.tenants`.
+    pub fn shares(&self) -> Vec<TenantShare> {
+        self.0.iter().map(|t| t.share.clone()).collect()
+    }
+
+    /// Who sends each of the run's requests and when: (tenant, offset), in send order.
+    /// `pace` is the run's gap between two sends (`None`: all at once).
+    pub fn schedule(&self, requests: usize, pace: Option<Duration>) -> Vec<(usize, Duration)> {
+        let n = self.0.len().max(1);
+        let mut out: Vec<(usize, Duration)> = Vec::new();
+        let unset = self
+            .0
+            .iter()
+            .filter(|t| t.requests.is_none())
+            .count()
+            .max(1);
+        let given: usize = self.0.iter().filter_map(|t| t.requests).sum();
+        let rest = requests.saturating_sub(given);
+        for (i, t) in self.0.iter().enumerate() {
+            let count = t.requests.unwrap_or(rest / unset);
+            for k in 0..count {
+                let at = t.after + pace.map_or(Duration::ZERO, |p| p * (n * k) as u32);
+                out.push((i, at));
+            }
+        }
+        // Stable: at one time, the tenants in the order given.
+        out.sort_by_key(|(i, at)| (*at, *i));
+        out
+    }
+}
+
+/// One tenant's figures.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct TenantFigures {
+    /// Requests it sent.
+    pub requests: usize,
+    /// Its calls the provider accepted.
+    pub accepted: usize,
+    /// Its part of the calls accepted while every tenant had work waiting: in the whole
+    /// windows (the limiter's, margin included, from the first call) that start a window
+    /// after the last tenant began sending and end before the first one's last call.
+    pub share: f64,
+    /// The part its weight, floor and ceiling give it among the tenants that sent.
+    pub expected_share: f64,
+    /// Send to result, p99, in seconds.
+    pub wait_p99_s: f64,
+    /// From its first send until a window starting then held its expected share of the
+    /// limit (95 % of it, rounded down), in seconds; `None` if none did.
+    pub share_reached_after_s: Option<f64>,
+}
+
+/// Per tenant, from the accepted calls (unix ms, tenant) of the binding model, when each
+/// tenant first sent (unix ms), the send-to-result latencies, the binding limit and the
+/// limiter's window (margin included).
+pub fn figures(
+    tenants: &Tenants,
+    accepted: &[(i64, usize)],
+    first_sent_ms: &[Option<i64>],
+    requests: &[usize],
+    latencies: &[Vec<f64>],
+    limit: u64,
+    window_ms: i64,
+) -> BTreeMap<String, TenantFigures> {
+    let n = tenants.0.len();
+    let sent: Vec<bool> = (0..n).map(|i| requests[i] > 0).collect();
+    let expected = fair_shares(&tenants.shares(), &sent);
+    let last_start = first_sent_ms.iter().flatten().max().copied().unwrap_or(0);
+    let last_call: Vec<i64> = (0..n)
+        .map(|i| {
+            accepted
+                .iter()
+                .filter(|(_, t)| *t == i)
+                .map(|(at, _)| *at)
+                .max()
+                .unwrap_or(i64::MAX)
+        })
+        .collect();
+    let (mut from, mut to) = (
+        last_start + window_ms,
+        (0..n)
+            .filter(|&i| sent[i])
+            .map(|i| last_call[i])
+            .min()
+            .unwrap_or(i64::MAX),
+    );
+    // Whole windows from the first call: a window cut by the period's ends holds what the
+    // cut left, not a share.
+    if let Some(first) = accepted.iter().map(|(at, _)| *at).min()
+        && window_ms > 0
+        && to != i64::MAX
+    {
+        let k0 = (from - first + window_ms - 1).div_euclid(window_ms).max(0);
+        let k1 = (to - first).div_euclid(window_ms);
+        if k1 > k0 {
+            (from, to) = (first + k0 * window_ms, first + k1 * window_ms - 1);
+        }
+    }
+    let contended: Vec<usize> = accepted
+        .iter()
+        .filter(|(at, _)| *at >= from && *at <= to)
+        .map(|(_, t)| *t)
+        .collect();
+    let mut out = BTreeMap::new();
+    for (i, t) in tenants.0.iter().enumerate() {
+        let mut waits = latencies[i].clone();
+        waits.sort_by(f64::total_cmp);
+        let mine: Vec<i64> = accepted
+            .iter()
+            .filter(|(_, u)| *u == i)
+            .map(|(at, _)| *at)
+            .collect();
+        let want = ((expected[i] as f64 / 1000.0) * limit as f64 * 0.95).floor() as usize;
+        let reached = first_sent_ms[i].and_then(|first| {
+            (0..240).map(|k| first + k * 250).find_map(|start| {
+                let held = mine
+                    .iter()
+                    .filter(|&&at| at >= start && at < start + window_ms)
+                    .count();
+                (want > 0 && held >= want).then(|| (start - first) as f64 / 1000.0)
+            })
+        });
+        let share = if contended.is_empty() {
+            0.0
+        } else {
+            contended.iter().filter(|u| **u == i).count() as f64 / contended.len() as f64
+        };
+        out.insert(
+            t.share.name.clone(),
+            TenantFigures {
+                requests: requests[i],
+                accepted: mine.len(),
+                share,
+                expected_share: expected[i] as f64 / 1000.0,
+                wait_p99_s: pacer_core::measure::percentile(&waits, 0.99),
+                share_reached_after_s: reached,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_parse_with_their_settings_and_errors_say_what_is_wrong() {
+        let t: Tenants = "a:weight=3,floor=20,b:weight=1,after=30,requests=10"
+            .parse()
+            .unwrap();
+        assert_eq!(t.0.len(), 2);
+        assert_eq!((t.0[0].share.weight, t.0[0].share.floor_permille), (3, 200));
+        assert_eq!(t.0[1].after, Duration::from_secs(30));
+        assert_eq!(t.0[1].requests, Some(10));
+        for (bad, says) in [
+            ("weight=3", "before any tenant"),
+            ("a:weight=0", "1 to 1000"),
+            ("a:colour=red", "unknown setting"),
+            ("a:floor=60,b:floor=50", "add up to 110"),
+            ("a:,a:", "twice"),
+        ] {
+            let e = bad.parse::<Tenants>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_schedule_splits_the_requests_and_paces_each_tenant() {
+        let t: Tenants = "a:,b:after=10".parse().unwrap();
+        let s = t.schedule(4, Some(Duration::from_secs(1)));
+        assert_eq!(
+            s,
+            vec![
+                (0, Duration::ZERO),
+                (0, Duration::from_secs(2)),
+                (1, Duration::from_secs(10)),
+                (1, Duration::from_secs(12)),
+            ]
+        );
+    }
+
+    #[test]
+    fn shares_are_counted_while_every_tenant_waits() {
+        let t: Tenants = "a:weight=3,b:weight=1".parse().unwrap();
+        // a alone in the first window (0..1000), then 3:1 until b's last call at 2900.
+        let mut calls: Vec<(i64, usize)> = (0..4).map(|k| (k * 200, 0)).collect();
+        for w in 1..3 {
+            calls.extend((0..3).map(|k| (w * 1000 + k * 100, 0)));
+            calls.push((w * 1000 + 900, 1));
+        }
+        calls.push((3500, 0));
+        let f = figures(
+            &t,
+            &calls,
+            &[Some(0), Some(0)],
+            &[11, 2],
+            &[vec![1.0], vec![2.0]],
+            4,
+            1000,
+        );
+        assert_eq!(f["a"].accepted, 11);
+        assert!((f["b"].share - 0.25).abs() < 1e-9, "{:?}", f["b"]);
+        assert!((f["b"].expected_share - 0.25).abs() < 1e-9);
+        assert_eq!(f["a"].share_reached_after_s, Some(0.0));
+        assert_eq!(f["b"].wait_p99_s, 2.0);
+    }
+}
