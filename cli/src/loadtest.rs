@@ -169,6 +169,11 @@ pub struct LoadtestArgs {
     /// --requests) from `after` seconds on, and the report says what each got (`tenants`).
     #[arg(long, env = "PACER_LOADTEST_TENANTS")]
     pub tenants: Option<tenants::Tenants>,
+    /// Priority classes, `CLASS=FRACTION,...`: that part of the requests (spread evenly
+    /// through the send order) carry that class, the rest class 0; the report says per
+    /// class what was accepted and its p99 wait from send to call (`priorities`).
+    #[arg(long, env = "PACER_LOADTEST_PRIORITIES")]
+    pub priorities: Option<tenants::Priorities>,
     /// Print one JSON object.
     #[arg(env = "PACER_LOADTEST_JSON", long)]
     pub json: bool,
@@ -325,6 +330,10 @@ pub struct Report {
     /// while every tenant had work waiting against the share it should get, its p99 wait.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tenants: BTreeMap<String, tenants::TenantFigures>,
+    /// Per priority class, with `--priorities`: requests, accepted calls, and the p99 wait
+    /// from send to accepted call.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub priorities: BTreeMap<String, tenants::ClassFigures>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Box<Report>>,
 }
@@ -1117,15 +1126,20 @@ async fn run_once(
     let ids: Vec<String> = (0..schedule.len())
         .map(|i| format!("{run}-{i:05}"))
         .collect();
+    let classes: Vec<i32> = args
+        .priorities
+        .as_ref()
+        .map_or_else(|| vec![0; ids.len()], |p| p.classes(ids.len()));
     let sent_at: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let sender = {
-        let (queue, ids, sent_at, chains, schedule, tenant_names) = (
+        let (queue, ids, sent_at, chains, schedule, tenant_names, classes) = (
             queue.clone(),
             ids.clone(),
             sent_at.clone(),
             plan.chains.clone(),
             schedule.clone(),
             tenant_names.clone(),
+            classes.clone(),
         );
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
@@ -1140,6 +1154,9 @@ async fn run_once(
                 });
                 if let Some(name) = tenant_names.get(tenant) {
                     body["tenant"] = serde_json::Value::from(name.as_str());
+                }
+                if classes[n] != 0 {
+                    body["priority"] = serde_json::Value::from(classes[n]);
                 }
                 lock(&sent_at).insert(id.clone(), now_ms());
                 let mut tries = 0;
@@ -1426,6 +1443,20 @@ async fn run_once(
             limit,
             limiter_window_ms,
         );
+    }
+    if args.priorities.is_some() {
+        let sent = lock(&sent_at).clone();
+        let mut called: HashMap<&str, i64> = HashMap::new();
+        for c in calls.iter().filter(|c| c.result == "ok") {
+            let at = called.entry(c.request.as_str()).or_insert(c.start_ms);
+            *at = (*at).min(c.start_ms);
+        }
+        let sent_ms: Vec<Option<i64>> = ids.iter().map(|id| sent.get(id).copied()).collect();
+        let called_ms: Vec<Option<i64>> = ids
+            .iter()
+            .map(|id| called.get(id.as_str()).copied())
+            .collect();
+        report.priorities = tenants::class_figures(&classes, &sent_ms, &called_ms);
     }
     latencies.sort_by(f64::total_cmp);
     report.latency_p50_s = percentile(&latencies, 0.50);

@@ -210,7 +210,8 @@ pub struct CompiledChain {
     pub retry: RetryConfig,
     /// Timeout of one provider call.
     pub request_timeout_ms: u64,
-    /// Higher runs first when requests compete (informational for now).
+    /// Its requests' priority class when a message gives none: behind a queue, a request
+    /// books ahead of the bookings of lower classes that have not started.
     #[serde(default)]
     pub priority: i32,
     /// Requests older than this (since they were sent) fail instead of running.

@@ -35,7 +35,9 @@ pub struct ModelChainSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1, max = 600))]
     pub request_timeout_seconds: u32,
-    /// Higher runs first when requests compete for the same pool.
+    /// The priority class of its requests when a message gives none (-1000 to 1000):
+    /// behind a queue, a request books ahead of the bookings of lower classes that have not
+    /// started yet, which book afresh.
     #[serde(default)]
     #[schemars(range(min = -1000, max = 1000))]
     pub priority: i32,

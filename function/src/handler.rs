@@ -491,6 +491,7 @@ impl Handler {
         let renew = claim.keep_renewed();
         let mut delivery = Delivery::new(token.clone(), attempt.deadline, claim);
         delivery.tenant = tenant;
+        delivery.priority = req.priority.unwrap_or(chain.priority);
         let outcome = self
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;

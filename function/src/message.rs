@@ -38,9 +38,10 @@ pub struct GenerationRequest {
     /// How many images (each is one provider request).
     #[serde(default = "one")]
     pub images: u32,
-    /// Higher is more urgent (informational for now).
-    #[serde(default)]
-    pub priority: i32,
+    /// Its priority class, -1000 to 1000 (absent: its chain's): behind a queue, a request
+    /// books ahead of the bookings of lower classes that have not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
     /// After this instant the request is failed instead of generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
@@ -183,6 +184,14 @@ impl GenerationRequest {
             return Err(MessageError::new(
                 "outputKey",
                 "must be a relative key of 1 to 512 bytes without `..`",
+            ));
+        }
+        if let Some(p) = self.priority
+            && !(-1000..=1000).contains(&p)
+        {
+            return Err(MessageError::new(
+                "priority",
+                format!("is {p}; it must be -1000 to 1000"),
             ));
         }
         if let Some(t) = &self.tenant

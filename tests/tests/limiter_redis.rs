@@ -12,7 +12,7 @@ use std::{
 use pacer_core::connection::RedisConnection;
 use pacer_core::{
     limiter::{
-        Blocker, Check, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
+        Asker, Blocker, Check, Decision, FixedDays, Limiter, ListedDays, PenaltyScope, QuotaKey,
         redis::{RedisLimiter, RedisOptions},
     },
     quota::{Costs, Dim, DimensionQuota, ModelQuota, TenantShare},
@@ -1487,21 +1487,45 @@ fn tenant(name: &str, weight: u32, floor_percent: u32, ceiling_percent: u32) -> 
 /// Requests of the given tenants (positions in `q.tenants`), booked in that order, each
 /// then called at its start by its own task: a slot taken over by another tenant answers
 /// `Lost` at its check and books afresh, as the handler does. Returns each call's booked
-/// start (Redis clock) and tenant; every request is called once.
+/// start (Redis clock) and tenant, in start order; every request is called once.
 async fn fleet_of_tenants(
     l: Arc<RedisLimiter>,
     key: &QuotaKey,
     q: &ModelQuota,
     who: &[usize],
 ) -> Vec<(i64, usize)> {
+    let who: Vec<(usize, i32)> = who.iter().map(|&t| (t, 0)).collect();
+    let mut calls: Vec<(i64, usize)> = fleet_of_classes(l, key, q, &who)
+        .await
+        .into_iter()
+        .map(|(start, t, _)| (start, t))
+        .collect();
+    calls.sort();
+    calls
+}
+
+/// [`fleet_of_tenants`] with a priority class per request, in request order; each call
+/// also gives how long its request's first booking said to wait.
+async fn fleet_of_classes(
+    l: Arc<RedisLimiter>,
+    key: &QuotaKey,
+    q: &ModelQuota,
+    who: &[(usize, i32)],
+) -> Vec<(i64, usize, Duration)> {
     let mut tasks = Vec::new();
-    for (i, &t) in who.iter().enumerate() {
-        let name = q.tenants[t].name.clone();
+    for (i, &(t, class)) in who.iter().enumerate() {
+        let name = q
+            .tenants
+            .get(t)
+            .map_or("default".to_owned(), |t| t.name.clone());
         let first = l
             .acquire_for(
                 key,
                 q,
-                &name,
+                Asker {
+                    tenant: &name,
+                    priority: class,
+                },
                 &format!("r{i}-0"),
                 req(1),
                 Duration::from_secs(60),
@@ -1510,14 +1534,15 @@ async fn fleet_of_tenants(
             .expect("acquire");
         let (l, key, q) = (l.clone(), key.clone(), q.clone());
         tasks.push(tokio::spawn(async move {
+            let first_wait = first.wait().unwrap_or(Duration::MAX);
             let mut d = first;
             for attempt in 1.. {
                 match d {
-                    Decision::Admitted { ticket } => return (ticket.start_us, t),
+                    Decision::Admitted { ticket } => return (ticket.start_us, t, first_wait),
                     Decision::Booked { ticket, wait } => {
                         tokio::time::sleep(wait).await;
                         if l.check(&ticket).await.expect("check") == Check::Go {
-                            return (ticket.start_us, t);
+                            return (ticket.start_us, t, first_wait);
                         }
                     }
                     Decision::Rejected { retry_after, .. } => {
@@ -1528,7 +1553,10 @@ async fn fleet_of_tenants(
                     .acquire_for(
                         &key,
                         &q,
-                        &name,
+                        Asker {
+                            tenant: &name,
+                            priority: class,
+                        },
                         &format!("r{i}-{attempt}"),
                         req(1),
                         Duration::from_secs(60),
@@ -1543,7 +1571,6 @@ async fn fleet_of_tenants(
     for t in tasks {
         calls.push(t.await.expect("request task"));
     }
-    calls.sort();
     calls
 }
 
@@ -1601,13 +1628,50 @@ async fn tenants_share_each_window_by_weight(kind: RedisKind) {
     );
     let e = connect(&url)
         .await
-        .acquire_for(&key, &q, "nobody", "x", req(1), w)
+        .acquire_for(
+            &key,
+            &q,
+            Asker {
+                tenant: "nobody",
+                priority: 0,
+            },
+            "x",
+            req(1),
+            w,
+        )
         .await
         .expect_err("undeclared");
     assert!(e.to_string().contains("spec.tenants"), "{e}");
 }
 
+/// Issue 15 (the twin of the in-memory `a_higher_class_books_ahead_of_a_deep_lower_backlog`):
+/// 100 requests of class 0 booked five windows deep, then 10 of class 5: each of those
+/// books within a window, taking slots of class-0 bookings that had not started; every
+/// class-0 request is still called once; no window is over the limit.
+async fn a_higher_class_books_ahead_of_a_deep_lower_backlog(kind: RedisKind) {
+    let (_, l) = rig_limiter(kind).await;
+    let key = fresh_key("classes");
+    let w = Duration::from_secs(1);
+    let q = quota(Some(20), None, w, Some(Duration::ZERO));
+    let mut who = vec![(0, 0); 100];
+    who.extend([(0, 5); 10]);
+    let calls = fleet_of_classes(Arc::new(l), &key, &q, &who).await;
+    assert_eq!(calls.len(), 110, "every request called once");
+    let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _, _)| (*s, 1)).collect();
+    assert!(
+        max_in_window(&starts, w.as_micros() as i64) <= 20,
+        "never over the limit"
+    );
+    let urgent: Vec<Duration> = calls[100..].iter().map(|(_, _, wait)| *wait).collect();
+    eprintln!("classes {kind:?}: urgent waits {urgent:?}");
+    assert!(
+        urgent.iter().all(|wait| *wait <= w),
+        "class 5 within a window, ahead of five windows of class 0: {urgent:?}"
+    );
+}
+
 pacer_tests::on_both_redis!(
+    a_higher_class_books_ahead_of_a_deep_lower_backlog,
     tenants_share_each_window_by_weight,
     spend_is_one_bucket_per_project_shared_by_its_models,
     many_concurrent_connections_stay_under_every_limit,

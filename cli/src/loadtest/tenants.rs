@@ -326,3 +326,123 @@ mod tests {
         assert_eq!(f["b"].wait_p99_s, 2.0);
     }
 }
+
+/// `--priorities CLASS=FRACTION,...`: that fraction of the run's requests carry that
+/// priority class (spread evenly through the send order); the rest class 0.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Priorities(pub Vec<(i32, f64)>);
+
+impl FromStr for Priorities {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (class, fraction) = token
+                .split_once('=')
+                .ok_or_else(|| format!("{token:?} is not CLASS=FRACTION"))?;
+            let class: i32 = class
+                .parse()
+                .ok()
+                .filter(|c| (-1000..=1000).contains(c) && *c != 0)
+                .ok_or_else(|| format!("{token:?}: the class is a number, -1000 to 1000, not 0"))?;
+            let fraction: f64 = fraction
+                .parse()
+                .ok()
+                .filter(|f: &f64| f.is_finite() && *f > 0.0 && *f <= 1.0)
+                .ok_or_else(|| format!("{token:?}: the fraction is above 0, at most 1"))?;
+            out.push((class, fraction));
+        }
+        let total: f64 = out.iter().map(|(_, f)| f).sum();
+        if out.is_empty() || total > 1.0 + 1e-9 {
+            return Err("give CLASS=FRACTION pairs whose fractions add up to 1 at most".into());
+        }
+        Ok(Priorities(out))
+    }
+}
+
+impl Priorities {
+    /// Each request's class, in send order: every class spread evenly (the first request
+    /// of a class comes after 1 / fraction requests).
+    pub fn classes(&self, requests: usize) -> Vec<i32> {
+        let mut owed = vec![0.0f64; self.0.len()];
+        (0..requests)
+            .map(|_| {
+                let mut class = 0;
+                for (k, (c, f)) in self.0.iter().enumerate() {
+                    owed[k] += f;
+                    if class == 0 && owed[k] >= 1.0 - 1e-9 {
+                        owed[k] -= 1.0;
+                        class = *c;
+                    }
+                }
+                class
+            })
+            .collect()
+    }
+}
+
+/// One priority class's figures.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ClassFigures {
+    /// Requests of the class.
+    pub requests: usize,
+    /// Its calls the provider accepted.
+    pub accepted: usize,
+    /// From sending a request to its accepted call, p99, in seconds: the wait its booking
+    /// (and any booking afresh) imposed, plus the queue's delivery.
+    pub wait_p99_s: f64,
+}
+
+/// Per class, from each request's class, when it was sent and when its accepted call left.
+pub fn class_figures(
+    classes: &[i32],
+    sent_ms: &[Option<i64>],
+    called_ms: &[Option<i64>],
+) -> BTreeMap<String, ClassFigures> {
+    let mut waits: BTreeMap<i32, Vec<f64>> = BTreeMap::new();
+    let mut out: BTreeMap<i32, ClassFigures> = BTreeMap::new();
+    for (i, class) in classes.iter().enumerate() {
+        let f = out.entry(*class).or_default();
+        f.requests += 1;
+        if let Some(called) = called_ms[i] {
+            f.accepted += 1;
+            if let Some(sent) = sent_ms[i] {
+                waits
+                    .entry(*class)
+                    .or_default()
+                    .push((called - sent).max(0) as f64 / 1000.0);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(class, mut f)| {
+            let mut w = waits.remove(&class).unwrap_or_default();
+            w.sort_by(f64::total_cmp);
+            f.wait_p99_s = pacer_core::measure::percentile(&w, 0.99);
+            (class.to_string(), f)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_spread_through_the_send_order() {
+        let p: Priorities = "5=0.1".parse().unwrap();
+        let c = p.classes(20);
+        assert_eq!(c.iter().filter(|c| **c == 5).count(), 2);
+        assert_eq!(c[9], 5);
+        assert!("0=0.5".parse::<Priorities>().is_err());
+        assert!("5=0.6,6=0.6".parse::<Priorities>().is_err());
+        let f = class_figures(
+            &[0, 5, 0],
+            &[Some(0), Some(0), Some(0)],
+            &[Some(9_000), Some(500), None],
+        );
+        assert_eq!(f["5"].wait_p99_s, 0.5);
+        assert_eq!((f["0"].requests, f["0"].accepted), (2, 1));
+    }
+}

@@ -18,8 +18,10 @@
 --              429s, raised after clean windows) and when it last changed (al), until when
 --              a window may hold room given back (rm: a release, a lower reconcile, a
 --              re-fit), the latest start of a booking checked before its start (ck:
---              it may be called already, so no other tenant may take it over), and
---              "t:<request id>" -> the id's latest member.
+--              it may be called already, so no other tenant may take it over), the
+--              lowest priority class ever booked (pm), and
+--              "t:<request id>" -> the id's latest member, "p:<request id>" -> its
+--              priority class when not 0.
 -- KEYS[3], KEYS[4] (optional): the project's spend state, a log and a hash of the same
 --              shape over every model of the project (members' ids are "<request id>
 --              <KEYS[1]>"), only its spend limited. Given when the pool limits spend; the
@@ -41,7 +43,8 @@
 -- 2n keys), ARGV[30] the request's (1-based; 0: none), then per tenant its name, weight,
 -- floor and ceiling (per mille of the pool's limits, 1000: no ceiling). Check's ARGV[16],
 -- reconcile's ARGV[8] and release's ARGV[4] name the ticket's tenant ('' : none), whose
--- state is then the last two keys. Numbers are integers; they are formatted with %d,
+-- state is then the last two keys. After the tenants, acquire's priority class (0 when
+-- absent): higher books ahead of lower bookings that have not started. Numbers are integers; they are formatted with %d,
 -- never tostring (which turns µs times into floats with exponents).
 local op = ARGV[1]
 -- TIME once: on Redis 7.0 repeated calls differ within one script.
@@ -79,7 +82,7 @@ local now = clock
 local function open(log, st)
   local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
     's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm', 'ck', 'fr', 'fp', 'fm' }
+    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm', 'ck', 'fr', 'fp', 'fm', 'pm' }
   -- Fields that stay absent until known (everything else reads 0 when absent).
   local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
   local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -217,7 +220,10 @@ local function open(log, st)
       local mapped = redis.call('HMGET', st, unpack(fields))
       local gone = {}
       for i, f in ipairs(fields) do
-        if mapped[i] == members[i] then gone[#gone + 1] = f end
+        if mapped[i] == members[i] then
+          gone[#gone + 1] = f
+          gone[#gone + 1] = 'p:' .. string.sub(f, 3)
+        end
       end
       if #gone > 0 then redis.call('HDEL', st, unpack(gone)) end
     end
@@ -274,7 +280,7 @@ local function open(log, st)
       local nm = add(start, new, id, seq_of(m))
       if mapped then redis.call('HSET', st, 't:' .. id, nm) end
     else
-      if mapped then redis.call('HDEL', st, 't:' .. id) end
+      if mapped then redis.call('HDEL', st, 't:' .. id, 'p:' .. id) end
       if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
       elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
     end
@@ -557,6 +563,7 @@ if op == 'a' then
     T.refit(TL, W)
   end
   local opened = {}
+  local prio = tonumber(ARGV[31 + 4 * #TEN]) or 0
   local function reply(kind, v, blocker, costs)
     M.save()
     if T then T.save() end
@@ -598,12 +605,74 @@ if op == 'a' then
       redis.call('HSET', P.st, 't:' .. pid(id), P.add(at, spend_only(c), pid(id)))
       if at > P.S.ls then P.S.ls = at end
     end
+    if prio ~= 0 then
+      redis.call('HSET', M.st, 'p:' .. id, fmt(prio))
+      if prio < S.pm then S.pm = prio end
+    end
     if T then
       redis.call('HSET', T.st, 't:' .. id, T.add(at, c, id))
       if at > T.S.ls then T.S.ls = at end
       local f = 'a:' .. TEN[TI].name
       if at > (tonumber(redis.call('HGET', M.st, f)) or 0) then redis.call('HSET', M.st, f, fmt(at)) end
     end
+  end
+  -- The earliest slot of a booking of a lower priority class this request may take over
+  -- (not started, not checked, costing at least as much in every limited dimension), the
+  -- swap made; nil when there is none.
+  local function overtake()
+    local lo = math.max(now + 1, S.ck + 1, S.cd, S.db)
+    for d = 1, 4 do
+      if LF[d] >= 0 and c[d] > 0 then
+        lo = math.max(lo, S.fs + W[d])
+        if T then lo = math.max(lo, T.S.fs + W[d]) end
+        if P and d == 4 then lo = math.max(lo, P.S.fs + PW[4]) end
+      end
+    end
+    local items = redis.call('ZRANGEBYSCORE', M.log, fmt(lo), '+inf', 'WITHSCORES', 'LIMIT', 0, 64)
+    local n = #items / 2
+    if n == 0 then return nil end
+    local fields = {}
+    for i = 1, n do fields[i] = 'p:' .. (id_of(items[2 * i - 1]) or '') end
+    local classes = redis.call('HMGET', M.st, unpack(fields))
+    for i = 1, n do
+      local m, x = items[2 * i - 1], tonumber(items[2 * i])
+      local vid = id_of(m)
+      local cheaper = vid ~= nil and (tonumber(classes[i]) or 0) < prio
+      local cv = costs_of(m)
+      for d = 1, 4 do
+        if LF[d] >= 0 and cv[d] < c[d] then cheaper = false end
+      end
+      if cheaper and (not T or T.room_at(x, c, TL, W, -1)) then
+        local rm, prm = S.rm, P and P.S.rm
+        M.replace(m, vid, x, nil)
+        if P then
+          local pm = P.booked(pid(vid), x)
+          if pm then P.replace(pm, pid(vid), x, nil) end
+          P.S.rm = prm
+        end
+        -- Out of its tenant's state too (the same tenant's, or another's).
+        for j, t in ipairs(TEN) do
+          local U = T
+          if j ~= TI then
+            U = opened[j]
+            if not U then
+              U = open(t.log, t.st)
+              U.start()
+              opened[j] = U
+            end
+          end
+          local um = U.booked(vid, x)
+          if um then
+            U.replace(um, vid, x, nil)
+            break
+          end
+        end
+        S.rm = rm
+        book(x)
+        return x
+      end
+    end
+    return nil
   end
   -- The earliest slot of another tenant's booking this request may take over (see the
   -- fair shares below), the swap made; nil when there is none.
@@ -783,6 +852,16 @@ if op == 'a' then
   -- check finds it gone and it books afresh. Shares are weights among the tenants active
   -- within a window (booked from a window ago on), raised to a tenant's floor and cut to
   -- its ceiling; an idle tenant's share goes to the others, so the pool stays full.
+  -- Priority: behind a queue, a request of a higher class takes the slot of the earliest
+  -- booking of a lower one that has not started (its holder's check finds it gone and it
+  -- books afresh). Before fairness: priority overtakes shares, never a ceiling.
+  if prio > S.pm and S.ls > now then
+    local x = overtake()
+    if x then
+      prune_all()
+      return reply(1, x, 0, c)
+    end
+  end
   if T and #TEN > 1 and S.ls > now then
     local x = fair_slot()
     if x then

@@ -149,7 +149,7 @@ impl<L: Limiter> FailsafeLimiter<L> {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: super::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -172,7 +172,7 @@ impl<L: Limiter> FailsafeLimiter<L> {
             FailureMode::Local => self.local.acquire_for_now(
                 key,
                 &quota.divided(self.expected_replicas),
-                tenant,
+                asker,
                 request_id,
                 costs,
                 max_wait,
@@ -187,7 +187,7 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: super::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -195,7 +195,7 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         if self.try_shared(key) {
             match self
                 .shared
-                .acquire_for(key, quota, tenant, request_id, costs, max_wait)
+                .acquire_for(key, quota, asker, request_id, costs, max_wait)
                 .await
             {
                 Ok(d) => {
@@ -209,7 +209,7 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
                 Err(e) => return Err(e),
             }
         }
-        self.fallback(key, quota, tenant, request_id, costs, max_wait)
+        self.fallback(key, quota, asker, request_id, costs, max_wait)
     }
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {
@@ -281,7 +281,7 @@ mod tests {
             &self,
             _: &QuotaKey,
             _: &ModelQuota,
-            _: &str,
+            _: super::super::Asker<'_>,
             _: &str,
             _: Costs,
             _: Duration,
@@ -360,7 +360,7 @@ mod tests {
             &self,
             key: &QuotaKey,
             _: &ModelQuota,
-            _: &str,
+            _: super::super::Asker<'_>,
             request_id: &str,
             costs: Costs,
             _: Duration,

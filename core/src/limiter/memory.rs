@@ -77,6 +77,10 @@ pub(crate) struct KeyState {
     /// In a tenant's state: where its fair scan last found no room within its share
     /// (`fr`), for which share (`fp`) and room mark (`fm`).
     frontier: (i64, i64, i64),
+    /// Bookings' priority classes when not 0 (the hash's `p:<id>` fields), and the lowest
+    /// class ever booked (`pm`).
+    classes: HashMap<Arc<str>, i64>,
+    lowest_class: i64,
 }
 
 /// The pool's tenants as one decision sees them (the script's `TEN` and `T`).
@@ -333,6 +337,7 @@ impl KeyState {
                 self.pruned = self.pruned.max(e.start);
                 if self.tickets.get(&id) == Some(&self.base) {
                     self.tickets.remove(&id);
+                    self.classes.remove(&id);
                 }
             }
             self.base += 1;
@@ -491,6 +496,7 @@ impl KeyState {
         hint: Hint,
         mut project: Option<Project<'_>>,
         mut tenants: Option<Tenants<'_>>,
+        priority: i64,
     ) -> Outcome {
         let clock_now = project
             .as_ref()
@@ -645,6 +651,7 @@ impl KeyState {
                     .insert(g, spend_only(costs), Arc::from(p.id.as_str()));
                 p.state.last_start = p.state.last_start.max(g);
             }
+            self.note_class(request_id, priority);
             if let Some(t) = tenants.as_mut() {
                 self.book_tenant(t, g, costs, request_id);
             }
@@ -659,6 +666,32 @@ impl KeyState {
             retry_us: Some(s - now),
             blocker,
         };
+        // Priority: behind a queue, a request of a higher class takes the slot of the
+        // earliest booking of a lower one that has not started (its holder's check finds
+        // it gone and it books afresh). Before fairness: priority overtakes shares, never
+        // a ceiling.
+        if priority > self.lowest_class
+            && self.last_start > now
+            && let Some(x) = self.overtake(
+                now,
+                limits,
+                &lf,
+                &tl,
+                pl.as_ref(),
+                &mut project,
+                &mut tenants,
+                request_id,
+                costs,
+                priority,
+            )
+        {
+            prune_all(self, &mut project, &mut tenants);
+            return Outcome::Start {
+                start: x,
+                now,
+                costs,
+            };
+        }
         // Fair shares: behind a queue, a tenant below its share takes the slot of a booking
         // of a tenant above its own share (not started, not checked), in start order; the
         // holder's check finds it gone and it books afresh.
@@ -677,6 +710,7 @@ impl KeyState {
                 costs,
             )
         {
+            self.note_class(request_id, priority);
             prune_all(self, &mut project, &mut tenants);
             return Outcome::Start {
                 start: x,
@@ -788,6 +822,7 @@ impl KeyState {
                 .insert(s, spend_only(costs), Arc::from(p.id.as_str()));
             p.state.last_start = p.state.last_start.max(s);
         }
+        self.note_class(request_id, priority);
         if let Some(t) = tenants.as_mut() {
             self.book_tenant(t, s, costs, request_id);
         }
@@ -797,6 +832,101 @@ impl KeyState {
             now,
             costs,
         }
+    }
+
+    /// Records a booking's priority class (the hash's `p:<id>`), when not 0.
+    fn note_class(&mut self, request_id: &str, priority: i64) {
+        if priority != 0 {
+            self.classes.insert(Arc::from(request_id), priority);
+            self.lowest_class = self.lowest_class.min(priority);
+        }
+    }
+
+    /// The earliest slot of a booking of a lower priority class this request may take over
+    /// (not started, not checked, costing at least as much in every limited dimension), the
+    /// swap made (the script's `overtake`).
+    #[allow(clippy::too_many_arguments)]
+    fn overtake(
+        &mut self,
+        now: i64,
+        limits: &Limits,
+        lf: &[i64; 4],
+        tl: &Limits,
+        pl: Option<&Limits>,
+        project: &mut Option<Project<'_>>,
+        tenants: &mut Option<Tenants<'_>>,
+        request_id: &str,
+        costs: [i64; 4],
+        priority: i64,
+    ) -> Option<i64> {
+        let w = limits.window_us;
+        let mut lo = (now + 1)
+            .max(self.checked + 1)
+            .max(self.cooldown)
+            .max(self.day_blocked);
+        for d in 0..4 {
+            if lf[d] >= 0 && costs[d] > 0 {
+                lo = lo.max(self.fence + w[d]);
+                if let Some(t) = tenants.as_ref() {
+                    lo = lo.max(t.states[t.index].fence + w[d]);
+                }
+                if d == 3
+                    && let (Some(p), Some(l)) = (project.as_ref(), pl)
+                {
+                    lo = lo.max(p.state.fence + l.window_us[3]);
+                }
+            }
+        }
+        let from = self.log.partition_point(|e| e.start < lo);
+        let (seq, x, vid) = self
+            .log
+            .iter()
+            .enumerate()
+            .skip(from)
+            .filter(|(_, e)| e.id.is_some())
+            .take(64)
+            .find_map(|(i, e)| {
+                let id = e.id.as_ref()?;
+                let lower = self.classes.get(id).copied().unwrap_or(0) < priority;
+                let cheaper = (0..4).all(|d| lf[d] < 0 || e.costs[d] >= costs[d]);
+                let room = tenants
+                    .as_ref()
+                    .is_none_or(|t| t.states[t.index].room_at(e.start, &costs, tl));
+                (lower && cheaper && room).then(|| (self.base + i as u64, e.start, id.clone()))
+            })?;
+        let rm = self.room_until;
+        self.release_seq(seq);
+        self.room_until = rm;
+        if let Some(p) = project.as_mut() {
+            let model =
+                p.id.strip_prefix(request_id)
+                    .unwrap_or_default()
+                    .trim_start()
+                    .to_owned();
+            let prm = p.state.room_until;
+            p.state.release(&format!("{vid} {model}"), x);
+            p.state.room_until = prm;
+            p.state
+                .insert(x, spend_only(costs), Arc::from(p.id.as_str()));
+            p.state.last_start = p.state.last_start.max(x);
+        }
+        if let Some(t) = tenants.as_mut() {
+            // Out of its tenant's state too (the same tenant's, or another's).
+            if let Some(st) = t.states.iter_mut().find(|st| st.booked(&vid, x).is_some()) {
+                st.release(&vid, x);
+            }
+        }
+        self.insert(x, costs, Arc::from(request_id));
+        if x < self.day_end {
+            self.day_count += costs[0];
+        } else {
+            self.next_count += costs[0];
+        }
+        self.note_class(request_id, priority);
+        if let Some(t) = tenants.as_mut() {
+            self.book_tenant(t, x, costs, request_id);
+        }
+        Some(x)
     }
 
     /// Books in the tenant's state, and records when the tenant last booked.
@@ -1122,6 +1252,7 @@ impl KeyState {
             && self.tickets.get(&id) == Some(&seq)
         {
             self.tickets.remove(&id);
+            self.classes.remove(&id);
         }
         if start >= self.day_start && start < self.day_end {
             self.day_count = (self.day_count - old[0]).max(0);
@@ -1408,7 +1539,7 @@ impl MemoryLimiter {
         self.acquire_for_now(
             key,
             quota,
-            crate::quota::DEFAULT_TENANT,
+            super::Asker::default(),
             request_id,
             costs,
             max_wait,
@@ -1422,7 +1553,7 @@ impl MemoryLimiter {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: super::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -1430,7 +1561,7 @@ impl MemoryLimiter {
         if request_id.is_empty() {
             return Err(super::Error::Invalid("empty request id".into()));
         }
-        let tenant_at = super::tenant_index(quota, tenant)?;
+        let tenant_at = super::tenant_index(quota, asker.tenant)?;
         let limits = Limits::of(quota);
         let now = self.clock.now_us();
         let project_spend = quota.spend_micros.limit.is_some();
@@ -1456,6 +1587,7 @@ impl MemoryLimiter {
                     *hint,
                     Self::project(&mut project, key, request_id),
                     tenants,
+                    i64::from(asker.priority),
                 );
                 *hint = st.hint();
                 if let Some((ps, ph)) = project {
@@ -1480,12 +1612,12 @@ impl Limiter for MemoryLimiter {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: super::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
     ) -> Result<Decision> {
-        self.acquire_for_now(key, quota, tenant, request_id, costs, max_wait)
+        self.acquire_for_now(key, quota, asker, request_id, costs, max_wait)
     }
 
     async fn check(&self, ticket: &Ticket) -> Result<Check> {

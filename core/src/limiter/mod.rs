@@ -410,21 +410,22 @@ pub trait Limiter: Send + Sync {
         costs: Costs,
         max_wait: Duration,
     ) -> Result<Decision> {
-        self.acquire_for(key, quota, DEFAULT_TENANT, request_id, costs, max_wait)
+        self.acquire_for(key, quota, Asker::default(), request_id, costs, max_wait)
             .await
     }
 
     /// [`Limiter::acquire`] for one of the pool's tenants (`quota.tenants`; ignored when
-    /// the pool declares none): the booking also counts against the tenant's ceiling, and
-    /// a tenant below its fair share of a window takes over, behind a queue, the slot of a
-    /// booking of a tenant above its own share that has not started (its holder's check
-    /// answers [`Blocker::Lost`], and it books afresh). A tenant the pool does not declare
-    /// is refused with [`Error::Invalid`].
+    /// the pool declares none) and a priority class: the booking also counts against the
+    /// tenant's ceiling; behind a queue, a request of a higher class takes over the slot of
+    /// the earliest booking of a lower class that has not started, and a tenant below its
+    /// fair share of a window the slot of a booking of a tenant above its own share (the
+    /// holder's check answers [`Blocker::Lost`], and it books afresh). A tenant the pool
+    /// does not declare is refused with [`Error::Invalid`].
     async fn acquire_for(
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -461,6 +462,25 @@ pub trait Limiter: Send + Sync {
     /// slot, on one primary). The failsafe keeps one circuit breaker per domain.
     fn failure_domain(&self, _key: &QuotaKey) -> String {
         String::new()
+    }
+}
+
+/// Who a booking is for: one of the pool's tenants, and the request's priority class
+/// (higher books ahead of lower bookings that have not started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asker<'a> {
+    /// The tenant ([`DEFAULT_TENANT`] when the request names none).
+    pub tenant: &'a str,
+    /// The priority class (0: the default).
+    pub priority: i32,
+}
+
+impl Default for Asker<'_> {
+    fn default() -> Self {
+        Asker {
+            tenant: DEFAULT_TENANT,
+            priority: 0,
+        }
     }
 }
 

@@ -342,7 +342,7 @@ impl Limiter for RedisLimiter {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: super::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
@@ -350,7 +350,7 @@ impl Limiter for RedisLimiter {
         if request_id.is_empty() {
             return Err(Error::Invalid("empty request id".into()));
         }
-        let tenant_at = super::tenant_index(quota, tenant)?;
+        let tenant_at = super::tenant_index(quota, asker.tenant)?;
         let l = Limits::of(quota);
         let c = costs_i64(&costs);
         let b = self.boundaries();
@@ -399,6 +399,7 @@ impl Limiter for RedisLimiter {
                 &t.ceiling_permille,
             ]));
         }
+        argv.push(asker.priority.to_string());
         let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
         let reply = self.run(key, project_spend, &names, argv).await?;
         self.saw_server(key, &reply, 13);
@@ -427,7 +428,7 @@ impl Limiter for RedisLimiter {
                     costs: Costs::from_array(booked),
                     origin: Origin::Shared,
                     project_spend,
-                    tenant: tenant_at.map(|_| tenant.to_owned()),
+                    tenant: tenant_at.map(|_| asker.tenant.to_owned()),
                 };
                 Ok(if v <= now {
                     Decision::Admitted { ticket }

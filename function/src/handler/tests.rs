@@ -284,14 +284,14 @@ impl Limiter for Losing {
         &self,
         key: &QuotaKey,
         quota: &ModelQuota,
-        tenant: &str,
+        asker: pacer_core::limiter::Asker<'_>,
         request_id: &str,
         costs: Costs,
         max_wait: Duration,
     ) -> pacer_core::limiter::Result<Decision> {
         self.acquires.fetch_add(1, Ordering::SeqCst);
         self.inner
-            .acquire_for(key, quota, tenant, request_id, costs, max_wait)
+            .acquire_for(key, quota, asker, request_id, costs, max_wait)
             .await
     }
 

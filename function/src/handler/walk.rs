@@ -45,6 +45,8 @@ pub(super) struct Delivery {
     claim: Arc<Claim>,
     /// The tenant every booking of this delivery is made for.
     pub(super) tenant: String,
+    /// Its priority class.
+    pub(super) priority: i32,
 }
 
 impl Delivery {
@@ -57,6 +59,7 @@ impl Delivery {
             whole: until.map(|u| u.saturating_duration_since(Instant::now())),
             claim,
             tenant: pacer_core::quota::DEFAULT_TENANT.to_owned(),
+            priority: 0,
         }
     }
 
@@ -434,7 +437,10 @@ impl Handler {
             .acquire_for(
                 &run.qkey,
                 &run.quota,
-                &delivery.tenant,
+                pacer_core::limiter::Asker {
+                    tenant: &delivery.tenant,
+                    priority: delivery.priority,
+                },
                 &booking_id,
                 run.estimate,
                 run.max_wait,

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use proptest::prelude::*;
 
 use super::*;
-use crate::limiter::{FixedDays, Hint, ManualClock, PacificCalendar};
+use crate::limiter::{Asker, FixedDays, Hint, ManualClock, PacificCalendar};
 use crate::quota::DimensionQuota;
 
 const T0: i64 = 1_790_000_000_000_000; // 2026-09-21, µs
@@ -519,6 +519,7 @@ impl Caller {
             self.hint,
             None,
             None,
+            0,
         );
         self.hint = st.hint();
         decision(&key(), id, outcome, Origin::Shared, false)
@@ -832,6 +833,7 @@ proptest! {
                 callers[who].hint,
                 None,
                 None,
+                0,
             );
             callers[who].hint = st.hint();
             match decision(&key(), &format!("r{i}"), outcome, Origin::Shared, false) {
@@ -1297,6 +1299,25 @@ async fn run_fleet(
     arrivals: &[(i64, usize)],
     max_wait: Duration,
 ) -> Vec<(i64, usize)> {
+    let mut calls: Vec<(i64, usize)> = run_classes(clock, l, q, arrivals, &[], max_wait)
+        .await
+        .into_iter()
+        .map(|(start, tenant, _)| (start, tenant))
+        .collect();
+    calls.sort();
+    calls
+}
+
+/// [`run_fleet`] with a priority class per request (`classes[i]`, 0 when absent); each
+/// call also names its request.
+async fn run_classes(
+    clock: &ManualClock,
+    l: &MemoryLimiter,
+    q: &ModelQuota,
+    arrivals: &[(i64, usize)],
+    classes: &[i32],
+    max_wait: Duration,
+) -> Vec<(i64, usize, usize)> {
     use std::collections::BTreeMap;
     // Events by time: (time, order) -> (request, ticket if it wakes up a booking).
     let mut events: BTreeMap<(i64, u64), (usize, Option<Ticket>)> = BTreeMap::new();
@@ -1310,13 +1331,16 @@ async fn run_fleet(
     let mut called = vec![false; arrivals.len()];
     while let Some(((at, _), (i, ticket))) = events.pop_first() {
         clock.set(at.max(clock.now_us()));
-        let name = &q.tenants[arrivals[i].1].name;
+        let name = q
+            .tenants
+            .get(arrivals[i].1)
+            .map_or(crate::quota::DEFAULT_TENANT, |t| t.name.as_str());
         if let Some(t) = ticket {
             match l.check(&t).await.expect("check") {
                 Check::Go => {
                     assert!(!called[i], "request {i} called twice");
                     called[i] = true;
-                    calls.push((t.start_us, arrivals[i].1));
+                    calls.push((t.start_us, arrivals[i].1, i));
                     continue;
                 }
                 Check::Cancelled { .. } => {}
@@ -1325,7 +1349,17 @@ async fn run_fleet(
         tries[i] += 1;
         let id = format!("r{i}-{}", tries[i]);
         let d = l
-            .acquire_for(&key(), q, name, &id, req(1), max_wait)
+            .acquire_for(
+                &key(),
+                q,
+                Asker {
+                    tenant: name,
+                    priority: classes.get(i).copied().unwrap_or(0),
+                },
+                &id,
+                req(1),
+                max_wait,
+            )
             .await
             .expect("acquire");
         order += 1;
@@ -1333,7 +1367,7 @@ async fn run_fleet(
             Decision::Admitted { ticket } => {
                 assert!(!called[i], "request {i} called twice");
                 called[i] = true;
-                calls.push((ticket.start_us, arrivals[i].1));
+                calls.push((ticket.start_us, arrivals[i].1, i));
             }
             Decision::Booked { ticket, .. } => {
                 events.insert((ticket.start_us, order), (i, Some(ticket)));
@@ -1345,7 +1379,6 @@ async fn run_fleet(
         }
     }
     assert!(called.iter().all(|c| *c), "every request is called once");
-    calls.sort();
     calls
 }
 
@@ -1457,8 +1490,60 @@ async fn a_floor_is_met_within_a_window_and_a_ceiling_caps_an_idle_pool() {
     assert_eq!(windows, vec![vec![5, 0]; 4], "capped at 5 of 20");
     // A tenant the pool does not declare is refused, naming the fix.
     let e = l
-        .acquire_for(&key(), &q, "nobody", "x", req(1), LONG)
+        .acquire_for(
+            &key(),
+            &q,
+            Asker {
+                tenant: "nobody",
+                priority: 0,
+            },
+            "x",
+            req(1),
+            LONG,
+        )
         .await
         .expect_err("undeclared");
     assert!(e.to_string().contains("spec.tenants"), "{e}");
+}
+
+/// Issue 15: 10 % high-priority requests over a low-priority backlog ten windows deep: each
+/// high one books within a window of its arrival, ahead of the low ones booked before it
+/// (taking their slots: they book afresh); every low one is still called, once; no window
+/// is over the limit. A request's class above the chain's is what counts, and the lowest
+/// classes are bumped first only through their start order (the earliest lower one).
+#[tokio::test]
+async fn a_higher_class_books_ahead_of_a_deep_lower_backlog() {
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let q = quota(Some(20), None, 10, NO_MARGIN);
+    let mut arrivals: Vec<(i64, usize)> = (0..200).map(|i| (T0 + i * MS, 0)).collect();
+    let mut classes = vec![0; 200];
+    // 20 urgent ones, one every 2 s from 25 s on.
+    arrivals.extend((0..20).map(|i| (T0 + 25 * SEC + i * 2 * SEC, 0)));
+    classes.extend([5; 20]);
+    let calls = run_classes(&clock, &l, &q, &arrivals, &classes, LONG).await;
+    let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _, _)| (*s, 1)).collect();
+    assert!(
+        max_in_window(&starts, 10 * SEC) <= 20,
+        "never over the limit"
+    );
+    let waits: Vec<i64> = calls
+        .iter()
+        .filter(|(_, _, i)| *i >= 200)
+        .map(|(s, _, i)| s - arrivals[*i].0)
+        .collect();
+    assert_eq!(waits.len(), 20);
+    assert!(
+        waits.iter().all(|w| *w <= 10 * SEC),
+        "every urgent request within a window: {waits:?}"
+    );
+    // Without classes the same urgent requests wait behind the backlog.
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock);
+    let calls = run_classes(&clock, &l, &q, &arrivals, &[], LONG).await;
+    let late = calls
+        .iter()
+        .filter(|(s, _, i)| *i >= 200 && s - arrivals[*i].0 > 10 * SEC)
+        .count();
+    assert_eq!(late, 20, "a queue ten windows deep holds them back");
 }
