@@ -174,6 +174,11 @@ pub struct LoadtestArgs {
     /// class what was accepted and its p99 wait from send to call (`priorities`).
     #[arg(long, env = "PACER_LOADTEST_PRIORITIES")]
     pub priorities: Option<tenants::Priorities>,
+    /// Days (and budget months, 30 of them) this many seconds long, from multiples of it
+    /// since the Unix epoch, instead of Pacific ones: rehearses per-day quotas and budgets
+    /// in minutes (needs --redis-url; not with --processes).
+    #[arg(long, env = "PACER_LOADTEST_DAY_SECONDS")]
+    pub day_seconds: Option<u64>,
     /// Print one JSON object.
     #[arg(env = "PACER_LOADTEST_JSON", long)]
     pub json: bool,
@@ -247,6 +252,10 @@ pub struct Report {
     pub failed: usize,
     /// Deliveries deferred back to the queue (a request may be deferred several times).
     pub deferred: u64,
+    /// Deliveries the replicas handled (each one a receive from the queue), per request;
+    /// absent with --processes (the children do not report it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receives_per_request: Option<f64>,
     /// Requests with no final record (and no stored image).
     pub lost: usize,
     /// Requests whose image was stored more than once (sink writes per request, beyond one).
@@ -675,16 +684,25 @@ fn plan(args: &LoadtestArgs, run: &str) -> anyhow::Result<Plan> {
 #[derive(Clone)]
 enum Backend {
     Shared(SharedState),
-    Redis { url: String },
+    Redis {
+        url: String,
+        day_seconds: Option<u64>,
+    },
 }
 
 impl Backend {
     async fn state(&self) -> anyhow::Result<SharedState> {
         Ok(match self {
             Backend::Shared(state) => state.clone(),
-            Backend::Redis { url } => {
-                SharedState::redis(url, Duration::from_millis(500), Duration::from_millis(500))
-                    .await?
+            Backend::Redis { url, day_seconds } => {
+                SharedState::redis_with_days(
+                    url,
+                    Duration::from_millis(500),
+                    Duration::from_millis(500),
+                    *day_seconds,
+                    None,
+                )
+                .await?
             }
         })
     }
@@ -878,6 +896,12 @@ async fn run_once(
             "--fault redis-restart needs --redis-url (the in-memory limiter has no Redis to restart)"
         );
     }
+    if args.day_seconds.is_some() && !naive {
+        anyhow::ensure!(
+            args.conn.redis_url.is_some() && !args.processes,
+            "--day-seconds needs --redis-url (the replicas' limiter in Redis keeps the days) and no --processes"
+        );
+    }
     if timed.iter().any(|(_, f)| matches!(f, Fault::Limit { .. })) {
         anyhow::ensure!(
             args.conn.redis_url.is_some(),
@@ -998,7 +1022,13 @@ async fn run_once(
     let (backend, limiter_kind) = match (&args.conn.redis_url, naive) {
         (Some(url), false) => {
             write_config(url, &plan.config).await?;
-            (Backend::Redis { url: url.clone() }, "redis")
+            (
+                Backend::Redis {
+                    url: url.clone(),
+                    day_seconds: args.day_seconds,
+                },
+                "redis",
+            )
         }
         _ => (
             Backend::Shared(SharedState::local(plan.config.clone())),
@@ -1012,10 +1042,11 @@ async fn run_once(
     };
     let records = match &backend {
         Backend::Shared(state) => state.records.clone(),
-        Backend::Redis { url } => Records::redis(url).await?,
+        Backend::Redis { url, .. } => Records::redis(url).await?,
     };
     let log = CallLog::default();
     let deferred = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
     let shutdown = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
     let mut replica_tasks = Vec::new();
@@ -1089,6 +1120,7 @@ async fn run_once(
             let processor = Arc::new(Counting {
                 inner: processor,
                 deferred: deferred.clone(),
+                received: received.clone(),
                 stream: false,
             });
             let queue = match (&args.conn.queue_url, use_sqs) {
@@ -1327,6 +1359,8 @@ async fn run_once(
         limiter: limiter_kind.into(),
         requests: ids.len(),
         deferred: deferred.load(Ordering::Relaxed),
+        receives_per_request: (!processes && !ids.is_empty())
+            .then(|| received.load(Ordering::Relaxed) as f64 / ids.len() as f64),
         provider_calls: calls.len(),
         binding: format!("{model} {}", plan.binding.1),
         limit,
@@ -1443,6 +1477,39 @@ async fn run_once(
             limit,
             limiter_window_ms,
         );
+        // What each tenant's calls cost per day of the run's calendar (its requests'
+        // records: the provider's reported usage, priced), by the day its first accepted
+        // call left in.
+        if let Some(day_ms) = args.day_seconds.map(|d| (d * 1000) as i64) {
+            let mut first_call: HashMap<&str, i64> = HashMap::new();
+            for c in calls.iter().filter(|c| c.result == "ok") {
+                let at = first_call.entry(c.request.as_str()).or_insert(c.start_ms);
+                *at = (*at).min(c.start_ms);
+            }
+            let day0 = first_call
+                .values()
+                .min()
+                .map_or(0, |t| t.div_euclid(day_ms));
+            for (id, (tenant, _)) in ids.iter().zip(&schedule) {
+                let (Some(at), Some(r)) = (first_call.get(id.as_str()), done.get(id)) else {
+                    continue;
+                };
+                let name = &t.0[*tenant].share.name;
+                let Some(f) = report.tenants.get_mut(name) else {
+                    continue;
+                };
+                let day = usize::try_from(at.div_euclid(day_ms) - day0).unwrap_or(0);
+                if f.spend_usd_by_day.len() <= day {
+                    f.spend_usd_by_day.resize(day + 1, 0.0);
+                }
+                f.spend_usd_by_day[day] += r.cost_micros as f64 / 1e6;
+            }
+            for tl in &t.0 {
+                if let Some(f) = report.tenants.get_mut(&tl.share.name) {
+                    f.daily_budget_usd = tl.share.daily_budget_micros.map(|b| b as f64 / 1e6);
+                }
+            }
+        }
     }
     if args.priorities.is_some() {
         let sent = lock(&sent_at).clone();

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 use pacer_core::{
     config::ConfigStore,
-    limiter::{Limiter, Usage, redis::RedisLimiter},
+    limiter::{Limiter, TenantUsage, Usage, redis::RedisLimiter},
 };
 use ratatui::{
     crossterm::event::{self, Event, KeyCode, KeyModifiers},
@@ -40,6 +40,8 @@ pub struct Row {
     pub pool: String,
     pub model: String,
     pub usage: Usage,
+    /// Per tenant of the pool (none declared: empty), with its daily budget.
+    pub tenants: Vec<(TenantUsage, Option<u64>)>,
 }
 
 /// Everything one frame shows.
@@ -72,10 +74,19 @@ pub async fn read(
                 .usage(&pool.key(model), &quota)
                 .await
                 .with_context(|| format!("reading {}'s usage of {model}", pool.name))?;
+            let tenants = limiter
+                .tenant_usage(&pool.key(model), &quota)
+                .await
+                .with_context(|| format!("reading {}'s tenants' use of {model}", pool.name))?
+                .into_iter()
+                .zip(&pool.tenants)
+                .map(|(u, t)| (u, t.daily_budget_micros))
+                .collect();
             rows.push(Row {
                 pool: pool.name.clone(),
                 model: model.clone(),
                 usage,
+                tenants,
             });
         }
     }
@@ -198,6 +209,35 @@ pub fn frame(snapshot: &Snapshot) -> Vec<Line<'static>> {
                 Span::raw(format!(" {figure}")),
             ]));
         }
+        // Each tenant's part of this window's requests, what it booked ahead, and what its
+        // calls cost today (against its daily budget; the budget is the project's, over
+        // every model).
+        let total: u64 = row.tenants.iter().map(|(t, _)| t.requests).sum();
+        for (t, budget) in &row.tenants {
+            let share = if total > 0 {
+                format!("{:>3.0}%", t.requests as f64 * 100.0 / total as f64)
+            } else {
+                "  -".to_owned()
+            };
+            let spent = t.spent_today_micros as f64 / 1e6;
+            let money = match budget {
+                Some(b) => format!("${spent:.2} of ${:.2} today", *b as f64 / 1e6),
+                None => format!("${spent:.2} today"),
+            };
+            let ahead = if t.booked_ahead > 0 {
+                format!(
+                    ", {} booked {:.1}s ahead",
+                    t.booked_ahead,
+                    t.queue.as_secs_f64()
+                )
+            } else {
+                String::new()
+            };
+            lines.push(Line::from(format!(
+                "    tenant {:<12} {} requests ({share}){ahead}, {money}",
+                t.tenant, t.requests
+            )));
+        }
     }
     lines
 }
@@ -317,11 +357,42 @@ mod tests {
                 pool: "team/images".into(),
                 model: "gemini-3-pro-image".into(),
                 usage,
+                tenants: vec![
+                    (
+                        TenantUsage {
+                            tenant: "web".into(),
+                            requests: 9,
+                            booked_ahead: 4,
+                            spent_today_micros: 1_250_000,
+                            spent_this_month_micros: 1_250_000,
+                            queue: Duration::from_secs(12),
+                        },
+                        Some(5_000_000),
+                    ),
+                    (
+                        TenantUsage {
+                            tenant: "batch".into(),
+                            requests: 3,
+                            ..TenantUsage::default()
+                        },
+                        None,
+                    ),
+                ],
             }],
             day_resets_in: Duration::from_secs(3 * 3600 + 61),
             config_version: 7,
         });
         assert!(text.contains("pool team/images"), "{text}");
+        assert!(
+            text.contains(
+                "tenant web          9 requests ( 75%), 4 booked 12.0s ahead, $1.25 of $5.00 today"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tenant batch        3 requests ( 25%), $0.00 today"),
+            "{text}"
+        );
         assert!(
             text.contains("gemini-3-pro-image  (cooling down 3.0s, learned rate 70%)"),
             "{text}"

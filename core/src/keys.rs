@@ -12,6 +12,9 @@
 //! | `{pacer:<project>}:<model>:st` | hash | `pacer:<project>` | as above |
 //! | `{pacer:<project>}:*spend:log` | sorted set | `pacer:<project>` | `…:*spend:st` and one model's two keys, in a decision of a pool that limits spend |
 //! | `{pacer:<project>}:*spend:st` | hash | `pacer:<project>` | as above |
+//! | `{pacer:<project>}:<model>:*t:<tenant>:log` | sorted set | `pacer:<project>` | `…:*t:<tenant>:st` and the model's keys: a tenant's bookings of a model (its ceiling, its share), in a decision of a pool with tenants (every tenant's, for fair shares) |
+//! | `{pacer:<project>}:<model>:*t:<tenant>:st` | hash | `pacer:<project>` | as above |
+//! | `{pacer:<project>}:*t:<tenant>:budget` | hash | `pacer:<project>` | the tenant's states: its spend per day and per month, over every model |
 //! | `{pacer:config}:pools` | hash | `pacer:config` | the other two config keys, in one `MULTI` |
 //! | `{pacer:config}:chains` | hash | `pacer:config` | as above |
 //! | `{pacer:config}:version` | integer | `pacer:config` | as above |
@@ -63,6 +66,12 @@ pub fn limiter_tag(project: &str) -> String {
 /// with `model` `None` the project's spend state. `*` is in no model id.
 pub fn limiter_state(project: &str, model: Option<&str>) -> String {
     format!("{}:{}", limiter_tag(project), model.unwrap_or("*spend"))
+}
+
+/// A tenant's budgets in a project (its spend per day and per month, over every model): a
+/// hash in the project's slot.
+pub fn tenant_budget(project: &str, tenant: &str) -> String {
+    format!("{}:*t:{tenant}:budget", limiter_tag(project))
 }
 
 /// A pool's account alert (a revoked key, spent credit): set with a TTL by the replica

@@ -30,6 +30,15 @@ pub fn next_midnights(at: Timestamp, count: usize) -> Vec<Timestamp> {
     out
 }
 
+/// The start (midnight, Pacific, on the 1st) of the month that contains `at`, and of the
+/// two months after it: a tenant's monthly budget resets there.
+pub fn month_starts(at: Timestamp) -> [Timestamp; 3] {
+    let first = at.to_zoned_datetime(zone()).date().first_of_month();
+    let next = first.checked_add(1.month()).unwrap_or(first);
+    let after = next.checked_add(1.month()).unwrap_or(next);
+    [midnight(first), midnight(next), midnight(after)]
+}
+
 /// The length of the quota day that starts on `date` (Pacific): 23, 24 or 25 hours.
 pub fn day_length_hours(date: Date) -> i64 {
     let start = midnight(date);

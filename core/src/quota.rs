@@ -165,6 +165,13 @@ pub struct TenantShare {
     /// The most of each window it may use even when the pool has room, per mille (1000:
     /// no ceiling).
     pub ceiling_permille: u32,
+    /// Its spend per Pacific day, in micro-dollars (booked at each call's estimated price,
+    /// charged what the call cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget_micros: Option<u64>,
+    /// Its spend per calendar month (Pacific), in micro-dollars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_budget_micros: Option<u64>,
 }
 
 impl ModelQuota {

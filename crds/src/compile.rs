@@ -278,9 +278,15 @@ pub fn compile_pool(
                 weight: t.weight.max(1),
                 floor_permille: t.floor_percent.unwrap_or(0).min(100) * 10,
                 ceiling_permille: t.ceiling_percent.unwrap_or(100).clamp(1, 100) * 10,
+                daily_budget_micros: t.daily_budget_usd.map(usd_micros),
+                monthly_budget_micros: t.monthly_budget_usd.map(usd_micros),
             })
             .collect(),
     })
+}
+
+fn usd_micros(usd: f64) -> u64 {
+    (usd * 1_000_000.0).round() as u64
 }
 
 /// The tenants' rules (the CRD's CEL rules say the same, for `pacer apply` without an
@@ -340,6 +346,19 @@ fn check_tenants(spec: &QuotaPoolSpec) -> Result<(), (String, String)> {
                 at("floorPercent"),
                 format!("is {floor}, above the tenant's ceilingPercent {ceiling}"),
             ));
+        }
+        for (field, usd) in [
+            ("dailyBudgetUsd", t.daily_budget_usd),
+            ("monthlyBudgetUsd", t.monthly_budget_usd),
+        ] {
+            if let Some(usd) = usd
+                && !(usd.is_finite() && usd >= 0.0)
+            {
+                return Err((
+                    at(field),
+                    format!("{usd} is not a non-negative number of dollars"),
+                ));
+            }
         }
         floors += floor;
     }

@@ -14,7 +14,7 @@ pub use chain::{
 };
 pub use pool::{
     DimensionUsage, FailureMode, ModelLimits, ModelUsage, Provider, QuotaPool, QuotaPoolSpec,
-    QuotaPoolStatus, SecretKeyRef, Tier, VertexSettings,
+    QuotaPoolStatus, SecretKeyRef, Tenant, TenantStatus, Tier, VertexSettings,
 };
 
 use kube::CustomResourceExt;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
     printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.modelCount"}"#,
     printcolumn = r#"{"name":"Requests","type":"string","description":"Requests used against the limit in the current window, busiest model","jsonPath":".status.requests"}"#,
+    printcolumn = r#"{"name":"Busiest Tenant","type":"string","description":"The tenant with the largest part of the current window's requests, and that part","jsonPath":".status.busiestTenant"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -142,6 +143,16 @@ pub struct Tenant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub ceiling_percent: Option<u32>,
+    /// Its spend per Pacific day, in US dollars (reset at midnight America/Los_Angeles):
+    /// each call is booked at its estimated price and charged what it cost; once spent,
+    /// its requests wait for the reset (or fail if their deadline comes first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 10000000.0))]
+    pub daily_budget_usd: Option<f64>,
+    /// Its spend per calendar month (Pacific), in US dollars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100000000.0))]
+    pub monthly_budget_usd: Option<f64>,
 }
 
 fn default_weight() -> u32 {
@@ -288,9 +299,46 @@ pub struct QuotaPoolStatus {
     /// Live usage per model, read from the global limiter.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelUsage>,
+    /// The tenant with the largest part of the current window's requests (for example
+    /// `web 60%`), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busiest_tenant: Option<String>,
+    /// Live use per tenant (over every model), read from the global limiter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<TenantStatus>,
     /// Ready, NearLimit, Throttled, Degraded.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// Live use of one tenant, over the pool's models.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantStatus {
+    /// The tenant.
+    pub name: String,
+    /// Requests it started in the current window.
+    pub requests: u64,
+    /// Its percent of every tenant's requests in the current window.
+    pub share_percent: u32,
+    /// The percent its weight, floor and ceiling give it among the tenants active now.
+    pub expected_share_percent: u32,
+    /// Requests it has booked ahead.
+    pub booked_ahead: u64,
+    /// How far ahead its latest booking starts, in seconds: its wait.
+    pub wait_seconds: u64,
+    /// What its calls cost today (Pacific day), in US dollars.
+    pub spent_today_usd: f64,
+    /// Its daily budget left, in US dollars (absent: no daily budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_left_today_usd: Option<f64>,
+    /// Its monthly budget left, in US dollars (absent: no monthly budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_left_this_month_usd: Option<f64>,
+    /// `day` or `month` while that budget is spent (under 2 % of it left): its requests
+    /// wait for the reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_spent: Option<String>,
 }
 
 /// Live usage of one model.

@@ -496,6 +496,30 @@ impl Handler {
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;
         renew.abort();
+        // A spent budget resets after the request's deadline: fail it now, not at the
+        // reset.
+        if let Outcome::Defer {
+            after,
+            reason: DeferReason::Budget,
+        } = outcome
+            && let Some(deadline) = req.deadline
+            && jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::try_from(after).unwrap_or_default())
+                .is_ok_and(|back| back > deadline)
+        {
+            return self
+                .fail(
+                    &req.id,
+                    delivery.attempts,
+                    format!(
+                        "tenant {:?}'s budget is spent until its reset in {} s, after the request's deadline",
+                        delivery.tenant,
+                        after.as_secs()
+                    ),
+                    &token,
+                )
+                .await;
+        }
         if let Outcome::Defer { .. } = outcome {
             let _ = self.records.unclaim(&req.id, &token).await;
         }

@@ -63,6 +63,8 @@ pub enum DeferReason {
     Account,
     /// The caller's deadline (a Lambda invocation's) leaves no time for the call.
     Deadline,
+    /// The tenant's daily or monthly budget is spent: it waits for the reset.
+    Budget,
 }
 
 impl DeferReason {
@@ -78,6 +80,7 @@ impl DeferReason {
             DeferReason::Shutdown => "shutdown",
             DeferReason::Account => "account",
             DeferReason::Deadline => "deadline",
+            DeferReason::Budget => "budget",
         }
     }
 }

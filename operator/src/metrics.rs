@@ -43,6 +43,15 @@ pub struct UsageLabels {
     pub dimension: String,
 }
 
+/// Labels of a tenant's gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// `namespace/name` of the pool.
+    pub pool: String,
+    /// The tenant.
+    pub tenant: String,
+}
+
 /// The operator's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -51,6 +60,8 @@ pub struct Metrics {
     duration: Family<KindLabels, Histogram>,
     pub(crate) config_writes: Family<KindLabels, Counter>,
     pub(crate) usage: Family<UsageLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) tenant_share: Family<TenantLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub(crate) tenant_spent: Family<TenantLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub(crate) leader: Gauge,
 }
 
@@ -85,6 +96,20 @@ impl Default for Metrics {
             "Used / limit in the current window, per pool, model and dimension",
             usage.clone(),
         );
+        let tenant_share =
+            Family::<TenantLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "tenant_share_ratio",
+            "A tenant's part of the requests its pool's models started in the current window",
+            tenant_share.clone(),
+        );
+        let tenant_spent =
+            Family::<TenantLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "tenant_spent_today_usd",
+            "What a tenant's calls cost today (Pacific day), in US dollars",
+            tenant_spent.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -98,6 +123,8 @@ impl Default for Metrics {
             duration,
             config_writes,
             usage,
+            tenant_share,
+            tenant_spent,
             leader,
         }
     }

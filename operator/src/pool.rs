@@ -19,7 +19,9 @@ use pacer_core::{
     limiter::{Limiter, QuotaKey},
     quota::Dim,
 };
-use pacer_crds::{DimensionUsage, ModelUsage, QuotaPool, QuotaPoolStatus, compile::compile_pool};
+use pacer_crds::{
+    DimensionUsage, ModelUsage, QuotaPool, QuotaPoolStatus, TenantStatus, compile::compile_pool,
+};
 
 use crate::{
     Error, Result,
@@ -64,6 +66,8 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
         requests: old.requests.clone(),
         config_version: old.config_version,
         models: old.models.clone(),
+        busiest_tenant: old.busiest_tenant.clone(),
+        tenants: old.tenants.clone(),
         conditions: Vec::new(),
     };
 
@@ -133,13 +137,15 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
     let busy;
     if ctx.usage_due(key, spec_changed) {
         match read_usage(ctx, key, &compiled).await {
-            Ok(models) => {
+            Ok((models, tenants)) => {
                 busy = models
                     .iter()
                     .flat_map(|m| &m.dimensions)
                     .any(|d| d.used > 0);
                 status.requests = busiest_requests(&models);
                 status.models = models;
+                status.busiest_tenant = busiest_tenant(&tenants);
+                status.tenants = tenants;
             }
             Err(e) => {
                 ctx.redis_ok(false);
@@ -164,6 +170,7 @@ async fn apply(pool: &QuotaPool, ns: &str, key: &str, ctx: &Context) -> Result<A
         &status.models,
         compiled.alert_threshold_percent,
     );
+    budget_spent(&mut conditions, &status.tenants);
     // Raised by replicas whose provider blamed the account; it expires once calls stop
     // failing that way.
     let account = ctx.store.account_alert(&compiled.name).await;
@@ -265,12 +272,39 @@ async fn read_usage(
     ctx: &Context,
     key: &str,
     compiled: &CompiledPool,
-) -> Result<Vec<ModelUsage>, pacer_core::limiter::Error> {
+) -> Result<(Vec<ModelUsage>, Vec<TenantStatus>), pacer_core::limiter::Error> {
     let mut out = Vec::with_capacity(compiled.models.len());
+    let mut tenants: Vec<TenantStatus> = compiled
+        .tenants
+        .iter()
+        .map(|t| TenantStatus {
+            name: t.name.clone(),
+            ..TenantStatus::default()
+        })
+        .collect();
+    // The budgets are the project's (one per tenant, over every model): any model's read
+    // gives them.
+    let mut spent: Vec<(u64, u64)> = vec![(0, 0); tenants.len()];
     for model in compiled.models.keys() {
         let Some(quota) = compiled.model_quota(model) else {
             continue;
         };
+        let per_tenant = ctx
+            .limiter
+            .tenant_usage(&QuotaKey::new(&compiled.project, model), &quota)
+            .await?;
+        for (i, u) in per_tenant.iter().enumerate() {
+            let Some(t) = tenants.get_mut(i) else {
+                continue;
+            };
+            t.requests += u.requests;
+            t.booked_ahead += u.booked_ahead;
+            t.wait_seconds = t.wait_seconds.max(ceil_secs(u.queue));
+            spent[i] = (
+                spent[i].0.max(u.spent_today_micros),
+                spent[i].1.max(u.spent_this_month_micros),
+            );
+        }
         let usage = ctx
             .limiter
             .usage(&QuotaKey::new(&compiled.project, model), &quota)
@@ -325,7 +359,95 @@ async fn read_usage(
                 .then(|| 100 - usage.rate_cut_permille.min(1000) / 10),
         });
     }
-    Ok(out)
+    let total: u64 = tenants.iter().map(|t| t.requests).sum();
+    let active: Vec<bool> = tenants
+        .iter()
+        .map(|t| t.requests > 0 || t.booked_ahead > 0)
+        .collect();
+    let expected = pacer_core::quota::fair_shares(&compiled.tenants, &active);
+    for (i, (t, share)) in tenants.iter_mut().zip(&compiled.tenants).enumerate() {
+        t.share_percent = (t.requests * 100)
+            .checked_div(total)
+            .map_or(0, |p| u32::try_from(p).unwrap_or(100));
+        t.expected_share_percent = u32::try_from(expected[i] / 10).unwrap_or(0);
+        t.spent_today_usd = spent[i].0 as f64 / 1e6;
+        let left =
+            |budget: Option<u64>, used: u64| budget.map(|b| b.saturating_sub(used) as f64 / 1e6);
+        t.budget_left_today_usd = left(share.daily_budget_micros, spent[i].0);
+        t.budget_left_this_month_usd = left(share.monthly_budget_micros, spent[i].1);
+        let gone = |budget: Option<u64>, used: u64| {
+            budget.is_some_and(|b| b.saturating_sub(used).saturating_mul(50) < b.max(1))
+        };
+        t.budget_spent = if gone(share.monthly_budget_micros, spent[i].1) {
+            Some("month".into())
+        } else if gone(share.daily_budget_micros, spent[i].0) {
+            Some("day".into())
+        } else {
+            None
+        };
+        let labels = crate::metrics::TenantLabels {
+            pool: key.to_owned(),
+            tenant: t.name.clone(),
+        };
+        ctx.metrics
+            .tenant_share
+            .get_or_create(&labels)
+            .set(if total > 0 {
+                t.requests as f64 / total as f64
+            } else {
+                0.0
+            });
+        ctx.metrics
+            .tenant_spent
+            .get_or_create(&labels)
+            .set(t.spent_today_usd);
+    }
+    Ok((out, tenants))
+}
+
+/// `name share%` of the tenant with the largest part of the window's requests.
+fn busiest_tenant(tenants: &[TenantStatus]) -> Option<String> {
+    tenants
+        .iter()
+        .filter(|t| t.requests > 0)
+        .max_by_key(|t| (t.share_percent, t.requests))
+        .map(|t| format!("{} {}%", t.name, t.share_percent))
+}
+
+/// `BudgetSpent` while a tenant's daily or monthly budget is spent: its requests wait for
+/// the reset.
+fn budget_spent(conditions: &mut Conditions, tenants: &[TenantStatus]) {
+    let spent: Vec<String> = tenants
+        .iter()
+        .filter_map(|t| match t.budget_spent.as_deref()? {
+            "month" => Some(format!(
+                "{}'s monthly budget (until the month ends)",
+                t.name
+            )),
+            _ => Some(format!(
+                "{}'s daily budget (until Pacific midnight)",
+                t.name
+            )),
+        })
+        .collect();
+    if spent.is_empty() {
+        conditions.set(
+            "BudgetSpent",
+            false,
+            "WithinBudget",
+            "no tenant's budget is spent",
+        );
+    } else {
+        conditions.set(
+            "BudgetSpent",
+            true,
+            "TenantBudgetSpent",
+            &format!(
+                "spent: {}; those requests wait for the reset",
+                spent.join(", ")
+            ),
+        );
+    }
 }
 
 fn usage_dimensions() -> impl Iterator<Item = &'static str> {

@@ -1481,6 +1481,8 @@ fn tenant(name: &str, weight: u32, floor_percent: u32, ceiling_percent: u32) -> 
         weight,
         floor_permille: floor_percent * 10,
         ceiling_permille: ceiling_percent * 10,
+        daily_budget_micros: None,
+        monthly_budget_micros: None,
     }
 }
 
@@ -1670,7 +1672,96 @@ async fn a_higher_class_books_ahead_of_a_deep_lower_backlog(kind: RedisKind) {
     );
 }
 
+/// Issue 15 (the twin of the in-memory `a_spent_budget_waits_for_its_reset_and_others_go_on`),
+/// on days of 4 s: a tenant's $2 a day is spent by two $1 calls; the third waits for the
+/// next day (Budget) while another tenant books; a call charged less than its estimate
+/// gives the difference back; the next day books again.
+async fn a_spent_budget_waits_for_its_reset_and_others_go_on(kind: RedisKind) {
+    let (url, _) = rig_limiter(kind).await;
+    let day_us = 4_000_000;
+    let l = connect(&url).await.with_calendar(Arc::new(FixedDays {
+        origin_us: 0,
+        day_us,
+    }));
+    let key = fresh_key("budget");
+    let mut q = quota(
+        Some(100),
+        None,
+        Duration::from_secs(1),
+        Some(Duration::ZERO),
+    );
+    q.tenants = vec![
+        TenantShare {
+            daily_budget_micros: Some(2_000_000),
+            ..tenant("a", 1, 0, 100)
+        },
+        tenant("b", 1, 0, 100),
+    ];
+    let dollar = Costs::new(1, 0, 1, 1_000_000);
+    // Start just after a day begins, so the day does not end mid-test.
+    let now = now_us();
+    let next = (now / day_us + 1) * day_us;
+    tokio::time::sleep(Duration::from_micros((next - now + 50_000) as u64)).await;
+    let ask = |tenant: &'static str, id: &'static str, costs: Costs| {
+        let (l, key, q) = (&l, &key, &q);
+        async move {
+            l.acquire_for(
+                key,
+                q,
+                Asker {
+                    tenant,
+                    priority: 0,
+                },
+                id,
+                costs,
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("acquire")
+        }
+    };
+    let a1 = ask("a", "a1", dollar).await;
+    assert!(matches!(a1, Decision::Admitted { .. }), "{a1:?}");
+    assert!(matches!(
+        ask("a", "a2", dollar).await,
+        Decision::Admitted { .. }
+    ));
+    let a3 = ask("a", "a3", dollar).await;
+    let Decision::Rejected {
+        retry_after: Some(retry),
+        blocking: Blocker::Budget,
+    } = a3
+    else {
+        panic!("the day's budget is spent: {a3:?}");
+    };
+    assert!(
+        retry > Duration::from_millis(3_000) && retry <= Duration::from_secs(4),
+        "until the next day: {retry:?}"
+    );
+    assert!(
+        matches!(ask("b", "b1", dollar).await, Decision::Admitted { .. }),
+        "another tenant goes on"
+    );
+    let mut cheaper = dollar;
+    cheaper.spend_micros = 400_000;
+    l.reconcile(a1.ticket().expect("a1"), cheaper)
+        .await
+        .expect("reconcile");
+    let mut half = dollar;
+    half.spend_micros = 500_000;
+    assert!(
+        matches!(ask("a", "a4", half).await, Decision::Admitted { .. }),
+        "$0.60 given back"
+    );
+    tokio::time::sleep(retry).await;
+    assert!(
+        matches!(ask("a", "a5", dollar).await, Decision::Admitted { .. }),
+        "the next day"
+    );
+}
+
 pacer_tests::on_both_redis!(
+    a_spent_budget_waits_for_its_reset_and_others_go_on,
     a_higher_class_books_ahead_of_a_deep_lower_backlog,
     tenants_share_each_window_by_weight,
     spend_is_one_bucket_per_project_shared_by_its_models,

@@ -392,7 +392,7 @@ async fn two_pools_call_with_their_own_keys_and_stay_within_their_projects_limit
 /// A tenants run on the rig's single Redis and SQS: 8 replicas, 20 per 5 s, `--tenants`,
 /// everything sent at the pace of `demand` (0: at once).
 async fn tenants_run(name: &str, tenants: &str, requests: usize, demand: f64) -> Report {
-    teams_run(name, Some(tenants), None, requests, demand).await
+    teams_run(name, Some(tenants), None, requests, demand, None).await
 }
 
 /// A run with `--tenants` and `--priorities` as given.
@@ -402,6 +402,7 @@ async fn teams_run(
     priorities: Option<&str>,
     requests: usize,
     demand: f64,
+    day_seconds: Option<u64>,
 ) -> Report {
     let rig = Rig::load();
     let aws = rig.aws_config().await;
@@ -423,6 +424,7 @@ async fn teams_run(
         ],
         tenants: tenants.map(|t| t.parse().expect("tenants")),
         priorities: priorities.map(|p| p.parse().expect("priorities")),
+        day_seconds,
         latency_ms: 200,
         latency_jitter_ms: 200,
         concurrency: 32,
@@ -473,8 +475,8 @@ async fn backlogged_tenants_get_their_weighted_shares() {
 async fn a_late_tenant_gets_its_share_and_its_floor_within_a_window() {
     let r = tenants_run(
         "tenants-late",
-        "a:weight=3,requests=80,b:weight=1,requests=20,after=10",
-        100,
+        "a:weight=3,requests=120,b:weight=1,requests=30,after=10",
+        150,
         0.0,
     )
     .await;
@@ -491,8 +493,8 @@ async fn a_late_tenant_gets_its_share_and_its_floor_within_a_window() {
     assert!(r.utilization >= 0.95, "a alone uses the limit: {report}");
     let r = tenants_run(
         "tenants-floor",
-        "flood:weight=9,requests=200,late:weight=1,floor=20,requests=20,after=10",
-        220,
+        "flood:weight=9,requests=200,late:weight=1,floor=20,requests=30,after=10",
+        230,
         0.0,
     )
     .await;
@@ -518,7 +520,7 @@ async fn a_late_tenant_gets_its_share_and_its_floor_within_a_window() {
 /// 0 completes with nothing lost, no 429, no window over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_class_overtakes_a_deep_backlog() {
-    let r = teams_run("classes", None, Some("5=0.1"), 220, 0.0).await;
+    let r = teams_run("classes", None, Some("5=0.1"), 220, 0.0, None).await;
     let report = serde_json::to_string_pretty(&r).unwrap_or_default();
     let urgent = &r.priorities["5"];
     assert_eq!(urgent.accepted, 22, "{report}");
@@ -527,4 +529,92 @@ async fn a_higher_class_overtakes_a_deep_backlog() {
         "class 5 within one window (5 s, 0.5 s margin): {report}"
     );
     assert_eq!(r.priorities["0"].accepted, 198, "{report}");
+}
+
+/// Issue 15: a daily budget spent mid-run, on days of 15 s: tenant a ($0.50 a day, 20
+/// requests at about $0.04) never spends more than its budget in a day, as the provider's
+/// reported usage prices its calls; its requests wait for the next day and resume there;
+/// b, without a budget, is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_budget_resumes_the_next_day() {
+    let r = teams_run(
+        "budget",
+        Some("a:daily=0.5,requests=20,b:requests=40"),
+        None,
+        60,
+        0.0,
+        Some(15),
+    )
+    .await;
+    let report = serde_json::to_string_pretty(&r).unwrap_or_default();
+    let a = &r.tenants["a"];
+    assert_eq!(a.daily_budget_usd, Some(0.5), "{report}");
+    assert!(
+        a.spend_usd_by_day.iter().all(|usd| *usd <= 0.5 + 1e-9),
+        "never past the budget in a day: {report}"
+    );
+    assert!(
+        a.spend_usd_by_day.first().is_some_and(|usd| *usd > 0.4),
+        "the first day's budget spent: {report}"
+    );
+    assert!(
+        a.spend_usd_by_day.iter().skip(1).any(|usd| *usd > 0.0),
+        "resumed on a later day: {report}"
+    );
+    assert_eq!(r.tenants["b"].accepted, 40, "b not held back: {report}");
+    assert!(r.deferred > 0, "a's requests waited in the queue: {report}");
+}
+
+/// Issue 15: a backlog of 100:1 between two tenants in one queue (400 of a's requests, then
+/// 4 of b's, all queued at once; 40 per 2 s; 8 replicas of 32 slots): b's requests are all
+/// called, none lost, no window over; the report gives each tenant's p99 wait and the
+/// receives per request (every delivery is one receive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_to_1_backlog_in_one_queue_is_measured() {
+    let rig = Rig::load();
+    let aws = rig.aws_config().await;
+    let out = std::env::temp_dir().join(Rig::unique("tenants-100-1"));
+    let args = LoadtestArgs {
+        replicas: 8,
+        requests: 404,
+        demand: 0.0,
+        conn: Connections {
+            redis_url: Some(rig.redis_url(RedisKind::Single)),
+            queue_url: Some(queue(&rig, "tenants-100-1").await),
+            ..Connections::default()
+        },
+        margin_ms: Some(250),
+        limits: vec![
+            "gemini-3.1-flash-image:rpm=40,window=2"
+                .parse()
+                .expect("limit"),
+        ],
+        tenants: Some(
+            "a:weight=1,requests=400,b:weight=1,requests=4"
+                .parse()
+                .expect("tenants"),
+        ),
+        latency_ms: 100,
+        latency_jitter_ms: 100,
+        concurrency: 32,
+        max_wait_seconds: 60,
+        out: Some(out.join("images").display().to_string()),
+        plot: out.join("plot.png"),
+        timeout_seconds: 240,
+        ..LoadtestArgs::default()
+    };
+    let r = execute(&args, Some(aws), None)
+        .await
+        .expect("the load test runs");
+    assert_safe(&r, 404);
+    let report = serde_json::to_string_pretty(&r).unwrap_or_default();
+    eprintln!(
+        "100:1: a wait p99 {:.1} s, b wait p99 {:.1} s, receives per request {:?}, deferred {}",
+        r.tenants["a"].wait_p99_s, r.tenants["b"].wait_p99_s, r.receives_per_request, r.deferred
+    );
+    assert_eq!(r.tenants["b"].accepted, 4, "{report}");
+    assert!(
+        r.receives_per_request.is_some_and(|n| n >= 1.0),
+        "every request received at least once: {report}"
+    );
 }

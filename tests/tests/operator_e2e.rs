@@ -9,7 +9,7 @@ use k8s_openapi::api::{core::v1::Secret, events::v1::Event};
 use kube::{Api, api::ListParams};
 use pacer_core::{
     config::ConfigStore,
-    limiter::{Limiter, QuotaKey, redis::RedisLimiter},
+    limiter::{Asker, Blocker, Limiter, QuotaKey, redis::RedisLimiter},
     quota::Costs,
 };
 use pacer_crds::{ModelChain, QuotaPool};
@@ -948,3 +948,126 @@ async fn limit_change_at_the_simulator(before: u64, after: u64) {
 }
 
 pacer_tests::on_both_redis!(operator_reconciles_pools_and_chains_into_redis);
+
+/// Issue 15: a pool's tenants in its status. Two tenants book on the global limiter; the
+/// operator reports each one's requests in the window, its share, its daily budget left,
+/// the busiest tenant as a `kubectl get` column, and `BudgetSpent` once a budget is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_show_their_use_share_and_budget_in_the_pools_status() {
+    let rig = Rig::load();
+    let client = rig.kube().await;
+    install_crds(&client).await;
+    let ns = Rig::unique("op-tenants");
+    create_namespace(&client, &ns).await;
+    let redis_url = rig.redis_url(RedisKind::Single);
+    let store = ConfigStore::connect(&redis_url).await.expect("redis");
+    let mut args = RunArgs::new(&redis_url);
+    args.watch_namespace = Some(ns.clone());
+    args.resync_seconds = 2;
+    args.usage_refresh_seconds = 1;
+    let shutdown = Shutdown::new();
+    let operator = Operator::start(client.clone(), args, shutdown.clone())
+        .await
+        .expect("start operator");
+    let running = tokio::spawn(operator.run());
+    let project = Rig::unique("proj");
+    let pool_yaml = format!(
+        r#"apiVersion: pacer.dev/v1alpha1
+kind: QuotaPool
+metadata:
+  name: teams
+spec:
+  project: {project}
+  tier: Tier1
+  models:
+    - name: gemini-3-pro-image
+      rpm: 20
+      priceUsdPerImage: 0.10
+  tenants:
+    - name: web
+      weight: 3
+      dailyBudgetUsd: 0.20
+    - name: batch
+      weight: 1
+"#
+    );
+    let (ok, _, err) = kubectl(&rig, &["apply", "-n", &ns, "-f", "-"], Some(&pool_yaml));
+    assert!(ok, "{err}");
+    let pool_key = format!("{ns}/teams");
+    let quota = eventually(Duration::from_secs(10), "pool in Redis", || async {
+        let cfg = store.load().await.ok()?;
+        let pool = cfg.pools.get(&pool_key)?;
+        (pool.tenants.len() == 2).then(|| pool.model_quota("gemini-3-pro-image"))?
+    })
+    .await;
+    let limiter = RedisLimiter::connect(&redis_url, Default::default())
+        .await
+        .expect("limiter");
+    let key = QuotaKey::new(&project, "gemini-3-pro-image");
+    let book = |tenant: &'static str, id: String| {
+        let (limiter, key, quota) = (&limiter, &key, &quota);
+        async move {
+            limiter
+                .acquire_for(
+                    key,
+                    quota,
+                    Asker {
+                        tenant,
+                        priority: 0,
+                    },
+                    &id,
+                    Costs::new(1, 0, 1, 100_000),
+                    Duration::from_secs(60),
+                )
+                .await
+                .expect("acquire")
+        }
+    };
+    for i in 0..2 {
+        assert!(book("web", format!("web-{i}")).await.ticket().is_some());
+    }
+    assert_eq!(
+        book("web", "web-2".into()).await.blocker(),
+        Some(Blocker::Budget),
+        "$0.20 spent by two $0.10 images"
+    );
+    for i in 0..6 {
+        assert!(book("batch", format!("batch-{i}")).await.ticket().is_some());
+    }
+    let pools: Api<QuotaPool> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(Duration::from_secs(10), "tenants in status", || async {
+        let s = pools.get("teams").await.ok()?.status?;
+        (s.tenants.iter().map(|t| t.requests).sum::<u64>() == 8).then_some(s)
+    })
+    .await;
+    let web = status
+        .tenants
+        .iter()
+        .find(|t| t.name == "web")
+        .expect("web");
+    let batch = status
+        .tenants
+        .iter()
+        .find(|t| t.name == "batch")
+        .expect("batch");
+    assert_eq!((web.requests, web.share_percent), (2, 25), "{web:?}");
+    assert_eq!((batch.requests, batch.share_percent), (6, 75), "{batch:?}");
+    assert_eq!(web.expected_share_percent, 75, "weights 3:1");
+    assert!((web.spent_today_usd - 0.2).abs() < 1e-9, "{web:?}");
+    assert_eq!(web.budget_left_today_usd, Some(0.0), "{web:?}");
+    assert_eq!(web.budget_spent.as_deref(), Some("day"), "{web:?}");
+    assert_eq!(batch.budget_left_today_usd, None, "batch has no budget");
+    assert_eq!(status.busiest_tenant.as_deref(), Some("batch 75%"));
+    assert_eq!(
+        condition(&status.conditions, "BudgetSpent"),
+        Some(("True".into(), "TenantBudgetSpent".into()))
+    );
+    let (ok, out, err) = kubectl(&rig, &["get", "qp", "-n", &ns, "teams"], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("BUSIEST TENANT") && out.contains("batch 75%"),
+        "{out}"
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}

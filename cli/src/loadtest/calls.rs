@@ -121,12 +121,15 @@ impl ImageProvider for Recorded {
 pub(super) struct Counting {
     pub(super) inner: Arc<dyn Process>,
     pub(super) deferred: Arc<AtomicU64>,
+    /// Deliveries handled (each one a receive from the queue).
+    pub(super) received: Arc<AtomicU64>,
     pub(super) stream: bool,
 }
 
 #[async_trait]
 impl Process for Counting {
     async fn process(&self, body: &str, attempt: Attempt) -> Outcome {
+        self.received.fetch_add(1, Ordering::Relaxed);
         let outcome = self.inner.process(body, attempt).await;
         if !outcome.is_final() {
             self.deferred.fetch_add(1, Ordering::Relaxed);

@@ -130,7 +130,10 @@ pub(super) async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<(
         ..FailingSink::new(store, args.child_sink_failures)
     });
     let log = CallLog::streaming();
-    let backend = Backend::Redis { url: redis.clone() };
+    let backend = Backend::Redis {
+        url: redis.clone(),
+        day_seconds: None,
+    };
     let handler = replica(
         index,
         &backend,
@@ -146,6 +149,7 @@ pub(super) async fn child(args: &LoadtestArgs, index: usize) -> anyhow::Result<(
     let processor = Arc::new(Counting {
         inner: handler,
         deferred: deferred.clone(),
+        received: Arc::default(),
         stream: true,
     });
     let shutdown = CancellationToken::new();

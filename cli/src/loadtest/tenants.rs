@@ -21,8 +21,9 @@ pub struct TenantLoad {
     pub after: Duration,
 }
 
-/// `--tenants NAME:weight=N,floor=P,ceiling=P,requests=N,after=SECS,NAME:...`: a token
-/// with `:` starts a tenant, the ones after it until the next are its settings.
+/// `--tenants NAME:weight=N,floor=P,ceiling=P,daily=USD,monthly=USD,requests=N,after=SECS,
+/// NAME:...`: a token with `:` starts a tenant, the ones after it until the next are its
+/// settings.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tenants(pub Vec<TenantLoad>);
 
@@ -43,6 +44,8 @@ impl FromStr for Tenants {
                             weight: 1,
                             floor_permille: 0,
                             ceiling_permille: 1000,
+                            daily_budget_micros: None,
+                            monthly_budget_micros: None,
                         },
                         requests: None,
                         after: Duration::ZERO,
@@ -83,10 +86,16 @@ impl FromStr for Tenants {
                     t.share.ceiling_permille = percent(number("a percent")?, &t.share.name, k)?
                 }
                 "requests" => t.requests = Some(number("a count")? as usize),
+                "daily" => {
+                    t.share.daily_budget_micros = Some((number("dollars")? * 1e6).round() as u64)
+                }
+                "monthly" => {
+                    t.share.monthly_budget_micros = Some((number("dollars")? * 1e6).round() as u64)
+                }
                 "after" => t.after = Duration::from_secs_f64(number("seconds")?),
                 _ => {
                     return Err(format!(
-                        "{}: unknown setting {k:?} (weight, floor, ceiling, requests, after)",
+                        "{}: unknown setting {k:?} (weight, floor, ceiling, daily, monthly, requests, after)",
                         t.share.name
                     ));
                 }
@@ -168,6 +177,12 @@ pub struct TenantFigures {
     /// From its first send until a window starting then held its expected share of the
     /// limit (95 % of it, rounded down), in seconds; `None` if none did.
     pub share_reached_after_s: Option<f64>,
+    /// Its daily budget, in dollars, and what its calls cost per day (days of the run's
+    /// calendar, from the one of the first call; the provider's reported usage, priced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spend_usd_by_day: Vec<f64>,
 }
 
 /// Per tenant, from the accepted calls (unix ms, tenant) of the binding model, when each
@@ -254,6 +269,7 @@ pub fn figures(
                 expected_share: expected[i] as f64 / 1000.0,
                 wait_p99_s: pacer_core::measure::percentile(&waits, 0.99),
                 share_reached_after_s: reached,
+                ..TenantFigures::default()
             },
         );
     }

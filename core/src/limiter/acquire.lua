@@ -35,7 +35,9 @@
 -- key without the other (see RedisLimiter::eviction_policy).
 -- ARGV[1] is the operation: a (acquire), c (check before the call), r (reconcile),
 -- x (release), p (penalize: m per-minute cooldown, d per-day block, a unexplained 429 on
--- a shared quota), u (usage). With the project's state, acquire takes its hint after the
+-- a shared quota), u (usage), n (the tenants' usage: ARGV[2] their count, their states the
+-- last keys, ARGV[3] the requests window; nothing is written). A tenant's keys are three:
+-- its state of this model (a log and a hash) and its budgets' hash (one per project). With the project's state, acquire takes its hint after the
 -- model's (ARGV[27..28]: generation, latest start), check too (ARGV[14..15]), and both
 -- answer its generation and latest start after their usual fields. (The project's hint is
 -- always sent, zeros without the project's state, so what follows has a fixed place.)
@@ -79,10 +81,14 @@ local now = clock
 
 -- One limiter state (a log and its hash): everything below works on the state it was
 -- opened on, so one decision can weigh a (project, model) and its project together.
-local function open(log, st)
+-- dd: the dimension the day's (and month's) counts are kept in: requests (1) for a model's
+-- per-day quota, spend (4) for a tenant's budgets (a hash alone: log is nil).
+local function open(log, st, dd)
+  dd = dd or 1
   local NAMES = { 'now', 'gen', 'ls', 'lb', 'cd', 'db', 'ds', 'de', 'da', 'dc', 'nc',
     's1', 's2', 's3', 's4', 'k1', 'k2', 'k3', 'k4', 'w1', 'w2', 'w3', 'w4', 'q', 'fs',
-    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm', 'ck', 'fr', 'fp', 'fm', 'pm' }
+    'l1', 'l2', 'l3', 'l4', 'pr', 'rid', 'ac', 'al', 'rm', 'ck', 'fr', 'fp', 'fm', 'pm',
+    'ms', 'me', 'ma', 'mc', 'mn' }
   -- Fields that stay absent until known (everything else reads 0 when absent).
   local OPTIONAL = { l1 = true, l2 = true, l3 = true, l4 = true }
   local raw = redis.call('HMGET', st, unpack(NAMES))
@@ -93,7 +99,9 @@ local function open(log, st)
     has[n] = raw[i] ~= false
   end
   local fresh = not has.gen
-  local count = redis.call('ZCARD', log)
+  -- A budget's state is a hash alone (log nil).
+  local count = 0
+  if log then count = redis.call('ZCARD', log) end
   local sum = { S.s1, S.s2, S.s3, S.s4 }
   local cur = { S.k1, S.k2, S.k3, S.k4 }
   local win = { S.w1, S.w2, S.w3, S.w4 }
@@ -121,7 +129,7 @@ local function open(log, st)
     -- lose them: eviction must never take one key without the other.
     if redis.call('PTTL', st) >= 0 then
       redis.call('PERSIST', st)
-      redis.call('PERSIST', log)
+      if log then redis.call('PERSIST', log) end
     end
   end
 
@@ -137,6 +145,27 @@ local function open(log, st)
     if ds == S.de then S.dc = S.nc else S.dc = 0 end
     S.nc = 0
     S.ds, S.de, S.da = ds, de, da
+  end
+
+  -- The month (a tenant's monthly budget), as roll_day: mb is the start of the month
+  -- holding now, the next month's start and the one after.
+  local function roll_month(mb)
+    if S.me ~= 0 and now < S.me then return end
+    local ms, me, ma = mb[1], mb[2], mb[3]
+    if now >= mb[2] then ms, me, ma = mb[2], mb[3], mb[3] + 31 * DAY end
+    if ms == S.me then S.mc = S.mn else S.mc = 0 end
+    S.mn = 0
+    S.ms, S.me, S.ma = ms, me, ma
+  end
+
+  -- Counts a booking at start of cost x (in dimension dd) in its day and month.
+  local function tally(start, x)
+    if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc + x)
+    elseif start >= S.de then S.nc = math.max(0, S.nc + x) end
+    if S.me > 0 then
+      if start >= S.ms and start < S.me then S.mc = math.max(0, S.mc + x)
+      elseif start >= S.me then S.mn = math.max(0, S.mn + x) end
+    end
   end
 
   -- Moves dimension d's cursor past every entry starting at or before target.
@@ -279,10 +308,11 @@ local function open(log, st)
     if new then
       local nm = add(start, new, id, seq_of(m))
       if mapped then redis.call('HSET', st, 't:' .. id, nm) end
+      -- A budget is charged what the call cost (a request stays a request).
+      if dd ~= 1 then tally(start, new[dd] - old[dd]) end
     else
       if mapped then redis.call('HDEL', st, 't:' .. id, 'p:' .. id) end
-      if start >= S.ds and start < S.de then S.dc = math.max(0, S.dc - old[1])
-      elseif start >= S.de then S.nc = math.max(0, S.nc - old[1]) end
+      tally(start, -old[dd])
     end
   end
 
@@ -472,6 +502,7 @@ local function open(log, st)
   return { S = S, sum = sum, cur = cur, win = win, fresh = fresh, log = log, st = st,
     start = start, save = save, roll_day = roll_day, advance = advance, rebuild = rebuild,
     earliest = earliest, prune = prune, add = add, booked = booked, replace = replace,
+    roll_month = roll_month, tally = tally,
     fence = fence, learned = learned, refit = refit, room_at = room_at }
 end
 
@@ -484,31 +515,43 @@ end
 local TEN, TI, tkeys = {}, 0, 0
 if op == 'a' then
   local n = tonumber(ARGV[29]) or 0
-  tkeys = 2 * n
+  tkeys = 3 * n
   TI = tonumber(ARGV[30]) or 0
   for j = 1, n do
-    local o = 30 + 4 * (j - 1)
+    local o = 30 + 6 * (j - 1)
     TEN[j] = { name = ARGV[o + 1], w = tonumber(ARGV[o + 2]), fl = tonumber(ARGV[o + 3]),
-      cl = tonumber(ARGV[o + 4]), log = KEYS[#KEYS - tkeys + 2 * j - 1],
-      st = KEYS[#KEYS - tkeys + 2 * j] }
+      cl = tonumber(ARGV[o + 4]), bd = tonumber(ARGV[o + 5]), bm = tonumber(ARGV[o + 6]),
+      log = KEYS[#KEYS - tkeys + 3 * j - 2], st = KEYS[#KEYS - tkeys + 3 * j - 1],
+      bk = KEYS[#KEYS - tkeys + 3 * j] }
   end
+elseif op == 'n' then
+  tkeys = 3 * (tonumber(ARGV[2]) or 0)
 else
   local named = { c = ARGV[16], r = ARGV[8], x = ARGV[4] }
-  if named[op] and named[op] ~= '' then tkeys = 2 end
+  if named[op] and named[op] ~= '' then tkeys = 3 end
 end
 local nk = #KEYS - tkeys
 local M = open(KEYS[1], KEYS[2])
 local P = nil
 if nk >= 4 and op ~= 'p' then P = open(KEYS[3], KEYS[4]) end
 local T = nil
-if TI > 0 then T = open(TEN[TI].log, TEN[TI].st)
-elseif tkeys == 2 then T = open(KEYS[nk + 1], KEYS[nk + 2]) end
+-- And the tenant's budgets (B): a hash per (project, tenant), over all its models.
+local B = nil
+if TI > 0 then
+  T = open(TEN[TI].log, TEN[TI].st)
+  B = open(nil, TEN[TI].bk, 4)
+elseif tkeys == 3 and op ~= 'n' then
+  T = open(KEYS[nk + 1], KEYS[nk + 2])
+  B = open(nil, KEYS[nk + 3], 4)
+end
 now = math.max(now, M.S.now)
 if P then now = math.max(now, P.S.now) end
 if T then now = math.max(now, T.S.now) end
+if B then now = math.max(now, B.S.now) end
 M.start()
 if P then P.start() end
 if T then T.start() end
+if B then B.start() end
 local S, sum, win, fresh = M.S, M.sum, M.win, M.fresh
 -- In the project's log an entry's id names its model too: two models may book one id.
 local function pid(id) return id .. ' ' .. KEYS[1] end
@@ -562,12 +605,74 @@ if op == 'a' then
     T.fence({ 0, 0, 0, 0, 0, h[6] })
     T.refit(TL, W)
   end
-  local opened = {}
-  local prio = tonumber(ARGV[31 + 4 * #TEN]) or 0
+  local opened, refunded = {}, {}
+  local prio = tonumber(ARGV[31 + 6 * #TEN]) or 0
+  -- The tenant's budgets (spend per day and per month, -1: none), counted in its state's
+  -- day and month.
+  local BD, BM = -1, -1
+  local mo = 31 + 6 * #TEN
+  local MB = { tonumber(ARGV[mo + 1]) or 0, tonumber(ARGV[mo + 2]) or 0,
+    tonumber(ARGV[mo + 3]) or 0 }
+  if T then
+    BD, BM = TEN[TI].bd or -1, TEN[TI].bm or -1
+    B.roll_day(b)
+    B.roll_month(MB)
+  end
+  -- Whether a booking at x stays within the tenant's budgets (the day and month it is in
+  -- only: a slot taken over is never in a later one).
+  local function within_budget(x)
+    if not T or c[4] <= 0 then return true end
+    if BD >= 0 and (x >= B.S.de or B.S.dc + c[4] > BD) then return false end
+    if BM >= 0 and (x >= B.S.me or B.S.mc + c[4] > BM) then return false end
+    return true
+  end
+  -- The tenant's budgets at start s: the start they allow (the next day's or month's when
+  -- this one's is spent), and with a third value the time to retry from when that is a
+  -- later day or month than the one after (nothing is booked that far ahead).
+  local function budget(s, blocker)
+    if not T or c[4] <= 0 then return s, blocker, nil end
+    if BM >= 0 then
+      if s < B.S.me and B.S.mc + c[4] > BM then s, blocker = B.S.me, 9 end
+      if s >= B.S.me and (s >= B.S.ma or B.S.mn + c[4] > BM) then
+        return s, 9, math.max(s, B.S.ma)
+      end
+    end
+    if BD >= 0 then
+      if s < B.S.de and B.S.dc + c[4] > BD then s, blocker = B.S.de, 9 end
+      if s >= B.S.de and (s >= B.S.da or B.S.nc + c[4] > BD) then
+        return s, 9, math.max(s, B.S.da)
+      end
+    end
+    return s, blocker, nil
+  end
+  -- Whether a booking at s (in this day or a later one) stays within the budgets.
+  local function within_budget_from(x)
+    if not T or c[4] <= 0 then return true end
+    local bs, _, retry = budget(x, 0)
+    return retry == nil and bs == x
+  end
+  -- Gives a victim's spend back to its tenant's budgets (j: its tenant).
+  local function refund(j, x, spend)
+    if spend <= 0 or j == 0 then return end
+    local VB = B
+    if j ~= TI then
+      VB = refunded[j]
+      if not VB then
+        VB = open(nil, TEN[j].bk, 4)
+        VB.start()
+        VB.roll_day(b)
+        VB.roll_month(MB)
+        refunded[j] = VB
+      end
+    end
+    VB.tally(x, -spend)
+  end
   local function reply(kind, v, blocker, costs)
     M.save()
     if T then T.save() end
+    if B then B.save() end
     for _, U in pairs(opened) do U.save() end
+    for _, VB in pairs(refunded) do VB.save() end
     local pg, pl = 0, 0
     if P then
       P.save()
@@ -590,6 +695,9 @@ if op == 'a' then
   for d = 1, 4 do
     if TL[d] >= 0 and c[d] > TL[d] then return reply(2, -1, 7, c) end
   end
+  if T and ((TEN[TI].bd or -1) >= 0 and c[4] > TEN[TI].bd or (TEN[TI].bm or -1) >= 0 and c[4] > TEN[TI].bm) then
+    return reply(2, -1, 7, c)
+  end
   if rpd >= 0 and c[1] > rpd then return reply(2, -1, 7, c) end
   local keep_from = now - math.max(W[1], W[2], W[3], W[4])
   local function prune_all()
@@ -610,6 +718,7 @@ if op == 'a' then
       if prio < S.pm then S.pm = prio end
     end
     if T then
+      B.tally(at, c[4])
       redis.call('HSET', T.st, 't:' .. id, T.add(at, c, id))
       if at > T.S.ls then T.S.ls = at end
       local f = 'a:' .. TEN[TI].name
@@ -642,7 +751,7 @@ if op == 'a' then
       for d = 1, 4 do
         if LF[d] >= 0 and cv[d] < c[d] then cheaper = false end
       end
-      if cheaper and (not T or T.room_at(x, c, TL, W, -1)) then
+      if cheaper and within_budget(x) and (not T or T.room_at(x, c, TL, W, -1)) then
         local rm, prm = S.rm, P and P.S.rm
         M.replace(m, vid, x, nil)
         if P then
@@ -664,6 +773,7 @@ if op == 'a' then
           local um = U.booked(vid, x)
           if um then
             U.replace(um, vid, x, nil)
+            refund(j, x, cv[4])
             break
           end
         end
@@ -756,6 +866,7 @@ if op == 'a' then
           break
         end
         frontier = false
+        if not within_budget(v.x) then return nil end
         local cv = costs_of(v.m)
         local cheaper = true
         for d = 1, 4 do
@@ -780,6 +891,7 @@ if op == 'a' then
             local rm, prm = S.rm, P and P.S.rm
             M.replace(mm, vid, v.x, nil)
             U.replace(v.m, vid, v.x, nil)
+            refund(v.j, v.x, cv[4])
             if P then
               local pm = P.booked(pid(vid), v.x)
               if pm then P.replace(pm, pid(vid), v.x, nil) end
@@ -842,16 +954,11 @@ if op == 'a' then
   local given_back = g < S.rm or (P ~= nil and g < P.S.rm)
   if S.ls > g and given_back and g - now <= max_wait and M.room_at(g, c, L, W, rpd)
     and (not P or P.room_at(g, spend_only(c), PL, PW, -1))
-    and (not T or T.room_at(g, c, TL, W, -1)) then
+    and (not T or T.room_at(g, c, TL, W, -1)) and within_budget(g) then
     book(g)
     prune_all()
     return reply(1, g, 0, c)
   end
-  -- Fair shares: behind a queue, a tenant below its share takes the slot of a booking of
-  -- a tenant above its own share (not started, not checked), in start order; the holder's
-  -- check finds it gone and it books afresh. Shares are weights among the tenants active
-  -- within a window (booked from a window ago on), raised to a tenant's floor and cut to
-  -- its ceiling; an idle tenant's share goes to the others, so the pool stays full.
   -- Priority: behind a queue, a request of a higher class takes the slot of the earliest
   -- booking of a lower one that has not started (its holder's check finds it gone and it
   -- books afresh). Before fairness: priority overtakes shares, never a ceiling.
@@ -862,6 +969,11 @@ if op == 'a' then
       return reply(1, x, 0, c)
     end
   end
+  -- Fair shares: behind a queue, a tenant below its share takes the slot of a booking of
+  -- a tenant above its own share (not started, not checked), in start order; the holder's
+  -- check finds it gone and it books afresh. Shares are weights among the tenants active
+  -- within a window (booked from a window ago on), raised to a tenant's floor and cut to
+  -- its ceiling; an idle tenant's share goes to the others, so the pool stays full.
   if T and #TEN > 1 and S.ls > now then
     local x = fair_slot()
     if x then
@@ -898,8 +1010,11 @@ if op == 'a' then
     if P.S.fs + PW[4] > s then s, blocker = P.S.fs + PW[4], 4 end
   end
   -- The tenant's ceiling, counting all of its bookings (its cursor follows now, so the
-  -- walk holds for any later start).
+  -- walk holds for any later start), and its budgets. A tenant they hold back waits in
+  -- the queue, not in the log: booked past the start the pool gives, it would move the
+  -- queue's end for every other tenant (nobody books before the latest start).
   if T then
+    local pool_s = s
     for d = 1, 4 do
       if TL[d] >= 0 and c[d] > 0 then
         local e, exact = T.earliest(d, TL[d] - c[d], s, W[d])
@@ -910,6 +1025,15 @@ if op == 'a' then
         if e > s then s, blocker = e, d end
         if T.S.fs + W[d] > s then s, blocker = T.S.fs + W[d], d end
       end
+    end
+    local bs, _, retry = budget(s, blocker)
+    if retry or bs > s then
+      prune_all()
+      return reply(2, (retry or bs) - now, 9, c)
+    end
+    if s > pool_s then
+      prune_all()
+      return reply(2, s - now, blocker, c)
     end
   end
   if S.db > s then s, blocker = S.db, 5 end
@@ -924,6 +1048,12 @@ if op == 'a' then
     prune_all()
     return reply(2, s - now, blocker, c)
   end
+  -- The per-day quota may have moved the start into the next day: the budgets again.
+  if T and not within_budget_from(s) then
+    prune_all()
+    local bs, _, retry = budget(s, blocker)
+    return reply(2, math.max(retry or bs, s + 1) - now, 9, c)
+  end
   book(s)
   S.ls, S.lb = s, blocker
   for d = 1, 4 do M.advance(d, s - W[d]) end
@@ -936,9 +1066,12 @@ elseif op == 'r' or op == 'x' then
     new = { tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]) }
   end
   local done = 0
+  -- What the booking was estimated to cost, for the tenant's budgets.
+  local spent = nil
   if not fresh then
     local m = M.booked(id, start)
     if m then
+      spent = costs_of(m)[4]
       M.replace(m, id, start, new)
       M.save()
       done = 1
@@ -955,10 +1088,16 @@ elseif op == 'r' or op == 'x' then
   if T and not T.fresh then
     local tm = T.booked(id, start)
     if tm then
+      spent = spent or costs_of(tm)[4]
       T.replace(tm, id, start, new)
       T.save()
       done = 1
     end
+  end
+  -- The budgets are charged what the call cost, or given the estimate back.
+  if B and spent and not B.fresh then
+    B.tally(start, (new and new[4] or 0) - spent)
+    B.save()
   end
   return { done }
 elseif op == 'c' then
@@ -994,6 +1133,10 @@ elseif op == 'c' then
       local tm = T.booked(id, start)
       if tm then T.replace(tm, id, start, nil) end
       T.save()
+    end
+    if B and m and not B.fresh then
+      B.tally(start, -costs_of(m)[4])
+      B.save()
     end
   end
   local lost = M.fence(h)
@@ -1078,6 +1221,37 @@ elseif op == 'u' then
   out[#out + 1] = today
   out[#out + 1] = math.max(0, S.ls - now)
   out[#out + 1] = S.ac
+  return out
+end
+if op == 'n' then
+  -- Per tenant: requests started within the window, requests booked ahead, what its
+  -- bookings cost today and this month (its day and month rolled over as they would be,
+  -- without writing), and how far ahead its latest booking is.
+  local n = tonumber(ARGV[2]) or 0
+  local w = tonumber(ARGV[3])
+  local out = { now }
+  -- A day's (or month's) count while it lasts, the next one's once it has come.
+  local function current(start, stop, after, count, next_count)
+    if now >= start and now < stop then return count end
+    if now >= stop and now < after then return next_count end
+    return 0
+  end
+  for j = 1, n do
+    local U = open(KEYS[nk + 3 * j - 2], KEYS[nk + 3 * j - 1])
+    local UB = open(nil, KEYS[nk + 3 * j], 4)
+    local items = redis.call('ZRANGEBYSCORE', U.log, '(' .. fmt(now - w), '+inf', 'WITHSCORES')
+    local used, ahead = 0, 0
+    for i = 1, #items / 2 do
+      local cost = costs_of(items[2 * i - 1])[1]
+      if tonumber(items[2 * i]) <= now then used = used + cost else ahead = ahead + cost end
+    end
+    local S2 = UB.S
+    out[#out + 1] = used
+    out[#out + 1] = ahead
+    out[#out + 1] = current(S2.ds, S2.de, S2.da, S2.dc, S2.nc)
+    out[#out + 1] = current(S2.ms, S2.me, S2.ma, S2.mc, S2.mn)
+    out[#out + 1] = math.max(0, U.S.ls - now)
+  end
   return out
 end
 return redis.error_reply('pacer limiter: unknown operation ' .. tostring(op))

@@ -247,6 +247,21 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
         r
     }
 
+    async fn tenant_usage(
+        &self,
+        key: &QuotaKey,
+        quota: &ModelQuota,
+    ) -> Result<Vec<super::TenantUsage>> {
+        if !self.is_open(key)
+            && let Ok(u) = self.shared.tenant_usage(key, quota).await
+        {
+            return Ok(u);
+        }
+        self.local
+            .tenant_usage(key, &quota.divided(self.expected_replicas))
+            .await
+    }
+
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {
         if !self.is_open(key)
             && let Ok(u) = self.shared.usage(key, quota).await

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 
 use super::{
     Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Hint, Limiter, Limits, Origin,
-    PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64, dur_us,
-    us_dur,
+    PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, TenantUsage, Ticket, Usage,
+    costs_i64, dur_us, us_dur,
 };
 use crate::quota::{Costs, Dim, ModelQuota, TenantShare};
 
@@ -81,6 +81,17 @@ pub(crate) struct KeyState {
     /// class ever booked (`pm`).
     classes: HashMap<Arc<str>, i64>,
     lowest_class: i64,
+    /// The dimension the day's and month's counts are kept in (the script's `dd`):
+    /// requests (0) for a model's per-day quota, spend (3) in a tenant's state, for its
+    /// budgets.
+    day_dim: usize,
+    /// The month holding now (a tenant's monthly budget): its start, end, the next one's
+    /// end (`ms`, `me`, `ma`), and what is booked in it and in the next (`mc`, `mn`).
+    month_start: i64,
+    month_end: i64,
+    month_after: i64,
+    month_count: i64,
+    next_month_count: i64,
 }
 
 /// The pool's tenants as one decision sees them (the script's `TEN` and `T`).
@@ -90,6 +101,8 @@ pub(crate) struct Tenants<'a> {
     pub index: usize,
     /// Each tenant's state of this (project, model), in `shares`' order.
     pub states: &'a mut [KeyState],
+    /// Each tenant's budgets in the project (over all of its models), in the same order.
+    pub budgets: &'a mut [KeyState],
     /// The model: a victim's id in the project's log names it.
     pub model: &'a str,
 }
@@ -304,6 +317,85 @@ impl KeyState {
         );
         self.tickets.insert(id, seq);
         seq
+    }
+
+    /// The month, as [`Self::roll_day`] (the script's `roll_month`).
+    fn roll_month(&mut self, now: i64, months: [i64; 3]) {
+        if self.month_end != 0 && now < self.month_end {
+            return;
+        }
+        let (ms, me, ma) = if now >= months[1] {
+            (months[1], months[2], months[2] + 31 * DAY_US)
+        } else {
+            (months[0], months[1], months[2])
+        };
+        self.month_count = if ms == self.month_end {
+            self.next_month_count
+        } else {
+            0
+        };
+        self.next_month_count = 0;
+        (self.month_start, self.month_end, self.month_after) = (ms, me, ma);
+    }
+
+    /// Counts `x` (in the day dimension) for a booking at `start` in its day and month (the
+    /// script's `count`).
+    fn count(&mut self, start: i64, x: i64) {
+        if start >= self.day_start && start < self.day_end {
+            self.day_count = (self.day_count + x).max(0);
+        } else if start >= self.day_end {
+            self.next_count = (self.next_count + x).max(0);
+        }
+        if self.month_end > 0 {
+            if start >= self.month_start && start < self.month_end {
+                self.month_count = (self.month_count + x).max(0);
+            } else if start >= self.month_end {
+                self.next_month_count = (self.next_month_count + x).max(0);
+            }
+        }
+    }
+
+    /// A tenant's budgets at start `s` (the script's `budget`; -1: none): the start they
+    /// allow (the next day's or month's when this one's is spent), and the time to retry
+    /// from when that is later than the day or month after.
+    fn budget(
+        &self,
+        mut s: i64,
+        mut blocker: Blocker,
+        cost: i64,
+        daily: i64,
+        monthly: i64,
+    ) -> (i64, Blocker, Option<i64>) {
+        if cost <= 0 {
+            return (s, blocker, None);
+        }
+        if monthly >= 0 {
+            if s < self.month_end && self.month_count + cost > monthly {
+                (s, blocker) = (self.month_end, Blocker::Budget);
+            }
+            if s >= self.month_end
+                && (s >= self.month_after || self.next_month_count + cost > monthly)
+            {
+                return (s, Blocker::Budget, Some(s.max(self.month_after)));
+            }
+        }
+        if daily >= 0 {
+            if s < self.day_end && self.day_count + cost > daily {
+                (s, blocker) = (self.day_end, Blocker::Budget);
+            }
+            if s >= self.day_end && (s >= self.day_after || self.next_count + cost > daily) {
+                return (s, Blocker::Budget, Some(s.max(self.day_after)));
+            }
+        }
+        (s, blocker, None)
+    }
+
+    /// Whether a booking at `x` stays within a tenant's budgets, in the day and month it is
+    /// in (the script's `within_budget`).
+    fn within_budget(&self, x: i64, cost: i64, daily: i64, monthly: i64) -> bool {
+        cost <= 0
+            || ((daily < 0 || (x < self.day_end && self.day_count + cost <= daily))
+                && (monthly < 0 || (x < self.month_end && self.month_count + cost <= monthly)))
     }
 
     fn roll_day(&mut self, now: i64, calendar: &dyn Calendar) {
@@ -541,7 +633,21 @@ impl KeyState {
             // Callers keep no hint of a tenant's state: a lost one is found by the model's.
             st.fence(Hint::default(), tfresh);
             let _ = st.refit(now, &tl);
+            for b in t.budgets.iter_mut() {
+                b.begin(now);
+                b.roll_day(now, calendar);
+                b.roll_month(now, calendar.months(now));
+            }
         }
+        // The tenant's budgets (spend per day and per month; -1: none).
+        let budgets = tenants.as_ref().map_or((-1, -1), |t| {
+            let share = &t.shares[t.index];
+            let micros = |b: Option<u64>| b.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
+            (
+                micros(share.daily_budget_micros),
+                micros(share.monthly_budget_micros),
+            )
+        });
         // A retried acquire of the same delivery gets its ticket back while the start is
         // ahead; once it has passed, the entry stays counted and the id books afresh.
         if let Some(e) = self.tickets.get(request_id).and_then(|s| self.entry(*s))
@@ -556,6 +662,8 @@ impl KeyState {
         if limits.never_fits(&costs)
             || pl.is_some_and(|l| l.never_fits(&spend_only(costs)))
             || tl.never_fits(&costs)
+            || (budgets.0 >= 0 && costs[3] > budgets.0)
+            || (budgets.1 >= 0 && costs[3] > budgets.1)
         {
             return Outcome::Reject {
                 retry_us: None,
@@ -636,9 +744,11 @@ impl KeyState {
                 .as_ref()
                 .zip(pl.as_ref())
                 .is_none_or(|(p, l)| p.state.room_at(g, &spend_only(costs), l))
-            && tenants
-                .as_ref()
-                .is_none_or(|t| t.states[t.index].room_at(g, &costs, &tl))
+            && tenants.as_ref().is_none_or(|t| {
+                let st = &t.states[t.index];
+                st.room_at(g, &costs, &tl)
+                    && t.budgets[t.index].within_budget(g, costs[3], budgets.0, budgets.1)
+            })
         {
             self.insert(g, costs, Arc::from(request_id));
             if g < self.day_end {
@@ -683,6 +793,7 @@ impl KeyState {
                 request_id,
                 costs,
                 priority,
+                budgets,
             )
         {
             prune_all(self, &mut project, &mut tenants);
@@ -708,6 +819,7 @@ impl KeyState {
                 t,
                 request_id,
                 costs,
+                budgets,
             )
         {
             self.note_class(request_id, priority);
@@ -757,9 +869,12 @@ impl KeyState {
             }
         }
         // The tenant's ceiling, counting all of its bookings (its cursor follows now, so
-        // the walk holds for any later start).
+        // the walk holds for any later start), and its budgets. A tenant they hold back
+        // waits in the queue, not in the log: booked past the start the pool gives, it
+        // would move the queue's end for every other tenant.
         if let Some(t) = tenants.as_ref() {
             let st = &t.states[t.index];
+            let pool_s = s;
             for (d, cost) in costs.iter().enumerate() {
                 if tl.limit[d] < 0 || *cost == 0 {
                     continue;
@@ -774,6 +889,16 @@ impl KeyState {
                     s = st.fence + w;
                     blocker = Blocker::Dimension(Dim::ALL[d]);
                 }
+            }
+            let (bs, _, retry) =
+                t.budgets[t.index].budget(s, blocker, costs[3], budgets.0, budgets.1);
+            if retry.is_some() || bs > s {
+                prune_all(self, &mut project, &mut tenants);
+                return reject(retry.unwrap_or(bs), Blocker::Budget);
+            }
+            if s > pool_s {
+                prune_all(self, &mut project, &mut tenants);
+                return reject(s, blocker);
             }
         }
         if self.day_blocked > s {
@@ -795,6 +920,15 @@ impl KeyState {
         if s - now > max_wait {
             prune_all(self, &mut project, &mut tenants);
             return reject(s, blocker);
+        }
+        // The per-day quota may have moved the start into the next day: the budgets again.
+        if let Some(t) = tenants.as_ref() {
+            let (bs, _, retry) =
+                t.budgets[t.index].budget(s, blocker, costs[3], budgets.0, budgets.1);
+            if retry.is_some() || bs != s {
+                prune_all(self, &mut project, &mut tenants);
+                return reject(retry.unwrap_or(bs).max(s + 1), Blocker::Budget);
+            }
         }
         let id: Arc<str> = Arc::from(request_id);
         let seq = self.end_seq();
@@ -834,6 +968,17 @@ impl KeyState {
         }
     }
 
+    /// The estimated spend of `request_id`'s booking at `start`, if it is held.
+    fn spend_of(&self, request_id: &str, start: i64) -> Option<i64> {
+        if self.generation == 0 {
+            return None;
+        }
+        let seq = self.booked(request_id, start)?;
+        self.entry(seq)
+            .filter(|e| e.id.is_some())
+            .map(|e| e.costs[3])
+    }
+
     /// Records a booking's priority class (the hash's `p:<id>`), when not 0.
     fn note_class(&mut self, request_id: &str, priority: i64) {
         if priority != 0 {
@@ -858,6 +1003,7 @@ impl KeyState {
         request_id: &str,
         costs: [i64; 4],
         priority: i64,
+        budgets: (i64, i64),
     ) -> Option<i64> {
         let w = limits.window_us;
         let mut lo = (now + 1)
@@ -878,7 +1024,7 @@ impl KeyState {
             }
         }
         let from = self.log.partition_point(|e| e.start < lo);
-        let (seq, x, vid) = self
+        let (seq, x, vid, victim_spend) = self
             .log
             .iter()
             .enumerate()
@@ -889,10 +1035,13 @@ impl KeyState {
                 let id = e.id.as_ref()?;
                 let lower = self.classes.get(id).copied().unwrap_or(0) < priority;
                 let cheaper = (0..4).all(|d| lf[d] < 0 || e.costs[d] >= costs[d]);
-                let room = tenants
-                    .as_ref()
-                    .is_none_or(|t| t.states[t.index].room_at(e.start, &costs, tl));
-                (lower && cheaper && room).then(|| (self.base + i as u64, e.start, id.clone()))
+                let room = tenants.as_ref().is_none_or(|t| {
+                    let st = &t.states[t.index];
+                    t.budgets[t.index].within_budget(e.start, costs[3], budgets.0, budgets.1)
+                        && st.room_at(e.start, &costs, tl)
+                });
+                (lower && cheaper && room)
+                    .then(|| (self.base + i as u64, e.start, id.clone(), e.costs[3]))
             })?;
         let rm = self.room_until;
         self.release_seq(seq);
@@ -911,9 +1060,11 @@ impl KeyState {
             p.state.last_start = p.state.last_start.max(x);
         }
         if let Some(t) = tenants.as_mut() {
-            // Out of its tenant's state too (the same tenant's, or another's).
-            if let Some(st) = t.states.iter_mut().find(|st| st.booked(&vid, x).is_some()) {
-                st.release(&vid, x);
+            // Out of its tenant's state too (the same tenant's, or another's), its spend
+            // back to that tenant's budgets.
+            if let Some(j) = t.states.iter().position(|st| st.booked(&vid, x).is_some()) {
+                t.states[j].release(&vid, x);
+                t.budgets[j].count(x, -victim_spend);
             }
         }
         self.insert(x, costs, Arc::from(request_id));
@@ -931,6 +1082,7 @@ impl KeyState {
 
     /// Books in the tenant's state, and records when the tenant last booked.
     fn book_tenant(&mut self, t: &mut Tenants<'_>, at: i64, costs: [i64; 4], request_id: &str) {
+        t.budgets[t.index].count(at, costs[3]);
         let st = &mut t.states[t.index];
         st.insert(at, costs, Arc::from(request_id));
         st.last_start = st.last_start.max(at);
@@ -959,6 +1111,7 @@ impl KeyState {
         t: &mut Tenants<'_>,
         request_id: &str,
         costs: [i64; 4],
+        budgets: (i64, i64),
     ) -> Option<i64> {
         let w = limits.window_us;
         let reach = (0..4).filter(|&d| lf[d] >= 0).map(|d| w[d]).max()?;
@@ -1049,6 +1202,9 @@ impl KeyState {
                     break;
                 }
                 frontier = false;
+                if !t.budgets[t.index].within_budget(x, costs[3], budgets.0, budgets.1) {
+                    return None;
+                }
                 if !(0..4).all(|d| lf[d] < 0 || cv[d] >= costs[d]) {
                     continue;
                 }
@@ -1071,6 +1227,7 @@ impl KeyState {
                 self.release_seq(seq);
                 self.room_until = rm;
                 t.states[j].release(&vid, x);
+                t.budgets[j].count(x, -cv[3]);
                 if let Some(p) = project.as_mut() {
                     let prm = p.state.room_until;
                     p.state.release(&format!("{vid} {}", t.model), x);
@@ -1223,8 +1380,12 @@ impl KeyState {
         if self.generation == 0 {
             return;
         }
-        if let Some(seq) = self.booked(request_id, start) {
-            let _ = self.set_costs(seq, actual);
+        if let Some(seq) = self.booked(request_id, start)
+            && let Some(old) = self.set_costs(seq, actual)
+            && self.day_dim != 0
+        {
+            // A budget is charged what the call cost (a request stays a request).
+            self.count(start, actual[self.day_dim] - old[self.day_dim]);
         }
     }
 
@@ -1254,11 +1415,7 @@ impl KeyState {
             self.tickets.remove(&id);
             self.classes.remove(&id);
         }
-        if start >= self.day_start && start < self.day_end {
-            self.day_count = (self.day_count - old[0]).max(0);
-        } else if start >= self.day_end {
-            self.next_count = (self.next_count - old[0]).max(0);
-        }
+        self.count(start, -old[self.day_dim]);
     }
 
     pub(crate) fn penalize(
@@ -1352,6 +1509,53 @@ impl KeyState {
             daily_blocked_remaining: us_dur(self.day_blocked - now),
             queue: us_dur(self.last_start - now),
             rate_cut_permille: u32::try_from(self.cut).unwrap_or(0),
+        }
+    }
+
+    /// A tenant's use (the script's `n`), read at `now`: requests started within `window`
+    /// and booked ahead, its budgets' day and month counts as they stand now.
+    fn tenant_usage(&self, tenant: &str, now: i64, window: i64, budget: &KeyState) -> TenantUsage {
+        let (mut requests, mut ahead) = (0i64, 0i64);
+        for e in self
+            .log
+            .iter()
+            .filter(|e| e.id.is_some() && e.start > now - window)
+        {
+            if e.start <= now {
+                requests += e.costs[0];
+            } else {
+                ahead += e.costs[0];
+            }
+        }
+        let current = |start: i64, stop: i64, after: i64, count: i64, next: i64| {
+            let v = if now >= start && now < stop {
+                count
+            } else if now >= stop && now < after {
+                next
+            } else {
+                0
+            };
+            u64::try_from(v).unwrap_or(0)
+        };
+        TenantUsage {
+            tenant: tenant.to_owned(),
+            requests: u64::try_from(requests).unwrap_or(0),
+            booked_ahead: u64::try_from(ahead).unwrap_or(0),
+            spent_today_micros: current(
+                budget.day_start,
+                budget.day_end,
+                budget.day_after,
+                budget.day_count,
+                budget.next_count,
+            ),
+            spent_this_month_micros: current(
+                budget.month_start,
+                budget.month_end,
+                budget.month_after,
+                budget.month_count,
+                budget.next_month_count,
+            ),
+            queue: us_dur(self.last_start - now),
         }
     }
 
@@ -1472,7 +1676,8 @@ impl MemoryLimiter {
 
     /// `key`'s state, with `project_spend` its project's spend state (kept under the key
     /// `(project, "*spend")`), each with what this limiter last saw of it, and the states
-    /// of `tenants` (kept under `(project, "<model>:*t:<tenant>")`), in their order.
+    /// of `tenants` (kept under `(project, "<model>:*t:<tenant>")`), in their order,
+    /// followed by their budgets (under `(project, "*t:<tenant>:budget")`).
     fn with_states<T>(
         &self,
         key: &QuotaKey,
@@ -1488,10 +1693,20 @@ impl MemoryLimiter {
         let tkeys: Vec<QuotaKey> = tenants
             .iter()
             .map(|t| QuotaKey::new(key.project.clone(), format!("{}:*t:{t}", key.model)))
+            .chain(
+                tenants
+                    .iter()
+                    .map(|t| QuotaKey::new(key.project.clone(), format!("*t:{t}:budget"))),
+            )
             .collect();
+        let n = tenants.len();
         let mut tstates: Vec<KeyState> = tkeys
             .iter()
-            .map(|k| states.remove(k).unwrap_or_default().0)
+            .enumerate()
+            .map(|(i, k)| KeyState {
+                day_dim: if i < n { 0 } else { 3 },
+                ..states.remove(k).unwrap_or_default().0
+            })
             .collect();
         let (st, hint) = match states.get_mut(key) {
             Some(slot) => slot,
@@ -1571,10 +1786,12 @@ impl MemoryLimiter {
             project_spend,
             &names,
             |st, hint, mut project, tstates| {
+                let (states, budgets) = tstates.split_at_mut(names.len());
                 let tenants = tenant_at.map(|index| Tenants {
                     shares: &quota.tenants,
                     index,
-                    states: tstates,
+                    states,
+                    budgets,
                     model: &key.model,
                 });
                 let outcome = st.acquire(
@@ -1628,15 +1845,28 @@ impl Limiter for MemoryLimiter {
             ticket.project_spend,
             &tenants,
             |st, hint, mut project, tstates| {
+                let (rid, start) = (ticket.request_id.as_str(), ticket.start_us);
+                let spent = st.spend_of(rid, start);
+                let (tenant, budget) = match tstates {
+                    [t, b] => (Some(t), Some(b)),
+                    _ => (None, None),
+                };
                 let check = st.check(
                     now,
                     &*self.calendar,
-                    &ticket.request_id,
-                    ticket.start_us,
+                    rid,
+                    start,
                     *hint,
-                    Self::project(&mut project, &ticket.key, &ticket.request_id),
-                    tstates.first_mut(),
+                    Self::project(&mut project, &ticket.key, rid),
+                    tenant,
                 );
+                // A booking given up gives its estimate back to the tenant's budgets.
+                if let (Some(b), Some(spent)) = (budget, spent)
+                    && st.spend_of(rid, start).is_none()
+                    && b.generation != 0
+                {
+                    b.count(start, -spent);
+                }
                 if st.generation != 0 {
                     *hint = st.hint();
                 }
@@ -1659,12 +1889,21 @@ impl Limiter for MemoryLimiter {
             ticket.project_spend,
             &tenants,
             |st, _, project, tstates| {
-                st.reconcile(&ticket.request_id, ticket.start_us, c);
+                let (rid, start) = (ticket.request_id.as_str(), ticket.start_us);
+                let mut spent = st.spend_of(rid, start);
+                st.reconcile(rid, start, c);
                 if let Some((ps, _)) = project {
-                    ps.reconcile(&id, ticket.start_us, spend_only(c));
+                    ps.reconcile(&id, start, spend_only(c));
                 }
-                for t in tstates {
-                    t.reconcile(&ticket.request_id, ticket.start_us, c);
+                if let [t, b] = tstates {
+                    spent = spent.or_else(|| t.spend_of(rid, start));
+                    t.reconcile(rid, start, c);
+                    // The budgets are charged what the call cost.
+                    if let Some(spent) = spent
+                        && b.generation != 0
+                    {
+                        b.count(start, c[3] - spent);
+                    }
                 }
             },
         );
@@ -1679,12 +1918,20 @@ impl Limiter for MemoryLimiter {
             ticket.project_spend,
             &tenants,
             |st, _, project, tstates| {
-                st.release(&ticket.request_id, ticket.start_us);
+                let (rid, start) = (ticket.request_id.as_str(), ticket.start_us);
+                let mut spent = st.spend_of(rid, start);
+                st.release(rid, start);
                 if let Some((ps, _)) = project {
-                    ps.release(&id, ticket.start_us);
+                    ps.release(&id, start);
                 }
-                for t in tstates {
-                    t.release(&ticket.request_id, ticket.start_us);
+                if let [t, b] = tstates {
+                    spent = spent.or_else(|| t.spend_of(rid, start));
+                    t.release(rid, start);
+                    if let Some(spent) = spent
+                        && b.generation != 0
+                    {
+                        b.count(start, -spent);
+                    }
                 }
             },
         );
@@ -1697,6 +1944,23 @@ impl Limiter for MemoryLimiter {
             st.penalize(now, &*self.calendar, dur_us(delay), scope)
         });
         Ok(())
+    }
+
+    async fn tenant_usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Vec<TenantUsage>> {
+        if quota.tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_us();
+        let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
+        let window = Limits::of(quota).window_us[0];
+        Ok(self.with_states(key, false, &names, |_, _, _, tstates| {
+            let (states, budgets) = tstates.split_at(names.len());
+            names
+                .iter()
+                .zip(states.iter().zip(budgets))
+                .map(|(name, (st, b))| st.tenant_usage(name, now.max(st.now), window, b))
+                .collect()
+        }))
     }
 
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage> {

@@ -145,6 +145,11 @@ impl QuotaKey {
             crate::keys::limiter_state(&self.project, Some(&self.model))
         )
     }
+
+    /// One tenant's budgets in this pair's project (shared by its models).
+    pub fn tenant_budget_key(&self, tenant: &str) -> String {
+        crate::keys::tenant_budget(&self.project, tenant)
+    }
 }
 
 impl fmt::Display for QuotaKey {
@@ -169,6 +174,8 @@ pub enum Blocker {
     /// The booking is gone, or the limiter lost its state since it was booked (restart,
     /// rollback, eviction): it may not be used. Book afresh.
     Lost,
+    /// The tenant's daily or monthly budget is spent until its reset.
+    Budget,
 }
 
 impl Blocker {
@@ -179,6 +186,7 @@ impl Blocker {
             Blocker::Cooldown => 6,
             Blocker::NeverFits => 7,
             Blocker::Lost => 8,
+            Blocker::Budget => 9,
         }
     }
 
@@ -189,6 +197,7 @@ impl Blocker {
             6 => Blocker::Cooldown,
             7 => Blocker::NeverFits,
             8 => Blocker::Lost,
+            9 => Blocker::Budget,
             _ => return None,
         })
     }
@@ -457,6 +466,13 @@ pub trait Limiter: Send + Sync {
     /// with the config it has just compiled, so its read applies a change at once.
     async fn usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Usage>;
 
+    /// Each of the pool's tenants' use of one (project, model) (`quota.tenants`; empty when
+    /// it declares none). Reads only. A limiter that keeps no tenant states (a test
+    /// double) answers none.
+    async fn tenant_usage(&self, _key: &QuotaKey, _quota: &ModelQuota) -> Result<Vec<TenantUsage>> {
+        Ok(Vec::new())
+    }
+
     /// What fails together with `key`'s state: one name for a store that is up or down as
     /// a whole (the default), the project's hash tag on a Redis Cluster (a project is one
     /// slot, on one primary). The failsafe keeps one circuit breaker per domain.
@@ -482,6 +498,23 @@ impl Default for Asker<'_> {
             priority: 0,
         }
     }
+}
+
+/// One tenant's use of one (project, model), from its state in the limiter.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TenantUsage {
+    /// The tenant.
+    pub tenant: String,
+    /// Requests it started within the requests window ending now.
+    pub requests: u64,
+    /// Requests it has booked to start later.
+    pub booked_ahead: u64,
+    /// What its bookings cost in the current day and month (estimates until reconciled),
+    /// in micro-dollars.
+    pub spent_today_micros: u64,
+    pub spent_this_month_micros: u64,
+    /// How far ahead its latest booking starts.
+    pub queue: Duration,
 }
 
 /// What a caller last saw of one key's state. Sent with every acquire and check, so the
@@ -577,6 +610,10 @@ impl Clock for ManualClock {
 pub trait Calendar: Send + Sync + fmt::Debug {
     /// The start of the day containing `at_us` followed by the next three day starts, in µs.
     fn boundaries(&self, at_us: i64) -> [i64; 4];
+
+    /// The start of the month containing `at_us` (budgets' months) and the next two month
+    /// starts, in µs.
+    fn months(&self, at_us: i64) -> [i64; 3];
 }
 
 /// The provider's calendar: days start at midnight America/Los_Angeles (23 h and 25 h days
@@ -596,6 +633,11 @@ impl Calendar for PacificCalendar {
         let m2 = m(1, m1);
         [start, m1, m2, m(2, m2)]
     }
+
+    fn months(&self, at_us: i64) -> [i64; 3] {
+        let at = jiff::Timestamp::from_microsecond(at_us).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        crate::pacific::month_starts(at).map(|t| t.as_microsecond())
+    }
 }
 
 /// Days of a fixed length from an origin (tests: a day of a few seconds).
@@ -613,6 +655,13 @@ impl Calendar for FixedDays {
         let start = self.origin_us + (at_us - self.origin_us).div_euclid(len) * len;
         [start, start + len, start + 2 * len, start + 3 * len]
     }
+
+    /// Months of 30 of these days from the origin (rehearsals compress them too).
+    fn months(&self, at_us: i64) -> [i64; 3] {
+        let len = self.day_us.max(1) * 30;
+        let start = self.origin_us + (at_us - self.origin_us).div_euclid(len) * len;
+        [start, start + len, start + 2 * len]
+    }
 }
 
 /// An explicit list of day starts (tests: real Pacific DST days compressed in time).
@@ -628,6 +677,11 @@ impl Calendar for ListedDays {
         let m1 = get(1).unwrap_or(start + day);
         let m2 = get(2).unwrap_or(m1 + day);
         [start, m1, m2, get(3).unwrap_or(m2 + day)]
+    }
+
+    /// The provider's months: the listed days only stand in for days.
+    fn months(&self, at_us: i64) -> [i64; 3] {
+        PacificCalendar.months(at_us)
     }
 }
 

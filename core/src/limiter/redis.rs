@@ -20,8 +20,8 @@ use redis::Script;
 
 use super::{
     Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Hint, Limiter, Limits,
-    Origin, PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, Ticket, Usage, costs_i64,
-    dur_us, us_dur,
+    Origin, PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, TenantUsage, Ticket,
+    Usage, costs_i64, dur_us, us_dur,
 };
 use crate::connection::RedisConnection;
 pub use crate::connection::RedisOptions;
@@ -307,7 +307,9 @@ impl RedisLimiter {
             inv.key(key.spend_log_key()).key(key.spend_state_key());
         }
         for t in tenants {
-            inv.key(key.tenant_log_key(t)).key(key.tenant_state_key(t));
+            inv.key(key.tenant_log_key(t))
+                .key(key.tenant_state_key(t))
+                .key(key.tenant_budget_key(t));
         }
         for a in args {
             inv.arg(a);
@@ -392,14 +394,19 @@ impl Limiter for RedisLimiter {
             &tenant_at.map_or(0, |i| i + 1),
         ]));
         for t in &quota.tenants {
+            let budget = |b: Option<u64>| b.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
             argv.extend(args(&[
                 &t.name,
                 &t.weight,
                 &t.floor_permille,
                 &t.ceiling_permille,
+                &budget(t.daily_budget_micros),
+                &budget(t.monthly_budget_micros),
             ]));
         }
         argv.push(asker.priority.to_string());
+        let months = self.calendar.months(crate::limiter::SystemClock.now_us());
+        argv.extend(args(&[&months[0], &months[1], &months[2]]));
         let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
         let reply = self.run(key, project_spend, &names, argv).await?;
         self.saw_server(key, &reply, 13);
@@ -552,6 +559,33 @@ impl Limiter for RedisLimiter {
         )
         .await?;
         Ok(())
+    }
+
+    async fn tenant_usage(&self, key: &QuotaKey, quota: &ModelQuota) -> Result<Vec<TenantUsage>> {
+        if quota.tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
+        let w = Limits::of(quota).window_us[0];
+        let r = self
+            .run(key, false, &names, args(&[&"n", &names.len(), &w]))
+            .await?;
+        let at = |i: usize| get(&r, i).map(|v| u64::try_from(v).unwrap_or(0));
+        names
+            .iter()
+            .enumerate()
+            .map(|(j, name)| {
+                let o = 1 + 5 * j;
+                Ok(TenantUsage {
+                    tenant: (*name).to_owned(),
+                    requests: at(o)?,
+                    booked_ahead: at(o + 1)?,
+                    spent_today_micros: at(o + 2)?,
+                    spent_this_month_micros: at(o + 3)?,
+                    queue: us_dur(get(&r, o + 4)?),
+                })
+            })
+            .collect()
     }
 
     fn failure_domain(&self, key: &QuotaKey) -> String {

@@ -1791,12 +1791,16 @@ async fn a_message_books_as_its_tenant() {
             weight: 1,
             floor_permille: 0,
             ceiling_permille: 250,
+            daily_budget_micros: None,
+            monthly_budget_micros: None,
         },
         pacer_core::quota::TenantShare {
             name: "default".into(),
             weight: 1,
             floor_permille: 0,
             ceiling_permille: 1000,
+            daily_budget_micros: None,
+            monthly_budget_micros: None,
         },
     ];
     let mut pinned = cfg.chains["default/chain"].clone();
@@ -1841,4 +1845,44 @@ async fn a_message_books_as_its_tenant() {
         "the pool has room for the others: {other:?}"
     );
     assert_eq!(rig.provider.calls().len(), 2);
+}
+
+/// Issue 15: a tenant whose daily budget is spent has its request deferred to the reset
+/// (reason `budget`), or failed at once when its deadline comes before the reset.
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_defers_to_the_reset_or_fails_before_a_deadline() {
+    let priced = ModelLimits {
+        price_micros_per_image: Some(100_000),
+        ..limits(100, 1000)
+    };
+    let mut cfg = config(&[(A, priced)], &[(A, Duration::from_secs(1))]);
+    cfg.pools.get_mut("default/pool").expect("pool").tenants =
+        vec![pacer_core::quota::TenantShare {
+            name: "web".into(),
+            weight: 1,
+            floor_permille: 0,
+            ceiling_permille: 1000,
+            daily_budget_micros: Some(150_000),
+            monthly_budget_micros: None,
+        }];
+    let rig = Rig::new(cfg, always_image());
+    let with = |id: &str, extra: &str| {
+        format!(r#"{{"id":"{id}","chain":"chain","prompt":"p","tenant":"web"{extra}}}"#)
+    };
+    let first = rig.handle(&with("r1", "")).await;
+    assert!(matches!(first, Outcome::Succeeded(_)), "{first:?}");
+    let second = rig.handle(&with("r2", "")).await;
+    assert_eq!(deferred(&second).1, DeferReason::Budget, "{second:?}");
+    let soon = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60)).to_string();
+    let third = rig
+        .handle(&with("r3", &format!(r#","deadline":"{soon}""#)))
+        .await;
+    let Outcome::Failed(record) = third else {
+        panic!("{third:?}");
+    };
+    assert!(
+        record.error.unwrap_or_default().contains("budget is spent"),
+        "fails now, not at the reset"
+    );
+    assert_eq!(rig.provider.calls().len(), 1, "one call within the budget");
 }

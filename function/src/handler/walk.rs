@@ -128,6 +128,7 @@ impl Soonest {
 fn reason_for(blocking: Blocker) -> DeferReason {
     match blocking {
         Blocker::Cooldown | Blocker::Daily => DeferReason::RateLimited,
+        Blocker::Budget => DeferReason::Budget,
         _ => DeferReason::Capacity,
     }
 }

@@ -1285,6 +1285,8 @@ fn tenant(name: &str, weight: u32, floor_percent: u32, ceiling_percent: u32) -> 
         weight,
         floor_permille: floor_percent * 10,
         ceiling_permille: ceiling_percent * 10,
+        daily_budget_micros: None,
+        monthly_budget_micros: None,
     }
 }
 
@@ -1299,7 +1301,7 @@ async fn run_fleet(
     arrivals: &[(i64, usize)],
     max_wait: Duration,
 ) -> Vec<(i64, usize)> {
-    let mut calls: Vec<(i64, usize)> = run_classes(clock, l, q, arrivals, &[], max_wait)
+    let mut calls: Vec<(i64, usize)> = run_classes(clock, l, q, arrivals, &[], max_wait, req(1))
         .await
         .into_iter()
         .map(|(start, tenant, _)| (start, tenant))
@@ -1317,6 +1319,7 @@ async fn run_classes(
     arrivals: &[(i64, usize)],
     classes: &[i32],
     max_wait: Duration,
+    costs: Costs,
 ) -> Vec<(i64, usize, usize)> {
     use std::collections::BTreeMap;
     // Events by time: (time, order) -> (request, ticket if it wakes up a booking).
@@ -1357,7 +1360,7 @@ async fn run_classes(
                     priority: classes.get(i).copied().unwrap_or(0),
                 },
                 &id,
-                req(1),
+                costs,
                 max_wait,
             )
             .await
@@ -1521,7 +1524,7 @@ async fn a_higher_class_books_ahead_of_a_deep_lower_backlog() {
     // 20 urgent ones, one every 2 s from 25 s on.
     arrivals.extend((0..20).map(|i| (T0 + 25 * SEC + i * 2 * SEC, 0)));
     classes.extend([5; 20]);
-    let calls = run_classes(&clock, &l, &q, &arrivals, &classes, LONG).await;
+    let calls = run_classes(&clock, &l, &q, &arrivals, &classes, LONG, req(1)).await;
     let starts: Vec<(i64, i64)> = calls.iter().map(|(s, _, _)| (*s, 1)).collect();
     assert!(
         max_in_window(&starts, 10 * SEC) <= 20,
@@ -1540,10 +1543,111 @@ async fn a_higher_class_books_ahead_of_a_deep_lower_backlog() {
     // Without classes the same urgent requests wait behind the backlog.
     let clock = ManualClock::new(T0);
     let l = limiter(&clock);
-    let calls = run_classes(&clock, &l, &q, &arrivals, &[], LONG).await;
+    let calls = run_classes(&clock, &l, &q, &arrivals, &[], LONG, req(1)).await;
     let late = calls
         .iter()
         .filter(|(s, _, i)| *i >= 200 && s - arrivals[*i].0 > 10 * SEC)
         .count();
     assert_eq!(late, 20, "a queue ten windows deep holds them back");
+}
+
+/// Issue 15: a tenant's daily budget, on days of 100 s. It never books past it in a day: its
+/// requests beyond it wait for the next day's start (Budget), while another tenant of the
+/// pool goes on; a call that cost less than its estimate gives the difference back; a
+/// monthly budget (months of 30 such days) holds across days.
+#[tokio::test]
+async fn a_spent_budget_waits_for_its_reset_and_others_go_on() {
+    let day = 100 * SEC;
+    let clock = ManualClock::new(T0);
+    let days = FixedDays {
+        origin_us: T0,
+        day_us: day,
+    };
+    let l = limiter(&clock).with_calendar(Arc::new(days));
+    let dollar = Costs::new(1, 0, 1, 1_000_000);
+    let q = tenant_quota(vec![
+        TenantShare {
+            daily_budget_micros: Some(5_000_000),
+            ..tenant("a", 1, 0, 100)
+        },
+        tenant("b", 1, 0, 100),
+    ]);
+    let mut arrivals: Vec<(i64, usize)> = (0..10).map(|i| (T0 + i * MS, 0)).collect();
+    arrivals.extend((0..10).map(|i| (T0 + (10 + i) * MS, 1)));
+    let calls = run_classes(&clock, &l, &q, &arrivals, &[], LONG, dollar).await;
+    let a_on = |from: i64, to: i64| {
+        calls
+            .iter()
+            .filter(|(s, t, _)| *t == 0 && *s >= from && *s < to)
+            .count()
+    };
+    assert_eq!(a_on(T0, T0 + day), 5, "$5 on the first day: {calls:?}");
+    assert_eq!(
+        a_on(T0 + day, T0 + day + 10 * SEC),
+        5,
+        "the rest at the reset"
+    );
+    assert!(
+        calls
+            .iter()
+            .filter(|(_, t, _)| *t == 1)
+            .all(|(s, _, _)| *s < T0 + 10 * SEC),
+        "b goes on in the first window: {calls:?}"
+    );
+    // A reconcile below the estimate gives budget back; the answer names the budget.
+    let clock = ManualClock::new(T0);
+    let l = limiter(&clock).with_calendar(Arc::new(days));
+    let q = tenant_quota(vec![TenantShare {
+        daily_budget_micros: Some(2_000_000),
+        monthly_budget_micros: Some(3_000_000),
+        ..tenant("a", 1, 0, 100)
+    }]);
+    let a = Asker {
+        tenant: "a",
+        priority: 0,
+    };
+    let ask = |id: &'static str, costs: Costs| {
+        let (l, q) = (&l, &q);
+        async move {
+            l.acquire_for(&key(), q, a, id, costs, LONG)
+                .await
+                .expect("acquire")
+        }
+    };
+    let a1 = ask("a1", dollar).await;
+    assert!(ask("a2", dollar).await.ticket().is_some());
+    let a3 = ask("a3", dollar).await;
+    assert_eq!(a3.blocker(), Some(Blocker::Budget), "{a3:?}");
+    assert_eq!(
+        a3,
+        Decision::Rejected {
+            retry_after: Some(Duration::from_secs(100)),
+            blocking: Blocker::Budget
+        }
+    );
+    let mut cheaper = dollar;
+    cheaper.spend_micros = 400_000;
+    l.reconcile(a1.ticket().expect("a1"), cheaper)
+        .await
+        .expect("reconcile");
+    let mut half = dollar;
+    half.spend_micros = 500_000;
+    assert!(ask("a4", half).await.ticket().is_some(), "$0.60 back");
+    // The next day: $2 more by the day, but $3 by the month: 0.4 + 1 + 0.5 = 1.9 spent.
+    clock.set(T0 + day);
+    assert!(ask("a5", dollar).await.ticket().is_some());
+    let a6 = ask("a6", dollar).await;
+    assert_eq!(
+        a6.blocker(),
+        Some(Blocker::Budget),
+        "the month's $3: {a6:?}"
+    );
+    assert_eq!(
+        a6,
+        Decision::Rejected {
+            retry_after: Some(Duration::from_secs(2_900)),
+            blocking: Blocker::Budget
+        },
+        "waits for the month's end (30 days of 100 s)"
+    );
 }
