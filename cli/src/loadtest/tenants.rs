@@ -177,6 +177,11 @@ pub struct TenantFigures {
     /// From its first send until a window starting then held its expected share of the
     /// limit (95 % of it, rounded down), in seconds; `None` if none did.
     pub share_reached_after_s: Option<f64>,
+    /// For a tenant that sent alone before the others began: its accepted calls in the
+    /// whole limiter windows (from the first call) before another tenant's first send, over
+    /// the limit times those windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_alone: Option<f64>,
     /// Its daily budget, in dollars, and what its calls cost per day (days of the run's
     /// calendar, from the one of the first call; the provider's reported usage, priced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +260,28 @@ pub fn figures(
                 (want > 0 && held >= want).then(|| (start - first) as f64 / 1000.0)
             })
         });
+        // Alone until another tenant's first send: its use of the limit meanwhile.
+        let others_from = first_sent_ms
+            .iter()
+            .enumerate()
+            .filter(|(j, f)| *j != i && f.is_some())
+            .filter_map(|(_, f)| *f)
+            .min();
+        let utilization_alone = match (accepted.iter().map(|(at, _)| *at).min(), others_from) {
+            (Some(first), Some(others))
+                if first_sent_ms[i].is_some_and(|mine| mine < others) && window_ms > 0 =>
+            {
+                let whole = (others - first).div_euclid(window_ms);
+                (whole > 0 && limit > 0).then(|| {
+                    let n = mine
+                        .iter()
+                        .filter(|&&at| at >= first && at < first + whole * window_ms)
+                        .count();
+                    n as f64 / (limit as f64 * whole as f64)
+                })
+            }
+            _ => None,
+        };
         let share = if contended.is_empty() {
             0.0
         } else {
@@ -269,6 +296,7 @@ pub fn figures(
                 expected_share: expected[i] as f64 / 1000.0,
                 wait_p99_s: pacer_core::measure::percentile(&waits, 0.99),
                 share_reached_after_s: reached,
+                utilization_alone,
                 ..TenantFigures::default()
             },
         );
@@ -340,6 +368,19 @@ mod tests {
         assert!((f["b"].expected_share - 0.25).abs() < 1e-9);
         assert_eq!(f["a"].share_reached_after_s, Some(0.0));
         assert_eq!(f["b"].wait_p99_s, 2.0);
+        assert_eq!(f["a"].utilization_alone, None, "both began at once");
+        // b from 2 s on: a alone in two whole windows, 4 + 3 calls of 8.
+        let f = figures(
+            &t,
+            &calls,
+            &[Some(0), Some(2_000)],
+            &[11, 2],
+            &[vec![1.0], vec![2.0]],
+            4,
+            1000,
+        );
+        assert_eq!(f["a"].utilization_alone, Some(7.0 / 8.0));
+        assert_eq!(f["b"].utilization_alone, None);
     }
 }
 
