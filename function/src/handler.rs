@@ -496,6 +496,16 @@ impl Handler {
             .generate_all(&req, chain, pool, provider.as_ref(), &mut delivery)
             .await;
         renew.abort();
+        if !pool.tenants.is_empty() {
+            self.metrics
+                .tenant_messages
+                .get_or_create(&crate::metrics::TenantOutcomeLabels {
+                    pool: pool.name.clone(),
+                    tenant: delivery.tenant.clone(),
+                    outcome: outcome.label(),
+                })
+                .inc();
+        }
         // A spent budget resets after the request's deadline: fail it now, not at the
         // reset.
         if let Outcome::Defer {

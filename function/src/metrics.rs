@@ -43,6 +43,13 @@ pub struct AccountLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantOutcomeLabels {
+    pub pool: String,
+    pub tenant: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
     pub mode: &'static str,
 }
@@ -57,6 +64,7 @@ pub struct CallLabels {
 pub struct Metrics {
     registry: Registry,
     pub messages: Family<OutcomeLabels, Counter>,
+    pub tenant_messages: Family<TenantOutcomeLabels, Counter>,
     pub deferred: Family<ReasonLabels, Counter>,
     pub provider_calls: Family<CallLabels, Counter>,
     pub account_errors: Family<AccountLabels, Counter>,
@@ -95,6 +103,12 @@ impl Default for Metrics {
         );
         let in_flight = Gauge::default();
         registry.register("in_flight", "Messages being processed", in_flight.clone());
+        let tenant_messages = Family::<TenantOutcomeLabels, Counter>::default();
+        registry.register(
+            "tenant_messages",
+            "Deliveries of pools that declare tenants, by pool, tenant and outcome",
+            tenant_messages.clone(),
+        );
         let limiter_wait = Histogram::new([0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]);
         registry.register(
             "limiter_wait_seconds",
@@ -110,6 +124,7 @@ impl Default for Metrics {
         Self {
             registry,
             messages,
+            tenant_messages,
             deferred,
             provider_calls,
             account_errors,

@@ -226,6 +226,20 @@ local function open(log, st, dd)
     end
   end
 
+  -- Cursors that follow now, never a queue's start (a state whose log holds bookings
+  -- later than one queue's: the project's, a tenant's): the sums count every booking any
+  -- start from now on can share a window with.
+  local function follow_now(W)
+    for d = 1, 4 do
+      if win[d] ~= W[d] then
+        win[d] = W[d]
+        rebuild(d, now - W[d])
+      else
+        advance(d, now - W[d])
+      end
+    end
+  end
+
   -- Removes entries outside every window that started at or before keep_from (bookings
   -- stay until their check and reconcile, even behind a queue longer than a window). An
   -- id's mapping goes with its entry only if it still names that entry (a later booking of
@@ -502,7 +516,7 @@ local function open(log, st, dd)
   return { S = S, sum = sum, cur = cur, win = win, fresh = fresh, log = log, st = st,
     start = start, save = save, roll_day = roll_day, advance = advance, rebuild = rebuild,
     earliest = earliest, prune = prune, add = add, booked = booked, replace = replace,
-    roll_month = roll_month, tally = tally,
+    roll_month = roll_month, tally = tally, follow_now = follow_now,
     fence = fence, learned = learned, refit = refit, room_at = room_at }
 end
 
@@ -925,28 +939,10 @@ if op == 'a' then
   -- The project's log holds every model's bookings, some later than this model's queue:
   -- its cursor follows now, never one model's start, so its sum counts every booking
   -- that any start from now on can share a window with.
-  if P then
-    for d = 1, 4 do
-      if P.win[d] ~= PW[d] then
-        P.win[d] = PW[d]
-        P.rebuild(d, now - PW[d])
-      else
-        P.advance(d, now - PW[d])
-      end
-    end
-  end
+  if P then P.follow_now(PW) end
   -- The tenant's log holds its bookings only, some later than the others': its cursor
   -- follows now too.
-  if T then
-    for d = 1, 4 do
-      if T.win[d] ~= W[d] then
-        T.win[d] = W[d]
-        T.rebuild(d, now - W[d])
-      else
-        T.advance(d, now - W[d])
-      end
-    end
-  end
+  if T then T.follow_now(W) end
   -- A queue ahead, yet room now (a raised limit, released bookings): take it. Only where
   -- room was given back (rm, here or in the project's spend): otherwise the queue's walk left none, and the exact count
   -- reads every booking within a window of g, the dearest step of a decision.

@@ -1839,6 +1839,22 @@ async fn a_message_books_as_its_tenant() {
         deferred(&capped).0 > Duration::from_secs(5),
         "the ceiling defers it to the next window: {capped:?}"
     );
+    let counted = |tenant: &str, outcome: &'static str| {
+        rig.handler
+            .metrics
+            .tenant_messages
+            .get_or_create(&crate::metrics::TenantOutcomeLabels {
+                pool: "default/pool".into(),
+                tenant: tenant.into(),
+                outcome,
+            })
+            .get()
+    };
+    assert_eq!(
+        (counted("web", "succeeded"), counted("web", "deferred")),
+        (1, 1),
+        "deliveries counted by tenant"
+    );
     let other = rig.handle(&body("r6")).await;
     assert!(
         matches!(other, Outcome::Succeeded(_)),
