@@ -224,9 +224,11 @@ pub fn figures(
             .min()
             .unwrap_or(i64::MAX),
     );
-    // Whole windows from the first call: a window cut by the period's ends holds what the
-    // cut left, not a share.
-    if let Some(first) = accepted.iter().map(|(at, _)| *at).min()
+    // Whole windows: a window cut by the period's ends holds what the cut left, not a
+    // share. The grid starts half a window before the first call: bookings behind a queue
+    // start a window apart, in clusters, and a call leaves a little after its start, so a
+    // boundary at a cluster would count a late call in the next window.
+    if let Some(first) = accepted.iter().map(|(at, _)| *at - window_ms / 2).min()
         && window_ms > 0
         && to != i64::MAX
     {
