@@ -1760,7 +1760,81 @@ async fn a_spent_budget_waits_for_its_reset_and_others_go_on(kind: RedisKind) {
     );
 }
 
+/// Issue 15: a tenant's budgets' hash lost (deleted here; evicted, or a restart without
+/// persistence): the day's and month's spend come back from what the caller saw, so a spent
+/// budget stays spent (days of 3 s from the test's start; months of 30 such days): $2 a
+/// day and $3 a month, two $1 calls, the hash deleted, the third still waits for the next
+/// day, where one more $1 spends the month.
+async fn a_lost_budget_keeps_what_its_callers_saw_spent(kind: RedisKind) {
+    let (url, _) = rig_limiter(kind).await;
+    let day_us = 3_000_000;
+    let l = connect(&url).await.with_calendar(Arc::new(FixedDays {
+        origin_us: now_us() - 100_000,
+        day_us,
+    }));
+    let key = fresh_key("lost-budget");
+    let mut q = quota(
+        Some(100),
+        None,
+        Duration::from_secs(1),
+        Some(Duration::ZERO),
+    );
+    q.tenants = vec![TenantShare {
+        daily_budget_micros: Some(2_000_000),
+        monthly_budget_micros: Some(3_000_000),
+        ..tenant("a", 1, 0, 100)
+    }];
+    let dollar = Costs::new(1, 0, 1, 1_000_000);
+    let ask = |id: &'static str| {
+        let (l, key, q) = (&l, &key, &q);
+        async move {
+            l.acquire_for(
+                key,
+                q,
+                Asker {
+                    tenant: "a",
+                    priority: 0,
+                },
+                id,
+                dollar,
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("acquire")
+        }
+    };
+    assert!(matches!(ask("a1").await, Decision::Admitted { .. }));
+    assert!(matches!(ask("a2").await, Decision::Admitted { .. }));
+    let mut conn = raw(&url).await;
+    del(&mut conn, &[key.tenant_budget_key("a")]).await;
+    let a3 = ask("a3").await;
+    let Decision::Rejected {
+        retry_after: Some(retry),
+        blocking: Blocker::Budget,
+    } = a3
+    else {
+        panic!("the day's $2 still spent after the loss: {a3:?}");
+    };
+    tokio::time::sleep(retry).await;
+    assert!(
+        matches!(ask("a4").await, Decision::Admitted { .. }),
+        "the next day"
+    );
+    let a5 = ask("a5").await;
+    assert!(
+        matches!(
+            a5,
+            Decision::Rejected {
+                retry_after: Some(r),
+                blocking: Blocker::Budget,
+            } if r > Duration::from_secs(60)
+        ),
+        "the month's $3 spent ($2 of it from before the loss): {a5:?}"
+    );
+}
+
 pacer_tests::on_both_redis!(
+    a_lost_budget_keeps_what_its_callers_saw_spent,
     a_spent_budget_waits_for_its_reset_and_others_go_on,
     a_higher_class_books_ahead_of_a_deep_lower_backlog,
     tenants_share_each_window_by_weight,

@@ -46,8 +46,11 @@
 -- floor and ceiling (per mille of the pool's limits, 1000: no ceiling). Check's ARGV[16],
 -- reconcile's ARGV[8] and release's ARGV[4] name the ticket's tenant ('' : none), whose
 -- state is then the last two keys. After the tenants, acquire's priority class (0 when
--- absent): higher books ahead of lower bookings that have not started. Numbers are integers; they are formatted with %d,
--- never tostring (which turns µs times into floats with exponents).
+-- absent): higher books ahead of lower bookings that have not started; then the months'
+-- boundaries (the month holding now, the next, the one after) and the caller's hint of the
+-- request's tenant's budgets (generation, day end, day's spend, month end, month's
+-- spend), which acquire answers after the project's part. Numbers are integers; they are
+-- formatted with %d, never tostring (which turns µs times into floats with exponents).
 local op = ARGV[1]
 -- TIME once: on Redis 7.0 repeated calls differ within one script.
 local t = redis.call('TIME')
@@ -631,6 +634,16 @@ if op == 'a' then
     BD, BM = TEN[TI].bd or -1, TEN[TI].bm or -1
     B.roll_day(b)
     B.roll_month(MB)
+    -- The budgets' hash lost (deleted, evicted, a restart without persistence): what the
+    -- caller saw spent in this day and month comes back (the most any caller saw, a lower
+    -- bound of what was lost). Its hint (generation, day end, day's spend, month end,
+    -- month's spend) is of another generation of the hash.
+    local bh = {}
+    for i = 1, 5 do bh[i] = tonumber(ARGV[mo + 3 + i]) or 0 end
+    if bh[1] > 0 and bh[1] ~= B.S.gen then
+      if bh[2] == B.S.de then B.S.dc = math.max(B.S.dc, bh[3]) end
+      if bh[4] == B.S.me then B.S.mc = math.max(B.S.mc, bh[5]) end
+    end
   end
   -- Whether a booking at x stays within the tenant's budgets (the day and month it is in
   -- only: a slot taken over is never in a later one).
@@ -692,8 +705,10 @@ if op == 'a' then
       P.save()
       pg, pl = P.S.gen, P.S.ls
     end
+    local bg, bde, bdc, bme, bmc = 0, 0, 0, 0, 0
+    if T then bg, bde, bdc, bme, bmc = B.S.gen, B.S.de, B.S.dc, B.S.me, B.S.mc end
     return { kind, v, blocker, now, S.gen, S.ls, costs[1], costs[2], costs[3], costs[4],
-      S.de, S.dc, S.db, server, pg, pl }
+      S.de, S.dc, S.db, server, pg, pl, bg, bde, bdc, bme, bmc }
   end
   -- A retried acquire of the same delivery gets its ticket back while the start is ahead;
   -- once it has passed, the entry stays counted and the id books afresh.

@@ -105,6 +105,8 @@ pub(crate) struct Tenants<'a> {
     pub budgets: &'a mut [KeyState],
     /// The model: a victim's id in the project's log names it.
     pub model: &'a str,
+    /// What the caller last saw of the request's tenant's budgets.
+    pub budget_hint: Hint,
 }
 
 /// The most the learned cut takes (the rate never falls below a tenth of the limits), and
@@ -175,6 +177,36 @@ impl KeyState {
             day_end: self.day_end,
             day_count: self.day_count,
             day_blocked: self.day_blocked,
+            ..Hint::default()
+        }
+    }
+
+    /// What a caller learns of a tenant's budgets: their generation, and the day's and
+    /// month's spend with their ends.
+    pub(crate) fn budget_hint(&self) -> Hint {
+        Hint {
+            generation: self.generation,
+            day_end: self.day_end,
+            day_count: self.day_count,
+            month_end: self.month_end,
+            month_count: self.month_count,
+            ..Hint::default()
+        }
+    }
+
+    /// A budget's hash lost (deleted, evicted, a restart without persistence): what the
+    /// caller saw spent in this day and month comes back (the most any caller saw, a lower
+    /// bound of what was lost). Its hint is of another generation of the hash; the day and
+    /// month already rolled to now's (the script's budget restore).
+    fn restore_budget(&mut self, h: Hint) {
+        if h.generation <= 0 || h.generation == self.generation {
+            return;
+        }
+        if h.day_end == self.day_end {
+            self.day_count = self.day_count.max(h.day_count);
+        }
+        if h.month_end == self.month_end {
+            self.month_count = self.month_count.max(h.month_count);
         }
     }
 
@@ -638,6 +670,8 @@ impl KeyState {
                 b.roll_day(now, calendar);
                 b.roll_month(now, calendar.months(now));
             }
+            let hint = t.budget_hint;
+            t.budgets[t.index].restore_budget(hint);
         }
         // The tenant's budgets (spend per day and per month; -1: none).
         let budgets = tenants.as_ref().map_or((-1, -1), |t| {
@@ -1630,6 +1664,11 @@ pub(crate) fn decision(
     }
 }
 
+/// Where `tenant`'s budgets in `key`'s project are kept (one state over all its models).
+pub(crate) fn budget_key(key: &QuotaKey, tenant: &str) -> QuotaKey {
+    QuotaKey::new(key.project.clone(), format!("*t:{tenant}:budget"))
+}
+
 /// The in-process limiter.
 #[derive(Debug)]
 pub struct MemoryLimiter {
@@ -1639,6 +1678,9 @@ pub struct MemoryLimiter {
     /// Per key: the state, and what this limiter last saw of it (as a Redis client keeps
     /// its hints; they only differ here when a test loses or rolls back the state).
     states: Mutex<HashMap<QuotaKey, (KeyState, Hint)>>,
+    /// What this limiter last saw of each tenant's budgets (under their keys in
+    /// `states`).
+    budget_hints: Mutex<HashMap<QuotaKey, Hint>>,
 }
 
 impl Default for MemoryLimiter {
@@ -1655,6 +1697,7 @@ impl MemoryLimiter {
             calendar: Arc::new(PacificCalendar),
             origin: Origin::Shared,
             states: Mutex::new(HashMap::new()),
+            budget_hints: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1693,11 +1736,7 @@ impl MemoryLimiter {
         let tkeys: Vec<QuotaKey> = tenants
             .iter()
             .map(|t| QuotaKey::new(key.project.clone(), format!("{}:*t:{t}", key.model)))
-            .chain(
-                tenants
-                    .iter()
-                    .map(|t| QuotaKey::new(key.project.clone(), format!("*t:{t}:budget"))),
-            )
+            .chain(tenants.iter().map(|t| budget_key(key, t)))
             .collect();
         let n = tenants.len();
         let mut tstates: Vec<KeyState> = tkeys
@@ -1734,6 +1773,16 @@ impl MemoryLimiter {
             state: &mut p.0,
             id: Self::project_id(key, request_id),
         })
+    }
+
+    /// Loses the hash of `key`'s state, keeping its log (tests: one key evicted or
+    /// deleted; a tenant's budgets are under [`budget_key`]).
+    #[cfg(test)]
+    pub(crate) fn lose_hash_of(&self, key: &QuotaKey) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((st, _)) = states.get_mut(key) {
+            st.lose_hash();
+        }
     }
 
     /// The booking's id in its project's log (the script's `pid`).
@@ -1781,7 +1830,12 @@ impl MemoryLimiter {
         let now = self.clock.now_us();
         let project_spend = quota.spend_micros.limit.is_some();
         let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
-        let outcome = self.with_states(
+        let bkey = tenant_at.map(|i| budget_key(key, names[i]));
+        let budget_hint = bkey.as_ref().map_or_else(Hint::default, |k| {
+            let hints = self.budget_hints.lock().unwrap_or_else(|p| p.into_inner());
+            hints.get(k).copied().unwrap_or_default()
+        });
+        let (outcome, seen) = self.with_states(
             key,
             project_spend,
             &names,
@@ -1793,6 +1847,7 @@ impl MemoryLimiter {
                     states,
                     budgets,
                     model: &key.model,
+                    budget_hint,
                 });
                 let outcome = st.acquire(
                     now,
@@ -1810,9 +1865,14 @@ impl MemoryLimiter {
                 if let Some((ps, ph)) = project {
                     *ph = ps.project_hint();
                 }
-                outcome
+                let seen = tenant_at.map(|i| tstates[names.len() + i].budget_hint());
+                (outcome, seen)
             },
         );
+        if let (Some(k), Some(seen)) = (bkey, seen) {
+            let mut hints = self.budget_hints.lock().unwrap_or_else(|p| p.into_inner());
+            hints.insert(k, seen);
+        }
         let mut d = decision(key, request_id, outcome, self.origin, project_spend);
         if let (Some(i), Decision::Admitted { ticket } | Decision::Booked { ticket, .. }) =
             (tenant_at, &mut d)

@@ -519,7 +519,9 @@ pub struct TenantUsage {
 
 /// What a caller last saw of one key's state. Sent with every acquire and check, so the
 /// limiter can tell that it lost its state (another generation, an earlier latest start)
-/// and restore what only the callers still know of the day.
+/// and restore what only the callers still know of the day. A tenant's budgets have one
+/// too (generation, and the day's and month's spend), sent with every acquire of that
+/// tenant.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Hint {
     /// When the state began (0: never seen).
@@ -532,6 +534,11 @@ pub(crate) struct Hint {
     pub day_count: i64,
     /// When a per-day block ends.
     pub day_blocked: i64,
+    /// A tenant's budgets only: the end of the month `month_count` is for (`day_count`
+    /// being the day's spend).
+    pub month_end: i64,
+    /// Spend counted in that month.
+    pub month_count: i64,
 }
 
 impl Hint {
@@ -555,6 +562,31 @@ impl Hint {
             day_end: *reply.get(at[2])?,
             day_count: *reply.get(at[3])?,
             day_blocked: *reply.get(at[4])?,
+            ..Hint::default()
+        })
+    }
+
+    /// A tenant's budgets as the script reads them: generation, day end, day's spend,
+    /// month end, month's spend.
+    pub(crate) fn budget_array(self) -> [i64; 5] {
+        [
+            self.generation,
+            self.day_end,
+            self.day_count,
+            self.month_end,
+            self.month_count,
+        ]
+    }
+
+    /// A tenant's budgets from the script's reply at `at` (as [`Hint::budget_array`]).
+    pub(crate) fn budget_from_reply(reply: &[i64], at: usize) -> Option<Hint> {
+        Some(Hint {
+            generation: *reply.get(at)?,
+            day_end: *reply.get(at + 1)?,
+            day_count: *reply.get(at + 2)?,
+            month_end: *reply.get(at + 3)?,
+            month_count: *reply.get(at + 4)?,
+            ..Hint::default()
         })
     }
 }

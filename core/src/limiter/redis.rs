@@ -18,6 +18,7 @@ use std::{
 use async_trait::async_trait;
 use redis::Script;
 
+use super::memory::budget_key;
 use super::{
     Blocker, Calendar, Check, Clock, Decision, DimensionUsage, Error, Hint, Limiter, Limits,
     Origin, PacificCalendar, PenaltyScope, QuotaKey, Result, SystemClock, TenantUsage, Ticket,
@@ -407,11 +408,22 @@ impl Limiter for RedisLimiter {
         argv.push(asker.priority.to_string());
         let months = self.calendar.months(crate::limiter::SystemClock.now_us());
         argv.extend(args(&[&months[0], &months[1], &months[2]]));
+        // What this process saw of the tenant's budgets: a lost budget hash gets its spend
+        // back from it.
+        let bkey = tenant_at.map(|i| budget_key(key, &quota.tenants[i].name));
+        let bh = bkey
+            .as_ref()
+            .map_or_else(Hint::default, |k| self.hint(k))
+            .budget_array();
+        argv.extend(args(&[&bh[0], &bh[1], &bh[2], &bh[3], &bh[4]]));
         let names: Vec<&str> = quota.tenants.iter().map(|t| t.name.as_str()).collect();
         let reply = self.run(key, project_spend, &names, argv).await?;
         self.saw_server(key, &reply, 13);
         if project_spend {
             self.set_spend_hint(key, &reply, 14);
+        }
+        if let Some((k, h)) = bkey.zip(Hint::budget_from_reply(&reply, 16)) {
+            self.set_hint(&k, h);
         }
         let (kind, v, blocker, now) = (
             get(&reply, 0)?,

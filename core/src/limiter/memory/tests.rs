@@ -1651,3 +1651,70 @@ async fn a_spent_budget_waits_for_its_reset_and_others_go_on() {
         "waits for the month's end (30 days of 100 s)"
     );
 }
+
+/// A tenant's budgets' hash lost (deleted, evicted, a restart without persistence): the
+/// day's and the month's spend come back from what the caller saw, so a spent budget stays
+/// spent; a caller that saw nothing restores nothing.
+#[tokio::test]
+async fn a_lost_budget_keeps_what_its_callers_saw_spent() {
+    let day = 100 * SEC;
+    let dollar = Costs::new(1, 0, 1, 1_000_000);
+    let q = tenant_quota(vec![TenantShare {
+        daily_budget_micros: Some(2_000_000),
+        monthly_budget_micros: Some(3_000_000),
+        ..tenant("a", 1, 0, 100)
+    }]);
+    let a = Asker {
+        tenant: "a",
+        priority: 0,
+    };
+    let days = FixedDays {
+        origin_us: T0,
+        day_us: day,
+    };
+    for saw in [true, false] {
+        let clock = ManualClock::new(T0);
+        let l = limiter(&clock).with_calendar(Arc::new(days));
+        let ask = |id: &'static str| {
+            let (l, q) = (&l, &q);
+            async move {
+                l.acquire_for(&key(), q, a, id, dollar, LONG)
+                    .await
+                    .expect("acquire")
+            }
+        };
+        assert!(ask("a1").await.ticket().is_some());
+        assert!(ask("a2").await.ticket().is_some());
+        l.lose_hash_of(&budget_key(&key(), "a"));
+        // A hash made anew has a later generation than the lost one.
+        clock.set(T0 + MS);
+        if !saw {
+            l.budget_hints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        let a3 = ask("a3").await;
+        if !saw {
+            assert!(a3.ticket().is_some(), "nothing seen, nothing restored");
+            continue;
+        }
+        assert_eq!(
+            a3.blocker(),
+            Some(Blocker::Budget),
+            "the day's $2 still spent: {a3:?}"
+        );
+        // The next day: the month's $2 came back too, so $1 more is its $3.
+        clock.set(T0 + day);
+        assert!(ask("a4").await.ticket().is_some());
+        let a5 = ask("a5").await;
+        assert_eq!(
+            a5,
+            Decision::Rejected {
+                retry_after: Some(Duration::from_secs(2_900)),
+                blocking: Blocker::Budget
+            },
+            "the month's $3 spent"
+        );
+    }
+}
