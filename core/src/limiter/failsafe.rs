@@ -278,6 +278,10 @@ impl<L: Limiter> Limiter for FailsafeLimiter<L> {
     fn failure_domain(&self, key: &QuotaKey) -> String {
         self.shared.failure_domain(key)
     }
+
+    fn day_resets_in(&self) -> Duration {
+        self.shared.day_resets_in()
+    }
 }
 
 #[cfg(test)]

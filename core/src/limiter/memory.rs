@@ -2032,6 +2032,10 @@ impl Limiter for MemoryLimiter {
             }),
         )
     }
+
+    fn day_resets_in(&self) -> Duration {
+        super::day_resets_in(&*self.calendar, self.clock.now_us())
+    }
 }
 
 #[cfg(test)]

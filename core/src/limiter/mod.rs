@@ -479,6 +479,13 @@ pub trait Limiter: Send + Sync {
     fn failure_domain(&self, _key: &QuotaKey) -> String {
         String::new()
     }
+
+    /// How long until the next quota day begins on this limiter's calendar (the provider's
+    /// Pacific midnight by default; a rehearsal's short days where it was given them), for
+    /// a per-day 429: its messages wait that long.
+    fn day_resets_in(&self) -> Duration {
+        day_resets_in(&PacificCalendar, SystemClock.now_us())
+    }
 }
 
 /// Who a booking is for: one of the pool's tenants, and the request's priority class
@@ -635,6 +642,11 @@ impl Clock for ManualClock {
     fn now_us(&self) -> i64 {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// How long from `now_us` until the next day begins on `calendar`.
+pub fn day_resets_in(calendar: &dyn Calendar, now_us: i64) -> Duration {
+    us_dur((calendar.boundaries(now_us)[1] - now_us).max(0))
 }
 
 /// Where quota days begin. The limiter is told the day boundaries around now; the default

@@ -600,6 +600,10 @@ impl Limiter for RedisLimiter {
             .collect()
     }
 
+    fn day_resets_in(&self) -> Duration {
+        super::day_resets_in(&*self.calendar, super::SystemClock.now_us())
+    }
+
     fn failure_domain(&self, key: &QuotaKey) -> String {
         if self.conn.is_cluster() {
             key.hash_tag()

@@ -102,15 +102,6 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=ceiling))
 }
 
-/// Time left until the next Pacific midnight (when per-day quotas reset).
-pub(super) fn next_pacific_midnight() -> Duration {
-    let now = jiff::Timestamp::now();
-    let next = pacer_core::pacific::next_midnights(now, 1);
-    next.first()
-        .map(|m| Duration::try_from(m.duration_since(now)).unwrap_or(Duration::from_secs(3600)))
-        .unwrap_or(Duration::from_secs(3600))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

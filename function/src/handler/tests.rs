@@ -21,7 +21,7 @@ use pacer_core::{
         ProviderKind, RetryConfig,
     },
     limiter::{
-        Blocker, Check, Clock, Decision, Limiter, PenaltyScope, QuotaKey, Ticket,
+        Blocker, Check, Clock, Decision, FixedDays, Limiter, PenaltyScope, QuotaKey, Ticket,
         memory::MemoryLimiter,
     },
     models::ImageSize,
@@ -280,6 +280,10 @@ struct Losing {
 
 #[async_trait]
 impl Limiter for Losing {
+    fn day_resets_in(&self) -> Duration {
+        self.inner.day_resets_in()
+    }
+
     async fn acquire_for(
         &self,
         key: &QuotaKey,
@@ -367,7 +371,22 @@ impl Rig {
 
     /// A rig whose claims last `claim_lease`.
     fn with_lease(config: CompiledConfig, script: Script, claim_lease: Duration) -> Rig {
-        let limiter = Arc::new(MemoryLimiter::new(TokioClock::new()));
+        Rig::with_limiter(
+            config,
+            script,
+            claim_lease,
+            MemoryLimiter::new(TokioClock::new()),
+        )
+    }
+
+    /// A rig on `limiter` (its clock and calendar).
+    fn with_limiter(
+        config: CompiledConfig,
+        script: Script,
+        claim_lease: Duration,
+        limiter: MemoryLimiter,
+    ) -> Rig {
+        let limiter = Arc::new(limiter);
         let provider = Scripted::new(script);
         let dir = std::env::temp_dir().join(format!(
             "pacer-handler-{}-{}",
@@ -1231,6 +1250,30 @@ async fn policy_per_day_429_at_last_step_defers_to_the_soonest_step() {
         (LONG_COOLDOWN + SLACK, DeferReason::RateLimited)
     );
     assert_eq!(rig.models_called(), [B]);
+}
+
+/// A per-day 429 on a rehearsal's calendar (days of 20 s, as `PACER_DAY_SECONDS` gives the
+/// limiter): the message waits for the limiter's next day, not the real Pacific midnight
+/// (which parked a fault run's messages for hours).
+#[tokio::test(start_paused = true)]
+async fn policy_per_day_429_waits_for_the_limiters_next_day() {
+    let limiter = MemoryLimiter::new(TokioClock::new()).with_calendar(Arc::new(FixedDays {
+        origin_us: 0,
+        day_us: 20_000_000,
+    }));
+    let rig = Rig::with_limiter(
+        config(&[(A, limits(100, 1000))], &[(A, Duration::from_secs(1))]),
+        Box::new(|_, model| Err(per_day_429(model))),
+        Duration::from_secs(30),
+        limiter,
+    );
+    let (after, reason) = deferred(&rig.handle(&body("r1")).await);
+    assert_eq!(reason, DeferReason::RateLimited);
+    assert!(
+        after <= Duration::from_secs(20) + SLACK,
+        "until the rehearsal day ends: {after:?}"
+    );
+    assert!(rig.usage(A).await.daily_blocked_remaining <= Duration::from_secs(20));
 }
 
 // --- 429 without details: retried on the same step at the provider's pace.

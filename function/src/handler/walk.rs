@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::{
     Generated, Handler, Miss,
     claim::Claim,
-    costs::{backoff, booking_costs, next_pacific_midnight, ticket_tag},
+    costs::{backoff, booking_costs, ticket_tag},
 };
 use crate::{
     message::GenerationRequest,
@@ -597,7 +597,7 @@ impl Handler {
             attempts: retry.attempts,
             backoff: backoff(retry, run.attempt),
             deadline_in: deadline_in(w.req),
-            day_resets_in: next_pacific_midnight(),
+            day_resets_in: w.limiter.day_resets_in(),
         };
         // Vertex AI's shared quota publishes no limit and answers a bare 429 when the
         // region is busy: every replica's booked rate is cut (and given back after clean
